@@ -1,0 +1,180 @@
+"""localtune's command line."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import __version__, device
+from .errors import LocaltuneError
+
+
+def _duration(sec) -> str:
+    sec = int(sec or 0)
+    return f"{sec // 3600}:{sec % 3600 // 60:02d}:{sec % 60:02d}"
+
+
+def progress_line(record: dict) -> str | None:
+    """One plain line per report: stage, step/total, loss, lr, tokens/s, peak memory, ETA."""
+    kind = record.get("kind")
+    if kind == "train":
+        return (f"{record['stage']:>8}  step {record['step']:>5}/{record['steps_total']}  "
+                f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                f"{record['tokens_per_sec']:,.0f} tok/s  peak {record['peak_memory_gb']:.2f} GB  "
+                f"ETA {_duration(record['eta_sec'])}")
+    if kind == "eval":
+        return f"{record['stage']:>8}  step {record['step']:>5}/{record['steps_total']}  eval loss {record['loss']:.4f}"
+    if kind == "event" and record.get("message"):
+        prefix = "warning: " if record.get("event") == "warning" else ""
+        return f"{record['stage']:>8}  {prefix}{record['message']}"
+    return None
+
+
+@click.group()
+@click.version_option(__version__, prog_name="localtune")
+def cli():
+    """Adapt language models on your own machine."""
+
+
+@cli.command()
+@click.argument("recipe", required=False, type=click.Path(dir_okay=False))
+@click.option("--resume", "resume", type=click.Path(file_okay=False), help="Continue this run directory.")
+@click.option("--no-tui", is_flag=True, help="Plain progress lines instead of the terminal UI.")
+@click.option("--runs-dir", default=None, help="Where run directories go (default: the recipe's runs_dir).")
+def run(recipe, resume, no_tui, runs_dir):
+    """Run RECIPE (a recipe.toml), or continue a run with --resume RUN."""
+    from . import recipe as recipe_mod
+    from .pipeline import run_recipe
+    from .run import Run
+
+    if bool(recipe) == bool(resume):
+        raise click.UsageError("give a RECIPE file, or --resume RUN (not both)")
+    if resume:
+        run_ = Run.open(resume)
+        base_dir = run_.manifest().get("base_dir", ".")
+        text = (run_.path / "recipe.toml").read_text()
+        parsed = recipe_mod.parse(text, str(run_.path / "recipe.toml"), base_dir)
+        if run_.status().get("state") == "done":
+            raise LocaltuneError(f"{run_.path}: this run is already done; see {run_.path / 'report.md'}")
+    else:
+        parsed = recipe_mod.load(recipe)  # validates before anything is written
+        from .pipeline import check_inputs
+
+        check_inputs(parsed)
+        run_ = Run.create(runs_dir or parsed.runs_dir, parsed.name, Path(recipe).read_text())
+    device.warn_if_slow_blas(lambda m: click.echo(m, err=True))
+    click.echo(f"run directory: {run_.path}")
+
+    def report(record):
+        line = progress_line(record)
+        if line:
+            click.echo(line)
+
+    from .trainer import Interrupted
+
+    try:
+        run_recipe(parsed, run_, report=report)
+    except Interrupted as e:
+        run_.set_status(state="interrupted", step=e.step)
+        click.echo(f"stopped at step {e.step}; checkpoint saved.\n"
+                   f"  continue with: localtune run --resume {run_.path}")
+        sys.exit(130)
+    except LocaltuneError as e:
+        run_.set_status(state="failed", error=e.message)
+        raise
+    finally:
+        run_.close()
+    click.echo(f"done: {run_.path / 'report.md'}")
+    report_text = (run_.path / "report.md").read_text()
+    if "## Task metric" in report_text:
+        click.echo(report_text.split("## Task metric")[1].split("Samples")[0].strip())
+
+
+@cli.command()
+@click.argument("target", required=False)
+@click.option("--runs-dir", default="runs", show_default=True)
+def status(target, runs_dir):
+    """Show a run's state (default: the newest run)."""
+    from .run import Run, newest_run
+
+    path = Path(target) if target else newest_run(runs_dir)
+    if path is None:
+        raise LocaltuneError(f"{runs_dir}: no runs yet\n  fix: start one with `localtune run recipes/quickstart.toml`")
+    r = Run.open(path)
+    st = r.status()
+    train = [m for m in r.metrics() if m.get("kind") == "train"]
+    click.echo(f"{path}: {st.get('state', 'unknown')}  stage {st.get('stage', '—')}  step {st.get('step', 0)}"
+               + (f"/{st['steps_total']}" if st.get("steps_total") else "")
+               + (f"  loss {train[-1]['loss']:.4f}" if train else ""))
+    if st.get("error"):
+        click.echo(st["error"])
+
+
+@cli.command()
+@click.argument("target")
+@click.option("--prompt", "-p", required=True, help="The user message.")
+@click.option("--max-tokens", default=64, show_default=True)
+@click.option("--stage", default=None, help="Stop after this stage's adapters (default: all stages).")
+def generate(target, prompt, max_tokens, stage):
+    """Generate from a run's adapted model (or a plain model path) with greedy decoding."""
+    from .evaluate import generate as gen
+    from .pipeline import load_for_inference
+
+    model, tokenizer = load_for_inference(target, stage)
+    click.echo(gen(model, tokenizer, [prompt], max_tokens)[0])
+
+
+@cli.command()
+def doctor():
+    """Report the device, the BLAS in use, measured matmul GFLOP/s and the memory limit."""
+    info = device.describe()
+    info["matmul_gflops"] = round(device.matmul_gflops(), 1)
+    for k, v in info.items():
+        click.echo(f"{k:>16}: {v}")
+    if sys.platform == "linux" and not device.blas_in_use():
+        click.echo("\nwarning: reference BLAS in use; training will be ~20x slower.\n  fix: pip install mkl")
+
+
+@cli.group()
+def models():
+    """Import and list models."""
+
+
+@models.command("import")
+@click.argument("gguf", type=click.Path(dir_okay=False))
+def models_import(gguf):
+    """Import a .gguf file into an MLX model folder (cached)."""
+    from .gguf_import import import_gguf
+
+    if not Path(gguf).exists():
+        raise LocaltuneError(f"{gguf}: no such file\n  fix: check the path of the .gguf file")
+    click.echo(str(import_gguf(gguf)))
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def models_list(as_json):
+    """List bundled and imported models."""
+    from .gguf_import import list_imported
+
+    rows = list_imported()
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    if not rows:
+        click.echo("no imported models yet; `localtune models import FILE.gguf` adds one")
+    for r in rows:
+        click.echo(f"{r['name']:<40} {r.get('license') or '-':<12} {r['path']}")
+
+
+def main():
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cli(prog_name="localtune")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""JSONL readers, chat templating with loss masks, and resumable batching.
+
+Formats (one object per line): {"messages": [...]}, {"prompt", "completion"}, {"text"}.
+A bad row is reported as `file:line: what is wrong`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _format_of(row: dict) -> str | None:
+    if "messages" in row:
+        return "messages"
+    if "prompt" in row and "completion" in row:
+        return "completion"
+    if "text" in row:
+        return "text"
+    return None
+
+
+def _check_row(row, where: str, fmt: str) -> None:
+    if fmt == "messages":
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise DataError(f'{where}: "messages" must be a non-empty list of {{"role", "content"}} objects')
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+                raise DataError(f"{where}: messages[{i}] must be {{\"role\": one of {', '.join(ROLES)}, "
+                                f"\"content\": string}}, got {json.dumps(m)[:80]}")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise DataError(f'{where}: no "assistant" message, so there is nothing to learn from this row')
+    elif fmt == "completion":
+        for key in ("prompt", "completion"):
+            if not isinstance(row[key], str):
+                raise DataError(f'{where}: "{key}" must be a string, got {type(row[key]).__name__}')
+    elif not isinstance(row["text"], str) or not row["text"]:
+        raise DataError(f'{where}: "text" must be a non-empty string')
+
+
+def read_jsonl(path: str | Path) -> tuple[list[dict], str]:
+    """Rows of a JSONL file and their common format; errors name file:line."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such data file\n  fix: check the stage's data = ... path "
+                        "(relative paths are resolved from the recipe's folder)")
+    rows, fmt = [], None
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            row_fmt = _format_of(row)
+            if row_fmt is None:
+                raise DataError(f'{where}: expected "messages", "prompt" + "completion", or "text"; '
+                                f"got keys {sorted(row)}")
+            if fmt is None:
+                fmt = row_fmt
+            elif row_fmt != fmt:
+                raise DataError(f"{where}: this row is {row_fmt!r} but earlier rows are {fmt!r}; "
+                                "one file holds one format")
+            _check_row(row, where, fmt)
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: the dataset is empty\n  fix: add at least one JSON object per line")
+    return rows, fmt
+
+
+@dataclass
+class Example:
+    tokens: np.ndarray  # (T,) int32
+    loss_mask: np.ndarray  # (T,) bool: position t is a target to learn
+
+
+class Encoder:
+    """Turns rows into tokens + loss mask with the tokenizer's chat template."""
+
+    def __init__(self, tokenizer, mask_prompt: bool = True):
+        self.tokenizer, self.mask_prompt = tokenizer, mask_prompt
+        self.has_template = getattr(tokenizer, "chat_template", None) is not None
+
+    def _template(self, messages, add_generation_prompt=False) -> list[int]:
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                 tokenize=True)
+        return list(out["input_ids"] if isinstance(out, dict) else out)
+
+    def messages(self, msgs: list[dict]) -> Example:
+        tokens = self._template(msgs)
+        mask = np.zeros(len(tokens), bool)
+        if not self.mask_prompt:
+            mask[1:] = True
+            return Example(np.array(tokens, np.int32), mask)
+        # Learn every assistant turn: its span lies between the prompt-so-far and the turn's end.
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            start = len(self._template(msgs[:i], add_generation_prompt=True))
+            end = len(self._template(msgs[: i + 1]))
+            mask[start:end] = True
+        return Example(np.array(tokens, np.int32), mask)
+
+    def completion(self, prompt: str, completion: str) -> Example:
+        if self.has_template:
+            return self.messages([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}])
+        tok = self.tokenizer
+        head = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + tok.encode(prompt, add_special_tokens=False)
+        tail = tok.encode(completion, add_special_tokens=False) + [tok.eos_token_id]
+        mask = np.zeros(len(head) + len(tail), bool)
+        mask[len(head) if self.mask_prompt else 1:] = True
+        return Example(np.array(head + tail, np.int32), mask)
+
+    def text(self, text: str) -> Example:
+        tok = self.tokenizer
+        tokens = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + \
+            tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+        mask = np.ones(len(tokens), bool)
+        mask[0] = False
+        return Example(np.array(tokens, np.int32), mask)
+
+    def prompt_tokens(self, prompt: str) -> list[int]:
+        """What generation is conditioned on for a prompt (used by task evaluation)."""
+        if self.has_template:
+            return self._template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        tok = self.tokenizer
+        return ([tok.bos_token_id] if tok.bos_token_id is not None else []) + tok.encode(prompt, add_special_tokens=False)
+
+
+@dataclass
+class Dataset:
+    examples: list[Example]
+    truncated: int = 0  # rows cut to max_seq_len
+    dropped: int = 0  # rows left with no target tokens after truncation
+    source: str = ""
+
+    def __len__(self):
+        return len(self.examples)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(e.tokens) for e in self.examples)
+
+
+def encode(rows: list[dict], fmt: str, tokenizer, max_seq_len: int, mask_prompt=True, source="") -> Dataset:
+    if fmt == "messages" and getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(f"{source}: chat data (\"messages\") needs a chat template, and this model's tokenizer "
+                        "has none.\n  fix: use a model with a chat template, add \"chat_template\" to its "
+                        "tokenizer_config.json, or write the data as {\"prompt\", \"completion\"} or {\"text\"}")
+    enc = Encoder(tokenizer, mask_prompt)
+    out, truncated, dropped = [], 0, 0
+    for row in rows:
+        if fmt == "messages":
+            ex = enc.messages(row["messages"])
+        elif fmt == "completion":
+            ex = enc.completion(row["prompt"], row["completion"])
+        else:
+            ex = enc.text(row["text"])
+        if len(ex.tokens) > max_seq_len:
+            truncated += 1
+            ex = Example(ex.tokens[:max_seq_len], ex.loss_mask[:max_seq_len])
+        if not ex.loss_mask[1:].any():
+            dropped += 1
+            continue
+        out.append(ex)
+    if not out:
+        raise DataError(f"{source}: every row lost its target tokens at max_seq_len={max_seq_len}\n"
+                        "  fix: raise max_seq_len or shorten the prompts")
+    return Dataset(out, truncated, dropped, source)
+
+
+def split(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Deterministic train/valid split by fraction."""
+    order = np.random.default_rng(seed).permutation(len(rows))
+    n_valid = max(1, int(round(len(rows) * fraction)))
+    if n_valid >= len(rows):
+        raise DataError(f"valid_fraction={fraction} leaves no training rows out of {len(rows)}")
+    valid = {int(i) for i in order[:n_valid]}
+    return [r for i, r in enumerate(rows) if i not in valid], [rows[i] for i in sorted(valid)]
+
+
+# Batching ------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """inputs/targets (B, T) int32 · loss_mask (B, T) float32 · segments (B, T) int32 or None (packing)."""
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    loss_mask: np.ndarray
+    segments: np.ndarray | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+    @property
+    def n_real_tokens(self) -> int:
+        """Non-padding input tokens (what the model does useful work on)."""
+        return int(self.real.sum())
+
+    real: np.ndarray = None
+
+
+def _collate(examples: list[Example], pad_to_multiple: int = 8) -> Batch:
+    width = max(len(e.tokens) for e in examples) - 1
+    width = -(-width // pad_to_multiple) * pad_to_multiple
+    B = len(examples)
+    inputs = np.zeros((B, width), np.int32)
+    targets = np.zeros((B, width), np.int32)
+    mask = np.zeros((B, width), np.float32)
+    real = np.zeros((B, width), bool)
+    for b, e in enumerate(examples):
+        n = len(e.tokens) - 1
+        inputs[b, :n], targets[b, :n] = e.tokens[:-1], e.tokens[1:]
+        mask[b, :n] = e.loss_mask[1:]
+        real[b, :n] = True
+    return Batch(inputs, targets, mask, None, real)
+
+
+def _pack(examples: list[Example], width: int) -> list[list[Example]]:
+    """First-fit-decreasing bins of examples whose token counts sum to at most `width`."""
+    bins, room = [], []
+    for e in sorted(examples, key=lambda e: -len(e.tokens)):
+        n = len(e.tokens)
+        for i, r in enumerate(room):
+            if n <= r:
+                bins[i].append(e)
+                room[i] -= n
+                break
+        else:
+            bins.append([e])
+            room.append(width - n)
+    return bins
+
+
+def _collate_packed(bins: list[list[Example]], width: int) -> Batch:
+    B = len(bins)
+    inputs = np.zeros((B, width), np.int32)
+    targets = np.zeros((B, width), np.int32)
+    mask = np.zeros((B, width), np.float32)
+    segments = np.full((B, width), -1, np.int32)
+    for b, group in enumerate(bins):
+        pos = 0
+        for s, e in enumerate(group):
+            n = len(e.tokens) - 1
+            inputs[b, pos:pos + n], targets[b, pos:pos + n] = e.tokens[:-1], e.tokens[1:]
+            mask[b, pos:pos + n] = e.loss_mask[1:]
+            segments[b, pos:pos + n] = s
+            pos += n
+    return Batch(inputs, targets, mask, segments, segments >= 0)
+
+
+class Batches:
+    """A resumable stream of training batches.
+
+    The order is a pure function of (seed, epoch), so the cursor (epoch, index)
+    is all a checkpoint needs to continue exactly where it stopped.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, group_by_length=True,
+                 packing=False, max_seq_len=512):
+        if packing:
+            n_rows = len(_pack(dataset.examples, max_seq_len))
+            if n_rows < batch_size:
+                raise DataError(f"{dataset.source}: packing gives {n_rows} rows of {max_seq_len} tokens, "
+                                f"fewer than batch_size={batch_size}\n  fix: lower batch_size")
+        elif len(dataset) < batch_size:
+            raise DataError(f"{dataset.source}: {len(dataset)} examples is fewer than batch_size={batch_size}\n"
+                            f"  fix: lower batch_size to at most {len(dataset)} or add data")
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.group_by_length, self.packing, self.max_seq_len = group_by_length, packing, max_seq_len
+        self.epoch, self.index = 0, 0
+        self._plan_epoch = None
+
+    def _plan(self, epoch: int) -> list[list[int]] | list[list[Example]]:
+        rng = np.random.default_rng([self.seed, epoch])
+        ex = self.dataset.examples
+        bs = self.batch_size
+        if self.packing:
+            order = rng.permutation(len(ex))
+            bins = _pack([ex[i] for i in order], self.max_seq_len)
+            bins = [bins[i] for i in rng.permutation(len(bins))]
+            return [bins[i:i + bs] for i in range(0, len(bins) - bs + 1, bs)]
+        if self.group_by_length:
+            # Sort by length with random tie-breaks, cut into batches, shuffle the batches.
+            order = sorted(rng.permutation(len(ex)), key=lambda i: len(ex[i].tokens))
+            batches = [order[i:i + bs] for i in range(0, len(order) - bs + 1, bs)]
+            return [batches[i] for i in rng.permutation(len(batches))]
+        order = rng.permutation(len(ex))
+        return [list(order[i:i + bs]) for i in range(0, len(order) - bs + 1, bs)]
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self._current())
+
+    def _current(self):
+        if self._plan_epoch is None or self._plan_epoch[0] != self.epoch:
+            self._plan_epoch = (self.epoch, self._plan(self.epoch))
+        return self._plan_epoch[1]
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def restore(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        plan = self._current()
+        if self.index >= len(plan):
+            self.epoch, self.index = self.epoch + 1, 0
+            plan = self._current()
+        item = plan[self.index]
+        self.index += 1
+        if self.packing:
+            return _collate_packed(item, self.max_seq_len)
+        return _collate([self.dataset.examples[i] for i in item])
+
+
+def eval_batches(dataset: Dataset, batch_size: int, limit: int):
+    """Fixed, length-sorted validation batches (the same every evaluation)."""
+    order = sorted(range(len(dataset)), key=lambda i: len(dataset.examples[i].tokens))
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    step = max(1, len(chunks) // limit)
+    return [_collate([dataset.examples[i] for i in c]) for c in chunks[::step][:limit]]

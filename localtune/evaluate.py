@@ -1,0 +1,43 @@
+"""Task evaluation: greedy generation on a held-out set, scored by exact match."""
+from __future__ import annotations
+
+import unicodedata
+
+from mlx_lm.generate import batch_generate
+
+from .data import Encoder
+
+
+def normalize(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFKC", text).split())
+
+
+def prompt_and_answer(row: dict) -> tuple[str, str]:
+    if "messages" in row:
+        msgs = row["messages"]
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        return msgs[:last], msgs[last]["content"]
+    return row["prompt"], row["completion"]
+
+
+def generate(model, tokenizer, prompts: list, max_tokens: int, batch_size: int = 32) -> list[str]:
+    """Greedy completions; a prompt is a string or a message list."""
+    enc = Encoder(tokenizer)
+    ids = [enc.prompt_tokens(p) if isinstance(p, str) else enc._template(p, add_generation_prompt=True)
+           for p in prompts]
+    model.eval()
+    out = []
+    for i in range(0, len(ids), batch_size):
+        out += batch_generate(model, tokenizer, ids[i:i + batch_size], max_tokens=max_tokens).texts
+    return out
+
+
+def exact_match(model, tokenizer, rows: list[dict], max_tokens: int, limit: int) -> dict:
+    """Share of rows whose greedy answer equals the reference after whitespace/NFKC normalisation."""
+    rows = rows[:limit]
+    pairs = [prompt_and_answer(r) for r in rows]
+    answers = generate(model, tokenizer, [p for p, _ in pairs], max_tokens)
+    hits = [normalize(a) == normalize(ref) for a, (_, ref) in zip(answers, pairs)]
+    samples = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "expected": ref, "got": a}
+               for (p, ref), a in zip(pairs[:5], answers[:5])]
+    return {"metric": "exact_match", "value": sum(hits) / len(hits), "n": len(hits), "samples": samples}

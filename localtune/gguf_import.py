@@ -1,0 +1,467 @@
+"""Import a .gguf file as an mlx-lm model folder (config.json, model.safetensors, tokenizer).
+
+llama.cpp's converter permutes llama's attn_q/attn_k rows for its interleaved rotary; we undo that,
+so the folder has the plain Hugging Face layout that mlx-lm and our GGUF export expect.
+Q4_0/Q4_1/Q8_0 tensors stay quantized (mx.load gives exact MLX affine triplets, group size 32);
+any other quantized type is dequantized exactly to float32 with the `gguf` package.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from gguf import GGMLQuantizationType as QType
+from gguf import GGUFReader, quants
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from .errors import ModelError
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+MANIFEST = "localtune-import.json"
+
+# Types mx.load reads exactly; mx.load turns BF16 into F16 and K-quants into F16 (lossy) or fails.
+_NATIVE_TYPES = {QType.F32, QType.F16, QType.Q4_0, QType.Q4_1, QType.Q8_0}
+_QUANT_BITS = {QType.Q4_0: 4, QType.Q4_1: 4, QType.Q8_0: 8}
+_GROUP_SIZE = 32
+
+_TOP_MODULES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_LAYER_MODULES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+# tokenizer.ggml.pre -> the regex splits llama.cpp (src/llama-vocab.cpp) applies, in order.
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+_DEFAULT_SPLITS = [r"[\p{P}\$\+<=>\^~\|]+", _GPT2_SPLIT, r"\p{N}+", "[0-9][0-9][0-9]"]
+_PRE_TOKENIZERS = {  # name -> (splits, ignore_merges, llama.cpp's add_bos default)
+    **dict.fromkeys(["default"], (_DEFAULT_SPLITS, False, False)),
+    **dict.fromkeys(["gpt-2", "phi-2", "mpt", "olmo"], ([_GPT2_SPLIT], False, False)),
+    **dict.fromkeys(
+        ["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone"], ([r"\p{N}", _GPT2_SPLIT], False, False)
+    ),
+    **dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"], ([_LLAMA3_SPLIT], True, True)),
+    **dict.fromkeys(["dbrx", "smaug-bpe"], ([_LLAMA3_SPLIT], False, False)),
+    **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"], ([_QWEN2_SPLIT], False, False)),
+}
+_CONTROL, _UNKNOWN, _USER_DEFINED = 3, 2, 4  # llama.cpp token types
+_END_OF_TURN_TEXTS = {"<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>"}
+
+
+def import_gguf(path: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
+    """Convert `path` (.gguf) into a folder `mlx_lm.load` opens offline; return the folder.
+
+    Without `out_dir` the folder is $LOCALTUNE_HOME/models/<stem>-<sha256[:12]>, reused when present.
+    """
+    path = Path(path).expanduser().resolve()
+    reader, meta = _read_header(path)
+    _check_supported(path, reader, meta)
+    digest = _sha256(path)
+    target = Path(out_dir).expanduser() if out_dir else models_home() / f"{path.stem}-{digest[:12]}"
+    if _manifest(target).get("sha256") == digest:
+        return target
+    if target.exists() and any(target.iterdir()) and not _manifest(target):
+        raise ModelError(f"{target}: folder exists and is not a localtune import. Choose an empty or new folder.")
+
+    weights, quantization, tensor_types = _load_weights(path, reader)
+    config = _model_config(meta, weights, quantization)
+    tokenizer, tokenizer_config = _build_tokenizer(meta, config)
+    manifest = {
+        "name": meta.get("general.name") or path.stem,
+        "source": str(path),
+        "sha256": digest,
+        "architecture": meta["general.architecture"],
+        "license": meta.get("general.license"),
+        "tensor_types": tensor_types,
+        "imported_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    with _atomic_dir(target) as tmp:
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        _write_json(tmp / "config.json", config)
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        _write_json(tmp / "tokenizer_config.json", tokenizer_config)
+        (tmp / "README.md").write_text(_model_card(manifest, path))
+        _write_json(tmp / MANIFEST, manifest)
+    return target
+
+
+def list_imported() -> list[dict]:
+    """The cached imports: name, path, source gguf, sha256, size_bytes, license, architecture."""
+    found = []
+    for folder in sorted(models_home().glob("*/")):
+        manifest = _manifest(folder)
+        if manifest:
+            size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+            found.append({**manifest, "path": str(folder), "size_bytes": size})
+    return found
+
+
+def models_home() -> Path:
+    return Path(os.environ.get("LOCALTUNE_HOME", "~/.cache/localtune")).expanduser() / "models"
+
+
+# ---------------------------------------------------------------- reading and checking
+
+
+def _read_header(path: Path) -> tuple[GGUFReader, dict]:
+    if not path.is_file():
+        raise ModelError(f"{path}: no such file. Check the path to the .gguf model.")
+    try:
+        reader = GGUFReader(path)
+        meta = {key: field.contents() for key, field in reader.fields.items()}
+    except Exception as e:  # gguf raises ValueError, struct.error, IndexError... on damaged files
+        raise ModelError(f"{path}: not a readable GGUF file ({e}). Re-download it; partial downloads look like this.")
+    return reader, meta
+
+
+def _check_supported(path: Path, reader: GGUFReader, meta: dict) -> None:
+    """Fail before any heavy work: architecture, tokenizer kind, pre-tokenizer, tensor names."""
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ModelError(
+            f"{path}: architecture {arch!r} cannot be imported; supported: {', '.join(ARCHITECTURES)}. "
+            "Use a GGUF of a supported model, or its Hugging Face checkpoint."
+        )
+    kind = meta.get("tokenizer.ggml.model")
+    if kind not in ("gpt2", "llama"):
+        raise ModelError(f"{path}: tokenizer.ggml.model {kind!r} is not supported; supported: gpt2, llama.")
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if kind == "gpt2" and pre not in _PRE_TOKENIZERS:
+        raise ModelError(
+            f"{path}: pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; "
+            f"supported: {', '.join(sorted(_PRE_TOKENIZERS))}."
+        )
+    unknown = [t.name for t in reader.tensors if t.name != "rope_freqs.weight" and not _mlx_name(t.name)]
+    if unknown:
+        raise ModelError(f"{path}: tensors {unknown[:5]} have no mlx-lm {arch} equivalent; this variant is unsupported.")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _manifest(folder: Path) -> dict:
+    try:
+        return json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# ---------------------------------------------------------------- weights
+
+
+def _mlx_name(gguf_name: str) -> str | None:
+    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight' (also .bias/.scales/.biases)."""
+    module, _, param = gguf_name.rpartition(".")
+    parts = module.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_MODULES:
+        return f"model.layers.{parts[1]}.{_LAYER_MODULES[parts[2]]}.{param}"
+    if module in _TOP_MODULES:
+        return f"{_TOP_MODULES[module]}.{param}"
+    return None
+
+
+def _load_weights(path: Path, reader: GGUFReader) -> tuple[dict, dict | None, dict]:
+    """GGUF tensors -> (mlx-lm weights, quantization config or None, {GGUF type: tensor count})."""
+    types = {t.name: QType(t.tensor_type) for t in reader.tensors}
+    native = set(types.values()) <= _NATIVE_TYPES
+    if native:
+        raw = mx.load(str(path))
+        # float32 scales/biases keep dequantization exact (float16 would round the products)
+        raw = {k: v.astype(mx.float32) if k.endswith((".scales", ".biases")) else v for k, v in raw.items()}
+    else:
+        raw = {t.name: _dequantize(t) for t in reader.tensors}
+    weights = {_mlx_name(k) or k: v for k, v in raw.items()}
+    matrices = {  # module -> GGUF type, 2-D weights only (norms are never quantized)
+        _mlx_name(t.name).rpartition(".")[0]: types[t.name]
+        for t in reader.tensors
+        if t.name.endswith(".weight") and len(t.shape) == 2 and _mlx_name(t.name)
+    }
+    quantization = _quantization(matrices) if native else None
+    return weights, quantization, dict(Counter(t.name for t in types.values()))
+
+
+def _dequantize(tensor) -> mx.array:
+    """Exact float values of one GGUF tensor; F16 and BF16 keep their dtype."""
+    shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dims innermost first
+    qtype = QType(tensor.tensor_type)
+    if qtype in (QType.F32, QType.F16):
+        return mx.array(np.asarray(tensor.data).reshape(shape))
+    values = mx.array(quants.dequantize(tensor.data, qtype).reshape(shape))
+    return values.astype(mx.bfloat16) if qtype == QType.BF16 else values
+
+
+def _quantization(matrices: dict) -> dict | None:
+    """mlx-lm `quantization` config: the commonest bits as default, per-module entries for the rest."""
+    bits = {m: _QUANT_BITS[t] for m, t in matrices.items() if t in _QUANT_BITS}
+    if not bits:
+        return None
+    default = Counter(bits.values()).most_common(1)[0][0]
+    config = {"group_size": _GROUP_SIZE, "bits": default, "mode": "affine"}
+    for module in sorted(matrices):
+        if module not in bits:
+            config[module] = False
+        elif bits[module] != default:
+            config[module] = {"group_size": _GROUP_SIZE, "bits": bits[module], "mode": "affine"}
+    return config
+
+
+def _unpermute(x: mx.array, n_head: int) -> mx.array:
+    """Inverse of llama.cpp's convert permute: rows (n_head, 2, d/2) were stored as (n_head, d/2, 2)."""
+    return x.reshape(n_head, x.shape[0] // n_head // 2, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+
+def _undo_rotary_permutation(weights: dict, config: dict) -> None:
+    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+    for name in list(weights):
+        for proj, n_head in heads.items():
+            if f".self_attn.{proj}." in name:
+                weights[name] = _unpermute(weights[name], n_head)
+
+
+# ---------------------------------------------------------------- config
+
+
+def _model_config(meta: dict, weights: dict, quantization: dict | None) -> dict:
+    arch = meta["general.architecture"]
+
+    def get(key, default=None):
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ModelError(f"GGUF metadata has no {arch}.{key}; the file is incomplete. Re-export it with llama.cpp.")
+        return value
+
+    heads, hidden = get("attention.head_count"), get("embedding_length")
+    head_dim = get("attention.key_length", hidden // heads)
+    if get("rope.dimension_count", head_dim) != head_dim:
+        raise ModelError(f"partial rotary ({arch}.rope.dimension_count != head dim {head_dim}) is not supported.")
+    config = {
+        "model_type": arch,
+        "architectures": [ARCHITECTURES[arch]],
+        "hidden_size": hidden,
+        "num_hidden_layers": get("block_count"),
+        "intermediate_size": get("feed_forward_length"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": get("attention.head_count_kv", heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": _short_float(get("attention.layer_norm_rms_epsilon")),
+        "rope_theta": _short_float(get("rope.freq_base", 10000.0)),
+        "rope_scaling": _rope_scaling(meta, arch, weights.pop("rope_freqs.weight", None), head_dim),
+        "max_position_embeddings": get("context_length"),
+        "vocab_size": weights["model.embed_tokens.weight"].shape[0],
+        "tie_word_embeddings": "lm_head.weight" not in weights,
+        "attention_bias": "model.layers.0.self_attn.q_proj.bias" in weights,
+        "mlp_bias": False,
+        **_special_token_ids(meta),
+    }
+    if quantization:
+        config["quantization"] = quantization
+    if arch == "llama":
+        _undo_rotary_permutation(weights, config)
+    return config
+
+
+def _short_float(x: float) -> float:
+    """GGUF stores float32: 9.999999747e-06 -> 1e-05 (shortest repr that round-trips)."""
+    return float(str(np.float32(x)))
+
+
+def _rope_scaling(meta: dict, arch: str, rope_freqs, head_dim: int) -> dict | None:
+    kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    if kind == "linear":
+        return {"type": "linear", "factor": _short_float(meta[f"{arch}.rope.scaling.factor"])}
+    if kind not in ("none", ""):
+        raise ModelError(f"rope scaling {kind!r} ({arch}.rope.scaling.type) is not supported; supported: linear.")
+    if rope_freqs is None:
+        return None
+    return _llama3_rope_scaling(np.array(rope_freqs, dtype=np.float64), meta[f"{arch}.rope.freq_base"], head_dim)
+
+
+def _llama3_rope_scaling(rope_freqs: np.ndarray, theta: float, head_dim: int) -> dict:
+    """Recover Llama 3.x rope_scaling from the per-frequency divisors llama.cpp stores (rope_freqs)."""
+    scaling = {"rope_type": "llama3", "factor": float(rope_freqs.max()), "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    wavelen = 2 * math.pi * theta ** (np.arange(0, head_dim, 2) / head_dim)
+    old, factor = scaling["original_max_position_embeddings"], scaling["factor"]
+    smooth = (old / wavelen - 1.0) / (4.0 - 1.0)
+    expected = np.where(wavelen < old / 4.0, 1.0, np.where(wavelen > old, factor, 1 / ((1 - smooth) / factor + smooth)))
+    if not np.allclose(expected, rope_freqs, rtol=1e-4):
+        raise ModelError("rope_freqs.weight does not match Llama 3 rope scaling (low 1, high 4, 8192); unsupported.")
+    return scaling
+
+
+def _special_token_ids(meta: dict) -> dict:
+    """bos/eos ids; eos lists every end-of-turn token so generation stops where llama.cpp's does."""
+    tokens, types = meta["tokenizer.ggml.tokens"], _token_types(meta)
+    eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                             "tokenizer.ggml.eom_token_id") if k in meta]
+    eos += [i for i, (t, kind) in enumerate(zip(tokens, types)) if kind == _CONTROL and t in _END_OF_TURN_TEXTS]
+    eos = list(dict.fromkeys(eos))
+    ids = {"bos_token_id": meta.get("tokenizer.ggml.bos_token_id")}
+    ids["eos_token_id"] = eos[0] if len(eos) == 1 else eos or None
+    return ids
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def _token_types(meta: dict) -> list[int]:
+    return meta.get("tokenizer.ggml.token_type") or [1] * len(meta["tokenizer.ggml.tokens"])
+
+
+def _build_tokenizer(meta: dict, config: dict) -> tuple[Tokenizer, dict]:
+    """A `tokenizers` pipeline that reproduces llama.cpp's tokenization, and tokenizer_config.json."""
+    tokens, types = meta["tokenizer.ggml.tokens"], _token_types(meta)
+    byte_level = meta["tokenizer.ggml.model"] == "gpt2"
+    tokenizer = _byte_level_bpe(meta) if byte_level else _sentencepiece_bpe(meta)
+    tokenizer.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k in (_CONTROL, _UNKNOWN)]
+    )
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED])
+
+    pre_default = _PRE_TOKENIZERS[meta.get("tokenizer.ggml.pre", "default")][2] if byte_level else True
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", pre_default))
+    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
+    names = {
+        f"{role}_token": tokens[meta[f"tokenizer.ggml.{key}_token_id"]]
+        for role, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))
+        if meta.get(f"tokenizer.ggml.{key}_token_id") is not None
+    }
+    tokenizer.post_processor = _post_processor(tokenizer, names, add_bos, add_eos, byte_level)
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **names,
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": config["max_position_embeddings"],
+    }
+    if "tokenizer.chat_template" in meta:
+        tokenizer_config["chat_template"] = meta["tokenizer.chat_template"]
+    return tokenizer, tokenizer_config
+
+
+def _byte_level_bpe(meta: dict) -> Tokenizer:
+    """GPT-2 style: tokens are already in the byte-to-unicode alphabet; split text like llama.cpp."""
+    splits, ignore_merges, _ = _PRE_TOKENIZERS[meta.get("tokenizer.ggml.pre", "default")]
+    vocab = {token: i for i, token in reversed(list(enumerate(meta["tokenizer.ggml.tokens"])))}
+    merges = [tuple(merge.split(" ", 1)) for merge in meta.get("tokenizer.ggml.merges", [])]
+    tokenizer = Tokenizer(models.BPE(vocab, merges, ignore_merges=ignore_merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(s), behavior="isolated") for s in splits]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def _sentencepiece_bpe(meta: dict) -> Tokenizer:
+    """llama.cpp's SPM: merge the highest-scoring adjacent pair first, bytes as <0xXX> fallback."""
+    tokens, types = meta["tokenizer.ggml.tokens"], _token_types(meta)
+    vocab = {token: i for i, token in reversed(list(enumerate(tokens)))}
+    if "tokenizer.ggml.merges" in meta:
+        merges = [tuple(merge.split(" ", 1)) for merge in meta["tokenizer.ggml.merges"]]
+    else:
+        normal = {t for t, k in zip(tokens, types) if k == 1}
+        merges = _merges_from_scores(tokens, meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens), normal)
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[unk_id] if unk_id is not None else None
+    tokenizer = Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    add_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    # llama.cpp prefixes a space to every text run, also after a special token: prepend_scheme "always"
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="always" if add_prefix else "never", split=False
+    )
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tokenizer.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] * add_prefix)
+    return tokenizer
+
+
+def _merges_from_scores(tokens: list[str], scores: list[float], normal: set[str]) -> list[tuple[str, str]]:
+    """Every split of a normal token into two normal tokens, best merged-token score first."""
+    ranked = []
+    for token, score in zip(tokens, scores):
+        if token in normal:
+            ranked += [(-score, i, token[:i], token[i:]) for i in range(1, len(token))
+                       if token[:i] in normal and token[i:] in normal]
+    return [(left, right) for _, _, left, right in sorted(ranked)]
+
+
+def _post_processor(tokenizer: Tokenizer, names: dict, add_bos: bool, add_eos: bool, byte_level: bool):
+    """BOS/EOS template in the same form transformers rebuilds from add_bos_token/add_eos_token."""
+    bos, eos = names.get("bos_token") if add_bos else None, names.get("eos_token") if add_eos else None
+    if not (bos or eos):
+        return processors.ByteLevel(trim_offsets=False) if byte_level else None
+    single = f"{bos + ':0 ' if bos else ''}$A:0{' ' + eos + ':0' if eos else ''}"
+    pair = f"{single}{' ' + bos + ':1' if bos else ''} $B:1{' ' + eos + ':1' if eos else ''}"
+    special = [(t, tokenizer.token_to_id(t)) for t in dict.fromkeys([bos, eos]) if t]
+    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def _model_card(manifest: dict, source: Path) -> str:
+    front = f"license: {manifest['license']}\n" if manifest.get("license") else ""
+    return (
+        f"---\n{front}library_name: mlx\ntags:\n- gguf-import\n- localtune\n---\n\n"
+        f"# {manifest['name']}\n\nImported by localtune from `{source.name}` "
+        f"(sha256 `{manifest['sha256']}`), {manifest['architecture']} architecture.\n"
+    )
+
+
+class _atomic_dir:
+    """Build a folder in a temp dir next to `target`, then swap it in with one rename."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", dir=self.target.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = None
+        if self.target.exists():  # an older import (different file) or an empty folder
+            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
+            os.replace(self.target, old)
+        try:
+            os.replace(self.tmp, self.target)
+        except OSError:  # another process won the race; keep its folder
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""One small module per training method: a loss (and batch shaping where special)."""

@@ -1,0 +1,189 @@
+"""Load a base model (local folder, Hugging Face repo id, or .gguf) with mlx-lm.
+
+Also: QLoRA quantization of the frozen base, and the CPU path for quantized
+layers (dequantize into an fp32 matmul, ~50x faster than the CPU quantized kernel).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+
+from . import device
+from .errors import ModelError
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def resolve(path: str, revision: str | None = None) -> Path:
+    """A model reference -> a local folder with config.json and safetensors weights."""
+    p = Path(path).expanduser()
+    if p.suffix == ".gguf":
+        if not p.exists():
+            raise ModelError(f"{p}: no such GGUF file\n  fix: check the path, or list imported models "
+                             "with `localtune models list`")
+        from .gguf_import import import_gguf
+
+        return import_gguf(p)
+    if p.is_dir():
+        return _check_folder(p)
+    if REPO_ID.match(path) and not p.exists():
+        return _download(path, revision)
+    raise ModelError(f"{path}: no such model folder, .gguf file, or Hugging Face repo id\n"
+                     "  fix: use a folder with config.json + *.safetensors, a .gguf file, or an id like "
+                     "HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
+def _check_folder(p: Path) -> Path:
+    if not (p / "config.json").exists():
+        raise ModelError(f"{p}: model folder has no config.json\n"
+                         "  fix: point at the folder that holds config.json and the *.safetensors weights")
+    if not glob.glob(str(p / "model*.safetensors")):
+        found = sorted(x.name for x in p.iterdir())[:8]
+        raise ModelError(f"{p}: model folder has no weights (model*.safetensors); found {found}\n"
+                         "  fix: copy the weights in, or convert a .bin/.pt checkpoint with "
+                         "`mlx_lm.convert --hf-path ...`")
+    return p
+
+
+def _download(repo: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "model*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
+    try:
+        return _check_folder(Path(snapshot_download(repo, revision=revision, allow_patterns=patterns,
+                                                    local_files_only=True)))
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ModelError(f'{repo}: not in the local Hugging Face cache and HF_HUB_OFFLINE=1\n'
+                         f"  fix: on a machine with network, run `hf download {repo}`, "
+                         "or set model.path to a local folder or .gguf file")
+    try:
+        return _check_folder(Path(snapshot_download(repo, revision=revision, allow_patterns=patterns)))
+    except ModelError:
+        raise
+    except Exception as e:
+        raise ModelError(f"{repo}: could not download from the Hugging Face hub ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160]})\n"
+                         f"  fix: check the id and your network, or run `hf download {repo}` where you have "
+                         "network and point model.path at the downloaded folder") from None
+
+
+def _config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except ValueError as e:
+        raise ModelError(f"{folder / 'config.json'}: not valid JSON ({e})")
+
+
+def load(path: str, revision: str | None = None, quantize=None, lazy=False):
+    """Returns (model, tokenizer, config, folder). Float weights take the device's compute dtype."""
+    from mlx_lm.utils import load_model, load_tokenizer
+
+    folder = resolve(path, revision)
+    config = _config(folder)
+    extra = {}
+    if "tie_word_embeddings" not in config and config.get("model_type") in ("llama", "mistral", "qwen2"):
+        # mlx-lm defaults to tied and then drops lm_head: decide from the weights instead.
+        names = set()
+        for f in glob.glob(str(folder / "model*.safetensors")):
+            names |= set(mx.load(f).keys())
+        extra["tie_word_embeddings"] = not any(n.endswith("lm_head.weight") for n in names)
+    try:
+        model, config = load_model(folder, lazy=lazy, model_config=extra)
+        tokenizer = load_tokenizer(folder, eos_token_ids=config.get("eos_token_id"))
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise ModelError(f"{folder}: mlx-lm could not load this model: {e}") from None
+    cast_floats(model, device.compute_dtype())
+    if quantize is not None:
+        quantize_base(model, quantize.bits, quantize.group_size)
+    if not device.is_gpu():
+        use_cpu_quantized_path(model)
+    return model, tokenizer, config, folder
+
+
+def cast_floats(model: nn.Module, dtype) -> None:
+    model.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
+                          model.parameters()))
+
+
+def quantize_base(model: nn.Module, bits: int, group_size: int) -> list[str]:
+    """QLoRA: quantize every Linear/Embedding whose width the group size divides.
+
+    Returns the layers left in float (mlx-lm would skip them silently; we report them).
+    """
+    skipped = []
+
+    def predicate(path, m):
+        if not hasattr(m, "to_quantized"):
+            return False
+        if m.weight.shape[-1] % group_size:
+            skipped.append(f"{path} (width {m.weight.shape[-1]})")
+            return False
+        return True
+
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
+    model.skipped_quantization = skipped
+    return skipped
+
+
+class CPUQuantizedLinear(nn.QuantizedLinear):
+    """A frozen quantized linear that dequantizes into an fp32 matmul (CPU only).
+
+    The dequantize + matmul is checkpointed, so the fp32 weight is rebuilt in the
+    backward pass instead of being kept alive: memory stays at the quantized size.
+    """
+
+    def __call__(self, x):
+        y = _dequant_matmul(x, self.weight, self.scales, self.biases, self.group_size, self.bits, self.mode)
+        return y + self.bias if "bias" in self else y
+
+
+class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
+    def as_linear(self, x):
+        return _dequant_matmul(x, self.weight, self.scales, self.biases, self.group_size, self.bits, self.mode)
+
+
+def _dequant_matmul(x, w, scales, biases, group_size, bits, mode):
+    def f(x, w, scales, biases):
+        full = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode)
+        return x @ full.astype(x.dtype).T
+
+    return mx.checkpoint(f)(x, w, scales, biases)
+
+
+def use_cpu_quantized_path(model: nn.Module) -> int:
+    """Switch quantized layers to the dequantize-on-the-fly path; returns how many."""
+    n = 0
+    for _, m in model.named_modules():
+        if type(m) is nn.QuantizedLinear and getattr(m, "mode", "affine") == "affine":
+            m.__class__ = CPUQuantizedLinear
+            n += 1
+        elif type(m) is nn.QuantizedEmbedding and getattr(m, "mode", "affine") == "affine":
+            m.__class__ = CPUQuantizedEmbedding
+            n += 1
+    return n
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total); quantized weights count at their logical (unpacked) size."""
+    total = 0
+    for _, m in model.named_modules():
+        quantized = isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+        for name, p in tree_flatten(m.parameters()):
+            if "." in name or (quantized and name in ("scales", "biases")):
+                continue  # children count their own; scales/biases are quantization overhead
+            total += p.size * 32 // m.bits if quantized and name == "weight" else p.size
+    trainable = sum(p.size for _, p in tree_flatten(model.trainable_parameters()))
+    return trainable, total

@@ -1,0 +1,287 @@
+"""recipe.toml -> frozen dataclasses, validated before any model loads.
+
+Every user-facing error names the file, the line, the key, what was expected
+and, for unknown keys, the nearest known key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from .errors import RecipeError
+
+STAGE_KINDS = ("sft",)
+PLANNED_STAGE_KINDS = ("dpo", "reward", "ppo", "distill")
+
+
+def _opt(default, *, min=None, max=None, choices=None, doc=""):
+    meta = {"min": min, "max": max, "choices": choices, "doc": doc}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Quantize:
+    bits: int = _opt(4, choices=(2, 3, 4, 6, 8))
+    group_size: int = _opt(64, choices=(32, 64, 128))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    path: str = _opt("", doc="a local folder, a Hugging Face repo id, or a .gguf file")
+    quantize: Union[Quantize, None] = _opt(None, doc="QLoRA: quantize the frozen base")
+    revision: Union[str, None] = _opt(None)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    type: str = _opt("lora", choices=("lora", "dora", "full"))
+    rank: int = _opt(8, min=1, max=1024)
+    alpha: float = _opt(16.0, min=0.0)
+    dropout: float = _opt(0.0, min=0.0, max=0.9)
+    layers: int = _opt(-1, min=-1, doc="number of last transformer blocks to adapt; -1 = all")
+    targets: Union[list, None] = _opt(None, doc="module names inside a block, e.g. self_attn.q_proj")
+
+
+@dataclass(frozen=True)
+class Stage:
+    kind: str = _opt("sft", choices=STAGE_KINDS)
+    name: str = _opt("")
+    data: str = _opt("")
+    valid: Union[str, None] = _opt(None)
+    valid_fraction: float = _opt(0.0, min=0.0, max=0.5)
+    adapter: Adapter = _opt(None)
+    optimizer: str = _opt("adamw", choices=("adamw", "adam", "sgd"))
+    learning_rate: float = _opt(1e-4, min=0.0, max=1.0)
+    weight_decay: float = _opt(0.0, min=0.0)
+    lr_schedule: str = _opt("cosine", choices=("cosine", "linear", "constant"))
+    warmup_steps: int = _opt(0, min=0)
+    min_lr_ratio: float = _opt(0.0, min=0.0, max=1.0)
+    batch_size: int = _opt(4, min=1)
+    grad_accum: int = _opt(1, min=1)
+    grad_clip: float = _opt(1.0, min=0.0, doc="max global gradient norm; 0 disables")
+    grad_checkpoint: bool = _opt(False)
+    max_seq_len: int = _opt(512, min=1)
+    steps: int = _opt(0, min=0, doc="optimizer steps; 0 = derive from epochs")
+    epochs: float = _opt(0.0, min=0.0)
+    mask_prompt: bool = _opt(True, doc="loss only on completion / assistant tokens")
+    group_by_length: bool = _opt(True)
+    packing: bool = _opt(False)
+    eval_every: int = _opt(50, min=0)
+    eval_batches: int = _opt(8, min=1)
+    save_every: int = _opt(50, min=1)
+    report_every: int = _opt(10, min=1)
+    seed: Union[int, None] = _opt(None)
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    data: Union[str, None] = _opt(None, doc="held-out JSONL with prompt/completion or messages")
+    metric: str = _opt("exact_match", choices=("exact_match",))
+    max_tokens: int = _opt(32, min=1)
+    limit: int = _opt(100, min=1)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = _opt("")
+    seed: int = _opt(0)
+    runs_dir: str = _opt("runs")
+    model: ModelSpec = _opt(None)
+    stages: list = _opt([])
+    eval: EvalSpec = _opt(None)
+    source: str = field(default="", compare=False)  # the recipe file, for error messages
+    base_dir: str = field(default=".", compare=False)
+
+    def resolve(self, p: str | None) -> str | None:
+        """Paths in a recipe are relative to the recipe's folder, unless they exist from the cwd."""
+        if p is None:
+            return None
+        if Path(p).is_absolute() or Path(p).exists():
+            return p
+        candidate = Path(self.base_dir) / p
+        return str(candidate) if candidate.exists() else p
+
+
+_NESTED = {"model": ModelSpec, "eval": EvalSpec, "adapter": Adapter, "quantize": Quantize}
+_INTERNAL = {"source", "base_dir"}
+
+
+class _Lines:
+    """Finds the line of a key in TOML source, for errors (tomllib gives no positions)."""
+
+    header = re.compile(r"^\s*\[(\[?)\s*([A-Za-z0-9_.\"' -]+?)\s*\]\]?\s*(#.*)?$")
+    assign = re.compile(r"^\s*([A-Za-z0-9_\"'.-]+)\s*=")
+
+    def __init__(self, text: str):
+        self.where: dict[str, int] = {}
+        table, counts = "", {}
+        for n, line in enumerate(text.splitlines(), 1):
+            if m := self.header.match(line):
+                name = m.group(2).replace('"', "").replace("'", "")
+                if m.group(1):  # [[array]]
+                    counts[name] = counts.get(name, -1) + 1
+                    table = f"{name}[{counts[name]}]"
+                else:
+                    head, _, rest = name.partition(".")
+                    table = f"{head}[{counts[head]}].{rest}" if head in counts and rest else name
+                self.where.setdefault(table, n)
+                continue
+            if m := self.assign.match(line):
+                key = m.group(1).replace('"', "").replace("'", "")
+                path = f"{table}.{key}" if table else key
+                self.where.setdefault(path, n)
+                for sub in re.findall(r"([A-Za-z_][A-Za-z0-9_]*)\s*=", line[m.end():]):
+                    self.where.setdefault(f"{path}.{sub}", n)  # inline tables
+
+    def line(self, path: str) -> int | None:
+        while path:
+            if path in self.where:
+                return self.where[path]
+            path = path.rsplit(".", 1)[0] if "." in path else ""
+        return None
+
+
+def _display(path: str) -> str:
+    return re.sub(r"\[(\d+)\]", lambda m: f"[{int(m.group(1)) + 1}]", path)
+
+
+class _Builder:
+    def __init__(self, source: str, text: str):
+        self.source, self.lines = source, _Lines(text)
+
+    def fail(self, path: str, message: str, fix: str = "") -> RecipeError:
+        line = self.lines.line(path)
+        where = f"{self.source}:{line}" if line else self.source
+        return RecipeError(f"{where}: {message}" + (f"\n  fix: {fix}" if fix else ""))
+
+    def build(self, cls, raw: Any, path: str):
+        if not isinstance(raw, dict):
+            raise self.fail(path, f"[{_display(path)}] must be a table, got {type(raw).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in _INTERNAL}
+        hints = get_type_hints(cls)
+        for key in raw:
+            if key not in fields:
+                close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+                where = f" in [{_display(path)}]" if path else ""
+                hint = f' Did you mean "{close[0]}"?' if close else ""
+                raise self.fail(
+                    f"{path}.{key}" if path else key,
+                    f'unknown key "{key}"{where}.{hint}',
+                    "" if close else f"known keys: {', '.join(sorted(fields))}",
+                )
+        values = {}
+        for name, f in fields.items():
+            key_path = f"{path}.{name}" if path else name
+            if name not in raw:
+                continue
+            values[name] = self.value(name, hints[name], raw[name], key_path, f.metadata)
+        return cls(**values)
+
+    def value(self, name, hint, raw, path, meta):
+        if name in _NESTED:
+            return self.build(_NESTED[name], raw, path)
+        if name == "stages":
+            if not isinstance(raw, list) or not raw:
+                raise self.fail(path, "a recipe needs at least one [[stages]] table",
+                                'add:\n  [[stages]]\n  kind = "sft"\n  data = "train.jsonl"')
+            return [self.stage(s, f"stages[{i}]") for i, s in enumerate(raw)]
+        types = tuple(t for t in get_args(hint) if t is not type(None)) if get_origin(hint) is Union else (hint,)
+        ok = any(
+            (t is float and isinstance(raw, (int, float)) and not isinstance(raw, bool))
+            or (t is int and isinstance(raw, int) and not isinstance(raw, bool))
+            or (t not in (int, float) and isinstance(raw, t))
+            for t in types
+        )
+        if not ok:
+            want = " or ".join({int: "an integer", float: "a number", str: "a string", bool: "true or false",
+                                list: "a list"}.get(t, t.__name__) for t in types)
+            raise self.fail(path, f"{_display(path)} must be {want}, got {raw!r}")
+        if float in types and isinstance(raw, int):
+            raw = float(raw)
+        if meta.get("choices") and raw not in meta["choices"]:
+            close = difflib.get_close_matches(str(raw), [str(c) for c in meta["choices"]], n=1)
+            hint_ = f' Did you mean "{close[0]}"?' if close else ""
+            raise self.fail(path, f"{_display(path)} = {raw!r} is not one of "
+                                  f"{', '.join(map(repr, meta['choices']))}.{hint_}")
+        if meta.get("min") is not None and raw < meta["min"]:
+            raise self.fail(path, f"{_display(path)} = {raw!r} is too small: expected at least {meta['min']}")
+        if meta.get("max") is not None and raw > meta["max"]:
+            raise self.fail(path, f"{_display(path)} = {raw!r} is too large: expected at most {meta['max']}")
+        return raw
+
+    def stage(self, raw, path):
+        if isinstance(raw, dict):
+            kind = raw.get("kind")
+            if kind is None:
+                raise self.fail(path, f"[{_display(path)}] has no kind", f'add kind = "{STAGE_KINDS[0]}"')
+            if kind in PLANNED_STAGE_KINDS:
+                raise self.fail(f"{path}.kind", f'stage kind "{kind}" is not available in this version '
+                                                f"of localtune; available: {', '.join(STAGE_KINDS)}")
+            if kind not in STAGE_KINDS:
+                close = difflib.get_close_matches(str(kind), STAGE_KINDS + PLANNED_STAGE_KINDS, n=1)
+                hint = f' Did you mean "{close[0]}"?' if close else ""
+                raise self.fail(f"{path}.kind", f'unknown stage kind "{kind}".{hint}',
+                                f"use one of: {', '.join(STAGE_KINDS)}")
+        stage = self.build(Stage, raw, path)
+        if not stage.data:
+            raise self.fail(path, f"[{_display(path)}] has no data file", 'add data = "train.jsonl"')
+        if stage.adapter is None:
+            stage = dataclasses.replace(stage, adapter=Adapter())
+        return stage
+
+
+def parse(text: str, source: str = "<recipe>", base_dir: str = ".") -> Recipe:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"line (\d+)", str(e))
+        where = f"{source}:{m.group(1)}" if m else source
+        raise RecipeError(f"{where}: not valid TOML: {e}\n  fix: check quotes, brackets and '=' on that line")
+    builder = _Builder(source, text)
+    if "model" not in raw:
+        raise builder.fail("", "no [model] table", 'add:\n  [model]\n  path = "models/small"')
+    recipe = builder.build(Recipe, raw, "")
+    if not recipe.model.path:
+        raise builder.fail("model", "[model] has no path",
+                           'set path = "models/small", a Hugging Face repo id, or a .gguf file')
+    if recipe.eval is None:
+        recipe = dataclasses.replace(recipe, eval=EvalSpec())
+    names = []
+    stages = []
+    for i, s in enumerate(recipe.stages):
+        name = s.name or (s.kind if s.kind not in names else f"{s.kind}{i + 1}")
+        if name in names:
+            raise builder.fail(f"stages[{i}].name", f'stage name "{name}" is used twice', "give each stage its own name")
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            raise builder.fail(f"stages[{i}].name", f'stage name "{name}" must be letters, digits, - or _')
+        names.append(name)
+        if s.valid and s.valid_fraction:
+            raise builder.fail(f"stages[{i}].valid_fraction", "set either valid or valid_fraction, not both")
+        if s.steps == 0 and s.epochs == 0:
+            raise builder.fail(f"stages[{i}]", f"[{_display(f'stages[{i}]')}] sets neither steps nor epochs",
+                               "add steps = 100 (optimizer steps) or epochs = 1")
+        stages.append(dataclasses.replace(s, name=name, seed=recipe.seed if s.seed is None else s.seed))
+    name = recipe.name or Path(source).stem
+    return dataclasses.replace(recipe, stages=stages, name=name, source=source, base_dir=base_dir)
+
+
+def load(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.exists():
+        raise RecipeError(f"{path}: no such recipe file\n  fix: check the path; recipes/ has examples")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{path}: cannot read the recipe: {e}")
+    return parse(text, str(path), str(path.parent))

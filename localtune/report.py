@@ -1,0 +1,50 @@
+"""report.md: what changed, in numbers, written at the end of a run."""
+from __future__ import annotations
+
+from .run import atomic_write
+
+
+def _fmt(x, spec=".3f"):
+    return format(x, spec) if isinstance(x, (int, float)) else "—"
+
+
+def write_report(run, recipe, manifest: dict) -> str:
+    lines = [f"# {recipe.name}", "",
+             f"- model: `{manifest['model']['path']}` ({manifest['model'].get('parameters', 0) / 1e6:.1f}M "
+             f"parameters{', quantized' if manifest['model'].get('quantized') else ''})",
+             f"- device: {manifest['device']['device']}, BLAS {manifest['device']['blas']}, "
+             f"compute dtype {manifest['device']['compute_dtype']}",
+             f"- localtune {manifest['localtune']}, mlx {manifest['mlx']}", ""]
+    lines += ["## Stages", "",
+              "| stage | steps | train loss | eval loss | tokens/s | peak memory | time | trainable |",
+              "|---|---|---|---|---|---|---|---|"]
+    for s in recipe.stages:
+        r = manifest.get("stage_results", {}).get(s.name, {})
+        lines.append(f"| {s.name} ({s.kind}) | {r.get('step', '—')} | {_fmt(r.get('loss'))} | "
+                     f"{_fmt(r.get('eval_loss'))} | {_fmt(r.get('tokens_per_sec'), ',.0f')} | "
+                     f"{_fmt(r.get('peak_memory_gb'), '.2f')} GB | {_fmt(r.get('train_time_sec'), '.0f')} s | "
+                     f"{r.get('trainable', 0):,} |")
+        if r.get("truncated"):
+            lines.append(f"\n{r['truncated']} of {r['examples']} training rows were truncated to max_seq_len.\n")
+    task = manifest.get("task", {})
+    if "before" in task:
+        before, after = task["before"], task.get("after", {})
+        lines += ["", "## Task metric (held-out)", "",
+                  f"{before['metric']} on {before['n']} held-out rows of `{recipe.eval.data}`:", "",
+                  "| | before | after | change |", "|---|---|---|---|",
+                  f"| {before['metric']} | {before['value']:.1%} | {_fmt(after.get('value'), '.1%')} | "
+                  f"{(after['value'] - before['value']) * 100:+.1f} points |" if after else
+                  f"| {before['metric']} | {before['value']:.1%} | — | — |"]
+        if after:
+            lines += ["", "Samples (greedy):", "", "| prompt | expected | before | after |", "|---|---|---|---|"]
+            for b, a in zip(before["samples"], after["samples"]):
+                cell = lambda t: t.replace("|", "\\|").replace("\n", " ")[:60]  # noqa: E731
+                lines.append(f"| {cell(b['prompt'])} | {cell(b['expected'])} | {cell(b['got'])} | {cell(a['got'])} |")
+    lines += ["", "## Outputs", ""]
+    for s in recipe.stages:
+        lines.append(f"- `{s.name}/`: adapters (mlx-lm format: "
+                     f"`mlx_lm.generate --model {manifest['model'].get('folder', manifest['model']['path'])} "
+                     f"--adapter-path {run.path / s.name}`)")
+    text = "\n".join(lines) + "\n"
+    atomic_write(run.path / "report.md", text)
+    return text

@@ -1,0 +1,137 @@
+"""The run directory: the contract between the trainer and every reader.
+
+runs/<name>-<YYYYmmdd-HHMMSS>/ recipe.toml manifest.json status.json metrics.jsonl
+report.md <stage>/adapters.safetensors <stage>/checkpoint/
+The trainer writes; the TUI, `status`, tests and benchmarks read.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import LocaltuneError, TrainingError
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> None:
+    """Write to a temp file beside `path`, fsync, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise disk_error(e, path) from e
+
+
+def disk_error(e: OSError, path) -> LocaltuneError:
+    if e.errno == errno.ENOSPC:
+        return TrainingError(f"{path}: no space left on device; nothing partial was written.\n"
+                             "  fix: free some disk space, then continue with `localtune run --resume RUN`")
+    return TrainingError(f"{path}: cannot write: {e.strerror or e}")
+
+
+def read_json(path: str | Path, default=None):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return default
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """All complete records of metrics.jsonl; a partially written last line is skipped."""
+    records = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    continue
+    except OSError:
+        pass
+    return records
+
+
+class Run:
+    """A run directory. Create with `Run.create`, reopen with `Run.open` (for --resume)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._metrics = None
+
+    @classmethod
+    def create(cls, runs_dir: str | Path, name: str, recipe_text: str) -> "Run":
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = Path(runs_dir) / f"{name}-{stamp}"
+        n = 1
+        while path.exists():  # two runs in the same second
+            n += 1
+            path = Path(runs_dir) / f"{name}-{stamp}-{n}"
+        try:
+            path.mkdir(parents=True)
+        except OSError as e:
+            raise disk_error(e, path) from e
+        run = cls(path)
+        atomic_write(path / "recipe.toml", recipe_text)
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Run":
+        path = Path(path)
+        if not (path / "recipe.toml").exists():
+            raise LocaltuneError(f"{path}: not a localtune run directory (no recipe.toml)\n"
+                                 "  fix: pass a folder under runs/, e.g. `localtune status` lists them")
+        return cls(path)
+
+    # status.json -------------------------------------------------------
+    def status(self) -> dict:
+        return read_json(self.path / "status.json", {})
+
+    def set_status(self, **fields) -> None:
+        status = {**self.status(), **fields, "pid": os.getpid(), "updated": time.time()}
+        atomic_write(self.path / "status.json", json.dumps(status, indent=1))
+
+    # manifest.json -----------------------------------------------------
+    def manifest(self) -> dict:
+        return read_json(self.path / "manifest.json", {})
+
+    def update_manifest(self, **fields) -> None:
+        atomic_write(self.path / "manifest.json", json.dumps({**self.manifest(), **fields}, indent=1))
+
+    # metrics.jsonl -----------------------------------------------------
+    def log(self, stage: str, step: int, kind: str, **values) -> dict:
+        record = {"t": round(time.time(), 3), "stage": stage, "step": step, "kind": kind, **values}
+        if self._metrics is None:
+            self._metrics = open(self.path / "metrics.jsonl", "a", encoding="utf-8")
+        try:
+            self._metrics.write(json.dumps(record) + "\n")
+            self._metrics.flush()
+        except OSError as e:
+            raise disk_error(e, self.path / "metrics.jsonl") from e
+        return record
+
+    def metrics(self) -> list[dict]:
+        return read_metrics(self.path / "metrics.jsonl")
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.path / stage
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+
+
+def newest_run(runs_dir: str | Path = "runs") -> Path | None:
+    runs = [p for p in Path(runs_dir).glob("*/recipe.toml")]
+    return max(runs, key=lambda p: p.stat().st_mtime).parent if runs else None

@@ -1,0 +1,273 @@
+"""The one training loop: train(model, loss_fn, batches, args, run).
+
+Each method supplies `loss_fn(model, batch) -> (loss, n_tokens, metrics)` and a
+batch iterator with `state()` / `restore()`. The loop owns the optimizer, the
+schedule, accumulation, clipping, checkpoints, evaluation, metrics, the NaN
+guard, Ctrl-C and resume.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from . import device
+from .adapters import save, save_arrays, trainable_weights
+from .errors import TrainingError
+
+
+@dataclass(frozen=True)
+class TrainArgs:
+    steps: int
+    learning_rate: float = 1e-4
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    grad_checkpoint: bool = False
+    eval_every: int = 50
+    save_every: int = 50
+    report_every: int = 10
+    seed: int = 0
+    compile: bool = True
+
+
+def schedule(args: TrainArgs):
+    """Linear warmup from 0, then cosine / linear decay to min_lr_ratio * lr, or constant."""
+    lr, warm = args.learning_rate, args.warmup_steps
+    decay_steps = max(1, args.steps - warm)
+    end = lr * args.min_lr_ratio
+    if args.lr_schedule == "cosine":
+        main = optim.cosine_decay(lr, decay_steps, end)
+    elif args.lr_schedule == "linear":
+        main = optim.linear_schedule(lr, end, decay_steps)
+    else:
+        main = lambda step: mx.array(lr, mx.float32)  # noqa: E731
+    if not warm:
+        return main
+    return optim.join_schedules([optim.linear_schedule(0.0, lr, warm), main], [warm])
+
+
+def make_optimizer(args: TrainArgs) -> optim.Optimizer:
+    lr = schedule(args)
+    if args.optimizer == "adamw":
+        return optim.AdamW(learning_rate=lr, weight_decay=args.weight_decay)
+    if args.optimizer == "adam":
+        return optim.Adam(learning_rate=lr)
+    return optim.SGD(learning_rate=lr, weight_decay=args.weight_decay)
+
+
+def checkpoint_layers(model: nn.Module) -> None:
+    """Gradient checkpointing per block *instance* (mlx-lm patches the class, hitting every model)."""
+    for block in model.layers:
+        cls = type(block)
+        if getattr(cls, "_localtune_checkpointed", False):
+            continue
+
+        def call(self, *args, _base=cls.__call__, **kwargs):
+            def inner(params, *args, **kwargs):
+                self.update(params)
+                return _base(self, *args, **kwargs)
+
+            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+        block.__class__ = type(cls.__name__, (cls,), {"__call__": call, "_localtune_checkpointed": True})
+
+
+# Checkpoints ---------------------------------------------------------------
+
+
+def save_checkpoint(folder: Path, model, optimizer, step: int, batches, extra: dict) -> None:
+    """One file, written atomically: adapter + optimizer state + step + data cursor."""
+    arrays = {f"model.{k}": v for k, v in trainable_weights(model).items()}
+    arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
+    meta = {"step": step, "data": batches.state(), **extra}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_arrays(folder / "state.safetensors", arrays, {"localtune": json.dumps(meta)})
+
+
+def load_checkpoint(folder: Path, model, optimizer, batches) -> dict:
+    arrays, metadata = mx.load(str(folder / "state.safetensors"), return_metadata=True)
+    meta = json.loads(metadata["localtune"])
+    model.load_weights([(k[6:], v) for k, v in arrays.items() if k.startswith("model.")], strict=False)
+    optimizer.init(model.trainable_parameters())
+    optimizer.state = tree_unflatten([(k[10:], v) for k, v in arrays.items() if k.startswith("optimizer.")])
+    batches.restore(meta["data"])
+    return meta
+
+
+# The loop ------------------------------------------------------------------
+
+
+class _StopRequest:
+    """Ctrl-C sets a flag; the loop checkpoints after the current step and exits."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handle(self, *_):
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+class Interrupted(Exception):
+    def __init__(self, step: int):
+        self.step = step
+
+
+def _to_mx(batch) -> dict:
+    out = {"inputs": mx.array(batch.inputs), "targets": mx.array(batch.targets),
+           "loss_mask": mx.array(batch.loss_mask)}
+    if batch.segments is not None:
+        out["segments"] = mx.array(batch.segments)
+    return out
+
+
+def train(model, loss_fn, batches, args: TrainArgs, *, run, stage: str, stage_dir: Path,
+          adapter_config: dict, eval_fn=None, report=print) -> dict:
+    """Train `args.steps` optimizer steps, resuming from stage_dir/checkpoint if present.
+
+    Returns a summary dict (final step, last train/eval loss, tokens/s, peak memory).
+    """
+    ckpt_dir = stage_dir / "checkpoint"
+    optimizer = make_optimizer(args)
+    optimizer.init(model.trainable_parameters())
+    start = 0
+    if (ckpt_dir / "state.safetensors").exists():
+        start = load_checkpoint(ckpt_dir, model, optimizer, batches)["step"]
+        run.log(stage, start, "event", event="resumed", message=f"resumed from checkpoint at step {start}")
+    if args.grad_checkpoint:
+        checkpoint_layers(model)
+
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    def micro(batch, weight):
+        (loss, ntoks, metrics), grads = value_and_grad(model, batch)
+        return loss, ntoks, metrics, tree_map(lambda g: g * weight, grads)
+
+    def apply(grads):
+        grad_norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
+        if args.grad_clip > 0:
+            scale = mx.minimum(1.0, args.grad_clip / (grad_norm + 1e-6))
+            grads = tree_map(lambda g: g * scale, grads)
+        optimizer.update(model, grads)
+        return grad_norm
+
+    if args.compile:
+        micro = mx.compile(micro, inputs=state, outputs=state)
+        apply = mx.compile(apply, inputs=state, outputs=state)
+
+    model.train()
+    window = {"loss": 0.0, "tokens": 0, "real": 0, "time": 0.0, "steps": 0, "metrics": {}}
+    summary = {"step": start}
+    t_stage = time.perf_counter()
+    with _StopRequest() as stop:
+        for step in range(start + 1, args.steps + 1):
+            tic = time.perf_counter()
+            mx.random.seed(args.seed * 1_000_003 + step)  # dropout noise is a function of the step
+            micro_batches = [next(batches) for _ in range(args.grad_accum)]
+            total = sum(b.n_tokens for b in micro_batches) or 1
+            grads, loss_sum, metric_sums = None, 0.0, {}
+            for b in micro_batches:
+                loss, ntoks, metrics, g = micro(_to_mx(b), mx.array(b.n_tokens / total, mx.float32))
+                grads = g if grads is None else tree_map(mx.add, grads, g)
+                loss_sum = loss_sum + loss * (b.n_tokens / total)
+                for k, v in metrics.items():
+                    metric_sums[k] = metric_sums.get(k, 0.0) + v * (b.n_tokens / total)
+            grad_norm = apply(grads)
+            mx.eval(state, loss_sum, grad_norm, metric_sums)
+            loss_value = loss_sum.item()
+            if not math.isfinite(loss_value) or not math.isfinite(grad_norm.item()):
+                raise TrainingError(
+                    f"stage {stage}, step {step}: the loss became {loss_value} (gradient norm "
+                    f"{grad_norm.item()}); stopped without saving this step. The last good checkpoint "
+                    f"(step {_checkpoint_step(ckpt_dir)}) is kept in {ckpt_dir}.\n"
+                    "  fix: lower learning_rate, set grad_clip, or check the data for empty targets; "
+                    "then `localtune run --resume RUN`")
+            dt = time.perf_counter() - tic
+            window["loss"] += loss_value
+            window["tokens"] += total
+            window["real"] += sum(b.n_real_tokens for b in micro_batches)
+            window["time"] += dt
+            window["steps"] += 1
+            for k, v in metric_sums.items():
+                window["metrics"][k] = window["metrics"].get(k, 0.0) + v.item()
+
+            if step % args.report_every == 0 or step == args.steps:
+                n = window["steps"]
+                record = {
+                    "loss": window["loss"] / n,
+                    "lr": float(optimizer.learning_rate.item()),
+                    "grad_norm": float(grad_norm.item()),
+                    "tokens_per_sec": window["tokens"] / window["time"],
+                    "real_tokens_per_sec": window["real"] / window["time"],
+                    "peak_memory_gb": device.peak_memory() / 2**30,
+                    "eta_sec": window["time"] / n * (args.steps - step),
+                    "steps_total": args.steps,
+                    **{k: v / n for k, v in window["metrics"].items()},
+                }
+                report(run.log(stage, step, "train", **record))
+                summary.update(record)
+                window = {"loss": 0.0, "tokens": 0, "real": 0, "time": 0.0, "steps": 0, "metrics": {}}
+
+            if eval_fn is not None and args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+                model.eval()
+                summary["eval_loss"] = eval_fn(model)
+                model.train()
+                report(run.log(stage, step, "eval", loss=summary["eval_loss"], steps_total=args.steps))
+
+            last = step == args.steps
+            if step % args.save_every == 0 or last or stop.requested:
+                save_checkpoint(ckpt_dir, model, optimizer, step, batches, {"seed": args.seed})
+                save(model, stage_dir, adapter_config)
+                run.set_status(state="running", stage=stage, step=step, steps_total=args.steps)
+                if not last:
+                    run.log(stage, step, "event", event="checkpoint", path=str(ckpt_dir))
+            summary["step"] = step
+            if stop.requested and not last:
+                raise Interrupted(step)
+    summary["train_time_sec"] = time.perf_counter() - t_stage
+    return summary
+
+
+def _checkpoint_step(folder: Path):
+    try:
+        _, metadata = mx.load(str(folder / "state.safetensors"), return_metadata=True)
+        return json.loads(metadata["localtune"])["step"]
+    except Exception:
+        return "none yet"
+
+
+def evaluate_loss(model, loss_fn, batches) -> float:
+    """Token-weighted mean loss over fixed validation batches."""
+    total, n = 0.0, 0
+    for b in batches:
+        loss, ntoks, _ = loss_fn(model, _to_mx(b))
+        mx.eval(loss, ntoks)
+        total += loss.item() * ntoks.item()
+        n += ntoks.item()
+    return total / max(n, 1)
