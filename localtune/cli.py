@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -48,7 +47,7 @@ def cli():
 def run(recipe, resume, no_tui, runs_dir):
     """Run RECIPE (a recipe.toml), or continue a run with --resume RUN."""
     from . import recipe as recipe_mod
-    from .pipeline import run_recipe
+    from .pipeline import prepare, run_recipe
     from .run import Run
 
     if bool(recipe) == bool(resume):
@@ -60,11 +59,10 @@ def run(recipe, resume, no_tui, runs_dir):
         parsed = recipe_mod.parse(text, str(run_.path / "recipe.toml"), base_dir)
         if run_.status().get("state") == "done":
             raise LocaltuneError(f"{run_.path}: this run is already done; see {run_.path / 'report.md'}")
+        prepared = prepare(parsed)
     else:
-        parsed = recipe_mod.load(recipe)  # validates before anything is written
-        from .pipeline import check_inputs
-
-        check_inputs(parsed)
+        parsed = recipe_mod.load(recipe)
+        prepared = prepare(parsed)  # data, model folder, tokenizer: all checked before anything is written
         run_ = Run.create(runs_dir or parsed.runs_dir, parsed.name, Path(recipe).read_text())
     device.warn_if_slow_blas(lambda m: click.echo(m, err=True))
     click.echo(f"run directory: {run_.path}")
@@ -77,7 +75,7 @@ def run(recipe, resume, no_tui, runs_dir):
     from .trainer import Interrupted
 
     try:
-        run_recipe(parsed, run_, report=report)
+        run_recipe(parsed, run_, prepared, report=report)
     except Interrupted as e:
         run_.set_status(state="interrupted", step=e.step)
         click.echo(f"stopped at step {e.step}; checkpoint saved.\n"

@@ -195,11 +195,13 @@ def split(rows: list, fraction: float, seed: int) -> tuple[list, list]:
 
 @dataclass
 class Batch:
-    """inputs/targets (B, T) int32 · loss_mask (B, T) float32 · segments (B, T) int32 or None (packing)."""
+    """inputs/targets (B, T) int32 · loss_mask (B, T) float32 · real (B, T) bool: not padding ·
+    segments (B, T) int32: packed example index per token, -1 on padding (None unless packing)."""
 
     inputs: np.ndarray
     targets: np.ndarray
     loss_mask: np.ndarray
+    real: np.ndarray
     segments: np.ndarray | None = None
 
     @property
@@ -210,8 +212,6 @@ class Batch:
     def n_real_tokens(self) -> int:
         """Non-padding input tokens (what the model does useful work on)."""
         return int(self.real.sum())
-
-    real: np.ndarray = None
 
 
 def _collate(examples: list[Example], pad_to_multiple: int = 8) -> Batch:
@@ -227,7 +227,7 @@ def _collate(examples: list[Example], pad_to_multiple: int = 8) -> Batch:
         inputs[b, :n], targets[b, :n] = e.tokens[:-1], e.tokens[1:]
         mask[b, :n] = e.loss_mask[1:]
         real[b, :n] = True
-    return Batch(inputs, targets, mask, None, real)
+    return Batch(inputs, targets, mask, real)
 
 
 def _pack(examples: list[Example], width: int) -> list[list[Example]]:
@@ -260,7 +260,7 @@ def _collate_packed(bins: list[list[Example]], width: int) -> Batch:
             mask[b, pos:pos + n] = e.loss_mask[1:]
             segments[b, pos:pos + n] = s
             pos += n
-    return Batch(inputs, targets, mask, segments, segments >= 0)
+    return Batch(inputs, targets, mask, segments >= 0, segments)
 
 
 class Batches:

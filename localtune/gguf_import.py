@@ -21,7 +21,7 @@ import mlx.core as mx
 import numpy as np
 from gguf import GGMLQuantizationType as QType
 from gguf import GGUFReader, quants
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from .errors import ModelError
 
@@ -76,17 +76,22 @@ def import_gguf(path: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     Without `out_dir` the folder is $LOCALTUNE_HOME/models/<stem>-<sha256[:12]>, reused when present.
     """
     path = Path(path).expanduser().resolve()
-    reader, meta = _read_header(path)
-    _check_supported(path, reader, meta)
+    if not path.is_file():
+        raise ModelError(f"{path}: no such file. Check the path to the .gguf model.")
     digest = _sha256(path)
     target = Path(out_dir).expanduser() if out_dir else models_home() / f"{path.stem}-{digest[:12]}"
     if _manifest(target).get("sha256") == digest:
         return target
     if target.exists() and any(target.iterdir()) and not _manifest(target):
         raise ModelError(f"{target}: folder exists and is not a localtune import. Choose an empty or new folder.")
+    reader, meta = _read_header(path)
+    _check_supported(path, reader, meta)
 
     weights, quantization, tensor_types = _load_weights(path, reader)
-    config = _model_config(meta, weights, quantization)
+    try:
+        config = _model_config(meta, weights, quantization)
+    except ModelError as e:
+        raise ModelError(f"{path}: {e.message}") from None
     tokenizer, tokenizer_config = _build_tokenizer(meta, config)
     manifest = {
         "name": meta.get("general.name") or path.stem,
@@ -97,13 +102,17 @@ def import_gguf(path: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         "tensor_types": tensor_types,
         "imported_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    with _atomic_dir(target) as tmp:
+    tmp = _temp_dir_beside(target)
+    try:
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
         _write_json(tmp / "config.json", config)
         tokenizer.save(str(tmp / "tokenizer.json"))
         _write_json(tmp / "tokenizer_config.json", tokenizer_config)
         (tmp / "README.md").write_text(_model_card(manifest, path))
         _write_json(tmp / MANIFEST, manifest)
+        _publish(tmp, target, digest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -126,8 +135,6 @@ def models_home() -> Path:
 
 
 def _read_header(path: Path) -> tuple[GGUFReader, dict]:
-    if not path.is_file():
-        raise ModelError(f"{path}: no such file. Check the path to the .gguf model.")
     try:
         reader = GGUFReader(path)
         meta = {key: field.contents() for key, field in reader.fields.items()}
@@ -254,7 +261,7 @@ def _model_config(meta: dict, weights: dict, quantization: dict | None) -> dict:
     def get(key, default=None):
         value = meta.get(f"{arch}.{key}", default)
         if value is None:
-            raise ModelError(f"GGUF metadata has no {arch}.{key}; the file is incomplete. Re-export it with llama.cpp.")
+            raise ModelError(f"metadata has no {arch}.{key}; the file is incomplete. Re-export it with llama.cpp.")
         return value
 
     heads, hidden = get("attention.head_count"), get("embedding_length")
@@ -282,6 +289,7 @@ def _model_config(meta: dict, weights: dict, quantization: dict | None) -> dict:
     }
     if quantization:
         config["quantization"] = quantization
+    config = {k: v for k, v in config.items() if v is not None}
     if arch == "llama":
         _undo_rotary_permutation(weights, config)
     return config
@@ -394,9 +402,10 @@ def _sentencepiece_bpe(meta: dict) -> Tokenizer:
     unk = tokens[unk_id] if unk_id is not None else None
     tokenizer = Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
     add_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-    # llama.cpp prefixes a space to every text run, also after a special token: prepend_scheme "always"
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="▁", prepend_scheme="always" if add_prefix else "never", split=False
+    # llama.cpp prefixes "▁" to every text run (also after special tokens and before a leading
+    # space), which per-segment normalizers reproduce; Metaspace skips text starting with a space.
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("▁")] * add_prefix + [normalizers.Replace(" ", "▁")]
     )
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     tokenizer.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] * add_prefix)
@@ -440,28 +449,20 @@ def _model_card(manifest: dict, source: Path) -> str:
     )
 
 
-class _atomic_dir:
-    """Build a folder in a temp dir next to `target`, then swap it in with one rename."""
+def _temp_dir_beside(target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private
+    return tmp
 
-    def __init__(self, target: Path):
-        self.target = target
 
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", dir=self.target.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        old = None
-        if self.target.exists():  # an older import (different file) or an empty folder
-            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-            os.replace(self.target, old)
-        try:
-            os.replace(self.tmp, self.target)
-        except OSError:  # another process won the race; keep its folder
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+def _publish(tmp: Path, target: Path, digest: str) -> None:
+    """Swap the finished folder in with renames, so readers never see half an import."""
+    if _manifest(target).get("sha256") == digest:
+        return  # a concurrent import of the same file finished first
+    old = target.with_name(f".{target.name}.old-{os.getpid()}") if target.exists() else None
+    if old:
+        os.replace(target, old)  # an older import of another file, or an empty folder
+    os.replace(tmp, target)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)

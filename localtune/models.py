@@ -83,11 +83,20 @@ def _config(folder: Path) -> dict:
         raise ModelError(f"{folder / 'config.json'}: not valid JSON ({e})")
 
 
-def load(path: str, revision: str | None = None, quantize=None, lazy=False):
-    """Returns (model, tokenizer, config, folder). Float weights take the device's compute dtype."""
-    from mlx_lm.utils import load_model, load_tokenizer
+def load_tokenizer(folder: Path):
+    from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
 
-    folder = resolve(path, revision)
+    try:
+        return mlx_load_tokenizer(folder, eos_token_ids=_config(folder).get("eos_token_id"))
+    except (ValueError, OSError, KeyError) as e:
+        raise ModelError(f"{folder}: cannot load the tokenizer: {e}\n"
+                         "  fix: the folder needs tokenizer.json (or tokenizer.model) and tokenizer_config.json")
+
+
+def load_model(folder: Path, quantize=None, lazy=False):
+    """Returns (model, config). Float weights take the device's compute dtype."""
+    from mlx_lm.utils import load_model as mlx_load_model
+
     config = _config(folder)
     extra = {}
     if "tie_word_embeddings" not in config and config.get("model_type") in ("llama", "mistral", "qwen2"):
@@ -97,8 +106,7 @@ def load(path: str, revision: str | None = None, quantize=None, lazy=False):
             names |= set(mx.load(f).keys())
         extra["tie_word_embeddings"] = not any(n.endswith("lm_head.weight") for n in names)
     try:
-        model, config = load_model(folder, lazy=lazy, model_config=extra)
-        tokenizer = load_tokenizer(folder, eos_token_ids=config.get("eos_token_id"))
+        model, config = mlx_load_model(folder, lazy=lazy, model_config=extra)
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise ModelError(f"{folder}: mlx-lm could not load this model: {e}") from None
     cast_floats(model, device.compute_dtype())
@@ -106,7 +114,14 @@ def load(path: str, revision: str | None = None, quantize=None, lazy=False):
         quantize_base(model, quantize.bits, quantize.group_size)
     if not device.is_gpu():
         use_cpu_quantized_path(model)
-    return model, tokenizer, config, folder
+    return model, config
+
+
+def load(path: str, revision: str | None = None, quantize=None):
+    """Returns (model, tokenizer, config, folder)."""
+    folder = resolve(path, revision)
+    model, config = load_model(folder, quantize)
+    return model, load_tokenizer(folder), config, folder
 
 
 def cast_floats(model: nn.Module, dtype) -> None:

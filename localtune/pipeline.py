@@ -25,31 +25,48 @@ def _sha256(path: str | Path) -> str:
 
 
 @dataclasses.dataclass
-class StageData:
-    train_rows: list
-    valid_rows: list | None
-    fmt: str
+class Prepared:
+    """Everything checked before any weights load: the model folder, tokenizer and encoded data."""
+
+    folder: Path
+    tokenizer: object
+    train: dict  # stage name -> data.Dataset
+    valid: dict  # stage name -> data.Dataset | None
+    eval_rows: list | None
 
 
-def check_inputs(recipe: Recipe) -> tuple[dict[str, StageData], list | None]:
-    """Read and validate every data file before any model loads (strict at the door)."""
-    stages = {}
-    for s in recipe.stages:
-        rows, fmt = data.read_jsonl(recipe.resolve(s.data))
-        valid = None
-        if s.valid:
-            valid, vfmt = data.read_jsonl(recipe.resolve(s.valid))
-            if vfmt != fmt:
-                raise RecipeError(f"{s.valid}: validation rows are {vfmt!r} but training rows are {fmt!r}")
-        elif s.valid_fraction:
-            rows, valid = data.split(rows, s.valid_fraction, s.seed)
-        stages[s.name] = StageData(rows, valid, fmt)
+def _read_stage(recipe: Recipe, s: Stage):
+    rows, fmt = data.read_jsonl(recipe.resolve(s.data))
+    valid = None
+    if s.valid:
+        valid, vfmt = data.read_jsonl(recipe.resolve(s.valid))
+        if vfmt != fmt:
+            raise RecipeError(f"{s.valid}: validation rows are {vfmt!r} but training rows are {fmt!r}")
+    elif s.valid_fraction:
+        rows, valid = data.split(rows, s.valid_fraction, s.seed)
+    return rows, valid, fmt
+
+
+def prepare(recipe: Recipe) -> Prepared:
+    """Strict at the door: read, validate and tokenize every input before the model's weights load."""
+    from . import models
+
+    raw = {s.name: _read_stage(recipe, s) for s in recipe.stages}
     eval_rows = None
     if recipe.eval.data:
         eval_rows, fmt = data.read_jsonl(recipe.resolve(recipe.eval.data))
         if fmt == "text":
             raise RecipeError(f"{recipe.eval.data}: exact-match evaluation needs prompt/completion or messages rows")
-    return stages, eval_rows
+    folder = models.resolve(recipe.resolve(recipe.model.path), recipe.model.revision)
+    tokenizer = models.load_tokenizer(folder)
+    train, valid = {}, {}
+    for s in recipe.stages:
+        rows, valid_rows, fmt = raw[s.name]
+        train[s.name] = data.encode(rows, fmt, tokenizer, s.max_seq_len, s.mask_prompt, recipe.resolve(s.data))
+        valid[s.name] = (data.encode(valid_rows, fmt, tokenizer, s.max_seq_len, s.mask_prompt,
+                                     s.valid or "valid split") if valid_rows else None)
+        data.Batches(train[s.name], s.batch_size, s.seed, s.group_by_length, s.packing, s.max_seq_len)
+    return Prepared(folder, tokenizer, train, valid, eval_rows)
 
 
 def train_args(stage: Stage, steps: int):
@@ -66,7 +83,7 @@ def stage_steps(stage: Stage, batches) -> int:
     return max(1, math.ceil(stage.epochs * batches.batches_per_epoch / stage.grad_accum))
 
 
-def run_recipe(recipe: Recipe, run: Run, report=print) -> dict:
+def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> dict:
     """Run (or resume) every stage. Returns the manifest."""
     import importlib
 
@@ -74,38 +91,35 @@ def run_recipe(recipe: Recipe, run: Run, report=print) -> dict:
 
     from . import adapters, evaluate, models, trainer
 
-    stage_data, eval_rows = check_inputs(recipe)
     manifest = run.manifest()
     done = manifest.get("stages_done", [])
-    resuming = bool(manifest)
-    if not resuming:
+    if not manifest:
         run.update_manifest(
             localtune=__version__, mlx=mx.__version__, python=platform.python_version(),
             device=device.describe(), recipe=recipe.source, base_dir=str(Path(recipe.base_dir).resolve()),
-            model={"path": recipe.model.path},
             data={s.name: {"path": s.data, "sha256": _sha256(recipe.resolve(s.data))} for s in recipe.stages},
             stages_done=[], started=time.time(),
         )
     run.set_status(state="running", stage="load", step=0)
 
     t0 = time.perf_counter()
-    model, tokenizer, config, folder = models.load(recipe.model.path, recipe.model.revision, recipe.model.quantize)
+    tokenizer = prepared.tokenizer
+    model, config = models.load_model(prepared.folder, recipe.model.quantize)
     trainable, total = models.count_parameters(model)
-    run.log("load", 0, "event", event="model_loaded", message=f"loaded {folder} ({total / 1e6:.1f}M parameters) "
-            f"in {time.perf_counter() - t0:.1f}s")
+    report(run.log("load", 0, "event", event="model_loaded",
+                   message=f"{prepared.folder}: {total / 1e6:.1f}M parameters in {time.perf_counter() - t0:.1f}s"))
     skipped = getattr(model, "skipped_quantization", [])
     if skipped:
         report(run.log("load", 0, "event", event="warning", message=f"{len(skipped)} layers stay in float: their "
                        f"width is not divisible by group_size={recipe.model.quantize.group_size}: {skipped[:4]}"))
-    if not resuming:
-        run.update_manifest(model={"path": recipe.model.path, "folder": str(folder),
-                                   "parameters": total, "quantized": models.is_quantized(model),
-                                   "model_type": config.get("model_type")})
+    run.update_manifest(model={"path": recipe.model.path, "folder": str(prepared.folder), "parameters": total,
+                               "quantized": models.is_quantized(model), "model_type": config.get("model_type")})
 
     task = manifest.get("task", {})
-    if eval_rows and "before" not in task:
-        report(run.log("eval", 0, "event", event="task_eval", message="measuring the task metric before training"))
-        task["before"] = evaluate.exact_match(model, tokenizer, eval_rows, recipe.eval.max_tokens, recipe.eval.limit)
+    if prepared.eval_rows and "before" not in task:
+        report(run.log("eval", 0, "event", event="task_eval", message="task metric before training..."))
+        task["before"] = evaluate.exact_match(model, tokenizer, prepared.eval_rows, recipe.eval.max_tokens,
+                                              recipe.eval.limit)
         run.update_manifest(task=task)
 
     results = manifest.get("stage_results", {})
@@ -115,21 +129,18 @@ def run_recipe(recipe: Recipe, run: Run, report=print) -> dict:
         if stage.name in done:
             adapters.load(model, stage_dir)
         else:
-            sd = stage_data[stage.name]
-            train_set = data.encode(sd.train_rows, sd.fmt, tokenizer, stage.max_seq_len, stage.mask_prompt,
-                                    recipe.resolve(stage.data))
+            train_set, valid_set = prepared.train[stage.name], prepared.valid[stage.name]
             if train_set.truncated or train_set.dropped:
                 report(run.log(stage.name, 0, "event", event="warning",
-                               message=f"{train_set.truncated} of {len(sd.train_rows)} rows truncated to "
-                                       f"max_seq_len={stage.max_seq_len}; {train_set.dropped} dropped "
-                                       "(no target tokens left)"))
-            valid_set = (data.encode(sd.valid_rows, sd.fmt, tokenizer, stage.max_seq_len, stage.mask_prompt,
-                                     stage.valid or "valid split") if sd.valid_rows else None)
+                               message=f"{train_set.truncated} of {len(train_set) + train_set.dropped} rows "
+                                       f"truncated to max_seq_len={stage.max_seq_len}; {train_set.dropped} "
+                                       "dropped (no target tokens left)"))
+            mx.random.seed(stage.seed)  # the same recipe gives the same adapter init
             adapter_config = adapters.attach(model, stage.adapter, f"{where}.adapter")
-            adapter_config["base_model"] = str(folder)
+            adapter_config["base_model"] = str(prepared.folder)
             trainable, total = models.count_parameters(model)
             report(run.log(stage.name, 0, "event", event="stage_start",
-                           message=f"{stage.kind}: {len(train_set)} examples, {trainable:,} trainable of "
+                           message=f"{len(train_set)} examples, {trainable:,} trainable of "
                                    f"{total:,} parameters ({100 * trainable / total:.2f}%)"))
             batches = data.Batches(train_set, stage.batch_size, stage.seed, stage.group_by_length,
                                    stage.packing, stage.max_seq_len)
@@ -147,22 +158,21 @@ def run_recipe(recipe: Recipe, run: Run, report=print) -> dict:
             results[stage.name] = summary
             done.append(stage.name)
             run.update_manifest(stages_done=done, stage_results=results)
-            run.log(stage.name, steps, "event", event="stage_done", message=f"{stage.name} done: adapters in {stage_dir}")
+            report(run.log(stage.name, steps, "event", event="stage_done",
+                           message=f"adapters saved in {stage_dir}"))
         if i + 1 < len(recipe.stages):
-            if models.is_quantized(model):
-                raise LocaltuneError(f"{where}: chaining a second stage on a quantized (QLoRA) base is not "
-                                     "supported yet\n  fix: use a float base for multi-stage recipes")
-            adapters.fuse(model)
+            adapters.fuse(model)  # the next stage trains on top of this one; refuses a quantized base
 
-    if eval_rows:
-        task["after"] = evaluate.exact_match(model, tokenizer, eval_rows, recipe.eval.max_tokens, recipe.eval.limit)
-        run.update_manifest(task=task)
-    run.update_manifest(finished=time.time())
+    if prepared.eval_rows:
+        task["after"] = evaluate.exact_match(model, tokenizer, prepared.eval_rows, recipe.eval.max_tokens,
+                                             recipe.eval.limit)
+    run.update_manifest(task=task, finished=time.time())
     manifest = run.manifest()
     from .report import write_report
 
     write_report(run, recipe, manifest)
-    run.set_status(state="done", stage=recipe.stages[-1].name, step=results.get(recipe.stages[-1].name, {}).get("step"))
+    last = recipe.stages[-1].name
+    run.set_status(state="done", stage=last, step=results.get(last, {}).get("step"))
     return manifest
 
 
@@ -181,7 +191,7 @@ def load_for_inference(target: str, until_stage: str | None = None):
     names = [s.name for s in parsed.stages]
     if until_stage and until_stage not in names:
         raise LocaltuneError(f"{target}: no stage {until_stage!r}; stages are {names}")
-    model, tokenizer, _, _ = models.load(parsed.model.path, parsed.model.revision, parsed.model.quantize)
+    model, tokenizer, _, _ = models.load(parsed.resolve(parsed.model.path), parsed.model.revision, parsed.model.quantize)
     for i, name in enumerate(names[: names.index(until_stage) + 1] if until_stage else names):
         if not (path / name / "adapters.safetensors").exists():
             break  # a stage that has not saved yet

@@ -158,7 +158,7 @@ def train(model, loss_fn, batches, args: TrainArgs, *, run, stage: str, stage_di
     start = 0
     if (ckpt_dir / "state.safetensors").exists():
         start = load_checkpoint(ckpt_dir, model, optimizer, batches)["step"]
-        run.log(stage, start, "event", event="resumed", message=f"resumed from checkpoint at step {start}")
+        report(run.log(stage, start, "event", event="resumed", message=f"resumed from checkpoint at step {start}"))
     if args.grad_checkpoint:
         checkpoint_layers(model)
 
