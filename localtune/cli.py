@@ -23,7 +23,7 @@ def progress_line(record: dict) -> str | None:
     if kind == "train":
         return (f"{record['stage']:>8}  step {record['step']:>5}/{record['steps_total']}  "
                 f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-                f"{record['tokens_per_sec']:,.0f} tok/s  peak {record['peak_memory_gb']:.2f} GB  "
+                f"{record['real_tokens_per_sec']:,.0f} tok/s  peak {record['peak_memory_gb']:.2f} GB  "
                 f"ETA {_duration(record['eta_sec'])}")
     if kind == "eval":
         return f"{record['stage']:>8}  step {record['step']:>5}/{record['steps_total']}  eval loss {record['loss']:.4f}"

@@ -213,6 +213,17 @@ class Batch:
         """Non-padding input tokens (what the model does useful work on)."""
         return int(self.real.sum())
 
+    def target_positions(self, bucket: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """Flat (B*T) indices of scored positions and their weights, padded to a multiple of `bucket`."""
+        flat = self.loss_mask.reshape(-1)
+        index = np.flatnonzero(flat).astype(np.int32)
+        k = max(bucket, -(-len(index) // bucket) * bucket)
+        padded = np.zeros(k, np.int32)
+        padded[: len(index)] = index
+        weight = np.zeros(k, np.float32)
+        weight[: len(index)] = flat[index]
+        return padded, weight
+
 
 def _collate(examples: list[Example], pad_to_multiple: int = 8) -> Batch:
     width = max(len(e.tokens) for e in examples) - 1

@@ -6,6 +6,7 @@ import unicodedata
 from mlx_lm.generate import batch_generate
 
 from .data import Encoder
+from .models import inference_weights
 
 
 def normalize(text: str) -> str:
@@ -27,8 +28,9 @@ def generate(model, tokenizer, prompts: list, max_tokens: int, batch_size: int =
            for p in prompts]
     model.eval()
     out = []
-    for i in range(0, len(ids), batch_size):
-        out += batch_generate(model, tokenizer, ids[i:i + batch_size], max_tokens=max_tokens).texts
+    with inference_weights(model):
+        for i in range(0, len(ids), batch_size):
+            out += batch_generate(model, tokenizer, ids[i:i + batch_size], max_tokens=max_tokens).texts
     return out
 
 

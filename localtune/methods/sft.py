@@ -6,6 +6,9 @@ import mlx.nn as nn
 
 METRICS = ("loss", "tokens_per_sec", "lr")
 
+# Architectures whose logits are exactly head(model.model(inputs)): no soft-capping or logit scaling.
+_PLAIN_HEAD = ("llama", "mistral", "qwen2", "qwen3")
+
 
 class _PackedMask:
     """Stands in for mlx-lm's per-layer KV cache to hand the model a block-diagonal mask.
@@ -33,20 +36,49 @@ class _PackedMask:
         return keys, values
 
 
+def _cache(model, batch):
+    return [_PackedMask(batch["segments"])] * len(model.layers) if "segments" in batch else None
+
+
+def _head(model):
+    """The output projection, when logits are exactly head(model.model(x)); else None."""
+    if getattr(model, "model_type", None) not in _PLAIN_HEAD:
+        return None
+    if "lm_head" in model:
+        return model.lm_head
+    return model.model.embed_tokens.as_linear
+
+
 def logits(model, batch) -> mx.array:
     """(B, T, V) logits for batch["inputs"] (B, T); packed rows get a block-diagonal mask."""
-    if "segments" in batch:
-        return model(batch["inputs"], cache=[_PackedMask(batch["segments"])] * len(model.layers))
-    return model(batch["inputs"])
+    return model(batch["inputs"], cache=_cache(model, batch))
+
+
+def target_logits(model, batch) -> tuple[mx.array, mx.array, mx.array]:
+    """Logits only where a target is scored: (K, V), targets (K,), weights (K,).
+
+    The vocabulary projection is a large share of a small model's compute, and with
+    prompt masking most positions are never scored, so we project only the K gathered
+    hidden states. `target_index` (K,) holds flat positions into (B*T), padded with
+    weight-0 entries to a bucketed K so compiled shapes repeat.
+    """
+    head = _head(model)
+    index, weight = batch["target_index"], batch["target_weight"]
+    targets = batch["targets"].reshape(-1)[index]
+    if head is None:
+        flat = logits(model, batch).reshape(-1, model.args.vocab_size if hasattr(model, "args") else -1)
+        return flat[index], targets, weight
+    hidden = model.model(batch["inputs"], _cache(model, batch))  # (B, T, H)
+    return head(hidden.reshape(-1, hidden.shape[-1])[index]), targets, weight
 
 
 def loss(model, batch):
     """Mean cross-entropy over target tokens.
 
-    L = -sum_{b,t} m[b,t] * log p(y[b,t] | x[b,:t+1]) / sum m
-    inputs, targets (B, T) int32 · loss_mask m (B, T). Returns (L, sum m, {}).
+    L = -sum_k w_k * log p(y_k | x_{<k}) / sum_k w_k
+    over the K scored positions (target_logits) · returns (L, sum w, {}).
     """
-    ce = nn.losses.cross_entropy(logits(model, batch).astype(mx.float32), batch["targets"])
-    mask = batch["loss_mask"]
-    ntoks = mask.sum()
-    return (ce * mask).sum() / mx.maximum(ntoks, 1), ntoks, {}
+    scores, targets, weight = target_logits(model, batch)
+    ce = nn.losses.cross_entropy(scores.astype(mx.float32), targets)
+    ntoks = weight.sum()
+    return (ce * weight).sum() / mx.maximum(ntoks, 1), ntoks, {}
