@@ -21,9 +21,9 @@ import mlx.core as mx
 import numpy as np
 from gguf import GGMLQuantizationType as QType
 from gguf import GGUFReader, quants
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from .errors import ModelError
+from .gguf_tokenizer import build_tokenizer, check_tokenizer, special_token_ids
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 MANIFEST = "localtune-import.json"
@@ -48,27 +48,6 @@ _LAYER_MODULES = {
     "ffn_down": "mlp.down_proj",
 }
 
-# tokenizer.ggml.pre -> the regex splits llama.cpp (src/llama-vocab.cpp) applies, in order.
-_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
-_DEFAULT_SPLITS = [r"[\p{P}\$\+<=>\^~\|]+", _GPT2_SPLIT, r"\p{N}+", "[0-9][0-9][0-9]"]
-_PRE_TOKENIZERS = {  # name -> (splits, ignore_merges, llama.cpp's add_bos default)
-    **dict.fromkeys(["default"], (_DEFAULT_SPLITS, False, False)),
-    **dict.fromkeys(["gpt-2", "phi-2", "mpt", "olmo"], ([_GPT2_SPLIT], False, False)),
-    **dict.fromkeys(
-        ["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone"], ([r"\p{N}", _GPT2_SPLIT], False, False)
-    ),
-    **dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"], ([_LLAMA3_SPLIT], True, True)),
-    **dict.fromkeys(["dbrx", "smaug-bpe"], ([_LLAMA3_SPLIT], False, False)),
-    **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"], ([_QWEN2_SPLIT], False, False)),
-}
-_CONTROL, _UNKNOWN, _USER_DEFINED = 3, 2, 4  # llama.cpp token types
-_END_OF_TURN_TEXTS = {"<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>"}
-
 
 def import_gguf(path: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
     """Convert `path` (.gguf) into a folder `mlx_lm.load` opens offline; return the folder.
@@ -92,7 +71,7 @@ def import_gguf(path: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         config = _model_config(meta, weights, quantization)
     except ModelError as e:
         raise ModelError(f"{path}: {e.message}") from None
-    tokenizer, tokenizer_config = _build_tokenizer(meta, config)
+    tokenizer, tokenizer_config = build_tokenizer(meta, config)
     manifest = {
         "name": meta.get("general.name") or path.stem,
         "source": str(path),
@@ -153,15 +132,10 @@ def _check_supported(path: Path, reader: GGUFReader, meta: dict) -> None:
             f"{path}: architecture {arch!r} cannot be imported; supported: {', '.join(ARCHITECTURES)}. "
             "Use a GGUF of a supported model, or its Hugging Face checkpoint."
         )
-    kind = meta.get("tokenizer.ggml.model")
-    if kind not in ("gpt2", "llama"):
-        raise ModelError(f"{path}: tokenizer.ggml.model {kind!r} is not supported; supported: gpt2, llama.")
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    if kind == "gpt2" and pre not in _PRE_TOKENIZERS:
-        raise ModelError(
-            f"{path}: pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; "
-            f"supported: {', '.join(sorted(_PRE_TOKENIZERS))}."
-        )
+    try:
+        check_tokenizer(meta)
+    except ModelError as e:
+        raise ModelError(f"{path}: {e.message}") from None
     unknown = [t.name for t in reader.tensors if t.name != "rope_freqs.weight" and not _mlx_name(t.name)]
     if unknown:
         raise ModelError(
@@ -289,7 +263,7 @@ def _model_config(meta: dict, weights: dict, quantization: dict | None) -> dict:
         "tie_word_embeddings": "lm_head.weight" not in weights,
         "attention_bias": "model.layers.0.self_attn.q_proj.bias" in weights,
         "mlp_bias": False,
-        **_special_token_ids(meta),
+        **special_token_ids(meta),
     }
     if quantization:
         config["quantization"] = quantization
@@ -326,117 +300,6 @@ def _llama3_rope_scaling(rope_freqs: np.ndarray, theta: float, head_dim: int) ->
     if not np.allclose(expected, rope_freqs, rtol=1e-4):
         raise ModelError("rope_freqs.weight does not match Llama 3 rope scaling (low 1, high 4, 8192); unsupported.")
     return scaling
-
-
-def _special_token_ids(meta: dict) -> dict:
-    """bos/eos ids; eos lists every end-of-turn token so generation stops where llama.cpp's does."""
-    tokens, types = meta["tokenizer.ggml.tokens"], _token_types(meta)
-    eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
-                             "tokenizer.ggml.eom_token_id") if k in meta]
-    eos += [i for i, (t, kind) in enumerate(zip(tokens, types)) if kind == _CONTROL and t in _END_OF_TURN_TEXTS]
-    eos = list(dict.fromkeys(eos))
-    ids = {"bos_token_id": meta.get("tokenizer.ggml.bos_token_id")}
-    ids["eos_token_id"] = eos[0] if len(eos) == 1 else eos or None
-    return ids
-
-
-# ---------------------------------------------------------------- tokenizer
-
-
-def _token_types(meta: dict) -> list[int]:
-    return meta.get("tokenizer.ggml.token_type") or [1] * len(meta["tokenizer.ggml.tokens"])
-
-
-def _build_tokenizer(meta: dict, config: dict) -> tuple[Tokenizer, dict]:
-    """A `tokenizers` pipeline that reproduces llama.cpp's tokenization, and tokenizer_config.json."""
-    tokens, types = meta["tokenizer.ggml.tokens"], _token_types(meta)
-    byte_level = meta["tokenizer.ggml.model"] == "gpt2"
-    tokenizer = _byte_level_bpe(meta) if byte_level else _sentencepiece_bpe(meta)
-    tokenizer.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k in (_CONTROL, _UNKNOWN)]
-    )
-    tokenizer.add_tokens(
-        [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED]
-    )
-
-    pre_default = _PRE_TOKENIZERS[meta.get("tokenizer.ggml.pre", "default")][2] if byte_level else True
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", pre_default))
-    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
-    names = {
-        f"{role}_token": tokens[meta[f"tokenizer.ggml.{key}_token_id"]]
-        for role, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))
-        if meta.get(f"tokenizer.ggml.{key}_token_id") is not None
-    }
-    tokenizer.post_processor = _post_processor(tokenizer, names, add_bos, add_eos, byte_level)
-    tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **names,
-        "add_bos_token": add_bos,
-        "add_eos_token": add_eos,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": config["max_position_embeddings"],
-    }
-    if "tokenizer.chat_template" in meta:
-        tokenizer_config["chat_template"] = meta["tokenizer.chat_template"]
-    return tokenizer, tokenizer_config
-
-
-def _byte_level_bpe(meta: dict) -> Tokenizer:
-    """GPT-2 style: tokens are already in the byte-to-unicode alphabet; split text like llama.cpp."""
-    splits, ignore_merges, _ = _PRE_TOKENIZERS[meta.get("tokenizer.ggml.pre", "default")]
-    vocab = {token: i for i, token in reversed(list(enumerate(meta["tokenizer.ggml.tokens"])))}
-    merges = [tuple(merge.split(" ", 1)) for merge in meta.get("tokenizer.ggml.merges", [])]
-    tokenizer = Tokenizer(models.BPE(vocab, merges, ignore_merges=ignore_merges))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(s), behavior="isolated") for s in splits]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
-    tokenizer.decoder = decoders.ByteLevel()
-    return tokenizer
-
-
-def _sentencepiece_bpe(meta: dict) -> Tokenizer:
-    """llama.cpp's SPM: merge the highest-scoring adjacent pair first, bytes as <0xXX> fallback."""
-    tokens, types = meta["tokenizer.ggml.tokens"], _token_types(meta)
-    vocab = {token: i for i, token in reversed(list(enumerate(tokens)))}
-    if "tokenizer.ggml.merges" in meta:
-        merges = [tuple(merge.split(" ", 1)) for merge in meta["tokenizer.ggml.merges"]]
-    else:
-        normal = {t for t, k in zip(tokens, types) if k == 1}
-        merges = _merges_from_scores(tokens, meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens), normal)
-    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
-    unk = tokens[unk_id] if unk_id is not None else None
-    tokenizer = Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
-    add_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-    # llama.cpp prefixes "▁" to every text run (also after special tokens and before a leading
-    # space), which per-segment normalizers reproduce; Metaspace skips text starting with a space.
-    tokenizer.normalizer = normalizers.Sequence(
-        [normalizers.Prepend("▁")] * add_prefix + [normalizers.Replace(" ", "▁")]
-    )
-    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    tokenizer.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] * add_prefix)
-    return tokenizer
-
-
-def _merges_from_scores(tokens: list[str], scores: list[float], normal: set[str]) -> list[tuple[str, str]]:
-    """Every split of a normal token into two normal tokens, best merged-token score first."""
-    ranked = []
-    for token, score in zip(tokens, scores):
-        if token in normal:
-            ranked += [(-score, i, token[:i], token[i:]) for i in range(1, len(token))
-                       if token[:i] in normal and token[i:] in normal]
-    return [(left, right) for _, _, left, right in sorted(ranked)]
-
-
-def _post_processor(tokenizer: Tokenizer, names: dict, add_bos: bool, add_eos: bool, byte_level: bool):
-    """BOS/EOS template in the same form transformers rebuilds from add_bos_token/add_eos_token."""
-    bos, eos = names.get("bos_token") if add_bos else None, names.get("eos_token") if add_eos else None
-    if not (bos or eos):
-        return processors.ByteLevel(trim_offsets=False) if byte_level else None
-    single = f"{bos + ':0 ' if bos else ''}$A:0{' ' + eos + ':0' if eos else ''}"
-    pair = f"{single}{' ' + bos + ':1' if bos else ''} $B:1{' ' + eos + ':1' if eos else ''}"
-    special = [(t, tokenizer.token_to_id(t)) for t in dict.fromkeys([bos, eos]) if t]
-    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
 
 
 # ---------------------------------------------------------------- writing
