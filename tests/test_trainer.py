@@ -210,3 +210,19 @@ def test_scoring_only_target_positions_equals_the_full_masked_loss(tie):
     loss, ntoks, _ = sft.loss(model, batch)
     assert ntoks.item() == batch["loss_mask"].sum().item()
     assert math.isclose(loss.item(), expected.item(), rel_tol=1e-5)
+
+
+def test_dora_trains_its_magnitudes_too(tiny_model, tmp_path):
+    adapters.attach(tiny_model, Adapter(type="dora", rank=4, alpha=8))
+    trainable = set(adapters.trainable_weights(tiny_model))
+    assert sum(k.endswith(".m") for k in trainable) == 14  # one magnitude vector per adapted linear
+    before = snapshot(tiny_model)
+    fit(tiny_model, data.Batches(examples(), 4, 0), tmp_path, 2, attached=True)
+    after = snapshot(tiny_model)
+    assert {k for k in before if not np.array_equal(before[k], after[k])} == trainable
+
+
+def test_full_finetuning_of_the_last_block(tiny_model):
+    adapters.attach(tiny_model, Adapter(type="full", layers=1))
+    trainable, total = models.count_parameters(tiny_model)
+    assert trainable == 36_992 and total == 86_848  # one block: q,k,v,o + gate,up,down + two norms
