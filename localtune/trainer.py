@@ -234,6 +234,7 @@ def train(model, loss_fn, batches, args: TrainArgs, *, run, stage: str, stage_di
                     **{k: v / n for k, v in window["metrics"].items()},
                 }
                 report(run.log(stage, step, "train", **record))
+                run.set_status(state="running", stage=stage, step=step, steps_total=args.steps)
                 summary.update(record)
                 window = {"loss": 0.0, "tokens": 0, "real": 0, "time": 0.0, "steps": 0, "metrics": {}}
 
@@ -247,7 +248,7 @@ def train(model, loss_fn, batches, args: TrainArgs, *, run, stage: str, stage_di
             if step % args.save_every == 0 or last or stop.requested:
                 save_checkpoint(ckpt_dir, model, optimizer, step, batches, {"seed": args.seed})
                 save(model, stage_dir, adapter_config)
-                run.set_status(state="running", stage=stage, step=step, steps_total=args.steps)
+                run.set_status(state="running", stage=stage, step=step, steps_total=args.steps, checkpoint_step=step)
                 if not last:
                     run.log(stage, step, "event", event="checkpoint", path=str(ckpt_dir))
             summary["step"] = step

@@ -103,7 +103,7 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path, small_model_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     run = only_run(tmp_path / "b")
-    assert json.loads((run / "status.json").read_text())["step"] == 4
+    assert json.loads((run / "status.json").read_text())["checkpoint_step"] == 4
     resumed = subprocess.run([sys.executable, "-m", "localtune.cli", "run", "--resume", str(run), "--no-tui"],
                              env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
