@@ -104,12 +104,14 @@ class Encoder:
             mask[1:] = True
             return Example(np.array(tokens, np.int32), mask)
         # Learn every assistant turn: its span lies between the prompt-so-far and the turn's end.
-        for i, m in enumerate(msgs):
-            if m["role"] != "assistant":
-                continue
-            start = len(self._template(msgs[:i], add_generation_prompt=True))
-            end = len(self._template(msgs[: i + 1]))
-            mask[start:end] = True
+        # Templates that rewrite earlier turns (e.g. dropping old reasoning) are not prefix-stable:
+        # for those only the last turn is learned, as mlx-lm does.
+        turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        for i in reversed(turns):
+            prefix = self._template(msgs[:i], add_generation_prompt=True)
+            if tokens[: len(prefix)] != prefix:
+                break
+            mask[len(prefix):len(self._template(msgs[: i + 1]))] = True
         return Example(np.array(tokens, np.int32), mask)
 
     def completion(self, prompt: str, completion: str) -> Example:
