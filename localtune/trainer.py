@@ -133,6 +133,28 @@ class _StopRequest:
             signal.signal(signal.SIGINT, self._old)
 
 
+class _Window:
+    """Running sums between two progress reports."""
+
+    def __init__(self):
+        self.loss, self.tokens, self.real, self.time, self.steps, self.metrics = 0.0, 0, 0, 0.0, 0, {}
+
+    def add(self, loss: float, batches, seconds: float, metrics: dict) -> None:
+        self.loss += loss
+        self.tokens += sum(b.n_tokens for b in batches)
+        self.real += sum(b.n_real_tokens for b in batches)
+        self.time += seconds
+        self.steps += 1
+        for k, v in metrics.items():
+            self.metrics[k] = self.metrics.get(k, 0.0) + v
+
+    def record(self, steps_left: int) -> dict:
+        n = self.steps
+        return {"loss": self.loss / n, "tokens_per_sec": self.tokens / self.time,
+                "real_tokens_per_sec": self.real / self.time, "eta_sec": self.time / n * steps_left,
+                **{k: v / n for k, v in self.metrics.items()}}
+
+
 class Interrupted(Exception):
     def __init__(self, step: int):
         self.step = step
@@ -185,7 +207,7 @@ def train(model, loss_fn, batches, args: TrainArgs, *, run, stage: str, stage_di
         apply = mx.compile(apply, inputs=state, outputs=state)
 
     model.train()
-    window = {"loss": 0.0, "tokens": 0, "real": 0, "time": 0.0, "steps": 0, "metrics": {}}
+    window = _Window()
     summary = {"step": start}
     t_stage = time.perf_counter()
     with _StopRequest() as stop:
@@ -195,48 +217,34 @@ def train(model, loss_fn, batches, args: TrainArgs, *, run, stage: str, stage_di
             micro_batches = [next(batches) for _ in range(args.grad_accum)]
             total = sum(b.n_tokens for b in micro_batches) or 1
             grads, loss_sum, metric_sums = None, 0.0, {}
-            for b in micro_batches:
-                loss, ntoks, metrics, g = micro(_to_mx(b), mx.array(b.n_tokens / total, mx.float32))
+            for b in micro_batches:  # token-weighted, so accumulation equals one large batch
+                weight = b.n_tokens / total
+                loss, ntoks, metrics, g = micro(_to_mx(b), mx.array(weight, mx.float32))
                 grads = g if grads is None else tree_map(mx.add, grads, g)
-                loss_sum = loss_sum + loss * (b.n_tokens / total)
+                loss_sum = loss_sum + loss * weight
                 for k, v in metrics.items():
-                    metric_sums[k] = metric_sums.get(k, 0.0) + v * (b.n_tokens / total)
+                    metric_sums[k] = metric_sums.get(k, 0.0) + v * weight
             grad_norm = apply(grads)
             mx.eval(state, loss_sum, grad_norm, metric_sums)
-            loss_value = loss_sum.item()
-            if not math.isfinite(loss_value) or not math.isfinite(grad_norm.item()):
+            loss_value, norm_value = loss_sum.item(), grad_norm.item()
+            if not math.isfinite(loss_value) or not math.isfinite(norm_value):
                 raise TrainingError(
                     f"stage {stage}, step {step}: the loss became {loss_value} (gradient norm "
-                    f"{grad_norm.item()}); stopped without saving this step. The last good checkpoint "
+                    f"{norm_value}); stopped without saving this step. The last good checkpoint "
                     f"(step {_checkpoint_step(ckpt_dir)}) is kept in {ckpt_dir}.\n"
                     "  fix: lower learning_rate, set grad_clip, or check the data for empty targets; "
                     "then `localtune run --resume RUN`")
-            dt = time.perf_counter() - tic
-            window["loss"] += loss_value
-            window["tokens"] += total
-            window["real"] += sum(b.n_real_tokens for b in micro_batches)
-            window["time"] += dt
-            window["steps"] += 1
-            for k, v in metric_sums.items():
-                window["metrics"][k] = window["metrics"].get(k, 0.0) + v.item()
+            window.add(loss_value, micro_batches, time.perf_counter() - tic,
+                       {k: v.item() for k, v in metric_sums.items()})
 
             if step % args.report_every == 0 or step == args.steps:
-                n = window["steps"]
-                record = {
-                    "loss": window["loss"] / n,
-                    "lr": float(optimizer.learning_rate.item()),
-                    "grad_norm": float(grad_norm.item()),
-                    "tokens_per_sec": window["tokens"] / window["time"],
-                    "real_tokens_per_sec": window["real"] / window["time"],
-                    "peak_memory_gb": device.peak_memory() / 2**30,
-                    "eta_sec": window["time"] / n * (args.steps - step),
-                    "steps_total": args.steps,
-                    **{k: v / n for k, v in window["metrics"].items()},
-                }
+                record = {**window.record(args.steps - step), "lr": float(optimizer.learning_rate.item()),
+                          "grad_norm": norm_value, "peak_memory_gb": device.peak_memory() / 2**30,
+                          "steps_total": args.steps}
                 report(run.log(stage, step, "train", **record))
                 run.set_status(state="running", stage=stage, step=step, steps_total=args.steps)
                 summary.update(record)
-                window = {"loss": 0.0, "tokens": 0, "real": 0, "time": 0.0, "steps": 0, "metrics": {}}
+                window = _Window()
 
             if eval_fn is not None and args.eval_every and (step % args.eval_every == 0 or step == args.steps):
                 model.eval()
