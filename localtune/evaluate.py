@@ -1,6 +1,7 @@
 """Task evaluation: greedy generation on a held-out set, scored by exact match."""
 from __future__ import annotations
 
+import re
 import unicodedata
 
 from mlx_lm.generate import batch_generate
@@ -34,12 +35,20 @@ def generate(model, tokenizer, prompts: list, max_tokens: int, batch_size: int =
     return out
 
 
-def exact_match(model, tokenizer, rows: list[dict], max_tokens: int, limit: int) -> dict:
-    """Share of rows whose greedy answer equals the reference after whitespace/NFKC normalisation."""
+def exact_match(model, tokenizer, rows: list[dict], max_tokens: int, limit: int, format: str | None = None) -> dict:
+    """Share of rows whose greedy answer equals the reference after whitespace/NFKC normalisation.
+
+    With `format` (a regex), also the share of answers that are well-formed (fully match it).
+    """
     rows = rows[:limit]
     pairs = [prompt_and_answer(r) for r in rows]
     answers = generate(model, tokenizer, [p for p, _ in pairs], max_tokens)
     hits = [normalize(a) == normalize(ref) for a, (_, ref) in zip(answers, pairs)]
     samples = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "expected": ref, "got": a}
                for (p, ref), a in zip(pairs[:5], answers[:5])]
-    return {"metric": "exact_match", "value": sum(hits) / len(hits), "n": len(hits), "samples": samples}
+    result = {"metric": "exact_match", "value": sum(hits) / len(hits), "n": len(hits), "samples": samples}
+    if format:
+        pattern = re.compile(format)
+        result["format"] = format
+        result["well_formed"] = sum(bool(pattern.fullmatch(normalize(a))) for a in answers) / len(answers)
+    return result

