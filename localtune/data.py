@@ -215,10 +215,15 @@ class Batch:
         """Non-padding input tokens (what the model does useful work on)."""
         return int(self.real.sum())
 
-    def target_positions(self, bucket: int = 64) -> tuple[np.ndarray, np.ndarray]:
-        """Flat (B*T) indices of scored positions and their weights, padded to a multiple of `bucket`."""
+    def target_positions(self, bucket: int = 64) -> tuple[np.ndarray, np.ndarray] | None:
+        """Flat (B*T) indices of scored positions and their weights, padded to a multiple of `bucket`.
+
+        None when most positions are scored anyway (plain text): then gathering only costs time.
+        """
         flat = self.loss_mask.reshape(-1)
         index = np.flatnonzero(flat).astype(np.int32)
+        if len(index) > flat.size // 2:
+            return None
         k = max(bucket, -(-len(index) // bucket) * bucket)
         padded = np.zeros(k, np.int32)
         padded[: len(index)] = index

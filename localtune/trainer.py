@@ -162,10 +162,10 @@ class Interrupted(Exception):
 
 def _to_mx(batch) -> dict:
     """numpy Batch -> mx arrays, plus the flat indices of scored positions (see methods/sft.py)."""
-    index, weight = batch.target_positions()
     out = {"inputs": mx.array(batch.inputs), "targets": mx.array(batch.targets),
-           "loss_mask": mx.array(batch.loss_mask), "target_index": mx.array(index),
-           "target_weight": mx.array(weight)}
+           "loss_mask": mx.array(batch.loss_mask)}
+    if (positions := batch.target_positions()) is not None:
+        out["target_index"], out["target_weight"] = map(mx.array, positions)
     if batch.segments is not None:
         out["segments"] = mx.array(batch.segments)
     return out

@@ -13,14 +13,14 @@ from localtune.recipe import Adapter
 from localtune.run import Run
 
 
-def examples(n=32, seed=0, equal_length=False, vocab=100):
+def examples(n=32, seed=0, equal_length=False, vocab=100, prompt_share=1 / 3):
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
         length = 16 if equal_length else int(rng.integers(6, 30))
         tokens = rng.integers(3, vocab, size=length).astype(np.int32)
         mask = np.ones(length, bool)
-        mask[: length // 3] = False  # a "prompt" with no loss
+        mask[: int(length * prompt_share)] = False  # a "prompt" with no loss
         out.append(data.Example(tokens, mask))
     return data.Dataset(out, source="mem")
 
@@ -204,7 +204,8 @@ def test_scoring_only_target_positions_equals_the_full_masked_loss(tie):
     import mlx.nn as nn
 
     model = make_tiny_model(tie=tie)
-    batch = trainer._to_mx(data._collate(examples(5, seed=1).examples))
+    batch = trainer._to_mx(data._collate(examples(5, seed=1, prompt_share=0.8).examples))
+    assert "target_index" in batch  # mostly prompt: only the scored positions go through the head
     full = nn.losses.cross_entropy(model(batch["inputs"]), batch["targets"]) * batch["loss_mask"]
     expected = full.sum() / batch["loss_mask"].sum()
     loss, ntoks, _ = sft.loss(model, batch)

@@ -55,28 +55,32 @@ def logits(model, batch) -> mx.array:
 
 
 def target_logits(model, batch) -> tuple[mx.array, mx.array, mx.array]:
-    """Logits only where a target is scored: (K, V), targets (K,), weights (K,).
+    """Scored logits (K, V), targets (K,) and weights (K,).
 
     The vocabulary projection is a large share of a small model's compute, and with
-    prompt masking most positions are never scored, so we project only the K gathered
-    hidden states. `target_index` (K,) holds flat positions into (B*T), padded with
-    weight-0 entries to a bucketed K so compiled shapes repeat.
+    prompt masking most positions are never scored. When the batch carries
+    `target_index` (K,), flat positions into (B*T) padded with weight-0 entries to a
+    bucketed K, only those K hidden states go through the head; otherwise all B*T do.
     """
     head = _head(model)
-    index, weight = batch["target_index"], batch["target_weight"]
-    targets = batch["targets"].reshape(-1)[index]
-    if head is None:
-        flat = logits(model, batch).reshape(-1, model.args.vocab_size if hasattr(model, "args") else -1)
-        return flat[index], targets, weight
+    if "target_index" not in batch or head is None:
+        scores = logits(model, batch)
+        flat = scores.reshape(-1, scores.shape[-1])
+        if "target_index" not in batch:
+            return flat, batch["targets"].reshape(-1), batch["loss_mask"].reshape(-1)
+        index = batch["target_index"]
+        return flat[index], batch["targets"].reshape(-1)[index], batch["target_weight"]
+    index = batch["target_index"]
     hidden = model.model(batch["inputs"], _cache(model, batch))  # (B, T, H)
-    return head(hidden.reshape(-1, hidden.shape[-1])[index]), targets, weight
+    scores = head(hidden.reshape(-1, hidden.shape[-1])[index])
+    return scores, batch["targets"].reshape(-1)[index], batch["target_weight"]
 
 
 def loss(model, batch):
     """Mean cross-entropy over target tokens.
 
     L = -sum_k w_k * log p(y_k | x_{<k}) / sum_k w_k
-    over the K scored positions (target_logits) · returns (L, sum w, {}).
+    over the scored positions k (see target_logits) · returns (L, sum w, {}).
     """
     scores, targets, weight = target_logits(model, batch)
     ce = nn.losses.cross_entropy(scores.astype(mx.float32), targets)
