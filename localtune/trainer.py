@@ -190,9 +190,9 @@ def train(model, loss_fn, batches, args: TrainArgs, *, run, stage: str, stage_di
     value_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state, mx.random.state]
 
-    def micro(batch, weight):
+    def micro(batch):
         (loss, ntoks, metrics), grads = value_and_grad(model, batch)
-        return loss, ntoks, metrics, tree_map(lambda g: g * weight, grads)
+        return loss, ntoks, metrics, grads
 
     def apply(grads):
         grad_norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
@@ -219,7 +219,9 @@ def train(model, loss_fn, batches, args: TrainArgs, *, run, stage: str, stage_di
             grads, loss_sum, metric_sums = None, 0.0, {}
             for b in micro_batches:  # token-weighted, so accumulation equals one large batch
                 weight = b.n_tokens / total
-                loss, ntoks, metrics, g = micro(_to_mx(b), mx.array(weight, mx.float32))
+                loss, ntoks, metrics, g = micro(_to_mx(b))
+                if args.grad_accum > 1:  # no extra gradient copy in the common case
+                    g = tree_map(lambda x: x * weight, g)
                 grads = g if grads is None else tree_map(mx.add, grads, g)
                 loss_sum = loss_sum + loss * weight
                 for k, v in metrics.items():
