@@ -92,13 +92,13 @@ class Encoder:
         self.tokenizer, self.mask_prompt = tokenizer, mask_prompt
         self.has_template = getattr(tokenizer, "chat_template", None) is not None
 
-    def _template(self, messages, add_generation_prompt=False) -> list[int]:
+    def template(self, messages, add_generation_prompt=False) -> list[int]:
         out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                                  tokenize=True)
         return list(out["input_ids"] if isinstance(out, dict) else out)
 
     def messages(self, msgs: list[dict]) -> Example:
-        tokens = self._template(msgs)
+        tokens = self.template(msgs)
         mask = np.zeros(len(tokens), bool)
         if not self.mask_prompt:
             mask[1:] = True
@@ -108,10 +108,10 @@ class Encoder:
         # for those only the last turn is learned, as mlx-lm does.
         turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
         for i in reversed(turns):
-            prefix = self._template(msgs[:i], add_generation_prompt=True)
+            prefix = self.template(msgs[:i], add_generation_prompt=True)
             if tokens[: len(prefix)] != prefix:
                 break
-            mask[len(prefix):len(self._template(msgs[: i + 1]))] = True
+            mask[len(prefix):len(self.template(msgs[: i + 1]))] = True
         return Example(np.array(tokens, np.int32), mask)
 
     def completion(self, prompt: str, completion: str) -> Example:
@@ -135,7 +135,7 @@ class Encoder:
     def prompt_tokens(self, prompt: str) -> list[int]:
         """What generation is conditioned on for a prompt (used by task evaluation)."""
         if self.has_template:
-            return self._template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+            return self.template([{"role": "user", "content": prompt}], add_generation_prompt=True)
         tok = self.tokenizer
         return ([tok.bos_token_id] if tok.bos_token_id is not None else []) + tok.encode(prompt, add_special_tokens=False)
 

@@ -25,7 +25,7 @@ def prompt_and_answer(row: dict) -> tuple[str, str]:
 def generate(model, tokenizer, prompts: list, max_tokens: int, batch_size: int = 32) -> list[str]:
     """Greedy completions; a prompt is a string or a message list."""
     enc = Encoder(tokenizer)
-    ids = [enc.prompt_tokens(p) if isinstance(p, str) else enc._template(p, add_generation_prompt=True)
+    ids = [enc.prompt_tokens(p) if isinstance(p, str) else enc.template(p, add_generation_prompt=True)
            for p in prompts]
     model.eval()
     out = []
