@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -13,7 +15,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from .errors import ModelError, RecipeError
 from .models import is_quantized
-from .run import atomic_write
+from .run import atomic_write, disk_error
 
 
 def linear_names(block: nn.Module) -> list[str]:
@@ -68,11 +70,6 @@ def save(model: nn.Module, folder: str | Path, config: dict) -> Path:
 
 def save_arrays(path: Path, arrays: dict, metadata: dict | None = None) -> None:
     """mx.save_safetensors through a temp file + rename."""
-    import os
-    import tempfile
-
-    from .run import disk_error
-
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".safetensors")
     os.close(fd)
     try:
