@@ -173,8 +173,8 @@ def quantize_base(model: nn.Module, bits: int, group_size: int) -> list[str]:
 class CPUQuantizedLinear(nn.QuantizedLinear):
     """A frozen quantized linear that dequantizes into an fp32 matmul (CPU only).
 
-    The dequantize + matmul is checkpointed, so the fp32 weight is rebuilt in the
-    backward pass instead of being kept alive: memory stays at the quantized size.
+    The fp32 weight is rebuilt block by block in the backward pass instead of being
+    kept alive: memory stays near the quantized size.
     Inside `inference_weights()` the fp32 weight is built once and reused per token.
     """
 
@@ -193,12 +193,40 @@ class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
         return _dequant_matmul(x, self.weight, self.scales, self.biases, self.group_size, self.bits, self.mode)
 
 
-def _dequant_matmul(x, w, scales, biases, group_size, bits, mode):
-    def f(x, w, scales, biases):
-        full = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode)
-        return x @ full.astype(x.dtype).T
+_DEQUANT_CHUNK = 1 << 22  # weights dequantized at a time: 16 MiB in fp32
 
-    return mx.checkpoint(f)(x, w, scales, biases)
+
+def _dequant_matmul(x, w, scales, biases, group_size, bits, mode):
+    """x @ dequantize(w).T with no fp32 weight kept alive, forward or backward.
+
+    The weight is dequantized in row blocks of at most _DEQUANT_CHUNK values, and again
+    block by block in the backward pass. mx.depends orders each dequantize after the
+    activation it multiplies: otherwise MLX's scheduler runs every layer's dequantize
+    up front and holds all the fp32 weights at once.
+    """
+    rows = max(1, _DEQUANT_CHUNK // (w.shape[1] * 32 // bits))
+    blocks = [slice(i, i + rows) for i in range(0, w.shape[0], rows)]
+
+    def weight(block, after):
+        return mx.dequantize(mx.depends(w[block], after), scales[block], biases[block], group_size=group_size,
+                             bits=bits, mode=mode).astype(x.dtype)
+
+    @mx.custom_function
+    def f(x, w, scales, biases):
+        outs = []
+        for b in blocks:
+            outs.append(x @ weight(b, outs[-1] if outs else x).T)
+        return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
+
+    @f.vjp
+    def f_vjp(primals, cotangent, output):
+        dx = None
+        for b in blocks:
+            part = cotangent[..., b] @ weight(b, cotangent if dx is None else dx)
+            dx = part if dx is None else dx + part
+        return dx, mx.zeros_like(w), mx.zeros_like(scales), mx.zeros_like(biases)  # the base is frozen
+
+    return f(x, w, scales, biases)
 
 
 @contextlib.contextmanager

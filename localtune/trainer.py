@@ -161,7 +161,7 @@ class Interrupted(Exception):
 
 
 def _to_mx(batch) -> dict:
-    """numpy Batch -> mx arrays, plus the flat indices of scored positions (see methods/sft.py)."""
+    """numpy Batch -> mx arrays, plus the flat indices of scored positions (see methods/logprobs.py)."""
     out = {"inputs": mx.array(batch.inputs), "targets": mx.array(batch.targets),
            "loss_mask": mx.array(batch.loss_mask)}
     if (positions := batch.target_positions()) is not None:

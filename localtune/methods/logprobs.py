@@ -1,0 +1,150 @@
+"""Log-probabilities of target tokens, shared by every method's loss.
+
+A frozen output head is applied vocabulary block by block (a fused linear cross-entropy):
+the (tokens, vocab) logits never exist whole, in the forward or the backward pass. With
+a 49k vocabulary that is most of a small model's activation memory.
+"""
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+_BLOCK = 1 << 22  # weights per vocab block (16 MiB in fp32)
+_LOGITS_BLOCK = 1 << 20  # logits per vocab block: a block's few (tokens, rows) temporaries stay small
+
+# Architectures whose logits are exactly head(model.model(inputs)): no soft-capping or logit scaling.
+_PLAIN_HEAD = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class _PackedMask:
+    """Stands in for mlx-lm's per-layer KV cache to hand the model a block-diagonal mask.
+
+    Packed examples must not attend to each other. RoPE makes attention depend only on
+    relative position, so with this mask a packed example sees exactly what it would
+    see alone (no position reset needed).
+    """
+
+    offset = 0
+
+    def __init__(self, segments: mx.array):
+        same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+        T = segments.shape[1]
+        causal = mx.tril(mx.ones((T, T), dtype=mx.bool_))
+        self.mask = (same & causal)[:, None]  # (B, 1, T, T)
+
+    def make_mask(self, N, return_array=False, window_size=None):
+        if window_size is None:
+            return self.mask
+        idx = mx.arange(N)
+        return self.mask & ((idx[:, None] - idx[None]) < window_size)
+
+    def update_and_fetch(self, keys, values):
+        return keys, values
+
+
+def _cache(model, batch):
+    return [_PackedMask(batch["segments"])] * len(model.layers) if "segments" in batch else None
+
+
+def logits(model, batch) -> mx.array:
+    """(B, T, V) logits for batch["inputs"] (B, T); packed rows get a block-diagonal mask."""
+    return model(batch["inputs"], cache=_cache(model, batch))
+
+
+class _Head:
+    """A frozen output projection read one vocabulary block at a time: W (V, H), float or quantized."""
+
+    def __init__(self, module):
+        self.module = module
+        self.quantized = isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+        self.arrays = [module.weight] + ([module.scales, module.biases] if self.quantized else [])
+        self.vocab = module.weight.shape[0]
+        self.width = module.weight.shape[1] * (32 // module.bits if self.quantized else 1)
+
+    def rows(self, index, arrays, dtype, after=None) -> mx.array:
+        """W[index] (rows, H) in dtype; mx.depends holds it back until `after` exists, so that
+        MLX does not build every block's weights up front."""
+        w = arrays[0][index]
+        if after is not None:
+            w = mx.depends(w, after)
+        if self.quantized:
+            m = self.module
+            w = mx.dequantize(w, arrays[1][index], arrays[2][index], group_size=m.group_size, bits=m.bits,
+                              mode=getattr(m, "mode", "affine"))
+        return w.astype(dtype)
+
+
+def _frozen_head(model) -> _Head | None:
+    """The output head when logits are exactly head(model.model(x)) and it has nothing to train."""
+    if getattr(model, "model_type", None) not in _PLAIN_HEAD:
+        return None
+    module = model.lm_head if "lm_head" in model else model.model.embed_tokens
+    plain = (nn.Linear, nn.Embedding, nn.QuantizedLinear, nn.QuantizedEmbedding)
+    if not isinstance(module, plain) or "bias" in module or tree_flatten(module.trainable_parameters()):
+        return None
+    return _Head(module)
+
+
+def head_logprobs(hidden: mx.array, head: _Head, targets: mx.array) -> mx.array:
+    """log p(y_k) = h_k·W[y_k] - logsumexp_v(h_k·W_v) for hidden (K, H), targets (K,) -> (K,).
+
+    Forward and backward visit the vocabulary in blocks of rows; each block's logits
+    z = h W_b^T (K, rows) are rebuilt in the backward pass, where
+    d logp_k / d h_k = W[y_k] - sum_v softmax(z_k)_v W_v.
+    """
+    K = hidden.shape[0]
+    rows = max(1, min(_BLOCK // head.width, _LOGITS_BLOCK // max(K, 1)))
+    blocks = [slice(i, min(i + rows, head.vocab)) for i in range(0, head.vocab, rows)]
+
+    @mx.custom_function
+    def f(hidden, targets, *arrays):
+        lse = None
+        for b in blocks:
+            z = hidden @ head.rows(b, arrays, hidden.dtype, after=hidden if lse is None else lse).T
+            block_lse = mx.logsumexp(z.astype(mx.float32), axis=-1)
+            lse = block_lse if lse is None else mx.logaddexp(lse, block_lse)
+        target_logit = (hidden * head.rows(targets, arrays, hidden.dtype)).sum(-1).astype(mx.float32)
+        return target_logit - lse, lse
+
+    @f.vjp
+    def f_vjp(primals, cotangents, outputs):
+        hidden, targets, *arrays = primals
+        g = cotangents[0].astype(mx.float32)[:, None]  # (K, 1); lse's cotangent is ignored: lse is internal
+        lse = outputs[1][:, None]
+        dh = (g * head.rows(targets, arrays, mx.float32)).astype(hidden.dtype)
+        for b in blocks:
+            w = head.rows(b, arrays, hidden.dtype, after=dh)
+            p = mx.exp((hidden @ w.T).astype(mx.float32) - lse)  # softmax over the whole vocab, block b
+            dh = dh - (g * p).astype(hidden.dtype) @ w
+        return (dh, mx.zeros_like(targets), *(mx.zeros_like(a) for a in arrays))  # the head is frozen
+
+    return f(hidden, targets, *head.arrays)[0]
+
+
+def target_logprobs(model, batch) -> tuple[mx.array, mx.array]:
+    """log p(target) (K,) and weights (K,) for the scored positions of a batch.
+
+    With prompt masking most positions are never scored: when the batch carries
+    `target_index` (K,), flat positions into (B*T) padded with weight-0 entries to a
+    bucketed K, only those K hidden states reach the head; otherwise all B*T do.
+    """
+    targets = batch["targets"].reshape(-1)
+    index = batch.get("target_index")
+    weight = batch["target_weight"] if index is not None else batch["loss_mask"].reshape(-1)
+    if index is not None:
+        targets = targets[index]
+    head = _frozen_head(model)
+    if head is None:  # soft-capped or trainable heads take the plain path: full logits
+        scores = logits(model, batch)
+        scores = scores.reshape(-1, scores.shape[-1])
+        if index is not None:
+            scores = scores[index]
+        scores = scores.astype(mx.float32)
+        picked = mx.take_along_axis(scores, targets[:, None], axis=-1)[:, 0]
+        return picked - mx.logsumexp(scores, axis=-1), weight
+    hidden = model.model(batch["inputs"], _cache(model, batch))  # (B, T, H)
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    if index is not None:
+        hidden = hidden[index]
+    return head_logprobs(hidden, head, targets), weight
