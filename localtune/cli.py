@@ -39,24 +39,31 @@ def cli():
     """Adapt language models on your own machine."""
 
 
+def _wants_tui(no_tui: bool) -> bool:
+    return not no_tui and sys.stdin.isatty() and sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
+
+
 @cli.command()
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
 @click.option("--resume", "resume", type=click.Path(file_okay=False), help="Continue this run directory.")
 @click.option("--no-tui", is_flag=True, help="Plain progress lines instead of the terminal UI.")
 @click.option("--runs-dir", default=None, help="Where run directories go (default: the recipe's runs_dir).")
 def run(recipe, resume, no_tui, runs_dir):
-    """Run RECIPE (a recipe.toml), or continue a run with --resume RUN."""
+    """Run RECIPE (a recipe.toml), or continue a run with --resume RUN.
+
+    In a terminal the TUI watches the run while training runs in its own process;
+    otherwise (or with --no-tui) one plain progress line per report.
+    """
     from . import recipe as recipe_mod
-    from .pipeline import prepare, run_recipe
+    from .pipeline import prepare
     from .run import Run
 
     if bool(recipe) == bool(resume):
         raise click.UsageError("give a RECIPE file, or --resume RUN (not both)")
     if resume:
         run_ = Run.open(resume)
-        base_dir = run_.manifest().get("base_dir", ".")
-        text = (run_.path / "recipe.toml").read_text()
-        parsed = recipe_mod.parse(text, str(run_.path / "recipe.toml"), base_dir)
+        base_dir = run_.manifest().get("base_dir") or run_.status().get("base_dir", ".")
+        parsed = recipe_mod.parse((run_.path / "recipe.toml").read_text(), str(run_.path / "recipe.toml"), base_dir)
         if run_.status().get("state") == "done":
             raise LocaltuneError(f"{run_.path}: this run is already done; see {run_.path / 'report.md'}")
         prepared = prepare(parsed)
@@ -64,25 +71,39 @@ def run(recipe, resume, no_tui, runs_dir):
         parsed = recipe_mod.load(recipe)
         prepared = prepare(parsed)  # data, model folder, tokenizer: all checked before anything is written
         run_ = Run.create(runs_dir or parsed.runs_dir, parsed.name, Path(recipe).read_text())
+        base_dir = str(Path(parsed.base_dir).resolve())
+    run_.request(paused=False)  # a pause left over from a killed process does not carry into this one
     device.warn_if_slow_blas(lambda m: click.echo(m, err=True))
     click.echo(f"run directory: {run_.path}")
+    if _wants_tui(no_tui):
+        _train_with_tui(run_, base_dir)
+    else:
+        _train_here(run_, parsed, prepared)
+
+
+def _train_here(run_, parsed, prepared) -> None:
+    """Train in this process with plain progress lines (also the TUI's child process)."""
+    from .pipeline import run_recipe
+    from .trainer import Interrupted
 
     def report(record):
         line = progress_line(record)
         if line:
             click.echo(line)
 
-    from .trainer import Interrupted
-
     try:
         run_recipe(parsed, run_, prepared, report=report)
-    except Interrupted as e:
-        run_.set_status(state="interrupted", step=e.step)
-        click.echo(f"stopped at step {e.step}; checkpoint saved.\n"
+    except (Interrupted, KeyboardInterrupt) as e:
+        step = getattr(e, "step", run_.status().get("checkpoint_step"))
+        run_.set_status(state="interrupted", step=step)
+        click.echo(f"stopped at step {step}; checkpoint saved.\n"
                    f"  continue with: localtune run --resume {run_.path}")
         sys.exit(130)
     except LocaltuneError as e:
         run_.set_status(state="failed", error=e.message)
+        raise
+    except Exception as e:
+        run_.set_status(state="failed", error=f"{type(e).__name__}: {e} (a bug in localtune; see train.log)")
         raise
     finally:
         run_.close()
@@ -92,12 +113,117 @@ def run(recipe, resume, no_tui, runs_dir):
         click.echo(report_text.split("## Task metric")[1].split("Samples")[0].strip())
 
 
+def _train_with_tui(run_, base_dir: str) -> None:
+    """Training in a child process that writes the run directory; the TUI reads it.
+
+    The child has its own session, so detaching (or closing the terminal) leaves it running.
+    """
+    import subprocess
+
+    from .tui.app import LocaltuneApp
+
+    log = open(run_.path / "train.log", "ab")
+    child = subprocess.Popen([sys.executable, "-m", "localtune.cli", "_train", str(run_.path), base_dir],
+                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    log.close()
+    run_.set_status(state="running", stage="load", step=0, pid=child.pid, base_dir=base_dir)
+    how = LocaltuneApp(run_.path).run()
+    _after_tui(run_, how, child)
+
+
+def _after_tui(run_, how, child=None) -> None:
+    from .run import effective_state
+
+    if how == "detached":
+        click.echo(f"training continues in the background (pid {run_.status().get('pid')}); "
+                   f"log: {run_.path / 'train.log'}\n  watch again with: localtune watch {run_.path}")
+        return
+    if child is not None and how == "stopped":
+        child.wait()
+    status = run_.status()
+    state = effective_state(status)
+    if state == "done":
+        click.echo(f"done: {run_.path / 'report.md'}")
+    elif state == "interrupted":
+        click.echo(f"stopped at step {status.get('step')}; checkpoint saved.\n"
+                   f"  continue with: localtune run --resume {run_.path}")
+        sys.exit(130)
+    elif state in ("failed", "crashed"):
+        raise LocaltuneError(f"{run_.path}: {state}: {status.get('error') or 'see ' + str(run_.path / 'train.log')}"
+                             f"\n  fix: correct the cause, then `localtune run --resume {run_.path}`")
+
+
+@cli.command("_train", hidden=True)
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("base_dir")
+def train_child(run_dir, base_dir):
+    """The TUI's child: train an already created run directory, writing progress to it."""
+    from . import recipe as recipe_mod
+    from .pipeline import prepare
+    from .run import Run
+
+    run_ = Run.open(run_dir)
+    parsed = recipe_mod.parse((run_.path / "recipe.toml").read_text(), str(run_.path / "recipe.toml"), base_dir)
+    try:
+        prepared = prepare(parsed)
+    except LocaltuneError as e:
+        run_.set_status(state="failed", error=e.message)
+        raise
+    _train_here(run_, parsed, prepared)
+
+
+@cli.command()
+@click.argument("target", required=False)
+@click.option("--runs-dir", default="runs", show_default=True)
+@click.option("--all", "show_all", is_flag=True, help="Open the runs list instead of one run.")
+def watch(target, runs_dir, show_all):
+    """Watch a run in the TUI (default: the newest); it may be running or finished."""
+    from .run import Run, newest_run
+    from .tui.app import LocaltuneApp
+
+    if show_all:
+        LocaltuneApp(None, runs_dir).run()
+        return
+    path = Path(target) if target else newest_run(runs_dir)
+    if path is None:
+        raise LocaltuneError(f"{runs_dir}: no runs yet\n  fix: start one with `localtune run recipes/quickstart.toml`")
+    run_ = Run.open(path)
+    _after_tui(run_, LocaltuneApp(path, runs_dir).run())
+
+
+@cli.command()
+@click.option("--runs-dir", default="runs", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def runs(runs_dir, as_json):
+    """List runs: name, state, stage, step/total, last loss, started, duration."""
+    import time
+
+    from .run import list_runs
+
+    rows = list_runs(runs_dir)
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    if not rows:
+        click.echo(f"no runs in {runs_dir}/ yet; start one with `localtune run recipes/quickstart.toml`")
+        return
+    width = max(len(r["name"]) for r in rows)
+    click.echo(f"{'name':<{width}}  {'state':<11}  {'stage':<8}  {'step':>11}  {'loss':>7}  {'started':<16}  duration")
+    for r in rows:
+        step = f"{r['step'] or 0}/{r['steps_total'] or '?'}" if r["step"] is not None else "-"
+        loss = f"{r['loss']:.4f}" if r["loss"] is not None else "-"
+        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started"]))
+        click.echo(f"{r['name']:<{width}}  {r['state']:<11}  {r['stage'] or '-':<8}  {step:>11}  {loss:>7}  "
+                   f"{started:<16}  {_duration(r['duration'])}")
+
+
 @cli.command()
 @click.argument("target", required=False)
 @click.option("--runs-dir", default="runs", show_default=True)
 def status(target, runs_dir):
     """Show a run's state (default: the newest run)."""
-    from .run import Run, newest_run
+    from .run import Run, effective_state, newest_run
 
     path = Path(target) if target else newest_run(runs_dir)
     if path is None:
@@ -105,7 +231,7 @@ def status(target, runs_dir):
     r = Run.open(path)
     st = r.status()
     train = [m for m in r.metrics() if m.get("kind") == "train"]
-    click.echo(f"{path}: {st.get('state', 'unknown')}  stage {st.get('stage', '—')}  step {st.get('step', 0)}"
+    click.echo(f"{path}: {effective_state(st)}  stage {st.get('stage', '—')}  step {st.get('step', 0)}"
                + (f"/{st['steps_total']}" if st.get("steps_total") else "")
                + (f"  loss {train[-1]['loss']:.4f}" if train else ""))
     if st.get("error"):

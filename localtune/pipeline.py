@@ -98,7 +98,7 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
             localtune=__version__, mlx=mx.__version__, python=platform.python_version(),
             device=device.describe(), recipe=recipe.source, base_dir=str(Path(recipe.base_dir).resolve()),
             data={s.name: {"path": s.data, "sha256": _sha256(recipe.resolve(s.data))} for s in recipe.stages},
-            stages_done=[], started=time.time(),
+            stages=[{"name": s.name, "kind": s.kind} for s in recipe.stages], stages_done=[], started=time.time(),
         )
     run.set_status(state="running", stage="load", step=0)
 
@@ -121,6 +121,7 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
         task["before"] = evaluate.exact_match(model, tokenizer, prepared.eval_rows, recipe.eval.max_tokens,
                                               recipe.eval.limit, recipe.eval.format)
         run.update_manifest(task=task)
+        _log_task(run, "before", task["before"], report)
 
     results = manifest.get("stage_results", {})
     for i, stage in enumerate(recipe.stages):
@@ -164,8 +165,10 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
             adapters.fuse(model)  # the next stage trains on top of this one; refuses a quantized base
 
     if prepared.eval_rows:
+        report(run.log("eval", 0, "event", event="task_eval", message="task metric after training..."))
         task["after"] = evaluate.exact_match(model, tokenizer, prepared.eval_rows, recipe.eval.max_tokens,
                                              recipe.eval.limit, recipe.eval.format)
+        _log_task(run, "after", task["after"], report)
     run.update_manifest(task=task, finished=time.time())
     manifest = run.manifest()
     from .report import write_report
@@ -174,6 +177,15 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
     last = recipe.stages[-1].name
     run.set_status(state="done", stage=last, step=results.get(last, {}).get("step"))
     return manifest
+
+
+def _log_task(run: Run, when: str, result: dict, report) -> None:
+    """The task metric as an event, and its sample generations as "sample" records (the TUI shows them)."""
+    formed = f", well-formed {result['well_formed']:.0%}" if "well_formed" in result else ""
+    report(run.log("eval", 0, "event", event="task_metric", when=when, value=result["value"],
+                   message=f"task metric {when}: {result['metric']} {result['value']:.0%} of {result['n']}{formed}"))
+    for sample in result.get("samples", []):
+        run.log("eval", 0, "sample", when=when, **sample)
 
 
 def load_for_inference(target: str, until_stage: str | None = None):

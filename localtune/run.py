@@ -47,6 +47,30 @@ def read_json(path: str | Path, default=None):
         return default
 
 
+def pid_alive(pid) -> bool:
+    """Whether a process with this pid exists (it may belong to another user)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+LIVE_STATES = ("running", "paused")
+
+
+def effective_state(status: dict) -> str:
+    """status.json's state, except that a live state whose process is gone reads "crashed"."""
+    state = status.get("state", "unknown")
+    if state in LIVE_STATES and not pid_alive(status.get("pid")):
+        return "crashed"
+    return state
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     """All complete records of metrics.jsonl; a partially written last line is skipped."""
     records = []
@@ -98,7 +122,7 @@ class Run:
         return read_json(self.path / "status.json", {})
 
     def set_status(self, **fields) -> None:
-        status = {**self.status(), **fields, "pid": os.getpid(), "updated": time.time()}
+        status = {**self.status(), "pid": os.getpid(), **fields, "updated": time.time()}
         atomic_write(self.path / "status.json", json.dumps(status, indent=1))
 
     # manifest.json -----------------------------------------------------
@@ -123,6 +147,13 @@ class Run:
     def metrics(self) -> list[dict]:
         return read_metrics(self.path / "metrics.jsonl")
 
+    # control.json: requests from a watcher (pause, checkpoint now) ------
+    def control(self) -> dict:
+        return read_json(self.path / "control.json", {})
+
+    def request(self, **fields) -> None:
+        atomic_write(self.path / "control.json", json.dumps({**self.control(), **fields}))
+
     def stage_dir(self, stage: str) -> Path:
         return self.path / stage
 
@@ -135,3 +166,43 @@ class Run:
 def newest_run(runs_dir: str | Path = "runs") -> Path | None:
     runs = [p for p in Path(runs_dir).glob("*/recipe.toml")]
     return max(runs, key=lambda p: p.stat().st_mtime).parent if runs else None
+
+
+def last_record(path: str | Path, kind: str, tail_bytes: int = 1 << 16) -> dict | None:
+    """The last complete `kind` record of a metrics.jsonl, reading only its tail."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
+            lines = f.read().split(b"\n")
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("kind") == kind:
+            return record
+    return None
+
+
+def summary(path: str | Path, now: float | None = None) -> dict:
+    """One row of `localtune runs`: name, state, stage, step/total, last loss, started, duration."""
+    path = Path(path)
+    status, manifest = read_json(path / "status.json", {}), read_json(path / "manifest.json", {})
+    state = effective_state(status)
+    started = manifest.get("started") or (path / "recipe.toml").stat().st_mtime
+    if state in LIVE_STATES:
+        end = now if now is not None else time.time()
+    else:
+        end = manifest.get("finished") or status.get("updated") or started
+    train = last_record(path / "metrics.jsonl", "train")
+    return {"name": path.name, "path": str(path), "state": state, "stage": status.get("stage"),
+            "step": status.get("step"), "steps_total": status.get("steps_total"),
+            "loss": train.get("loss") if train else None, "started": started, "duration": max(0.0, end - started)}
+
+
+def list_runs(runs_dir: str | Path = "runs", now: float | None = None) -> list[dict]:
+    """Every run under runs_dir, newest first."""
+    rows = [summary(p.parent, now) for p in Path(runs_dir).glob("*/recipe.toml")]
+    return sorted(rows, key=lambda r: r["started"], reverse=True)

@@ -155,6 +155,46 @@ class _Window:
                 **{k: v / n for k, v in self.metrics.items()}}
 
 
+class _Control:
+    """Requests from a watcher through run/control.json: pause, resume, checkpoint now.
+
+    Read once per step, only when the file changed (one stat() call otherwise).
+    """
+
+    def __init__(self, run):
+        self.run, self.path, self.mtime = run, run.path / "control.json", None
+        self.seen_checkpoint = run.control().get("checkpoint", 0)
+
+    def poll(self) -> dict:
+        try:
+            mtime = self.path.stat().st_mtime_ns
+        except OSError:
+            return {}
+        if mtime == self.mtime:
+            return {}
+        self.mtime = mtime
+        control = self.run.control()
+        asked = control.get("checkpoint", 0)
+        wants_checkpoint = asked != self.seen_checkpoint
+        self.seen_checkpoint = asked
+        return {"paused": bool(control.get("paused")), "checkpoint": wants_checkpoint}
+
+
+def _wait_while_paused(control: _Control, stop, run, stage: str, step: int, steps: int, request: dict, report):
+    """Block between steps while a watcher has paused the run; Ctrl-C/stop still works."""
+    if not request.get("paused"):
+        return
+    run.set_status(state="paused", stage=stage, step=step, steps_total=steps)
+    report(run.log(stage, step, "event", event="paused", message=f"paused at step {step}"))
+    while not stop.requested:
+        time.sleep(0.2)
+        new = control.poll()
+        if new and not new["paused"]:
+            break
+    run.set_status(state="running", stage=stage, step=step, steps_total=steps)
+    report(run.log(stage, step, "event", event="unpaused", message=f"continuing from step {step}"))
+
+
 class Interrupted(Exception):
     def __init__(self, step: int):
         self.step = step
@@ -210,8 +250,11 @@ def train(model, loss_fn, batches, args: TrainArgs, *, run, stage: str, stage_di
     window = _Window()
     summary = {"step": start}
     t_stage = time.perf_counter()
+    control = _Control(run)
+    request = control.poll()
     with _StopRequest() as stop:
         for step in range(start + 1, args.steps + 1):
+            _wait_while_paused(control, stop, run, stage, step - 1, args.steps, request, report)
             tic = time.perf_counter()
             mx.random.seed(args.seed * 1_000_003 + step)  # dropout noise is a function of the step
             micro_batches = [next(batches) for _ in range(args.grad_accum)]
@@ -255,12 +298,16 @@ def train(model, loss_fn, batches, args: TrainArgs, *, run, stage: str, stage_di
                 report(run.log(stage, step, "eval", loss=summary["eval_loss"], steps_total=args.steps))
 
             last = step == args.steps
-            if step % args.save_every == 0 or last or stop.requested:
+            request = control.poll()  # read once per step; a pause waits for the next one
+            asked = request.get("checkpoint")
+            if step % args.save_every == 0 or last or stop.requested or asked:
                 save_checkpoint(ckpt_dir, model, optimizer, step, batches, {"seed": args.seed})
                 save(model, stage_dir, adapter_config)
                 run.set_status(state="running", stage=stage, step=step, steps_total=args.steps, checkpoint_step=step)
                 if not last:
-                    run.log(stage, step, "event", event="checkpoint", path=str(ckpt_dir))
+                    why = " (asked for)" if asked else ""
+                    report(run.log(stage, step, "event", event="checkpoint", path=str(ckpt_dir),
+                                   message=f"checkpoint at step {step}{why}"))
             summary["step"] = step
             if stop.requested and not last:
                 raise Interrupted(step)

@@ -50,7 +50,7 @@ def run_dir(tmp_path, name="t"):
 def fit(model, batches, tmp_path, steps, name="t", report=lambda r: None, loss=sft.loss, **kw):
     mx.random.seed(1)  # the same LoRA init for every model in a test
     cfg = adapters.attach(model, Adapter(rank=4, alpha=8)) if not kw.pop("attached", False) else {}
-    run = run_dir(tmp_path, name)
+    run = kw.pop("run", None) or run_dir(tmp_path, name)
     args = trainer.TrainArgs(steps=steps, learning_rate=kw.pop("learning_rate", 1e-2), report_every=1,
                              save_every=kw.pop("save_every", 100), eval_every=0, **kw)
     return trainer.train(model, loss, batches, args, run=run, stage="sft", stage_dir=run.path / "sft",
@@ -227,3 +227,34 @@ def test_full_finetuning_of_the_last_block(tiny_model):
     adapters.attach(tiny_model, Adapter(type="full", layers=1))
     trainable, total = models.count_parameters(tiny_model)
     assert trainable == 36_992 and total == 86_848  # one block: q,k,v,o + gate,up,down + two norms
+
+
+
+def test_a_watcher_can_ask_for_a_checkpoint_now(tiny_model, tmp_path):
+    run, events = run_dir(tmp_path), []
+
+    def report(record):
+        if record["kind"] == "train" and record["step"] == 2:
+            run.request(checkpoint=1.0)  # what the TUI's `s` key writes
+        if record["kind"] == "event":
+            events.append((record["step"], record["event"], record.get("message")))
+
+    fit(tiny_model, data.Batches(examples(), 4, 0), tmp_path, 4, report=report, save_every=100, run=run)
+    assert [e for e in events if e[1] == "checkpoint"] == [(2, "checkpoint", "checkpoint at step 2 (asked for)")]
+
+
+def test_pause_holds_training_between_steps_until_resumed(tiny_model, tmp_path):
+    import threading
+
+    run, seen = run_dir(tmp_path), []
+
+    def report(record):
+        seen.append((record["kind"], record["step"], record.get("event")))
+        if record["kind"] == "train" and record["step"] == 1:
+            run.request(paused=True)  # the TUI's `p` key
+            threading.Timer(0.5, lambda: run.request(paused=False)).start()
+
+    summary, _ = fit(tiny_model, data.Batches(examples(), 4, 0), tmp_path, 3, report=report, run=run)
+    assert summary["step"] == 3
+    assert [s for s in seen if s[0] == "event"] == [("event", 1, "paused"), ("event", 1, "unpaused")]
+    assert [s[1] for s in seen if s[0] == "train"] == [1, 2, 3]

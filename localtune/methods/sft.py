@@ -5,9 +5,6 @@ import mlx.core as mx
 
 from .logprobs import target_logprobs
 
-METRICS = ("loss", "tokens_per_sec", "lr")
-
-
 def loss(model, batch):
     """Mean cross-entropy over target tokens.
 
