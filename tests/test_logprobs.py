@@ -89,3 +89,27 @@ def test_blockwise_dequantize_matches_the_quantized_kernel_in_value_and_gradient
     y_ref, dx_ref = mx.value_and_grad(lambda x: (quantized(x) * cot).sum())(x)
     np.testing.assert_allclose(y.item(), y_ref.item(), rtol=1e-4)
     np.testing.assert_allclose(np.array(dx), np.array(dx_ref), atol=1e-4)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_sft_loss_and_lora_gradients_are_the_same_blockwise_or_whole(tie, monkeypatch):
+    from mlx.utils import tree_flatten
+
+    from localtune import adapters, data, trainer
+    from localtune.methods import sft
+    from localtune.recipe import Adapter
+
+    model = make_tiny_model(tie=tie)
+    model.freeze()
+    adapters.attach(model, Adapter(rank=4, alpha=8))
+    rng = np.random.default_rng(0)
+    rows = [data.Example(rng.integers(3, 100, n).astype(np.int32), np.arange(n) >= n // 2) for n in (9, 17, 30)]
+    batch = trainer._to_mx(data._collate(rows))
+    loss_and_grad = nn.value_and_grad(model, lambda m, b: sft.loss(m, b)[0])
+    whole, whole_grads = loss_and_grad(model, batch)
+    monkeypatch.setattr(logprobs, "_BLOCKWISE_FROM", 0)
+    monkeypatch.setattr(logprobs, "_LOGITS_BLOCK", 7 * 32)  # several vocab blocks
+    blockwise, blockwise_grads = loss_and_grad(model, batch)
+    np.testing.assert_allclose(blockwise.item(), whole.item(), rtol=1e-5)
+    for (name, g), (_, h) in zip(tree_flatten(whole_grads), tree_flatten(blockwise_grads)):
+        np.testing.assert_allclose(np.array(h), np.array(g), atol=1e-6, err_msg=name)

@@ -12,6 +12,7 @@ from mlx.utils import tree_flatten
 
 _BLOCK = 1 << 22  # weights per vocab block (16 MiB in fp32)
 _LOGITS_BLOCK = 1 << 20  # logits per vocab block: a block's few (tokens, rows) temporaries stay small
+_BLOCKWISE_FROM = 1 << 22  # logits (tokens x vocab) below this are cheaper whole: no recompute
 
 # Architectures whose logits are exactly head(model.model(inputs)): no soft-capping or logit scaling.
 _PLAIN_HEAD = ("llama", "mistral", "qwen2", "qwen3")
@@ -135,7 +136,9 @@ def target_logprobs(model, batch) -> tuple[mx.array, mx.array]:
     if index is not None:
         targets = targets[index]
     head = _frozen_head(model)
-    if head is None:  # soft-capped or trainable heads take the plain path: full logits
+    if head is not None and targets.size * head.vocab < _BLOCKWISE_FROM:
+        head = None
+    if head is None:  # small logits, soft-capped or trainable heads: full logits
         scores = logits(model, batch)
         scores = scores.reshape(-1, scores.shape[-1])
         if index is not None:
