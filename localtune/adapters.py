@@ -1,6 +1,7 @@
 """Attach LoRA / DoRA (mlx-lm's layers) or unfreeze for full fine-tuning; save in mlx-lm's format."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -53,6 +54,24 @@ def attach(model: nn.Module, adapter, where: str = "adapter") -> dict:
     linear_to_lora_layers(model, num_layers, lora, use_dora=adapter.type == "dora")
     config["lora_parameters"] = {**lora, "keys": keys or available}
     return config
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """The model as it was before this stage's LoRA adapters: their scale is 0 inside the block.
+
+    y = W x + s * B A x with s = 0 is exactly W x, so a reference model costs no second copy
+    of the weights. (DoRA's magnitude rescales W itself; it is not switched off here.)
+    """
+    layers = [m for _, m in model.named_modules() if isinstance(m, LoRALinear)]
+    scales = [m.scale for m in layers]
+    for m in layers:
+        m.scale = 0.0
+    try:
+        yield model
+    finally:
+        for m, s in zip(layers, scales):
+            m.scale = s
 
 
 def trainable_weights(model: nn.Module) -> dict[str, mx.array]:

@@ -100,10 +100,10 @@ def _train_here(run_, parsed, prepared) -> None:
                    f"  continue with: localtune run --resume {run_.path}")
         sys.exit(130)
     except LocaltuneError as e:
-        run_.set_status(state="failed", error=e.message)
+        _failed(run_, e.message)
         raise
     except Exception as e:
-        run_.set_status(state="failed", error=f"{type(e).__name__}: {e} (a bug in localtune; see train.log)")
+        _failed(run_, f"{type(e).__name__}: {e} (a bug in localtune; see train.log)")
         raise
     finally:
         run_.close()
@@ -111,6 +111,12 @@ def _train_here(run_, parsed, prepared) -> None:
     report_text = (run_.path / "report.md").read_text()
     if "## Task metric" in report_text:
         click.echo(report_text.split("## Task metric")[1].split("Samples")[0].strip())
+
+
+def _failed(run_, message: str) -> None:
+    status = run_.status()
+    run_.log(status.get("stage", "run"), status.get("step", 0), "event", event="failed", message=message)
+    run_.set_status(state="failed", error=message)
 
 
 def _train_with_tui(run_, base_dir: str) -> None:
@@ -168,7 +174,7 @@ def train_child(run_dir, base_dir):
     try:
         prepared = prepare(parsed)
     except LocaltuneError as e:
-        run_.set_status(state="failed", error=e.message)
+        _failed(run_, e.message)
         raise
     _train_here(run_, parsed, prepared)
 

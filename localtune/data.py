@@ -6,7 +6,7 @@ A bad row is reported as `file:line: what is wrong`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,8 @@ ROLES = ("system", "user", "assistant", "tool")
 
 
 def _format_of(row: dict) -> str | None:
+    if "chosen" in row or "rejected" in row:
+        return "preference"
     if "messages" in row:
         return "messages"
     if "prompt" in row and "completion" in row:
@@ -37,6 +39,20 @@ def _check_row(row, where: str, fmt: str) -> None:
                                 f"\"content\": string}}, got {json.dumps(m)[:80]}")
         if not any(m["role"] == "assistant" for m in msgs):
             raise DataError(f'{where}: no "assistant" message, so there is nothing to learn from this row')
+    elif fmt == "preference":
+        for key in ("prompt", "chosen", "rejected"):
+            if key not in row:
+                raise DataError(f'{where}: preference row is missing "{key}"; expected '
+                                '{"prompt", "chosen", "rejected"}')
+        if not isinstance(row["prompt"], (str, list)) or not row["prompt"]:
+            raise DataError(f'{where}: "prompt" must be a string or a list of messages')
+        for key in ("chosen", "rejected"):
+            value = row[key]
+            if isinstance(value, list):
+                _check_row({"messages": value}, f'{where}: "{key}"', "messages")
+            elif not isinstance(value, str) or not value:
+                raise DataError(f'{where}: "{key}" must be a non-empty string or a list of messages, '
+                                f"got {type(value).__name__}")
     elif fmt == "completion":
         for key in ("prompt", "completion"):
             if not isinstance(row[key], str):
@@ -65,8 +81,8 @@ def read_jsonl(path: str | Path) -> tuple[list[dict], str]:
                 raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
             row_fmt = _format_of(row)
             if row_fmt is None:
-                raise DataError(f'{where}: expected "messages", "prompt" + "completion", or "text"; '
-                                f"got keys {sorted(row)}")
+                raise DataError(f'{where}: expected "messages", "prompt" + "completion", "text", or '
+                                f'"prompt" + "chosen" + "rejected"; got keys {sorted(row)}')
             if fmt is None:
                 fmt = row_fmt
             elif row_fmt != fmt:
@@ -198,17 +214,25 @@ def split(rows: list, fraction: float, seed: int) -> tuple[list, list]:
 @dataclass
 class Batch:
     """inputs/targets (B, T) int32 · loss_mask (B, T) float32 · real (B, T) bool: not padding ·
-    segments (B, T) int32: packed example index per token, -1 on padding (None unless packing)."""
+    segments (B, T) int32: packed example index per token, -1 on padding (None unless packing) ·
+    extras: a method's own per-batch arrays · pairs: preference pairs in the batch (0: not pairs)."""
 
     inputs: np.ndarray
     targets: np.ndarray
     loss_mask: np.ndarray
     real: np.ndarray
     segments: np.ndarray | None = None
+    extras: dict = field(default_factory=dict)
+    pairs: int = 0
 
     @property
     def n_tokens(self) -> int:
         return int(self.loss_mask.sum())
+
+    @property
+    def weight(self) -> int:
+        """What the loss averages over: pairs for preference batches, else target tokens."""
+        return self.pairs or self.n_tokens
 
     @property
     def n_real_tokens(self) -> int:
@@ -289,7 +313,7 @@ class Batches:
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, group_by_length=True,
-                 packing=False, max_seq_len=512):
+                 packing=False, max_seq_len=512, collate=None):
         if packing:
             n_rows = len(_pack(dataset.examples, max_seq_len))
             if n_rows < batch_size:
@@ -302,6 +326,7 @@ class Batches:
         self.group_by_length, self.packing, self.max_seq_len = group_by_length, packing, max_seq_len
         self.epoch, self.index = 0, 0
         self._plan_epoch = None
+        self.collate = collate or _collate
 
     def _plan(self, epoch: int) -> list[list[int]] | list[list[Example]]:
         rng = np.random.default_rng([self.seed, epoch])
@@ -347,12 +372,13 @@ class Batches:
         self.index += 1
         if self.packing:
             return _collate_packed(item, self.max_seq_len)
-        return _collate([self.dataset.examples[i] for i in item])
+        return self.collate([self.dataset.examples[i] for i in item])
 
 
-def eval_batches(dataset: Dataset, batch_size: int, limit: int):
+def eval_batches(dataset: Dataset, batch_size: int, limit: int, collate=None):
     """Fixed, length-sorted validation batches (the same every evaluation)."""
+    collate = collate or _collate
     order = sorted(range(len(dataset)), key=lambda i: len(dataset.examples[i].tokens))
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     step = max(1, len(chunks) // limit)
-    return [_collate([dataset.examples[i] for i in c]) for c in chunks[::step][:limit]]
+    return [collate([dataset.examples[i] for i in c]) for c in chunks[::step][:limit]]

@@ -34,7 +34,11 @@ _BOOKKEEPING = {"t", "stage", "step", "kind", "steps_total", "eta_sec", "tokens_
 METHOD_METRICS = {
     "sft": (),
     "dpo": (Metric("reward_margin", "reward margin", "{:+.3f}"),
-            Metric("preference_accuracy", "pref. accuracy", "{:.1%}")),
+            Metric("preference_accuracy", "pref. accuracy", "{:.1%}"),
+            Metric("rewards_chosen", "reward chosen", "{:+.3f}"),
+            Metric("rewards_rejected", "reward rejected", "{:+.3f}"),
+            Metric("logps_chosen", "logp chosen", "{:.2f}"),
+            Metric("logps_rejected", "logp rejected", "{:.2f}")),
     "reward": (Metric("pair_accuracy", "pair accuracy", "{:.1%}"),),
     "ppo": (Metric("reward", "reward", "{:+.3f}"), Metric("kl", "KL to reference"),
             Metric("entropy", "entropy"), Metric("clip_fraction", "clip fraction", "{:.1%}")),

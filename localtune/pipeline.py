@@ -13,7 +13,7 @@ from .errors import LocaltuneError, RecipeError
 from .recipe import Recipe, Stage
 from .run import Run
 
-METHODS = {"sft": "localtune.methods.sft"}
+METHODS = {"sft": "localtune.methods.sft", "dpo": "localtune.methods.dpo"}
 
 
 def _sha256(path: str | Path) -> str:
@@ -37,6 +37,11 @@ class Prepared:
 
 def _read_stage(recipe: Recipe, s: Stage):
     rows, fmt = data.read_jsonl(recipe.resolve(s.data))
+    if (s.kind == "dpo") != (fmt == "preference"):
+        want = '{"prompt", "chosen", "rejected"} rows' if s.kind == "dpo" else 'messages, prompt/completion or text rows'
+        raise RecipeError(f"{recipe.resolve(s.data)}: a {s.kind} stage needs {want}, but this file has {fmt!r} rows\n"
+                          f"  fix: point [stages.{s.name}] data at the right file"
+                          + ('' if s.kind == "dpo" else ', or set kind = "dpo" for preference pairs'))
     valid = None
     if s.valid:
         valid, vfmt = data.read_jsonl(recipe.resolve(s.valid))
@@ -62,9 +67,14 @@ def prepare(recipe: Recipe) -> Prepared:
     train, valid = {}, {}
     for s in recipe.stages:
         rows, valid_rows, fmt = raw[s.name]
-        train[s.name] = data.encode(rows, fmt, tokenizer, s.max_seq_len, s.mask_prompt, recipe.resolve(s.data))
-        valid[s.name] = (data.encode(valid_rows, fmt, tokenizer, s.max_seq_len, s.mask_prompt,
-                                     s.valid or "valid split") if valid_rows else None)
+        if fmt == "preference":
+            from .methods.dpo import encode_pairs
+
+            encode = lambda r, src: encode_pairs(r, tokenizer, s.max_seq_len, src)  # noqa: E731
+        else:
+            encode = lambda r, src: data.encode(r, fmt, tokenizer, s.max_seq_len, s.mask_prompt, src)  # noqa: E731
+        train[s.name] = encode(rows, recipe.resolve(s.data))
+        valid[s.name] = encode(valid_rows, s.valid or "valid split") if valid_rows else None
         data.Batches(train[s.name], s.batch_size, s.seed, s.group_by_length, s.packing, s.max_seq_len)
     return Prepared(folder, tokenizer, train, valid, eval_rows)
 
@@ -136,6 +146,10 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
                                message=f"{train_set.truncated} of {len(train_set) + train_set.dropped} rows "
                                        f"truncated to max_seq_len={stage.max_seq_len}; {train_set.dropped} "
                                        "dropped (no target tokens left)"))
+            if getattr(train_set, "identical", 0):
+                report(run.log(stage.name, 0, "event", event="warning",
+                               message=f"{train_set.identical} pairs have chosen identical to rejected; "
+                                       "skipped (they carry no preference)"))
             mx.random.seed(stage.seed)  # the same recipe gives the same adapter init
             adapter_config = adapters.attach(model, stage.adapter, f"{where}.adapter")
             adapter_config["base_model"] = str(prepared.folder)
@@ -143,15 +157,17 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
             report(run.log(stage.name, 0, "event", event="stage_start",
                            message=f"{len(train_set)} examples, {trainable:,} trainable of "
                                    f"{total:,} parameters ({100 * trainable / total:.2f}%)"))
-            batches = data.Batches(train_set, stage.batch_size, stage.seed, stage.group_by_length,
-                                   stage.packing, stage.max_seq_len)
             method = importlib.import_module(METHODS[stage.kind])
-            eval_fn = None
-            if valid_set is not None:
-                vb = data.eval_batches(valid_set, stage.batch_size, stage.eval_batches)
-                eval_fn = lambda m, vb=vb: trainer.evaluate_loss(m, method.loss, vb)  # noqa: E731
+            batches = data.Batches(train_set, stage.batch_size, stage.seed, stage.group_by_length,
+                                   stage.packing, stage.max_seq_len, collate=getattr(method, "collate", None))
             steps = stage_steps(stage, batches)
-            summary = trainer.train(model, method.loss, batches, train_args(stage, steps), run=run,
+            loss_fn, batches, valid_batches = method.setup(model, stage, batches, valid_set, steps, stage_dir,
+                                                           lambda message: report(run.log(
+                                                               stage.name, 0, "event", event="info", message=message)))
+            eval_fn = None
+            if valid_batches:
+                eval_fn = lambda m, vb=valid_batches, f=loss_fn: trainer.evaluate_loss(m, f, vb)  # noqa: E731
+            summary = trainer.train(model, loss_fn, batches, train_args(stage, steps), run=run,
                                     stage=stage.name, stage_dir=stage_dir, adapter_config=adapter_config,
                                     eval_fn=eval_fn, report=report)
             summary.update(examples=len(train_set), truncated=train_set.truncated, trainable=trainable,
@@ -162,12 +178,21 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
             report(run.log(stage.name, steps, "event", event="stage_done",
                            message=f"adapters saved in {stage_dir}"))
         if i + 1 < len(recipe.stages):
+            if prepared.eval_rows and stage.name not in task.get("stages", {}):  # what this stage alone did
+                report(run.log("eval", 0, "event", event="task_eval", message=f"task metric after {stage.name}..."))
+                result = evaluate.exact_match(model, tokenizer, prepared.eval_rows, recipe.eval.max_tokens,
+                                              recipe.eval.limit, recipe.eval.format)
+                task.setdefault("stages", {})[stage.name] = result
+                run.update_manifest(task=task)
+                _log_task(run, f"after {stage.name}", result, report)
             adapters.fuse(model)  # the next stage trains on top of this one; refuses a quantized base
 
     if prepared.eval_rows:
         report(run.log("eval", 0, "event", event="task_eval", message="task metric after training..."))
         task["after"] = evaluate.exact_match(model, tokenizer, prepared.eval_rows, recipe.eval.max_tokens,
                                              recipe.eval.limit, recipe.eval.format)
+        if len(recipe.stages) > 1:
+            task.setdefault("stages", {})[recipe.stages[-1].name] = task["after"]
         _log_task(run, "after", task["after"], report)
     run.update_manifest(task=task, finished=time.time())
     manifest = run.manifest()

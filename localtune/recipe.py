@@ -19,8 +19,9 @@ except ModuleNotFoundError:  # Python 3.10
 
 from .errors import RecipeError
 
-STAGE_KINDS = ("sft",)
-PLANNED_STAGE_KINDS = ("dpo", "reward", "ppo", "distill")
+STAGE_KINDS = ("sft", "dpo")
+PLANNED_STAGE_KINDS = ("reward", "ppo", "distill")
+DPO_KEYS = ("beta", "loss_type", "label_smoothing", "sft_weight", "reference")
 
 
 def _opt(default, *, min=None, max=None, choices=None, doc=""):
@@ -82,6 +83,13 @@ class Stage:
     save_every: int = _opt(50, min=1)
     report_every: int = _opt(10, min=1)
     seed: Union[int, None] = _opt(None)
+    # dpo only
+    beta: Union[float, None] = _opt(None, doc="DPO: strength of the pull towards the reference (required)")
+    loss_type: str = _opt("sigmoid", choices=("sigmoid", "ipo", "hinge"))
+    label_smoothing: float = _opt(0.0, min=0.0, max=0.49, doc="DPO: conservative DPO's label noise")
+    sft_weight: float = _opt(0.0, min=0.0, doc="DPO: weight of an NLL term on the chosen responses (RPO)")
+    reference: str = _opt("auto", choices=("auto", "precomputed", "live"),
+                          doc="DPO: reference log-probs cached once per stage, or computed every step")
 
 
 @dataclass(frozen=True)
@@ -242,6 +250,25 @@ class _Builder:
         return stage
 
 
+def _check_dpo(builder: _Builder, s: Stage, raw: dict, path: str) -> None:
+    if s.beta is None:
+        raise builder.fail(path, f"[{_display(path)}] is a dpo stage and needs beta",
+                           "add beta = 0.1 (larger keeps the model closer to its reference)")
+    if s.beta <= 0:
+        raise builder.fail(f"{path}.beta", f"beta = {s.beta!r} must be greater than 0", "try beta = 0.1")
+    if s.adapter.type == "full":
+        raise builder.fail(f"{path}.adapter.type", 'a dpo stage with adapter type "full" has no reference: the '
+                           "reference is the model with this stage's adapters switched off",
+                           'use type = "lora" or "dora"')
+    if s.adapter.type == "dora":
+        raise builder.fail(f"{path}.adapter.type", "dpo stages train LoRA adapters: DoRA's magnitude rescales the "
+                           "base weights, so switching it off for the reference is not implemented yet",
+                           'use type = "lora"')
+    if s.packing:
+        raise builder.fail(f"{path}.packing", "packing is not available for dpo stages (pairs are batched together)",
+                           "remove packing = true")
+
+
 def parse(text: str, source: str = "<recipe>", base_dir: str = ".") -> Recipe:
     try:
         raw = tomllib.loads(text)
@@ -275,6 +302,14 @@ def parse(text: str, source: str = "<recipe>", base_dir: str = ".") -> Recipe:
         names.append(name)
         if s.valid and s.valid_fraction:
             raise builder.fail(f"stages[{i}].valid_fraction", "set either valid or valid_fraction, not both")
+        stage_raw = raw["stages"][i]
+        if s.kind == "dpo":
+            _check_dpo(builder, s, stage_raw, f"stages[{i}]")
+        else:
+            for key in DPO_KEYS:
+                if key in stage_raw:
+                    raise builder.fail(f"stages[{i}].{key}", f'{key} only applies to kind = "dpo" stages',
+                                       f"remove {key}, or set kind = \"dpo\"")
         if s.steps == 0 and s.epochs == 0:
             raise builder.fail(f"stages[{i}]", f"[{_display(f'stages[{i}]')}] sets neither steps nor epochs",
                                "add steps = 100 (optimizer steps) or epochs = 1")

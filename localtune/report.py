@@ -8,6 +8,25 @@ def _fmt(x, spec=".3f"):
     return format(x, spec) if isinstance(x, (int, float)) else "—"
 
 
+def _per_stage(task: dict, recipe) -> list[str]:
+    """The task metric before training and after each stage, with a few samples."""
+    names = [s.name for s in recipe.stages if s.name in task["stages"]]
+    results = [task["before"]] + [task["stages"][n] for n in names]
+    head = ["before"] + [f"after {n}" for n in names]
+    lines = ["", "## Task metric after each stage", "", "| | " + " | ".join(head) + " |",
+             "|---|" + "---|" * len(head),
+             f"| {results[0]['metric']} | " + " | ".join(f"{r['value']:.1%}" for r in results) + " |"]
+    if "well_formed" in results[0]:
+        lines.append(f"| well-formed (`{results[0]['format']}`) | "
+                     + " | ".join(f"{r['well_formed']:.1%}" for r in results) + " |")
+    cell = lambda t: t.replace("|", "\\|").replace("\n", " ")[:40]  # noqa: E731
+    lines += ["", "| prompt | expected | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]
+    for i, sample in enumerate(results[0]["samples"]):
+        got = [r["samples"][i]["got"] if i < len(r["samples"]) else "" for r in results]
+        lines.append(f"| {cell(sample['prompt'])} | {cell(sample['expected'])} | " + " | ".join(map(cell, got)) + " |")
+    return lines
+
+
 def write_report(run, recipe, manifest: dict) -> str:
     lines = [f"# {recipe.name}", "",
              f"- model: `{manifest['model']['path']}` ({manifest['model'].get('parameters', 0) / 1e6:.1f}M "
@@ -45,6 +64,18 @@ def write_report(run, recipe, manifest: dict) -> str:
             for b, a in zip(before["samples"], after["samples"]):
                 cell = lambda t: t.replace("|", "\\|").replace("\n", " ")[:60]  # noqa: E731
                 lines.append(f"| {cell(b['prompt'])} | {cell(b['expected'])} | {cell(b['got'])} | {cell(a['got'])} |")
+    if len(task.get("stages", {})) > 1:
+        lines += _per_stage(task, recipe)
+    for s in recipe.stages:
+        r = manifest.get("stage_results", {}).get(s.name, {})
+        if s.kind == "dpo" and "eval_policy_prefers_chosen" in r:
+            lines += ["", f"## Preferences ({s.name}, held-out pairs of `{s.valid or 'the valid split'}`)", "",
+                      "| | before the stage | after |", "|---|---|---|",
+                      f"| the model gives the chosen answer the higher likelihood | "
+                      f"{r['eval_reference_prefers_chosen']:.1%} | {r['eval_policy_prefers_chosen']:.1%} |",
+                      f"| DPO preference accuracy (reward chosen > reward rejected) | — | "
+                      f"{r['eval_preference_accuracy']:.1%} |",
+                      f"| DPO reward margin | 0 | {r['eval_reward_margin']:+.3f} |"]
     lines += ["", "## Outputs", ""]
     for s in recipe.stages:
         lines.append(f"- `{s.name}/`: adapters (mlx-lm format: "

@@ -20,6 +20,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import device
+from .models import CPUQuantizedEmbedding, CPUQuantizedLinear
 from .adapters import save, save_arrays, trainable_weights
 from .errors import TrainingError
 
@@ -155,6 +156,9 @@ class _Window:
                 **{k: v / n for k, v in self.metrics.items()}}
 
 
+CPU_DEQUANTIZED = (CPUQuantizedLinear, CPUQuantizedEmbedding)
+
+
 class _Control:
     """Requests from a watcher through run/control.json: pause, resume, checkpoint now.
 
@@ -208,6 +212,7 @@ def _to_mx(batch) -> dict:
         out["target_index"], out["target_weight"] = map(mx.array, positions)
     if batch.segments is not None:
         out["segments"] = mx.array(batch.segments)
+    out.update({k: mx.array(v) for k, v in batch.extras.items()})
     return out
 
 
@@ -243,7 +248,10 @@ def train(model, loss_fn, batches, args: TrainArgs, *, run, stage: str, stage_di
         return grad_norm
 
     if args.compile:
-        micro = mx.compile(micro, inputs=state, outputs=state)
+        # Compiling the forward/backward over CPU-dequantized layers holds ~15% more peak memory
+        # (SmolLM2 QLoRA: 0.45 vs 0.40 GiB) for ~12% more speed; memory wins on a laptop.
+        if not any(isinstance(m, CPU_DEQUANTIZED) for _, m in model.named_modules()):
+            micro = mx.compile(micro, inputs=state, outputs=state)
         apply = mx.compile(apply, inputs=state, outputs=state)
 
     model.train()
@@ -258,10 +266,10 @@ def train(model, loss_fn, batches, args: TrainArgs, *, run, stage: str, stage_di
             tic = time.perf_counter()
             mx.random.seed(args.seed * 1_000_003 + step)  # dropout noise is a function of the step
             micro_batches = [next(batches) for _ in range(args.grad_accum)]
-            total = sum(b.n_tokens for b in micro_batches) or 1
+            total = sum(b.weight for b in micro_batches) or 1
             grads, loss_sum, metric_sums = None, 0.0, {}
-            for b in micro_batches:  # token-weighted, so accumulation equals one large batch
-                weight = b.n_tokens / total
+            for b in micro_batches:  # token- (or pair-) weighted: accumulation equals one large batch
+                weight = b.weight / total
                 loss, ntoks, metrics, g = micro(_to_mx(b))
                 if args.grad_accum > 1:  # no extra gradient copy in the common case
                     g = tree_map(lambda x: x * weight, g)
@@ -293,9 +301,11 @@ def train(model, loss_fn, batches, args: TrainArgs, *, run, stage: str, stage_di
 
             if eval_fn is not None and args.eval_every and (step % args.eval_every == 0 or step == args.steps):
                 model.eval()
-                summary["eval_loss"] = eval_fn(model)
+                result = eval_fn(model)
                 model.train()
-                report(run.log(stage, step, "eval", loss=summary["eval_loss"], steps_total=args.steps))
+                summary["eval_loss"] = result["loss"]
+                summary.update({f"eval_{k}": v for k, v in result.items() if k != "loss"})
+                report(run.log(stage, step, "eval", **result, steps_total=args.steps))
 
             last = step == args.steps
             request = control.poll()  # read once per step; a pause waits for the next one
@@ -323,12 +333,14 @@ def _checkpoint_step(folder: Path):
         return "none yet"
 
 
-def evaluate_loss(model, loss_fn, batches) -> float:
-    """Token-weighted mean loss over fixed validation batches."""
-    total, n = 0.0, 0
+def evaluate_loss(model, loss_fn, batches) -> dict:
+    """{"loss", and each metric of the loss}: weighted means over fixed validation batches."""
+    sums, n = {}, 0.0
     for b in batches:
-        loss, ntoks, _ = loss_fn(model, _to_mx(b))
-        mx.eval(loss, ntoks)
-        total += loss.item() * ntoks.item()
-        n += ntoks.item()
-    return total / max(n, 1)
+        loss, ntoks, metrics = loss_fn(model, _to_mx(b))
+        mx.eval(loss, ntoks, metrics)
+        w = ntoks.item()
+        for k, v in {"loss": loss, **metrics}.items():
+            sums[k] = sums.get(k, 0.0) + v.item() * w
+        n += w
+    return {k: v / max(n, 1) for k, v in sums.items()}

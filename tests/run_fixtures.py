@@ -72,7 +72,7 @@ def make_run(root: Path, name: str, stages=(("sft", "sft"),), state="done", step
                             "got": "1889-03-31"})
         (path / "report.md").write_text("# fixture report\n")
     if state == "failed":
-        records.append({"t": t, "stage": stages[-1][0], "step": upto, "kind": "event", "event": "nan",
+        records.append({"t": t, "stage": stages[-1][0], "step": upto, "kind": "event", "event": "failed",
                         "message": f"the loss became nan at step {upto}"})
     (path / "manifest.json").write_text(json.dumps(manifest))
     stage, kind = stages[-1]

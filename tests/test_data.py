@@ -12,7 +12,7 @@ BAD = Path(__file__).parent / "bad_data"
 
 @pytest.mark.parametrize("name,where,expected", [
     ("bad_json", ":2", "not valid JSON"),
-    ("unknown_format", ":3", 'expected "messages", "prompt" + "completion", or "text"'),
+    ("unknown_format", ":3", 'expected "messages", "prompt" + "completion", "text", or'),
     ("mixed_formats", ":2", "one file holds one format"),
     ("bad_role", ":1", "messages[1] must be"),
     ("no_assistant", ":1", 'no "assistant" message'),
@@ -20,6 +20,9 @@ BAD = Path(__file__).parent / "bad_data"
     ("not_object", ":1", "expected a JSON object"),
     ("empty", "", "the dataset is empty"),
     ("empty_messages", ":1", "non-empty list"),
+    ("pref_missing_chosen", ":2", 'preference row is missing "chosen"'),
+    ("pref_chosen_not_text", ":1", '"chosen" must be a non-empty string or a list of messages'),
+    ("pref_bad_message", ':1: "chosen"', "messages[0] must be"),
 ])
 def test_bad_rows_name_file_and_line(name, where, expected):
     path = BAD / f"{name}.jsonl"

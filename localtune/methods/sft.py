@@ -14,3 +14,10 @@ def loss(model, batch):
     logp, weight = target_logprobs(model, batch)
     ntoks = weight.sum()
     return -(logp * weight).sum() / mx.maximum(ntoks, 1), ntoks, {}
+
+
+def setup(model, stage, batches, valid, steps, stage_dir, note):
+    """(loss, training batches, fixed validation batches or None) for the one loop."""
+    from .. import data
+
+    return loss, batches, data.eval_batches(valid, stage.batch_size, stage.eval_batches) if valid else None

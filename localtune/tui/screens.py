@@ -215,10 +215,13 @@ class GenerateScreen(ModalScreen):
             from ..pipeline import load_for_inference
 
             model, tokenizer = load_for_inference(str(self.path), self.stage)
-            result = Text(generate(model, tokenizer, [prompt], 64)[0])
+            result = Text(generate(model, tokenizer, [prompt], 64)[0] or "(an empty answer)")
         except Exception as e:  # shown in the dialog: a failed generation must not close the TUI
             result = Text(f"{type(e).__name__}: {e}", style="red")
-        self.app.call_from_thread(self.query_one("#output", Static).update, result)
+        self.app.call_from_thread(self.show_output, result)
+
+    def show_output(self, result: Text) -> None:
+        self.query_one("#output", Static).update(result)
 
 
 class HelpScreen(ModalScreen):

@@ -187,7 +187,7 @@ class EventLog(Static):
         text = Text()
         for e in list(state.events)[-lines:]:
             kind = e.get("event", "")
-            style = "yellow" if kind == "warning" else "red" if kind in ("nan", "error") else ""
+            style = "yellow" if kind == "warning" else "red" if kind in ("failed", "nan", "error") else ""
             stamp = time.strftime("%H:%M:%S", time.localtime(e.get("t", 0)))
             text.append(f"{stamp} ", style="dim")
             text.append(f"{e.get('stage', '')}: ", style="dim")

@@ -23,6 +23,7 @@ Scenarios, per model:
             Packing puts more tokens in a step, so its peak memory is not per-token comparable.
   fp32      (small only) mlx-lm on an fp32 copy of the fp16 weights: localtune computes in
             fp32 on CPU, mlx-lm in the stored dtype, so this row compares like with like.
+  gc        (not in the default list) equal rows with gradient checkpointing on both sides.
 
 Tokens/s counts useful tokens: real next-token targets, L-1 per row of L tokens. mlx-lm's own
 Tokens/sec counts L per row (its loss mask also covers the EOS position, whose target is
@@ -216,6 +217,7 @@ class Job:
     report_every: int
     max_seq_len: int  # localtune's; mlx-lm gets 4096, which only caps truncation and never pads
     packing: bool = False
+    grad_checkpoint: bool = False
     preload_mkl: bool = True  # mlx_lm only
 
 
@@ -283,6 +285,7 @@ grad_clip = 0.0
 max_seq_len = {job.max_seq_len}
 group_by_length = true
 packing = {str(job.packing).lower()}
+grad_checkpoint = {str(job.grad_checkpoint).lower()}
 eval_every = 0
 save_every = {job.steps}
 report_every = {job.report_every}
@@ -319,6 +322,7 @@ def run_mlx_lm(job: Job, work: Path) -> Result:
            "--steps-per-report", str(job.report_every), "--steps-per-eval", "100000", "--val-batches", "1",
            "--save-every", "100000", "--learning-rate", str(LEARNING_RATE), "--seed", str(SEED),
            "--optimizer", "adam", "--adapter-path", str(work / "adapters"), "-c", str(work / "config.yaml")]
+    cmd += ["--grad-checkpoint"] if job.grad_checkpoint else []
     wall, threads = _spawn(cmd, env, work / "log.txt")
     train = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     # mlx-lm counts L tokens per row of L; the useful targets are L-1: one per row per step fewer.
@@ -435,8 +439,8 @@ def main() -> None:
             tok = Tokenizers(folder)
             B = setup.batch_size
             log(f"## {name}: {folder}, batch {B}")
-            fp32_folder = (str(fp32_copy(folder, work / name / "fp32")) if setup.fp32_row and "fp32" in scenarios
-                           else None)
+            fp32_folder = (str(fp32_copy(folder, work / name / "fp32"))
+                           if setup.fp32_row and ("fp32" in scenarios or "gc" in scenarios) else None)
 
             if "equal" in scenarios or "fp32" in scenarios:
                 L = setup.equal_len
@@ -472,6 +476,23 @@ def main() -> None:
                                  f"\"{slow.threads}\" and trains {fmt_rate(slow_rate)} tok/s; with it "
                                  f"\"{res[base.label][0].threads}\", {fmt_rate(fast)} tok/s ({fast / slow_rate:.1f}x).")
                     log("  " + notes[-1])
+
+            if "gc" in scenarios:  # both with gradient checkpointing: activation memory, like for like
+                L = setup.equal_len
+                data = work / name / "gc"
+                write_data(data, tok, [L] * max(64, 4 * B), B)
+                common = dict(data=data, batch_size=B, steps=setup.equal_steps, report_every=setup.equal_report,
+                              max_seq_len=L, grad_checkpoint=True)
+                jobs = [Job("localtune", "localtune, grad checkpoint", setup.ref, **common),
+                        Job("mlx_lm", "mlx_lm.lora --grad-checkpoint", str(folder), **common)]
+                if fp32_folder:
+                    jobs.append(Job("mlx_lm", "mlx_lm.lora --grad-checkpoint, fp32 copy", fp32_folder, **common))
+                log(f"  gc: equal rows of {L} tokens, gradient checkpointing on both sides")
+                res = run_interleaved(jobs, args.repeats, work / name / "gc-runs", log)
+                threads |= {r.threads for rs in res.values() for r in rs}
+                for theirs in [j.label for j in jobs if j.tool == "mlx_lm"]:
+                    rows.append([name, f"equal, {L} tok/row", jobs[0].label, theirs, summarize(res[jobs[0].label]),
+                                 summarize(res[theirs])])
 
             if "variable" in scenarios:
                 lo, hi = setup.variable_lens
