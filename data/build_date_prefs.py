@@ -1,9 +1,9 @@
 """Generate the bundled preference task: one consistent date format.
 
 A user who asks for dates wants one format, ISO 8601 (YYYY-MM-DD), not a mix. The SFT data
-(data/date_prefs/sft.jsonl) answers half the prompts in ISO and half as DD/MM/YYYY, so a model
-tuned on it writes either; the preference pairs prefer ISO (chosen) over DD/MM/YYYY (rejected)
-for the same date. Prompts and dates come from data/dates (run data/build_dates.py first), so
+(data/date_prefs/sft.jsonl) answers a quarter of the prompts in ISO and the rest as DD/MM/YYYY,
+the habit of the data at hand; the preference pairs prefer ISO (chosen) over DD/MM/YYYY
+(rejected) for the same date. Prompts and dates come from data/dates (run data/build_dates.py first), so
 the held-out pairs use dates never seen in training.
 
 Run `python data/build_date_prefs.py`; the output is the same on every run.
@@ -15,6 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 OUT = HERE / "date_prefs"
 SEED = 20241129
+ISO_SHARE = 0.25  # of the SFT answers
 
 
 # data/dates asks for ISO by name; here the prompt is neutral, so the format is the model's habit.
@@ -50,7 +51,7 @@ def main() -> None:
     rng = random.Random(SEED)
     OUT.mkdir(exist_ok=True)
     train = list(rows("train"))
-    write("sft.jsonl", ({"prompt": p, "completion": a if rng.random() < 0.5 else dmy(a)} for p, a in train))
+    write("sft.jsonl", ({"prompt": p, "completion": a if rng.random() < ISO_SHARE else dmy(a)} for p, a in train))
     write("train.jsonl", ({"prompt": p, "chosen": a, "rejected": dmy(a)} for p, a in train))
     write("valid.jsonl", ({"prompt": p, "chosen": a, "rejected": dmy(a)} for p, a in rows("valid")))
     write("test.jsonl", ({"prompt": p, "completion": a} for p, a in rows("test")))

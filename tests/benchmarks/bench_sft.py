@@ -398,7 +398,9 @@ def machine_header(args, runtime_sec: float, threads: set) -> str:
         f"- BLAS: {device.blas_library_path()} in both processes (mlx_lm.lora through LD_PRELOAD); "
         f"threading layers seen: {', '.join(sorted(threads))}",
         f"- command: `python tests/benchmarks/bench_sft.py --models {args.models} --repeats {args.repeats}"
-        + (f" --steps {args.steps}" if args.steps else "") + f"` ({runtime_sec / 60:.1f} min)",
+        + (f" --steps {args.steps}" if args.steps else "")
+        + (f" --scenarios {args.scenarios}" if args.scenarios != "equal,variable,fp32" else "")
+        + (" --blas-check" if args.blas_check else "") + f"` ({runtime_sec / 60:.1f} min)",
         f"- LoRA rank {LORA['rank']}, alpha {LORA['alpha']:g} (scale {LORA['alpha'] / LORA['rank']:g}) on every "
         f"linear layer of every block; Adam, constant lr {LEARNING_RATE:g}, seed {SEED}, no clipping",
         "- tok/s: useful tokens (real next-token targets) per second, median of the report windows after the "
