@@ -124,7 +124,7 @@ def fuse(model: nn.Module) -> None:
     """Fold LoRA/DoRA into float base weights (exact up to rounding)."""
     if is_quantized(model):
         raise ModelError("fusing adapters into a quantized base would round them away\n"
-                         "  fix: chain stages on a float base, or export with `localtune fuse --dequantize`")
+                         "  fix: chain stages on a float base")
     fused = [(n, m.fuse()) for n, m in model.named_modules() if isinstance(m, (LoRALinear, DoRALinear))]
     if fused:
         from mlx.utils import tree_unflatten

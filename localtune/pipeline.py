@@ -63,6 +63,12 @@ def prepare(recipe: Recipe) -> Prepared:
         if fmt == "text":
             raise RecipeError(f"{recipe.eval.data}: exact-match evaluation needs prompt/completion or messages rows")
     folder = models.resolve(recipe.resolve(recipe.model.path), recipe.model.revision)
+    quantized = recipe.model.quantize is not None or "quantization" in models._config(folder)
+    if quantized and len(recipe.stages) > 1:
+        raise RecipeError(f"{recipe.source}: {len(recipe.stages)} stages on a quantized base: a later stage trains on "
+                          "top of the earlier ones by fusing their adapters into the base, and fusing into quantized "
+                          "weights would round them away\n  fix: chain stages on a float base (no [model] quantize, "
+                          "a float model folder), or run each stage as its own recipe")
     tokenizer = models.load_tokenizer(folder)
     train, valid = {}, {}
     for s in recipe.stages:

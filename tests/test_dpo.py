@@ -228,3 +228,12 @@ def test_sft_data_in_a_dpo_stage_names_the_file(tmp_path, small_model_path):
     assert result.exit_code == 2
     assert "sft.jsonl: a dpo stage needs" in result.output and "prompt" in result.output
     assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_chained_stages_on_a_quantized_base_are_refused_before_training(tmp_path, small_model_path):
+    recipe = write_sft_dpo(tmp_path, small_model_path)
+    recipe.write_text(recipe.read_text().replace("[model]\n", "[model]\nquantize = { bits = 4, group_size = 32 }\n", 1))
+    result = CliRunner().invoke(cli, ["run", str(recipe), "--no-tui", "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 2
+    assert "2 stages on a quantized base" in result.output and "fix: chain stages on a float base" in result.output
+    assert not (tmp_path / "runs").exists()

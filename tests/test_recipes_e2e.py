@@ -72,3 +72,15 @@ def test_smollm2_recipe_shows_a_measurable_gain(in_repo, tmp_path):
     run, manifest = run_recipe(ROOT / "recipes/smollm2-qlora-sft.toml", tmp_path)
     before, after = manifest["task"]["before"]["value"], manifest["task"]["after"]["value"]
     assert after >= before + 0.2, (before, after)
+
+
+@pytest.mark.slow
+def test_sft_dpo_recipe_moves_generations_to_the_chosen_format(in_repo, tmp_path):
+    run, manifest = run_recipe(ROOT / "recipes/sft-dpo.toml", tmp_path)
+    after_sft = manifest["task"]["stages"]["sft"]["well_formed"]  # ISO share of greedy answers
+    after_dpo = manifest["task"]["stages"]["dpo"]["well_formed"]
+    assert after_dpo >= 0.9 and after_dpo >= after_sft + 0.2, (after_sft, after_dpo)
+    dpo = manifest["stage_results"]["dpo"]
+    assert dpo["eval_preference_accuracy"] >= 0.8 and dpo["eval_rewards_chosen"] > dpo["eval_rewards_rejected"]
+    report = (run / "report.md").read_text()
+    assert "## Task metric after each stage" in report and "## Preferences (dpo" in report
