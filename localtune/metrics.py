@@ -29,11 +29,12 @@ COMMON = (
     Metric("grad_norm", "grad norm", "{:.3f}"),
     Metric("peak_memory_gb", "peak memory", "{:.2f} GB"),
 )
-_BOOKKEEPING = {"t", "stage", "step", "kind", "steps_total", "eta_sec", "tokens_per_sec"}
+_BOOKKEEPING = {"t", "stage", "step", "kind", "steps_total", "eta_sec", "tokens_per_sec", "pairs_per_sec"}
 
 METHOD_METRICS = {
     "sft": (),
-    "dpo": (Metric("reward_margin", "reward margin", "{:+.3f}"),
+    "dpo": (Metric("pairs_per_sec", "pairs/s", "{:,.1f}"),
+            Metric("reward_margin", "reward margin", "{:+.3f}"),
             Metric("preference_accuracy", "pref. accuracy", "{:.1%}"),
             Metric("rewards_chosen", "reward chosen", "{:+.3f}"),
             Metric("rewards_rejected", "reward rejected", "{:+.3f}"),

@@ -139,11 +139,13 @@ class _Window:
 
     def __init__(self):
         self.loss, self.tokens, self.real, self.time, self.steps, self.metrics = 0.0, 0, 0, 0.0, 0, {}
+        self.pairs = 0
 
     def add(self, loss: float, batches, seconds: float, metrics: dict) -> None:
         self.loss += loss
         self.tokens += sum(b.n_tokens for b in batches)
         self.real += sum(b.n_real_tokens for b in batches)
+        self.pairs += sum(b.pairs for b in batches)
         self.time += seconds
         self.steps += 1
         for k, v in metrics.items():
@@ -151,9 +153,12 @@ class _Window:
 
     def record(self, steps_left: int) -> dict:
         n = self.steps
-        return {"loss": self.loss / n, "tokens_per_sec": self.tokens / self.time,
-                "real_tokens_per_sec": self.real / self.time, "eta_sec": self.time / n * steps_left,
-                **{k: v / n for k, v in self.metrics.items()}}
+        record = {"loss": self.loss / n, "tokens_per_sec": self.tokens / self.time,
+                  "real_tokens_per_sec": self.real / self.time, "eta_sec": self.time / n * steps_left,
+                  **{k: v / n for k, v in self.metrics.items()}}
+        if self.pairs:
+            record["pairs_per_sec"] = self.pairs / self.time
+        return record
 
 
 CPU_DEQUANTIZED = (CPUQuantizedLinear, CPUQuantizedEmbedding)

