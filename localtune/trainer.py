@@ -263,6 +263,7 @@ def train(model, loss_fn, batches, args: TrainArgs, *, run, stage: str, stage_di
     window = _Window()
     summary = {"step": start}
     t_stage = time.perf_counter()
+    mx.reset_peak_memory()  # the stage's own peak: not model loading, or generation before it
     control = _Control(run)
     request = control.poll()
     with _StopRequest() as stop:

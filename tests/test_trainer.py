@@ -258,3 +258,13 @@ def test_pause_holds_training_between_steps_until_resumed(tiny_model, tmp_path):
     assert summary["step"] == 3
     assert [s for s in seen if s[0] == "event"] == [("event", 1, "paused"), ("event", 1, "unpaused")]
     assert [s[1] for s in seen if s[0] == "train"] == [1, 2, 3]
+
+
+def test_reported_peak_memory_is_the_stage_own(tiny_model, tmp_path):
+    big = mx.zeros((64, 1024, 1024))  # 256 MiB, gone before training starts
+    mx.eval(big)
+    del big
+    records = []
+    fit(tiny_model, data.Batches(examples(), 4, 0), tmp_path, 2, report=records.append)
+    peaks = [r["peak_memory_gb"] for r in records if r["kind"] == "train"]
+    assert peaks and max(peaks) < 0.1  # a tiny model trains in a few MiB
