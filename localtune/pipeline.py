@@ -131,13 +131,17 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
     run.update_manifest(model={"path": recipe.model.path, "folder": str(prepared.folder), "parameters": total,
                                "quantized": models.is_quantized(model), "model_type": config.get("model_type")})
 
+    def task_metric(when: str) -> dict:
+        report(run.log("eval", 0, "event", event="task_eval", message=f"task metric {when}..."))
+        result = evaluate.exact_match(model, tokenizer, prepared.eval_rows, recipe.eval.max_tokens,
+                                      recipe.eval.limit, recipe.eval.format)
+        _log_task(run, when, result, report)
+        return result
+
     task = manifest.get("task", {})
     if prepared.eval_rows and "before" not in task:
-        report(run.log("eval", 0, "event", event="task_eval", message="task metric before training..."))
-        task["before"] = evaluate.exact_match(model, tokenizer, prepared.eval_rows, recipe.eval.max_tokens,
-                                              recipe.eval.limit, recipe.eval.format)
+        task["before"] = task_metric("before training")
         run.update_manifest(task=task)
-        _log_task(run, "before", task["before"], report)
 
     results = manifest.get("stage_results", {})
     for i, stage in enumerate(recipe.stages):
@@ -185,21 +189,14 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
                            message=f"adapters saved in {stage_dir}"))
         if i + 1 < len(recipe.stages):
             if prepared.eval_rows and stage.name not in task.get("stages", {}):  # what this stage alone did
-                report(run.log("eval", 0, "event", event="task_eval", message=f"task metric after {stage.name}..."))
-                result = evaluate.exact_match(model, tokenizer, prepared.eval_rows, recipe.eval.max_tokens,
-                                              recipe.eval.limit, recipe.eval.format)
-                task.setdefault("stages", {})[stage.name] = result
+                task.setdefault("stages", {})[stage.name] = task_metric(f"after {stage.name}")
                 run.update_manifest(task=task)
-                _log_task(run, f"after {stage.name}", result, report)
             adapters.fuse(model)  # the next stage trains on top of this one; refuses a quantized base
 
     if prepared.eval_rows:
-        report(run.log("eval", 0, "event", event="task_eval", message="task metric after training..."))
-        task["after"] = evaluate.exact_match(model, tokenizer, prepared.eval_rows, recipe.eval.max_tokens,
-                                             recipe.eval.limit, recipe.eval.format)
+        task["after"] = task_metric("after training")
         if len(recipe.stages) > 1:
             task.setdefault("stages", {})[recipe.stages[-1].name] = task["after"]
-        _log_task(run, "after", task["after"], report)
     run.update_manifest(task=task, finished=time.time())
     manifest = run.manifest()
     from .report import write_report
