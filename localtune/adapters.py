@@ -9,7 +9,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
@@ -19,8 +19,43 @@ from .models import is_quantized
 from .run import atomic_write, disk_error
 
 
+LORA = (LoRALinear, DoRALinear)
+
+
 def linear_names(block: nn.Module) -> list[str]:
-    return sorted(name for name, m in block.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear)))
+    """The block's linear layers, an earlier stage's adapted layer counting as the layer it adapts."""
+    names = {name for name, m in block.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear, *LORA))}
+    return sorted(n for n in names if not any(n.startswith(o + ".") for o in names))
+
+
+def stage_adapters(model: nn.Module) -> list[nn.Module]:
+    """This stage's adapter layers: the trainable ones. Earlier stages' are frozen, fused or stacked."""
+    return [m for _, m in model.named_modules() if isinstance(m, LORA) and "lora_a" in m.trainable_parameters()]
+
+
+def _stack(model: nn.Module, num_layers: int, lora: dict, dora: bool) -> None:
+    """Like mlx-lm's linear_to_lora_layers, but a layer that already holds an earlier stage's
+    adapter is wrapped: y = (W x + s1 B1 A1 x) + s2 B2 A2 x, the earlier adapter frozen."""
+    if not any(isinstance(m, LORA) for _, m in model.named_modules()):
+        linear_to_lora_layers(model, num_layers, lora, use_dora=dora)
+        return
+    if dora:
+        raise RecipeError("adapter.type: DoRA cannot stack on an earlier stage's unfused adapters (a quantized "
+                          "base keeps them unfused)\n  fix: use type = \"lora\" for this stage")
+    keys = lora["keys"] or linear_names(model.layers[0])
+    for block in model.layers[len(model.layers) - num_layers:]:
+        modules = dict(block.named_modules())
+        new = []
+        for key in (k for k in keys if k in modules):
+            m = modules[key]
+            if isinstance(m, LORA):
+                layer = LoRALinear(m.lora_a.shape[0], m.lora_b.shape[1], lora["rank"], lora["dropout"],
+                                   lora["scale"])
+                layer.linear = m
+            else:
+                layer = LoRALinear.from_base(m, lora["rank"], lora["dropout"], lora["scale"])
+            new.append((key, layer))
+        block.update_modules(tree_unflatten(new))
 
 
 def attach(model: nn.Module, adapter, where: str = "adapter") -> dict:
@@ -51,27 +86,27 @@ def attach(model: nn.Module, adapter, where: str = "adapter") -> dict:
                               f"  fix: choose from {available}")
     lora = {"rank": adapter.rank, "scale": adapter.alpha / adapter.rank, "dropout": adapter.dropout,
             "keys": keys}
-    linear_to_lora_layers(model, num_layers, lora, use_dora=adapter.type == "dora")
+    _stack(model, num_layers, lora, adapter.type == "dora")
     config["lora_parameters"] = {**lora, "keys": keys or available}
     return config
 
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module):
-    """The model as it was before this stage's LoRA adapters: their scale is 0 inside the block.
+    """The model as it was before this stage's adapters, without a second copy of the weights.
 
-    y = W x + s * B A x with s = 0 is exactly W x, so a reference model costs no second copy
-    of the weights. (DoRA's magnitude rescales W itself; it is not switched off here.)
+    Each of this stage's LoRA / DoRA layers is swapped for the layer it wraps, W, for the
+    duration: y = W x exactly, and the adapter's own matmuls are not run at all. W is the base
+    with earlier stages' adapters: fused into a float base, or stacked underneath, unfused, on
+    a quantized one.
     """
-    layers = [m for _, m in model.named_modules() if isinstance(m, LoRALinear)]
-    scales = [m.scale for m in layers]
-    for m in layers:
-        m.scale = 0.0
+    names = [n for n, m in model.named_modules() if isinstance(m, LORA) and "lora_a" in m.trainable_parameters()]
+    layers = dict(model.named_modules())
+    model.update_modules(tree_unflatten([(n, layers[n].linear) for n in names]))
     try:
         yield model
     finally:
-        for m, s in zip(layers, scales):
-            m.scale = s
+        model.update_modules(tree_unflatten([(n, layers[n]) for n in names]))
 
 
 def trainable_weights(model: nn.Module) -> dict[str, mx.array]:
@@ -114,19 +149,29 @@ def load(model: nn.Module, folder: str | Path) -> dict:
         raise ModelError(f"{folder}: cannot read adapters ({e})\n"
                          "  fix: pass a stage folder holding adapters.safetensors and adapter_config.json")
     if config.get("fine_tune_type", "lora") != "full":
-        linear_to_lora_layers(model, config["num_layers"], config["lora_parameters"],
-                              use_dora=config.get("fine_tune_type") == "dora")
+        _stack(model, config["num_layers"], config["lora_parameters"], config.get("fine_tune_type") == "dora")
     model.load_weights(list(weights.items()), strict=False)
     return config
 
 
 def fuse(model: nn.Module) -> None:
-    """Fold LoRA/DoRA into float base weights (exact up to rounding)."""
+    """Fold LoRA/DoRA into float base weights (exact up to rounding), innermost stage first."""
     if is_quantized(model):
         raise ModelError("fusing adapters into a quantized base would round them away\n"
                          "  fix: chain stages on a float base")
-    fused = [(n, m.fuse()) for n, m in model.named_modules() if isinstance(m, (LoRALinear, DoRALinear))]
-    if fused:
-        from mlx.utils import tree_unflatten
-
+    while fused := [(n, m.fuse()) for n, m in model.named_modules()
+                    if isinstance(m, LORA) and not isinstance(m.linear, LORA)]:
         model.update_modules(tree_unflatten(fused))
+
+
+def next_stage(model: nn.Module) -> str:
+    """Make this stage's adapters part of the model the next stage starts from.
+
+    A float base: fuse them (exact). A quantized base: fusing would round them into 4-bit
+    weights, so they stay as they are, frozen, and the next stage's adapters wrap them.
+    """
+    if is_quantized(model):
+        model.freeze()
+        return "stacked"
+    fuse(model)
+    return "fused"

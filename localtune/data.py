@@ -357,6 +357,22 @@ class Batches:
     def state(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
 
+    @property
+    def served(self) -> int:
+        """Batches handed out so far (every epoch has the same number)."""
+        return self.epoch * self.batches_per_epoch + self.index
+
+    def upcoming(self):
+        """Example indices of the batches to come, without moving the cursor (not for packing)."""
+        epoch, index = self.epoch, self.index
+        plan = self._current()
+        while True:
+            if index >= len(plan):
+                epoch, index = epoch + 1, 0
+                plan = self._plan(epoch)
+            yield [int(i) for i in plan[index]]
+            index += 1
+
     def restore(self, state: dict) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 

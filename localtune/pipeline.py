@@ -63,12 +63,13 @@ def prepare(recipe: Recipe) -> Prepared:
         if fmt == "text":
             raise RecipeError(f"{recipe.eval.data}: exact-match evaluation needs prompt/completion or messages rows")
     folder = models.resolve(recipe.resolve(recipe.model.path), recipe.model.revision)
-    quantized = recipe.model.quantize is not None or "quantization" in models._config(folder)
-    if quantized and len(recipe.stages) > 1:
-        raise RecipeError(f"{recipe.source}: {len(recipe.stages)} stages on a quantized base: a later stage trains on "
-                          "top of the earlier ones by fusing their adapters into the base, and fusing into quantized "
-                          "weights would round them away\n  fix: chain stages on a float base (no [model] quantize, "
-                          "a float model folder), or run each stage as its own recipe")
+    if recipe.model.quantize is not None or "quantization" in models._config(folder):
+        for s in recipe.stages[1:]:
+            if s.adapter.type == "dora":  # the earlier stages' adapters stay unfused (adapters.next_stage)
+                raise RecipeError(f"{recipe.source}: [stages.{s.name}.adapter] type = \"dora\" cannot follow an "
+                                  "earlier stage on a quantized base: DoRA rescales the weight it wraps, and here "
+                                  "that weight is the 4-bit base plus the earlier, unfused adapters\n"
+                                  '  fix: use type = "lora" for this stage, or a float base')
     tokenizer = models.load_tokenizer(folder)
     train, valid = {}, {}
     for s in recipe.stages:
@@ -191,7 +192,9 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
             if prepared.eval_rows and stage.name not in task.get("stages", {}):  # what this stage alone did
                 task.setdefault("stages", {})[stage.name] = task_metric(f"after {stage.name}")
                 run.update_manifest(task=task)
-            adapters.fuse(model)  # the next stage trains on top of this one; refuses a quantized base
+            how = adapters.next_stage(model)  # fused into a float base; kept, frozen, on a quantized one
+            report(run.log(stage.name, 0, "event", event="info",
+                           message=f"{stage.name}'s adapters {how} under {recipe.stages[i + 1].name}'s"))
 
     if prepared.eval_rows:
         task["after"] = task_metric("after training")
@@ -236,6 +239,6 @@ def load_for_inference(target: str, until_stage: str | None = None):
         if not (path / name / "adapters.safetensors").exists():
             break  # a stage that has not saved yet
         if i:
-            adapters.fuse(model)  # earlier stages become part of the base
+            adapters.next_stage(model)  # earlier stages become part of the model (fused or stacked)
         adapters.load(model, path / name)
     return model, tokenizer

@@ -260,10 +260,6 @@ def _check_dpo(builder: _Builder, s: Stage, raw: dict, path: str) -> None:
         raise builder.fail(f"{path}.adapter.type", 'a dpo stage with adapter type "full" has no reference: the '
                            "reference is the model with this stage's adapters switched off",
                            'use type = "lora" or "dora"')
-    if s.adapter.type == "dora":
-        raise builder.fail(f"{path}.adapter.type", "dpo stages train LoRA adapters: DoRA's magnitude rescales the "
-                           "base weights, so switching it off for the reference is not implemented yet",
-                           'use type = "lora"')
     if s.packing:
         raise builder.fail(f"{path}.packing", "packing is not available for dpo stages (pairs are batched together)",
                            "remove packing = true")

