@@ -198,7 +198,7 @@ def make_loss(stage):
         """Mean over pairs of the chosen loss of h, plus sft_weight * the chosen responses' NLL per token (RPO).
 
         batch: inputs (2B, T), chosen rows first · reference_chosen, reference_rejected (B,), from
-        the cache; without them the reference pass runs here, in the same (compiled) graph.
+        the batch iterator; without them the reference pass runs here, in the same graph.
         Returns (L, B, metrics): rewards are beta * (log pi - log ref) per response.
         """
         if "reference_chosen" in batch:
@@ -371,7 +371,14 @@ def check_shared_prompts(model, batches, note) -> None:
     """Run the first batch both ways; share prompts only where that gives the same numbers."""
     from ..trainer import _to_mx
 
+    from ..models import CPUQuantizedLinear
+
     if not shares_prompts(model):
+        return
+    if any(isinstance(m, CPUQuantizedLinear) for _, m in model.named_modules()):
+        # on CPU every pass over a quantized base dequantizes it again: two passes cost more than they save
+        model.share_prompts = False
+        note("prompts are run once per response: on CPU a second pass would dequantize the 4-bit base again")
         return
     b = batches.collate([batches.dataset.examples[i] for i in next(batches.upcoming())])
     if "prompt" not in b.extras:
@@ -396,7 +403,7 @@ def setup(model, stage, batches, valid, steps, stage_dir, note):
     """(loss, batches carrying reference log-probs, fixed validation batches) for the one loop.
 
     reference = "auto" fills the cache as training reaches pairs, a pass at a time;
-    "precomputed" fills it all first; "live" runs the reference inside every step.
+    "precomputed" fills it all first; "live" runs the reference on every batch, nothing kept.
     """
     import time
 
@@ -418,7 +425,6 @@ def setup(model, stage, batches, valid, steps, stage_dir, note):
         live = WithReference(None, model, None)
         valid_batches = [live.attach(b) for b in data.eval_batches(valid, stage.batch_size, stage.eval_batches,
                                                                     collate_pairs)]
-    # without a cache the loss runs the reference pass itself, inside the compiled step
-    if cache is None:
-        return make_loss(stage), batches, valid_batches
+    # live: a separate no-gradient pass per batch; inside the step's graph it ran no faster and
+    # held its activations alongside the policy's (+4% peak on the small model, +15% on SmolLM2)
     return make_loss(stage), WithReference(batches, model, cache, steps * stage.grad_accum), valid_batches
