@@ -368,7 +368,7 @@ collate = collate_pairs
 
 
 def check_shared_prompts(model, batches, note) -> None:
-    """Run the first batch both ways; share prompts only where that gives the same numbers."""
+    """Run two pairs both ways; share prompts only where that gives the same numbers."""
     from ..trainer import _to_mx
 
     from ..models import CPUQuantizedLinear
@@ -380,7 +380,7 @@ def check_shared_prompts(model, batches, note) -> None:
         model.share_prompts = False
         note("prompts are run once per response: on CPU a second pass would dequantize the 4-bit base again")
         return
-    b = batches.collate([batches.dataset.examples[i] for i in next(batches.upcoming())])
+    b = batches.collate([batches.dataset.examples[i] for i in next(batches.upcoming())[:2]])  # 2 pairs: cheap
     if "prompt" not in b.extras:
         return
     batch = _to_mx(b)
@@ -396,7 +396,7 @@ def check_shared_prompts(model, batches, note) -> None:
         return
     rows, T = b.inputs.shape
     saved = 1 - (b.extras["prompt"].size + b.extras["response"].size) / (rows * T)
-    note(f"each prompt runs once for both of its responses ({saved:.0%} fewer tokens in the first batch)")
+    note(f"each prompt runs once for both of its responses ({saved:.0%} fewer tokens in the first two pairs)")
 
 
 def setup(model, stage, batches, valid, steps, stage_dir, note):
