@@ -259,6 +259,46 @@ def generate(target, prompt, max_tokens, stage):
 
 
 @cli.command()
+@click.argument("target")
+@click.option("--out", required=True, type=click.Path(), help="The folder to write (must not exist).")
+@click.option("--quantize", type=click.Choice(["4", "8"]), default=None,
+              help="Re-quantize the fused model (group size 64); default: a float model.")
+@click.option("--dequantize", is_flag=True, help="Accepted for mlx_lm.fuse users: a quantized base is always "
+              "dequantized before fusing (fusing into 4-bit weights would round the adapters away).")
+def fuse(target, out, quantize, dequantize):
+    """Fold a run's adapters (every stage, in order) into its base; checked against base + adapters."""
+    from .export import fuse as do_fuse
+
+    checks = do_fuse(target, out, quantize=int(quantize) if quantize else None, report=click.echo)
+    click.echo(f"fused model written to {out} (adapter effect kept: {checks['effect_kept']:.1%})")
+
+
+@cli.command()
+@click.argument("target")
+@click.option("--gguf", "as_gguf", is_flag=True, required=True, help="Write a GGUF file (the only format).")
+@click.option("--quant", type=click.Choice(["f16", "q8_0", "q4_0", "q4_k_m"]), default="f16", show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The .gguf file to write.")
+@click.option("--verify", is_flag=True, help="Load the file in llama.cpp and compare it with the MLX model.")
+def export(target, as_gguf, quant, out, verify):
+    """Export a run (RUN or RUN/stage, adapters fused) or a model folder to GGUF for llama.cpp."""
+    from . import export as ex
+
+    source = ex.resolve(target)
+    ex.check_architecture(ex.models_config(source), str(source.folder))  # before anything loads or is written
+    model, tokenizer, config, drift = ex.fused(source)
+    if source.run is not None:
+        click.echo(f"fused vs adapters: {drift.row()}")
+    counts = ex.write_gguf(model, config, source.folder, out, quant, source.name, source.license)
+    click.echo(f"{out}: {sum(counts.values())} tensors ({', '.join(f'{n} {k}' for k, n in counts.items())})")
+    if verify:
+        try:
+            ex.verify_gguf(out, model, tokenizer, quant, config, source.folder, report=click.echo)
+        except LocaltuneError:
+            Path(out).unlink(missing_ok=True)  # never leave a file that failed its check
+            raise
+
+
+@cli.command()
 def doctor():
     """Report the device, the BLAS in use, measured matmul GFLOP/s and the memory limit."""
     info = device.describe()
