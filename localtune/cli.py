@@ -281,21 +281,9 @@ def fuse(target, out, quantize, dequantize):
 @click.option("--verify", is_flag=True, help="Load the file in llama.cpp and compare it with the MLX model.")
 def export(target, as_gguf, quant, out, verify):
     """Export a run (RUN or RUN/stage, adapters fused) or a model folder to GGUF for llama.cpp."""
-    from . import export as ex
+    from .export import export_gguf
 
-    source = ex.resolve(target)
-    ex.check_architecture(ex.models_config(source), str(source.folder))  # before anything loads or is written
-    model, tokenizer, config, drift = ex.fused(source)
-    if source.run is not None:
-        click.echo(f"fused vs adapters: {drift.row()}")
-    counts = ex.write_gguf(model, config, source.folder, out, quant, source.name, source.license)
-    click.echo(f"{out}: {sum(counts.values())} tensors ({', '.join(f'{n} {k}' for k, n in counts.items())})")
-    if verify:
-        try:
-            ex.verify_gguf(out, model, tokenizer, quant, config, source.folder, report=click.echo)
-        except LocaltuneError:
-            Path(out).unlink(missing_ok=True)  # never leave a file that failed its check
-            raise
+    export_gguf(target, out, quant, verify, report=click.echo)
 
 
 @cli.command()

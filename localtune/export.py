@@ -566,3 +566,28 @@ def verify_gguf(path: str | Path, model, tokenizer, quant: str, config: dict | N
                              + "\n  ".join(problems))
     return {"quant": quant, **result.__dict__, "greedy_identical": same_text, "prompts": len(tokens),
             "max_kl": max_kl, "min_top1": min_top1}
+
+
+# ---------------------------------------------------------------------------------------------
+# The scripting entry point (the CLI's `export` calls it)
+
+
+def export_gguf(target: str, out: str | Path, quant: str = "f16", verify: bool = False, report=print) -> dict:
+    """RUN, RUN/stage or a model reference -> a GGUF file at `out`; with `verify`, checked in
+    llama.cpp (a file that fails is removed). Returns {"tensors": {type: n}, "fused": ..., "verify": ...}.
+    """
+    source = resolve(target)
+    check_architecture(models_config(source), str(source.folder))  # before anything loads or is written
+    model, tokenizer, config, drift = fused(source)
+    if source.run is not None:
+        report(f"fused vs adapters: {drift.row()}")
+    counts = write_gguf(model, config, source.folder, out, quant, source.name, source.license)
+    report(f"{out}: {sum(counts.values())} tensors ({', '.join(f'{n} {k}' for k, n in counts.items())})")
+    result = {"tensors": counts, "fused": drift.__dict__ if source.run is not None else None}
+    if verify:
+        try:
+            result["verify"] = verify_gguf(out, model, tokenizer, quant, config, source.folder, report=report)
+        except LocaltuneError:
+            Path(out).unlink(missing_ok=True)  # never leave a file that failed its check
+            raise
+    return result

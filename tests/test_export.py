@@ -123,3 +123,64 @@ def test_a_file_llama_cpp_does_not_reproduce_fails_loudly_and_is_removed(tmp_pat
     assert result.exit_code == 1
     assert "llama.cpp does not reproduce the model (the file was removed)" in result.output
     assert "beyond f16's tolerance" in result.output and not out.exists()
+
+
+def tiny_folder(tmp_path, small_model_path, model_type: str, tie: bool):
+    """A random model of another architecture, with the bundled model's tokenizer (vocab 3072)."""
+    import importlib
+    import shutil
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    config = {"model_type": model_type, "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "vocab_size": 3072,
+              "rope_theta": 50000.0, "tie_word_embeddings": tie, "max_position_embeddings": 512}
+    if model_type == "qwen3":
+        config["head_dim"] = 16
+    module = importlib.import_module(f"mlx_lm.models.{'llama' if model_type == 'mistral' else model_type}")
+    args = module.ModelArgs.from_dict(config)
+    mx.random.seed(0)
+    model = module.Model(args)
+    params = dict(tree_flatten(model.parameters()))
+    rng = np.random.default_rng(0)  # mlx-lm initialises biases and norms to constants: make them count
+    params = {k: (mx.array(rng.normal(1 if "norm" in k else 0, 0.2, v.shape), mx.float32)
+                  if k.endswith("bias") or "norm" in k else v) for k, v in params.items()}
+    folder = tmp_path / model_type
+    folder.mkdir()
+    mx.save_safetensors(str(folder / "model.safetensors"), params)
+    (folder / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(small_model_path / name, folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("model_type,tie", [("qwen2", False), ("qwen3", True), ("mistral", False)])
+def test_other_architectures_export_and_match_in_llama_cpp(tmp_path, small_model_path, model_type, tie):
+    # logits and greedy text only: transformers gives this artificial pairing (a Qwen config with
+    # the bundled SentencePiece tokenizer) Qwen2's own pre-tokenizer, so token ids are checked on
+    # the bundled model and SmolLM2 instead
+    import gguf
+
+    folder = tiny_folder(tmp_path, small_model_path, model_type, tie)
+    source = export.resolve(str(folder))
+    model, tokenizer, config, _ = export.fused(source)
+    out = tmp_path / f"{model_type}.gguf"
+    export.write_gguf(model, config, folder, out, "f16", model_type)
+    names = {t.name for t in gguf.GGUFReader(out).tensors}
+    assert ("output.weight" in names) is not tie
+    assert ("blk.0.attn_q_norm.weight" in names) is (model_type == "qwen3")
+    assert ("blk.0.attn_q.bias" in names) is (model_type == "qwen2")
+    llm = export._llama(out)
+    tokens = [[1, 17, 400, 23, 99, 1000, 5, 7], [1, 2000, 3, 40, 41, 42]]
+    p = export.parity(export.mlx_logits(model, tokens), [export.llama_logits(llm, t) for t in tokens])
+    assert p.mean_kl < 1e-4 and p.top1 == 1.0, p
+
+
+def test_fuse_fails_loudly_when_requantizing_erases_the_adapters(tmp_path, small_model_path):
+    recipe = write_recipe(tmp_path, small_model_path, steps=2, learning_rate=1e-6)  # a barely-moved adapter
+    assert invoke("run", recipe, "--no-tui", "--runs-dir", tmp_path / "runs").exit_code == 0
+    result = invoke("fuse", only_run(tmp_path / "runs"), "--out", tmp_path / "fused", "--quantize", "4")
+    assert result.exit_code == 1
+    assert "the fused model is not base + adapters" in result.output and "Nothing was written" in result.output
+    assert not (tmp_path / "fused").exists() and not list(tmp_path.glob(".fused*"))
