@@ -4,3 +4,11 @@ from .device import preload_blas
 preload_blas()  # must run before the first `import mlx` (see device.py)
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):  # `from localtune import fuse, export_gguf` without loading MLX at import
+    if name in ("fuse", "export_gguf"):
+        from . import export
+
+        return getattr(export, name)
+    raise AttributeError(f"module 'localtune' has no attribute {name!r}")

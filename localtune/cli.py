@@ -265,12 +265,17 @@ def generate(target, prompt, max_tokens, stage):
               help="Re-quantize the fused model (group size 64); default: a float model.")
 @click.option("--dequantize", is_flag=True, help="Accepted for mlx_lm.fuse users: a quantized base is always "
               "dequantized before fusing (fusing into 4-bit weights would round the adapters away).")
-def fuse(target, out, quantize, dequantize):
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (paths and check numbers).")
+def fuse(target, out, quantize, dequantize, as_json):
     """Fold a run's adapters (every stage, in order) into its base; checked against base + adapters."""
     from .export import fuse as do_fuse
 
-    checks = do_fuse(target, out, quantize=int(quantize) if quantize else None, report=click.echo)
-    click.echo(f"fused model written to {out} (adapter effect kept: {checks['effect_kept']:.1%})")
+    result = do_fuse(target, out, quantize=int(quantize) if quantize else None,
+                     report=(lambda _: None) if as_json else click.echo)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=1))
+    else:
+        click.echo(f"fused model written to {out} (adapter effect kept: {result.effect_kept:.1%})")
 
 
 @cli.command()
@@ -279,11 +284,15 @@ def fuse(target, out, quantize, dequantize):
 @click.option("--quant", type=click.Choice(["f16", "q8_0", "q4_0", "q4_k_m"]), default="f16", show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The .gguf file to write.")
 @click.option("--verify", is_flag=True, help="Load the file in llama.cpp and compare it with the MLX model.")
-def export(target, as_gguf, quant, out, verify):
+@click.option("--ollama", is_flag=True, help="Also write a Modelfile beside the file (ChatML templates).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (path, tensors, check numbers).")
+def export(target, as_gguf, quant, out, verify, ollama, as_json):
     """Export a run (RUN or RUN/stage, adapters fused) or a model folder to GGUF for llama.cpp."""
     from .export import export_gguf
 
-    export_gguf(target, out, quant, verify, report=click.echo)
+    result = export_gguf(target, out, quant, verify, ollama, report=(lambda _: None) if as_json else click.echo)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=1))
 
 
 @cli.command()

