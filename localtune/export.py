@@ -500,7 +500,7 @@ def _llama_quantizer():
 # f16 and q4_k_m (llama.cpp's own quantizer): absolute limits, llama.cpp vs the float MLX model,
 # (max mean KL, min top-1 agreement). q8_0 and q4_0 (our encoder): no worse than llama.cpp's own
 # quantizer given the same f16 weights, by REFERENCE_SLACK (KL x 1.25 + 0.005, top-1 - 4 points).
-TOLERANCE = {"f16": (1e-3, 0.98), "q4_k_m": (0.1, 0.85)}
+TOLERANCE = {"f16": (1e-3, 0.98), "q4_k_m": (0.15, 0.80)}  # q4_k_m: gross errors only
 REFERENCE_SLACK = (1.25, 0.005, 0.04)
 TRICKY = ["hello world", "  two  spaces and\ttab\n\nnewlines", "1234567890 3.14159 -42", "naïve café — 日本語 🙂",
           "<|im_start|>user\nhi<|im_end|>", "</s><s> <unk>", "UPPER lower MiXeD", "a" * 40]
