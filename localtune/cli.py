@@ -280,17 +280,34 @@ def fuse(target, out, quantize, dequantize, as_json):
 
 @cli.command()
 @click.argument("target")
-@click.option("--gguf", "as_gguf", is_flag=True, required=True, help="Write a GGUF file (the only format).")
+@click.option("--gguf", "as_gguf", is_flag=True, help="Write the model (adapters fused) as a GGUF file.")
+@click.option("--lora", "as_lora", is_flag=True,
+              help="Write only the run's LoRA adapters, as a GGUF LoRA adapter for llama.cpp's --lora.")
 @click.option("--quant", type=click.Choice(["f16", "q8_0", "q4_0", "q4_k_m"]), default="f16", show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The .gguf file to write.")
+@click.option("--base", type=click.Path(dir_okay=False),
+              help="With --lora --verify: the base .gguf to apply it to (default: the run's base GGUF).")
 @click.option("--verify", is_flag=True, help="Load the file in llama.cpp and compare it with the MLX model.")
 @click.option("--ollama", is_flag=True, help="Also write a Modelfile beside the file (ChatML templates).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (path, tensors, check numbers).")
-def export(target, as_gguf, quant, out, verify, ollama, as_json):
-    """Export a run (RUN or RUN/stage, adapters fused) or a model folder to GGUF for llama.cpp."""
-    from .export import export_gguf
+def export(target, as_gguf, as_lora, quant, out, base, verify, ollama, as_json):
+    """Export a run (RUN or RUN/stage) or a model folder to GGUF for llama.cpp: the whole model
+    with the adapters fused (--gguf), or the adapters alone (--lora)."""
+    report = (lambda _: None) if as_json else click.echo
+    if as_gguf == as_lora:
+        raise click.UsageError("choose one of --gguf (the fused model) or --lora (the adapters alone)")
+    if as_lora:
+        from .gguf_lora import export_lora
 
-    result = export_gguf(target, out, quant, verify, ollama, report=(lambda _: None) if as_json else click.echo)
+        if quant != "f16" or ollama:
+            raise click.UsageError("--lora writes f16 adapters; --quant and --ollama apply to --gguf only")
+        result = export_lora(target, out, base, verify, report=report)
+    else:
+        from .export import export_gguf
+
+        if base:
+            raise click.UsageError("--base applies to --lora only")
+        result = export_gguf(target, out, quant, verify, ollama, report=report)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=1))
 

@@ -8,6 +8,7 @@ llama.cpp (llama-cpp-python) and compares its logits, tokens and greedy text wit
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -400,11 +401,8 @@ def write_gguf(model: nn.Module, config: dict, tokenizer_folder: Path, out: str 
              "q4_0": gguf.GGMLQuantizationType.Q4_0}[quant]
     ftype = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
              "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant]
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
     counts: dict[str, int] = {}
-    try:
-        w = gguf.GGUFWriter(tmp, arch)
+    with atomic_gguf(out, arch) as w:
         w.add_type("model")
         w.add_name(name)
         if license:
@@ -446,6 +444,19 @@ def write_gguf(model: nn.Module, config: dict, tokenizer_folder: Path, out: str 
             else:
                 w.add_tensor(tname, gguf.quants.quantize(array, kind), raw_dtype=kind)
             counts[kind.name] = counts.get(kind.name, 0) + 1
+    return counts
+
+
+@contextlib.contextmanager
+def atomic_gguf(out: Path, arch: str):
+    """A GGUFWriter on a temp file beside `out`: written and renamed into place when the block ends."""
+    import gguf
+
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        w = gguf.GGUFWriter(tmp, arch)
+        yield w
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -453,7 +464,6 @@ def write_gguf(model: nn.Module, config: dict, tokenizer_folder: Path, out: str 
         _publish(tmp, out)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    return counts
 
 
 def _publish(tmp: str, out: Path) -> None:

@@ -269,3 +269,64 @@ def test_ollama_refuses_a_template_it_cannot_translate_before_writing(tmp_path, 
     result = invoke("export", folder, "--gguf", "--out", tmp_path / "m.gguf", "--ollama")
     assert result.exit_code == 1 and "this chat template is not ChatML" in result.output
     assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "Modelfile").exists()
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float base", "QLoRA base"])
+def test_lora_adapter_of_both_stages_applies_to_the_base_in_llama_cpp(tmp_path, trained_run, quantized):
+    import gguf
+
+    out = tmp_path / "adapter.gguf"
+    result = invoke("export", trained_run(quantized), "--lora", "--out", out, "--verify", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["stages"] == ["sft", "sft2"] and data["rank"] == {"8": 42}  # two rank-4 stages, 6 x 7 layers
+    assert data["verify"]["effect_llama_cpp"] == pytest.approx(data["verify"]["effect_mlx"], rel=0.05)
+    assert data["verify"]["mean_kl"] <= data["verify"]["max_kl"]
+    reader = gguf.GGUFReader(out)
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
+    assert fields["general.architecture"] == "llama" and "adapter.lora.alpha" not in fields
+    shapes = {t.name: tuple(int(n) for n in t.shape) for t in reader.tensors}  # ggml order: (ne0, ne1)
+    assert shapes["blk.0.attn_q.weight.lora_a"] == (256, 8) and shapes["blk.0.attn_q.weight.lora_b"] == (8, 256)
+    assert shapes["blk.5.ffn_down.weight.lora_a"] == (704, 8) and len(shapes) == 84
+    assert not list(tmp_path.glob(".*"))  # the temporary base export is gone
+
+
+def test_lora_adapter_without_the_q_k_row_order_is_caught_and_removed(tmp_path, trained_run, monkeypatch):
+    from localtune import gguf_lora
+
+    monkeypatch.setattr(gguf_lora, "_permute", lambda w, heads: w)
+    out = tmp_path / "adapter.gguf"
+    result = invoke("export", trained_run(False), "--lora", "--out", out, "--verify")
+    assert result.exit_code == 1, result.output
+    assert "llama.cpp with the adapter does not reproduce base + adapters" in result.output and not out.exists()
+
+
+def test_lora_export_refuses_a_dora_stage_before_writing(tmp_path, small_model_path):
+    recipe = write_recipe(tmp_path, small_model_path, steps=1)
+    recipe.write_text(recipe.read_text().replace("[stages.adapter]\n", '[stages.adapter]\ntype = "dora"\n'))
+    assert invoke("run", recipe, "--no-tui", "--runs-dir", tmp_path / "runs").exit_code == 0
+    result = invoke("export", only_run(tmp_path / "runs"), "--lora", "--out", tmp_path / "a.gguf")
+    assert result.exit_code == 1
+    assert "a dora stage cannot be a GGUF LoRA adapter" in result.output and "--gguf --out FILE.gguf" in result.output
+    assert not (tmp_path / "a.gguf").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "choose one of --gguf (the fused model) or --lora (the adapters alone)"),
+    (["--gguf", "--lora"], "choose one of --gguf"),
+    (["--lora", "--quant", "q8_0"], "--lora writes f16 adapters"),
+    (["--gguf", "--base", "b.gguf"], "--base applies to --lora only"),
+])
+def test_export_mode_mistakes_are_usage_errors(tmp_path, small_model_path, args, message):
+    result = invoke("export", small_model_path, *args, "--out", tmp_path / "x.gguf")
+    assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_python_api_exports_the_lora_adapter_of_one_stage(tmp_path, trained_run):
+    from localtune import export_lora
+
+    result = export_lora(str(trained_run(False) / "sft"), tmp_path / "sft.gguf", report=lambda _: None)
+    assert result.stages == ["sft"] and result.rank == {4: 42} and result.tensors == 84
+    assert result.size_bytes == (tmp_path / "sft.gguf").stat().st_size and result.verify is None
