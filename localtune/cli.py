@@ -66,12 +66,16 @@ def run(recipe, resume, no_tui, runs_dir):
         parsed = recipe_mod.parse((run_.path / "recipe.toml").read_text(), str(run_.path / "recipe.toml"), base_dir)
         if run_.status().get("state") == "done":
             raise LocaltuneError(f"{run_.path}: this run is already done; see {run_.path / 'report.md'}")
+        gate = _gate(parsed, lambda: run_)
         prepared = prepare(parsed)
     else:
         parsed = recipe_mod.load(recipe)
+        create = lambda: Run.create(runs_dir or parsed.runs_dir, parsed.name, Path(recipe).read_text())  # noqa: E731
+        gate = _gate(parsed, create)  # before any model loads; a block still leaves a run dir saying why
         prepared = prepare(parsed)  # data, model folder, tokenizer: all checked before anything is written
-        run_ = Run.create(runs_dir or parsed.runs_dir, parsed.name, Path(recipe).read_text())
+        run_ = create()
         base_dir = str(Path(parsed.base_dir).resolve())
+    run_.update_manifest(provenance=gate.to_dict())
     run_.request(paused=False)  # a pause left over from a killed process does not carry into this one
     device.warn_if_slow_blas(lambda m: click.echo(m, err=True))
     click.echo(f"run directory: {run_.path}")
@@ -79,6 +83,23 @@ def run(recipe, resume, no_tui, runs_dir):
         _train_with_tui(run_, base_dir)
     else:
         _train_here(run_, parsed, prepared)
+
+
+def _gate(parsed, make_run):
+    """The license and provenance gate. A block: status `blocked`, exit 3, nothing trained."""
+    from . import provenance
+
+    report = provenance.check_recipe(parsed)
+    for line in report.lines():
+        if not line.startswith("ALLOW"):
+            click.echo(line, err=True)
+    if report.verdict != "block":
+        click.echo(f"provenance: {report.verdict} ({len(report.sources)} sources checked)", err=True)
+        return report
+    run_ = make_run()
+    run_.update_manifest(provenance=report.to_dict())
+    run_.set_status(state="blocked", stage="gate", step=0)
+    raise provenance.Blocked(provenance.blocked_message(report, parsed.source) + f"\n  run directory: {run_.path}")
 
 
 def _train_here(run_, parsed, prepared) -> None:
@@ -310,6 +331,34 @@ def export(target, as_gguf, as_lora, quant, out, base, verify, ollama, as_json):
         result = export_gguf(target, out, quant, verify, ollama, report=report)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=1))
+
+
+@cli.group(name="license")
+def license_():
+    """The license and provenance gate, on its own."""
+
+
+@license_.command("check")
+@click.option("--teacher", "teachers", multiple=True, metavar="REF",
+              help="A teacher: folder, .gguf, repo id or bare model name (gpt-4o). Repeatable.")
+@click.option("--data", "datasets", multiple=True, type=click.Path(), metavar="PATH",
+              help="A JSONL file or a folder of them, with its dataset card. Repeatable.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"verdict": ..., "findings": [...]}.')
+@click.pass_context
+def license_check(ctx, teachers, datasets, as_json):
+    """May these teachers and datasets train a model? Exit 0 allow or warn, 3 block."""
+    from . import provenance
+
+    if not teachers and not datasets:
+        raise click.UsageError("give at least one --teacher REF or --data PATH")
+    report = provenance.Report([provenance.check_teacher(t) for t in teachers]
+                               + [provenance.check_data(d) for d in datasets])
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=1))
+    else:
+        click.echo("\n".join(report.lines()))
+        click.echo(f"verdict: {report.verdict}")
+    ctx.exit(3 if report.verdict == "block" else 0)
 
 
 @cli.command()

@@ -125,6 +125,19 @@ class Source:
     folder: Path  # the base model folder: config, tokenizer files
     name: str
     license: str | None
+    provenance: dict | None = None  # the run's data bill of materials
+
+    def metadata(self, report=print) -> tuple[str, dict]:
+        """(general.name, extra GGUF keys): the bill of materials, and a name prefix its licenses require."""
+        from .provenance import name_prefix
+
+        if not self.provenance:
+            return self.name, {}
+        name, prefix = self.name, name_prefix(self.provenance)
+        if prefix and not name.lower().startswith(prefix.lower()):
+            name = f"{prefix}-{name}"
+            report(f"general.name = {name!r}: a teacher's or dataset's license requires the prefix {prefix!r}")
+        return name, {"localtune.provenance": json.dumps(self.provenance, separators=(",", ":"))}
 
 
 def resolve(target: str) -> Source:
@@ -138,8 +151,13 @@ def resolve(target: str) -> Source:
         run = path
     elif (path.parent / "recipe.toml").exists():
         run, stage = path.parent, path.name
+    bom = None
     if run is not None:
-        folder = Path(Run.open(run).manifest().get("model", {}).get("folder", ""))
+        from .provenance import bill_of_materials
+
+        manifest = Run.open(run).manifest()
+        bom = bill_of_materials(manifest["provenance"]) if "provenance" in manifest else None
+        folder = Path(manifest.get("model", {}).get("folder", ""))
         if not (folder / "config.json").exists():
             raise LocaltuneError(f"{run}: the run has not loaded its model yet (no model folder in manifest.json)")
         name = run.name + (f"/{stage}" if stage else "")
@@ -148,7 +166,7 @@ def resolve(target: str) -> Source:
         name = folder.name
     card = folder / "localtune-import.json"
     license = json.loads(card.read_text()).get("license") if card.exists() else None
-    return Source(run, stage, folder, name, license)
+    return Source(run, stage, folder, name, license, bom)
 
 
 def models_config(source: Source) -> dict:
@@ -223,7 +241,8 @@ def fuse(target: str, out: str | Path, *, quantize: int | None = None, report=pr
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save(tmp, str(source.folder), model, tokenizer, config, donate_model=False)
-        (tmp / "localtune-fuse.json").write_text(json.dumps({"source": str(target), **result.to_dict()}, indent=2))
+        (tmp / "localtune-fuse.json").write_text(json.dumps({"source": str(target), **result.to_dict(),
+                                                             "provenance": source.provenance}, indent=2))
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -691,7 +710,8 @@ def export_gguf(target: str, out: str | Path, quant: str = "f16", verify: bool =
     modelfile = ollama_modelfile(tokenizer, Path(out).name) if ollama else None  # refuses before writing
     if source.run is not None:
         report(f"fused vs adapters: {drift.row()}")
-    counts = write_gguf(model, config, source.folder, out, quant, source.name, source.license)
+    name, extra = source.metadata(report)
+    counts = write_gguf(model, config, source.folder, out, quant, name, source.license, extra)
     result = ExportResult(Path(out), quant, counts, Path(out).stat().st_size, time.perf_counter() - t0,
                           drift if source.run is not None else None)
     report(f"{out}: {sum(counts.values())} tensors ({', '.join(f'{n} {k}' for k, n in counts.items())}), "

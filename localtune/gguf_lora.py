@@ -109,7 +109,7 @@ def lora_tensors(model, config: dict, arch: str):
         yield target + ".lora_b", b
 
 
-def write_lora_gguf(model, config: dict, out: Path, name: str) -> tuple[int, dict]:
+def write_lora_gguf(model, config: dict, out: Path, name: str, extra: dict | None = None) -> tuple[int, dict]:
     """Write the adapter atomically. Returns (tensor count, {total rank: layers})."""
     arch = check_architecture(config, name)
     count, ranks = 0, {}
@@ -117,6 +117,8 @@ def write_lora_gguf(model, config: dict, out: Path, name: str) -> tuple[int, dic
         w.add_type("adapter")
         w.add_string("adapter.type", "lora")
         w.add_name(name)
+        for key, value in (extra or {}).items():
+            w.add_string(key, value)
         for tname, array in lora_tensors(model, config, arch):
             w.add_tensor(tname, array.astype(np.float16))
             count += 1
@@ -211,7 +213,7 @@ def export_lora(target: str, out: str | Path, base: str | Path | None = None, ve
         raise LocaltuneError(f"--base {base}: no such file\n  fix: pass the base model's .gguf")
     stages = _lora_stages(source.run, source.stage)
     model, tokenizer, parsed = load_stacked(source.run, stages)
-    count, ranks = write_lora_gguf(model, config, out, source.name)
+    count, ranks = write_lora_gguf(model, config, out, *source.metadata(report))
     result = LoraExportResult(out, None, stages, count, ranks, out.stat().st_size, time.perf_counter() - t0)
     report(f"{out}: LoRA adapter of stages {', '.join(stages)}, {count} tensors, rank "
            f"{', '.join(f'{r} ({n} layers)' for r, n in ranks.items())}, {result.size_bytes / 1e6:.1f} MB")

@@ -56,6 +56,10 @@ def prepare(recipe: Recipe) -> Prepared:
     """Strict at the door: read, validate and tokenize every input before the model's weights load."""
     from . import models
 
+    for s in recipe.stages:
+        if s.kind not in METHODS:
+            raise RecipeError(f"{recipe.source}: [stages.{s.name}] kind = \"{s.kind}\" passes the license gate, "
+                              "but this version cannot train it yet\n  fix: remove the stage")
     raw = {s.name: _read_stage(recipe, s) for s in recipe.stages}
     eval_rows = None
     if recipe.eval.data:
@@ -110,7 +114,7 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
 
     manifest = run.manifest()
     done = manifest.get("stages_done", [])
-    if not manifest:
+    if "started" not in manifest:
         run.update_manifest(
             localtune=__version__, mlx=mx.__version__, python=platform.python_version(),
             device=device.describe(), recipe=recipe.source, base_dir=str(Path(recipe.base_dir).resolve()),
@@ -164,6 +168,10 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
             mx.random.seed(stage.seed)  # the same recipe gives the same adapter init
             adapter_config = adapters.attach(model, stage.adapter, f"{where}.adapter")
             adapter_config["base_model"] = str(prepared.folder)
+            if "provenance" in manifest:  # the data bill of materials travels with the adapters
+                from .provenance import bill_of_materials
+
+                adapter_config["provenance"] = bill_of_materials(manifest["provenance"])
             trainable, total = models.count_parameters(model)
             report(run.log(stage.name, 0, "event", event="stage_start",
                            message=f"{len(train_set)} examples, {trainable:,} trainable of "

@@ -19,9 +19,10 @@ except ModuleNotFoundError:  # Python 3.10
 
 from .errors import RecipeError
 
-STAGE_KINDS = ("sft", "dpo")
-PLANNED_STAGE_KINDS = ("reward", "ppo", "distill")
+STAGE_KINDS = ("sft", "dpo", "distill")
+PLANNED_STAGE_KINDS = ("reward", "ppo")
 DPO_KEYS = ("beta", "loss_type", "label_smoothing", "sft_weight", "reference")
+DISTILL_KEYS = ("teacher", "mode", "loss", "temperature", "jsd_beta", "top_k", "max_new_tokens")
 
 
 def _opt(default, *, min=None, max=None, choices=None, doc=""):
@@ -90,6 +91,14 @@ class Stage:
     sft_weight: float = _opt(0.0, min=0.0, doc="DPO: weight of an NLL term on the chosen responses (RPO)")
     reference: str = _opt("auto", choices=("auto", "precomputed", "live"),
                           doc="DPO: reference log-probs cached once per stage, or computed every step")
+    # distill only
+    teacher: Union[str, None] = _opt(None, doc="distill: a model reference, or the name of an earlier stage")
+    mode: str = _opt("logits", choices=("logits", "sequence"))
+    loss: str = _opt("forward_kl", choices=("forward_kl", "reverse_kl", "jsd"))
+    temperature: float = _opt(1.0, min=0.05, max=100.0)
+    jsd_beta: float = _opt(0.5, min=0.0, max=1.0)
+    top_k: int = _opt(64, min=1, doc="distill: teacher logits kept per position in the on-disk cache")
+    max_new_tokens: int = _opt(64, min=1, doc="distill sequence mode: the teacher's answer length")
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,17 @@ class EvalSpec:
 
 
 @dataclass(frozen=True)
+class Attest:
+    source: str = _opt("", doc="the teacher reference or data path, as written in the recipe")
+    reason: str = _opt("", doc="why you may use it anyway, e.g. a written agreement with the provider")
+
+
+@dataclass(frozen=True)
+class Provenance:
+    attest: list = _opt([])
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str = _opt("")
     seed: int = _opt(0)
@@ -109,6 +129,7 @@ class Recipe:
     model: ModelSpec = _opt(None)
     stages: list = _opt([])
     eval: EvalSpec = _opt(None)
+    provenance: Provenance = _opt(None)
     source: str = field(default="", compare=False)  # the recipe file, for error messages
     base_dir: str = field(default=".", compare=False)
 
@@ -122,7 +143,8 @@ class Recipe:
         return str(candidate) if candidate.exists() else p
 
 
-_NESTED = {"model": ModelSpec, "eval": EvalSpec, "adapter": Adapter, "quantize": Quantize}
+_NESTED = {"model": ModelSpec, "eval": EvalSpec, "adapter": Adapter, "quantize": Quantize,
+           "provenance": Provenance}
 _INTERNAL = {"source", "base_dir"}
 
 
@@ -177,7 +199,7 @@ class _Builder:
     def build(self, cls, raw: Any, path: str):
         if not isinstance(raw, dict):
             raise self.fail(path, f"[{_display(path)}] must be a table, got {type(raw).__name__}")
-        fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in _INTERNAL}
+        fields = {f.name: f for f in dataclasses.fields(cls) if cls is not Recipe or f.name not in _INTERNAL}
         hints = get_type_hints(cls)
         for key in raw:
             if key not in fields:
@@ -200,6 +222,19 @@ class _Builder:
     def value(self, name, hint, raw, path, meta):
         if name in _NESTED:
             return self.build(_NESTED[name], raw, path)
+        if name == "attest":
+            if not isinstance(raw, list):
+                raise self.fail(path, "provenance.attest must be a list of tables: [[provenance.attest]]")
+            out = []
+            for i, a in enumerate(raw):
+                entry = self.build(Attest, a, f"{path}[{i}]")
+                for key in ("source", "reason"):
+                    if not getattr(entry, key).strip():
+                        raise self.fail(f"{path}[{i}]", f"[[provenance.attest]] #{i + 1} has no {key}",
+                                        'give both: source = "gpt-4o" (as the recipe names it) and reason = '
+                                        '"written agreement with the provider, ref. 2026-114"')
+                out.append(entry)
+            return out
         if name == "stages":
             if not isinstance(raw, list) or not raw:
                 raise self.fail(path, "a recipe needs at least one [[stages]] table",
@@ -281,6 +316,8 @@ def parse(text: str, source: str = "<recipe>", base_dir: str = ".") -> Recipe:
                            'set path = "models/small", a Hugging Face repo id, or a .gguf file')
     if recipe.eval is None:
         recipe = dataclasses.replace(recipe, eval=EvalSpec())
+    if recipe.provenance is None:
+        recipe = dataclasses.replace(recipe, provenance=Provenance())
     if recipe.eval.format:
         try:
             re.compile(recipe.eval.format)
@@ -301,11 +338,18 @@ def parse(text: str, source: str = "<recipe>", base_dir: str = ".") -> Recipe:
         stage_raw = raw["stages"][i]
         if s.kind == "dpo":
             _check_dpo(builder, s, stage_raw, f"stages[{i}]")
-        else:
-            for key in DPO_KEYS:
-                if key in stage_raw:
-                    raise builder.fail(f"stages[{i}].{key}", f'{key} only applies to kind = "dpo" stages',
-                                       f"remove {key}, or set kind = \"dpo\"")
+        if s.kind == "distill" and not s.teacher:
+            raise builder.fail(f"stages[{i}]", f"[{_display(f'stages[{i}]')}] is a distill stage and needs a teacher",
+                               'add teacher = "models/small" (a model reference) or the name of an earlier stage')
+        if s.kind == "distill" and s.teacher in names[:-1]:
+            pass  # an earlier stage's model
+        elif s.kind == "distill" and s.teacher == name:
+            raise builder.fail(f"stages[{i}].teacher", f'stage "{name}" cannot be its own teacher')
+        for kind, keys in (("dpo", DPO_KEYS), ("distill", DISTILL_KEYS)):
+            for key in keys:
+                if key in stage_raw and s.kind != kind:
+                    raise builder.fail(f"stages[{i}].{key}", f'{key} only applies to kind = "{kind}" stages',
+                                       f"remove {key}, or set kind = \"{kind}\"")
         if s.steps == 0 and s.epochs == 0:
             raise builder.fail(f"stages[{i}]", f"[{_display(f'stages[{i}]')}] sets neither steps nor epochs",
                                "add steps = 100 (optimizer steps) or epochs = 1")

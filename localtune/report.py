@@ -76,6 +76,10 @@ def write_report(run, recipe, manifest: dict) -> str:
                       f"| DPO preference accuracy (reward chosen > reward rejected) | — | "
                       f"{r['eval_preference_accuracy']:.1%} |",
                       f"| DPO reward margin | 0 | {r['eval_reward_margin']:+.3f} |"]
+    if "provenance" in manifest:
+        from .provenance import report_lines
+
+        lines += report_lines(manifest["provenance"])
     lines += ["", "## Outputs", ""]
     for s in recipe.stages:
         lines.append(f"- `{s.name}/`: adapters (mlx-lm format: "
