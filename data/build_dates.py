@@ -47,22 +47,25 @@ def example(date: dt.date, rng: random.Random) -> tuple[str, str]:
 
 
 
+def distinct_dates(rng: random.Random, splits: dict) -> dict:
+    """{split: dates}: dates drawn without replacement, so no date is in two splits."""
+    span = (LAST - FIRST).days + 1
+    offsets = iter(rng.sample(range(span), sum(splits.values())))
+    return {split: [FIRST + dt.timedelta(days=next(offsets)) for _ in range(size)] for split, size in splits.items()}
+
+
 def main() -> None:
     rng = random.Random(SEED)
-    span = (LAST - FIRST).days + 1
-    offsets = rng.sample(range(span), sum(SPLITS.values()))  # distinct dates across all splits
     OUT.mkdir(exist_ok=True)
-    start = 0
-    for split, size in SPLITS.items():
+    for split, dates in distinct_dates(rng, SPLITS).items():
         rows = []
-        for offset in offsets[start:start + size]:
-            prompt, completion = example(FIRST + dt.timedelta(days=offset), rng)
+        for date in dates:
+            prompt, completion = example(date, rng)
             if split == "test":
                 rows.append({"prompt": prompt, "completion": completion})
             else:
                 rows.append({"messages": [{"role": "user", "content": prompt},
                                           {"role": "assistant", "content": completion}]})
-        start += size
         with open(OUT / f"{split}.jsonl", "w") as f:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         print(f"{split}: {len(rows)} rows")

@@ -25,6 +25,8 @@ def _format_of(row: dict) -> str | None:
         return "completion"
     if "text" in row:
         return "text"
+    if "prompt" in row:
+        return "prompt"  # prompts only: the teacher answers them (distill, mode = "sequence")
     return None
 
 
@@ -53,6 +55,9 @@ def _check_row(row, where: str, fmt: str) -> None:
             elif not isinstance(value, str) or not value:
                 raise DataError(f'{where}: "{key}" must be a non-empty string or a list of messages, '
                                 f"got {type(value).__name__}")
+    elif fmt == "prompt":
+        if not isinstance(row["prompt"], (str, list)) or not row["prompt"]:
+            raise DataError(f'{where}: "prompt" must be a non-empty string or a list of messages')
     elif fmt == "completion":
         for key in ("prompt", "completion"):
             if not isinstance(row[key], str):

@@ -52,3 +52,23 @@ def exact_match(model, tokenizer, rows: list[dict], max_tokens: int, limit: int,
         result["format"] = format
         result["well_formed"] = sum(bool(pattern.fullmatch(normalize(a))) for a in answers) / len(answers)
     return result
+
+
+def decode_speed(model, tokenizer, prompt, tokens: int = 64) -> float:
+    """Greedy decoding tokens/s at batch 1 (a KV cache, no stop at EOS), after one warm-up run."""
+    import time
+
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    enc = Encoder(tokenizer)
+    ids = mx.array(enc.prompt_tokens(prompt) if isinstance(prompt, str) else
+                   enc.template(prompt, add_generation_prompt=True))
+    model.eval()
+    with inference_weights(model):
+        for _ in generate_step(ids, model, max_tokens=4):
+            pass
+        t0 = time.perf_counter()
+        for _ in generate_step(ids, model, max_tokens=tokens):
+            pass
+        return tokens / (time.perf_counter() - t0)

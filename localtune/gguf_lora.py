@@ -46,14 +46,9 @@ class LoraExportResult:
 
 def _lora_stages(run: Path, stage: str | None) -> list[str]:
     """The stages to export, each checked to be plain LoRA (DoRA and full weights have no GGUF form)."""
-    from . import recipe as recipe_mod
-    from .run import Run
+    from .pipeline import chain
 
-    parsed = recipe_mod.parse((run / "recipe.toml").read_text(), str(run / "recipe.toml"),
-                              Run.open(run).manifest().get("base_dir", "."))
-    names = [s.name for s in parsed.stages]
-    names = names[: names.index(stage) + 1] if stage in names else names
-    done = [n for n in names if (run / n / "adapters.safetensors").exists()]
+    done = [s.name for s in chain(run, stage)[1] if (run / s.name / "adapters.safetensors").exists()]
     if not done:
         raise LocaltuneError(f"{run}: no stage has saved adapters yet\n  fix: train first (localtune run)")
     for name in done:
@@ -67,17 +62,21 @@ def _lora_stages(run: Path, stage: str | None) -> list[str]:
 
 def load_stacked(run: Path, stages: list[str]):
     """Base + every stage's LoRA, each stage wrapping the one before and none fused."""
-    from . import adapters, models, recipe as recipe_mod
-    from .run import Run
+    from . import adapters
+    from .pipeline import chain, chain_base
 
-    parsed = recipe_mod.parse((run / "recipe.toml").read_text(), str(run / "recipe.toml"),
-                              Run.open(run).manifest().get("base_dir", "."))
-    model, tokenizer, _, _ = models.load(parsed.resolve(parsed.model.path), parsed.model.revision,
-                                         parsed.model.quantize)
+    parsed, chained = chain(run, stages[-1])
+    model, tokenizer, _ = chain_base(parsed, chained)
     for name in stages:
         model.freeze()
         adapters.load(model, run / name)
     return model, tokenizer, parsed
+
+
+def stages_of(source) -> list:
+    from .pipeline import chain
+
+    return chain(source.run, source.stage)[1]
 
 
 def lora_tensors(model, config: dict, arch: str):
@@ -219,7 +218,9 @@ def export_lora(target: str, out: str | Path, base: str | Path | None = None, ve
            f"{', '.join(f'{r} ({n} layers)' for r, n in ranks.items())}, {result.size_bytes / 1e6:.1f} MB")
     if not verify:
         return result
-    base = Path(base) if base else _base_gguf(source.folder, parsed.model.quantize)
+    first = stages_of(source)[0]
+    student = first.kind == "distill" and first.student
+    base = Path(base) if base else _base_gguf(source.folder, None if student else parsed.model.quantize)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".base.") as tmp:
         if base is None:  # a folder (or in-memory quantized) base: check against its f16 export
             base = Path(tmp) / "base-f16.gguf"

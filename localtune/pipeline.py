@@ -13,7 +13,11 @@ from .errors import LocaltuneError, RecipeError
 from .recipe import Recipe, Stage
 from .run import Run
 
-METHODS = {"sft": "localtune.methods.sft", "dpo": "localtune.methods.dpo"}
+METHODS = {"sft": "localtune.methods.sft", "dpo": "localtune.methods.dpo", "distill": "localtune.methods.distill"}
+FORMATS = {"sft": ("messages", "completion", "text"), "dpo": ("preference",),
+           "distill": ("messages", "completion", "text"), "sequence": ("prompt", "messages", "completion")}
+WANT = {"preference": '{"prompt", "chosen", "rejected"}', "prompt": '{"prompt"}', "messages": '{"messages"}',
+        "completion": '{"prompt", "completion"}', "text": '{"text"}'}
 
 
 def _sha256(path: str | Path) -> str:
@@ -37,11 +41,14 @@ class Prepared:
 
 def _read_stage(recipe: Recipe, s: Stage):
     rows, fmt = data.read_jsonl(recipe.resolve(s.data))
-    if (s.kind == "dpo") != (fmt == "preference"):
-        want = '{"prompt", "chosen", "rejected"} rows' if s.kind == "dpo" else 'messages, prompt/completion or text rows'
-        raise RecipeError(f"{recipe.resolve(s.data)}: a {s.kind} stage needs {want}, but this file has {fmt!r} rows\n"
-                          f"  fix: point [stages.{s.name}] data at the right file"
-                          + ('' if s.kind == "dpo" else ', or set kind = "dpo" for preference pairs'))
+    kind = "sequence" if s.kind == "distill" and s.mode == "sequence" else s.kind
+    if fmt not in FORMATS[kind]:
+        what = f"a {s.kind} stage" + (' with mode = "sequence"' if kind == "sequence" else "")
+        hint = {"preference": ', or set kind = "dpo" for preference pairs',
+                "prompt": ' (prompts alone are for kind = "distill" with mode = "sequence")'}.get(fmt, "")
+        raise RecipeError(f"{recipe.resolve(s.data)}: {what} needs {' or '.join(WANT[f] for f in FORMATS[kind])} "
+                          f"rows, but this file has {WANT[fmt]} rows\n"
+                          f"  fix: point [stages.{s.name}] data at the right file{hint}")
     valid = None
     if s.valid:
         valid, vfmt = data.read_jsonl(recipe.resolve(s.valid))
@@ -56,10 +63,6 @@ def prepare(recipe: Recipe) -> Prepared:
     """Strict at the door: read, validate and tokenize every input before the model's weights load."""
     from . import models
 
-    for s in recipe.stages:
-        if s.kind not in METHODS:
-            raise RecipeError(f"{recipe.source}: [stages.{s.name}] kind = \"{s.kind}\" passes the license gate, "
-                              "but this version cannot train it yet\n  fix: remove the stage")
     raw = {s.name: _read_stage(recipe, s) for s in recipe.stages}
     eval_rows = None
     if recipe.eval.data:
@@ -75,9 +78,15 @@ def prepare(recipe: Recipe) -> Prepared:
                                   "that weight is the 4-bit base plus the earlier, unfused adapters\n"
                                   '  fix: use type = "lora" for this stage, or a float base')
     tokenizer = models.load_tokenizer(folder)
+    for s in recipe.stages:
+        if s.kind == "distill":
+            _check_distill(recipe, s, tokenizer)
     train, valid = {}, {}
     for s in recipe.stages:
         rows, valid_rows, fmt = raw[s.name]
+        if s.kind == "distill" and s.mode == "sequence":  # encoded once the teacher has answered
+            train[s.name], valid[s.name] = (rows, fmt), ((valid_rows, fmt) if valid_rows else None)
+            continue
         if fmt == "preference":
             from .methods.dpo import encode_pairs
 
@@ -88,6 +97,48 @@ def prepare(recipe: Recipe) -> Prepared:
         valid[s.name] = encode(valid_rows, s.valid or "valid split") if valid_rows else None
         data.Batches(train[s.name], s.batch_size, s.seed, s.group_by_length, s.packing, s.max_seq_len)
     return Prepared(folder, tokenizer, train, valid, eval_rows)
+
+
+def _check_distill(recipe: Recipe, s: Stage, tokenizer) -> None:
+    """Before any weights load: the teacher and student can be found, and in logits mode they
+    share one vocabulary."""
+    from . import models
+    from .methods.distill import check_tokenizers
+
+    names = [x.name for x in recipe.stages]
+    teacher_folder = folder_of(recipe, s.teacher, f"[stages.{s.name}] teacher") \
+        if s.teacher not in names else None
+    student_folder = folder_of(recipe, s.student, f"[stages.{s.name}] student") if s.student else None
+    if s.mode == "logits" and (teacher_folder or student_folder):
+        teacher_tok = models.load_tokenizer(teacher_folder) if teacher_folder else tokenizer
+        student_tok = models.load_tokenizer(student_folder) if student_folder else tokenizer
+        check_tokenizers(teacher_tok, student_tok, s.teacher, s.student or recipe.model.path)
+
+
+def folder_of(recipe: Recipe, ref: str, what: str) -> Path:
+    """A model folder for a reference in the recipe: a folder, .gguf, repo id, or a run directory."""
+    from . import models
+    from .errors import ModelError
+
+    path = Path(recipe.resolve(ref))
+    if (path / "recipe.toml").exists() and (path / "manifest.json").exists():  # a run: its base's folder
+        return Path(Run.open(path).manifest().get("model", {}).get("folder", ""))
+    try:
+        return models.resolve(str(path) if path.exists() else ref)
+    except ModelError as e:
+        raise ModelError(f"{recipe.source}: {what} = {ref!r} cannot be loaded: {e.message}") from None
+
+
+def load_teacher(recipe: Recipe, ref: str, what: str):
+    """(model, tokenizer) of a teacher: a model reference, or a run directory (base + adapters)."""
+    from . import models
+
+    path = Path(recipe.resolve(ref))
+    if (path / "recipe.toml").exists() and (path / "manifest.json").exists():
+        return load_for_inference(str(path))
+    folder = folder_of(recipe, ref, what)
+    model, _ = models.load_model(folder)
+    return model, models.load_tokenizer(folder)
 
 
 def train_args(stage: Stage, steps: int):
@@ -153,9 +204,14 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
         stage_dir = run.stage_dir(stage.name)
         where = f"{recipe.source}: [stages.{stage.name}]"
         if stage.name in done:
+            if stage.kind == "distill" and stage.student:  # the chain continues from the student
+                model, tokenizer, _ = chain_base(recipe, [stage])
             adapters.load(model, stage_dir)
         else:
             train_set, valid_set = prepared.train[stage.name], prepared.valid[stage.name]
+            if stage.kind == "distill":
+                model, tokenizer, train_set, valid_set = _distill_inputs(recipe, stage, model, tokenizer, prepared,
+                                                                         run, report, task, stage_dir)
             if train_set.truncated or train_set.dropped:
                 report(run.log(stage.name, 0, "event", event="warning",
                                message=f"{train_set.truncated} of {len(train_set) + train_set.dropped} rows "
@@ -186,9 +242,12 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
             eval_fn = None
             if valid_batches:
                 eval_fn = lambda m, vb=valid_batches, f=loss_fn: trainer.evaluate_loss(m, f, vb)  # noqa: E731
+            heldout = eval_fn(model) if stage.kind == "distill" and eval_fn else None  # divergence to the teacher
             summary = trainer.train(model, loss_fn, batches, train_args(stage, steps), run=run,
                                     stage=stage.name, stage_dir=stage_dir, adapter_config=adapter_config,
                                     eval_fn=eval_fn, report=report)
+            if heldout is not None:
+                summary["heldout_before"], summary["heldout_after"] = heldout, eval_fn(model)
             summary.update(examples=len(train_set), truncated=train_set.truncated, trainable=trainable,
                            total_parameters=total)
             results[stage.name] = summary
@@ -208,6 +267,9 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
         task["after"] = task_metric("after training")
         if len(recipe.stages) > 1:
             task.setdefault("stages", {})[recipe.stages[-1].name] = task["after"]
+        if "teacher" in task and "student_tokens_per_sec" not in task:
+            task["student_tokens_per_sec"] = evaluate.decode_speed(model, tokenizer, prepared.eval_rows[0].get(
+                "prompt") or evaluate.prompt_and_answer(prepared.eval_rows[0])[0])
     run.update_manifest(task=task, finished=time.time())
     manifest = run.manifest()
     from .report import write_report
@@ -216,6 +278,86 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
     last = recipe.stages[-1].name
     run.set_status(state="done", stage=last, step=results.get(last, {}).get("step"))
     return manifest
+
+
+def _distill_inputs(recipe: Recipe, stage: Stage, model, tokenizer, prepared: Prepared, run: Run, report,
+                    task: dict, stage_dir: Path):
+    """Run the teacher once: its task metric and speed, then its top-k cache (logits mode) or its
+    answers (sequence mode). Then the student takes its place. Returns (model, tokenizer, train, valid)."""
+    import mlx.core as mx
+
+    from . import evaluate
+    from .methods import distill
+
+    def note(message):
+        report(run.log(stage.name, 0, "event", event="info", message=message))
+
+    if stage.teacher in [s.name for s in recipe.stages]:
+        teacher, teacher_tok, teacher_id = model, tokenizer, f"{run.path.name}/{stage.teacher}"
+    else:
+        teacher, teacher_tok = load_teacher(recipe, stage.teacher, f"[stages.{stage.name}] teacher")
+        teacher_id = stage.teacher
+    if prepared.eval_rows and "teacher" not in task:
+        result = evaluate.exact_match(teacher, teacher_tok, prepared.eval_rows, recipe.eval.max_tokens,
+                                      recipe.eval.limit, recipe.eval.format)
+        prompt = evaluate.prompt_and_answer(prepared.eval_rows[0])[0]
+        result["tokens_per_sec"] = evaluate.decode_speed(teacher, teacher_tok, prompt)
+        task["teacher"] = {**result, "model": teacher_id}
+        _log_task(run, f"of the teacher ({teacher_id})", result, report)
+    train_set, valid_set = prepared.train[stage.name], prepared.valid[stage.name]
+    if stage.mode == "logits":
+        for ds, name in ((train_set, "teacher_cache"), (valid_set, "teacher_valid_cache")):
+            if ds is None:
+                continue
+            key = distill.TeacherCache.key(ds, teacher_id, stage.top_k, stage.temperature)
+            path = stage_dir / f"{name}.safetensors"
+            cache = distill.TeacherCache.load(path, key)
+            if cache is None:
+                t0 = time.perf_counter()
+                cache = distill.TeacherCache.build(teacher, ds, stage.top_k, stage.temperature)
+                stage_dir.mkdir(parents=True, exist_ok=True)
+                cache.save(path, key)
+                note(distill.cache_summary(cache, len(teacher_tok.get_vocab()), time.perf_counter() - t0, len(ds)))
+            else:
+                note(f"teacher cache reused from {path}")
+            ds.teacher_cache = cache
+    else:
+        sets = []
+        for part, name in ((train_set, "generated"), (valid_set, "generated_valid")):
+            if part is None:
+                sets.append(None)
+                continue
+            rows, fmt = part
+            path = stage_dir / f"{name}.jsonl"
+            if not path.exists():
+                t0 = time.perf_counter()
+                prompts = [r["prompt"] if "prompt" in r else evaluate.prompt_and_answer(r)[0] for r in rows]
+                answers = evaluate.generate(teacher, teacher_tok, prompts, stage.max_new_tokens)
+                stage_dir.mkdir(parents=True, exist_ok=True)
+                distill.write_generated(path, [
+                    ({"messages": p + [{"role": "assistant", "content": a}]} if isinstance(p, list) else
+                     {"prompt": p, "completion": a}) | {"generator": teacher_id, "source": "localtune distill"}
+                    for p, a in zip(prompts, answers)])
+                note(f"the teacher answered {len(rows)} prompts in {time.perf_counter() - t0:.1f}s: {path}")
+            sets.append(data.read_jsonl(path))
+        train_set, valid_set = sets
+    if stage.student:
+        del teacher
+        model = None
+        mx.clear_cache()
+        model, tokenizer, _ = chain_base(recipe, [stage])
+        if prepared.eval_rows:
+            result = evaluate.exact_match(model, tokenizer, prepared.eval_rows, recipe.eval.max_tokens,
+                                          recipe.eval.limit, recipe.eval.format)
+            task["student_before"] = {**result, "model": stage.student}
+            _log_task(run, f"of the student ({stage.student}) before training", result, report)
+    if stage.mode == "sequence":
+        (rows, fmt), valid_rows = train_set, valid_set
+        train_set = data.encode(rows, fmt, tokenizer, stage.max_seq_len, stage.mask_prompt, str(stage_dir))
+        valid_set = data.encode(valid_rows[0], valid_rows[1], tokenizer, stage.max_seq_len, stage.mask_prompt,
+                                "generated_valid") if valid_rows else None
+    run.update_manifest(task=task)
+    return model, tokenizer, train_set, valid_set
 
 
 def _log_task(run: Run, when: str, result: dict, report) -> None:
@@ -227,26 +369,49 @@ def _log_task(run: Run, when: str, result: dict, report) -> None:
         run.log("eval", 0, "sample", when=when, **sample)
 
 
+def chain(target: str | Path, until_stage: str | None = None):
+    """(parsed recipe, the stages whose weights make the run's model, up to `until_stage`). A distill
+    stage with a `student` starts the chain again from that student."""
+    from . import recipe as recipe_mod
+
+    path = Path(target)
+    parsed = recipe_mod.parse((path / "recipe.toml").read_text(), str(path / "recipe.toml"),
+                              Run.open(path).manifest().get("base_dir", "."))
+    names = [s.name for s in parsed.stages]
+    if until_stage and until_stage not in names:
+        raise LocaltuneError(f"{target}: no stage {until_stage!r}; stages are {names}")
+    stages = parsed.stages[: names.index(until_stage) + 1] if until_stage else parsed.stages
+    start = max((i for i, s in enumerate(stages) if s.kind == "distill" and s.student), default=0)
+    return parsed, stages[start:]
+
+
+def chain_base(parsed: Recipe, stages: list) -> tuple:
+    """(model, tokenizer, folder) the chain starts from: the recipe's base, or a distill student."""
+    from . import models
+
+    if stages and stages[0].kind == "distill" and stages[0].student:
+        folder = folder_of(parsed, stages[0].student, f"[stages.{stages[0].name}] student")
+        model, _ = models.load_model(folder)
+        return model, models.load_tokenizer(folder), folder
+    model, tokenizer, _, folder = models.load(parsed.resolve(parsed.model.path), parsed.model.revision,
+                                              parsed.model.quantize)
+    return model, tokenizer, folder
+
+
 def load_for_inference(target: str, until_stage: str | None = None):
     """A run directory (base + every stage's adapters, in order) or a plain model reference."""
-    from . import adapters, models, recipe as recipe_mod
-    from .run import Run
+    from . import adapters, models
 
     path = Path(target)
     if not (path / "recipe.toml").exists():
         model, tokenizer, _, _ = models.load(target)
         return model, tokenizer
-    run = Run.open(path)
-    parsed = recipe_mod.parse((path / "recipe.toml").read_text(), str(path / "recipe.toml"),
-                              run.manifest().get("base_dir", "."))
-    names = [s.name for s in parsed.stages]
-    if until_stage and until_stage not in names:
-        raise LocaltuneError(f"{target}: no stage {until_stage!r}; stages are {names}")
-    model, tokenizer, _, _ = models.load(parsed.resolve(parsed.model.path), parsed.model.revision, parsed.model.quantize)
-    for i, name in enumerate(names[: names.index(until_stage) + 1] if until_stage else names):
-        if not (path / name / "adapters.safetensors").exists():
+    parsed, stages = chain(path, until_stage)
+    model, tokenizer, _ = chain_base(parsed, stages)
+    for i, stage in enumerate(stages):
+        if not (path / stage.name / "adapters.safetensors").exists():
             break  # a stage that has not saved yet
         if i:
             adapters.next_stage(model)  # earlier stages become part of the model (fused or stacked)
-        adapters.load(model, path / name)
+        adapters.load(model, path / stage.name)
     return model, tokenizer

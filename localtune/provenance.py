@@ -233,7 +233,9 @@ def check_teacher(ref: str, base_dir: str | Path = ".") -> Source:
     path = Path(ref) if Path(ref).is_absolute() else Path(base_dir) / ref
     if not path.exists() and Path(ref).exists():
         path = Path(ref)
-    if path.is_file() and path.suffix == ".gguf":
+    if (path / "recipe.toml").exists() and (path / "manifest.json").exists():
+        _run_teacher(source, path)
+    elif path.is_file() and path.suffix == ".gguf":
         _gguf_teacher(source, path)
     elif path.is_dir():
         _folder_teacher(source, path)
@@ -245,6 +247,21 @@ def check_teacher(ref: str, base_dir: str | Path = ".") -> Source:
     else:
         _named_teacher(source, ref)
     return source
+
+
+def _run_teacher(source: Source, run: Path) -> None:
+    """A localtune run as the teacher: its base model, and what its own gate found."""
+    manifest = json.loads((run / "manifest.json").read_text())
+    base = check_teacher(manifest.get("model", {}).get("path", ""), manifest.get("base_dir", "."))
+    source.license, source.findings = base.license, list(base.findings)
+    for upstream in manifest.get("provenance", {}).get("findings", []):
+        if upstream["verdict"] != "allow" or upstream["attested"]:
+            verdict = "block" if upstream["verdict"] == "block" else "warn"
+            note = f" (attested there: {upstream['attested']})" if upstream["attested"] else ""
+            source.findings.append(Finding(verdict, "provenance:teacher-run",
+                                           f"the teacher run used {upstream['kind']} {upstream['source']}, "
+                                           f"verdict {upstream['verdict']}{note}", [f"{run}/manifest.json"],
+                                           conditions=list(upstream["conditions"])))
 
 
 def _gguf_teacher(source: Source, path: Path) -> None:

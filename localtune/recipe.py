@@ -22,7 +22,7 @@ from .errors import RecipeError
 STAGE_KINDS = ("sft", "dpo", "distill")
 PLANNED_STAGE_KINDS = ("reward", "ppo")
 DPO_KEYS = ("beta", "loss_type", "label_smoothing", "sft_weight", "reference")
-DISTILL_KEYS = ("teacher", "mode", "loss", "temperature", "jsd_beta", "top_k", "max_new_tokens")
+DISTILL_KEYS = ("teacher", "student", "mode", "loss", "temperature", "jsd_beta", "top_k", "max_new_tokens")
 
 
 def _opt(default, *, min=None, max=None, choices=None, doc=""):
@@ -93,6 +93,7 @@ class Stage:
                           doc="DPO: reference log-probs cached once per stage, or computed every step")
     # distill only
     teacher: Union[str, None] = _opt(None, doc="distill: a model reference, or the name of an earlier stage")
+    student: Union[str, None] = _opt(None, doc="distill: a smaller model to train instead of the chain's model")
     mode: str = _opt("logits", choices=("logits", "sequence"))
     loss: str = _opt("forward_kl", choices=("forward_kl", "reverse_kl", "jsd"))
     temperature: float = _opt(1.0, min=0.05, max=100.0)
@@ -300,6 +301,22 @@ def _check_dpo(builder: _Builder, s: Stage, raw: dict, path: str) -> None:
                            "remove packing = true")
 
 
+def _check_distill(builder: _Builder, s: Stage, names: list[str], path: str) -> None:
+    name = names[-1]
+    if s.teacher == name:
+        raise builder.fail(f"{path}.teacher", f'stage "{name}" cannot be its own teacher')
+    if s.teacher in names[:-1] and not s.student:
+        raise builder.fail(f"{path}.teacher", f'teacher = "{s.teacher}" is the model this stage starts from: '
+                           "distilling it into itself does nothing",
+                           'add student = "models/smaller" (a smaller model that learns from it)')
+    if s.loss == "jsd" and not 0 < s.jsd_beta < 1:
+        raise builder.fail(f"{path}.jsd_beta", f"jsd_beta = {s.jsd_beta!r} must be strictly between 0 and 1 "
+                           "(at 0 or 1 the divergence is zero)", 'use 0.5, or loss = "forward_kl" / "reverse_kl"')
+    if s.packing:
+        raise builder.fail(f"{path}.packing", "packing is not available for distill stages",
+                           "remove packing = true")
+
+
 def parse(text: str, source: str = "<recipe>", base_dir: str = ".") -> Recipe:
     try:
         raw = tomllib.loads(text)
@@ -341,10 +358,8 @@ def parse(text: str, source: str = "<recipe>", base_dir: str = ".") -> Recipe:
         if s.kind == "distill" and not s.teacher:
             raise builder.fail(f"stages[{i}]", f"[{_display(f'stages[{i}]')}] is a distill stage and needs a teacher",
                                'add teacher = "models/small" (a model reference) or the name of an earlier stage')
-        if s.kind == "distill" and s.teacher in names[:-1]:
-            pass  # an earlier stage's model
-        elif s.kind == "distill" and s.teacher == name:
-            raise builder.fail(f"stages[{i}].teacher", f'stage "{name}" cannot be its own teacher')
+        if s.kind == "distill":
+            _check_distill(builder, s, names, f"stages[{i}]")
         for kind, keys in (("dpo", DPO_KEYS), ("distill", DISTILL_KEYS)):
             for key in keys:
                 if key in stage_raw and s.kind != kind:

@@ -27,6 +27,32 @@ def _per_stage(task: dict, recipe) -> list[str]:
     return lines
 
 
+def _distillation(task: dict, recipe, manifest: dict) -> list[str]:
+    """Teacher vs student: the task metric, the share of the gap closed, decoding speed, divergence."""
+    teacher, after = task["teacher"], task.get("after", {})
+    before = task.get("student_before", task["before"])
+    lines = ["", "## Distillation", "",
+             f"| | teacher (`{teacher['model']}`) | student before | student after |", "|---|---|---|---|",
+             f"| {teacher['metric']} | {teacher['value']:.1%} | {before['value']:.1%} | "
+             f"{_fmt(after.get('value'), '.1%')} |"]
+    speed = task.get("student_tokens_per_sec")
+    if speed:
+        lines.append(f"| decoding tokens/s (batch 1) | {teacher['tokens_per_sec']:.0f} | — | {speed:.0f} |")
+    gap = teacher["value"] - before["value"]
+    if after and gap > 0:
+        lines += ["", f"The student closed {(after['value'] - before['value']) / gap:.0%} of its gap to the teacher "
+                      f"on {teacher['metric']}" + (f", and decodes {speed / teacher['tokens_per_sec']:.2f}x as fast "
+                                                    "as the teacher" if speed else "") + "."]
+    for s in recipe.stages:
+        r = manifest.get("stage_results", {}).get(s.name, {})
+        if "heldout_before" in r:
+            name = "JSD" if s.loss == "jsd" else "KL"
+            lines.append(f"\nHeld-out {name} to the teacher ({s.name}, {s.loss}, T={s.temperature}): "
+                         f"{r['heldout_before'].get(name.lower(), float('nan')):.4f} before, "
+                         f"{r['heldout_after'].get(name.lower(), float('nan')):.4f} after.")
+    return lines
+
+
 def write_report(run, recipe, manifest: dict) -> str:
     lines = [f"# {recipe.name}", "",
              f"- model: `{manifest['model']['path']}` ({manifest['model'].get('parameters', 0) / 1e6:.1f}M "
@@ -76,15 +102,19 @@ def write_report(run, recipe, manifest: dict) -> str:
                       f"| DPO preference accuracy (reward chosen > reward rejected) | — | "
                       f"{r['eval_preference_accuracy']:.1%} |",
                       f"| DPO reward margin | 0 | {r['eval_reward_margin']:+.3f} |"]
+    if "teacher" in task:
+        lines += _distillation(task, recipe, manifest)
     if "provenance" in manifest:
         from .provenance import report_lines
 
         lines += report_lines(manifest["provenance"])
     lines += ["", "## Outputs", ""]
+    base = manifest['model'].get('folder', manifest['model']['path'])
     for s in recipe.stages:
+        if s.kind == "distill" and s.student:
+            base = recipe.resolve(s.student)
         lines.append(f"- `{s.name}/`: adapters (mlx-lm format: "
-                     f"`mlx_lm.generate --model {manifest['model'].get('folder', manifest['model']['path'])} "
-                     f"--adapter-path {run.path / s.name}`)")
+                     f"`mlx_lm.generate --model {base} --adapter-path {run.path / s.name}`)")
     text = "\n".join(lines) + "\n"
     atomic_write(run.path / "report.md", text)
     return text

@@ -266,3 +266,17 @@ def test_attestation_mistakes_are_recipe_errors(tmp_path, small_model_path, extr
     result = invoke("run", recipe, "--no-tui", "--runs-dir", tmp_path / "runs")
     assert result.exit_code == 2 and message in result.output
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_as_teacher_carries_its_base_and_its_own_gate(tmp_path, small_model_path):
+    recipe = write_recipe(tmp_path, small_model_path, steps=1)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({**json.loads(line), "model": "gpt-4"}) + "\n"
+                            for line in data.read_text().splitlines()))
+    recipe.write_text(recipe.read_text() + '\n[[provenance.attest]]\nsource = "train.jsonl"\nreason = "agreement"\n')
+    assert invoke("run", recipe, "--no-tui", "--runs-dir", tmp_path / "runs").exit_code == 0
+    source = provenance.check_teacher(str(only_run(tmp_path / "runs")))
+    assert source.license == "apache-2.0"  # the bundled base's card
+    carried = source.findings[-1]
+    assert carried.rule == "provenance:teacher-run" and "(attested there: agreement)" in carried.reason
+    assert source.verdict == "warn"

@@ -97,3 +97,16 @@ def test_smollm2_sft_dpo_qlora_chain_moves_a_real_model_to_the_chosen_format(in_
     # the reference is the SFT model, which does not yet prefer the chosen (ISO) answers
     assert dpo["eval_policy_prefers_chosen"] >= 0.8 > dpo["eval_reference_prefers_chosen"]
     assert "sft's adapters stacked under dpo's" in (run / "metrics.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_distill_recipe_student_closes_half_its_gap_and_decodes_faster(in_repo, tmp_path):
+    run, manifest = run_recipe(ROOT / "recipes/distill.toml", tmp_path)
+    task = manifest["task"]
+    teacher, before, after = task["teacher"]["value"], task["student_before"]["value"], task["after"]["value"]
+    assert teacher >= 0.8 and after - before >= 0.5 * (teacher - before), (teacher, before, after)
+    assert task["student_tokens_per_sec"] > task["teacher"]["tokens_per_sec"]
+    distill = manifest["stage_results"]["distill"]
+    assert distill["heldout_after"]["kl"] < 0.5 * distill["heldout_before"]["kl"]
+    report = (run / "report.md").read_text()
+    assert "of its gap to the teacher" in report and "as fast as the teacher" in report
