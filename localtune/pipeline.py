@@ -121,7 +121,10 @@ def folder_of(recipe: Recipe, ref: str, what: str) -> Path:
     from .errors import ModelError
 
     path = Path(recipe.resolve(ref))
-    if (path / "recipe.toml").exists() and (path / "manifest.json").exists():  # a run: its base's folder
+    if (path / "recipe.toml").exists() and (path / "manifest.json").exists():  # a run: its model's folder
+        parsed, stages = chain(path)
+        if stages and stages[0].kind == "distill" and stages[0].student:
+            return folder_of(parsed, stages[0].student, "student")
         return Path(Run.open(path).manifest().get("model", {}).get("folder", ""))
     try:
         return models.resolve(str(path) if path.exists() else ref)

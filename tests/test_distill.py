@@ -183,3 +183,49 @@ def test_bad_distill_inputs_are_clear_errors(tmp_path, small_model_path, stage, 
     result = invoke("run", recipe, "--no-tui", "--runs-dir", tmp_path / "runs")
     assert result.exit_code != 0 and message in result.output, result.output
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("*/distill"))
+
+
+def test_a_killed_distill_run_resumes_from_its_checkpoint_and_reuses_the_cache(tmp_path, small_model_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    recipe = _distill_recipe(tmp_path, small_model_path)
+    text = recipe.read_text().replace("steps = 4", "steps = 12").replace("save_every = 3", "save_every = 4")
+    recipe.write_text(text.replace("report_every = 2", "report_every = 1"))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    run_cmd = [sys.executable, "-m", "localtune.cli", "run", str(recipe), "--no-tui", "--runs-dir"]
+    straight = subprocess.run(run_cmd + [str(tmp_path / "a")], env=env, capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr
+    proc = subprocess.Popen(run_cmd + [str(tmp_path / "b")], env=env, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # checkpoint at 4; steps 5 and 6 are lost
+        if "step     6/12" in line:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait()
+    run = only_run(tmp_path / "b")
+    resumed = subprocess.run([sys.executable, "-m", "localtune.cli", "run", "--resume", str(run), "--no-tui"],
+                             env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "teacher cache reused from" in resumed.stdout and "resumed from checkpoint at step 4" in resumed.stdout
+    a = mx.load(str(only_run(tmp_path / "a") / "distill/adapters.safetensors"))
+    b = mx.load(str(run / "distill/adapters.safetensors"))
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), rtol=1e-4, atol=1e-5)
+
+
+def test_a_distilled_run_teaches_again_as_a_run_directory(tmp_path, small_model_path):
+    (tmp_path / "one").mkdir()
+    first = _distill_recipe(tmp_path / "one", small_model_path)
+    assert invoke("run", first, "--no-tui", "--runs-dir", tmp_path / "runs").exit_code == 0
+    teacher_run = only_run(tmp_path / "runs")
+    (tmp_path / "two").mkdir()
+    second = _distill_recipe(tmp_path / "two", small_model_path)
+    second.write_text(second.read_text().replace(f'teacher = "{small_model_path}"', f'teacher = "{teacher_run}"'))
+    result = invoke("run", second, "--no-tui", "--runs-dir", tmp_path / "runs2")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((only_run(tmp_path / "runs2") / "manifest.json").read_text())
+    assert manifest["task"]["teacher"]["model"] == str(teacher_run)
+    assert manifest["provenance"]["findings"][0]["source"] == str(teacher_run)
