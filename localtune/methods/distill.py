@@ -22,7 +22,7 @@ from ..adapters import save_arrays
 from ..errors import LocaltuneError
 from .logprobs import logits as model_logits
 
-CACHE_BATCH = 16  # examples per teacher pass
+CACHE_BATCH = 32  # examples per teacher pass
 
 # ---------------------------------------------------------------------------------------------
 # Divergences
@@ -116,24 +116,29 @@ class TeacherCache:
 
     @classmethod
     def build(cls, teacher_model, dataset: data.Dataset, k: int, temperature: float) -> "TeacherCache":
-        values, indices, offsets = [], [], [0]
+        """One teacher pass over the dataset, length-sorted to cut padding; only target rows are kept."""
+        examples = dataset.examples
+        rows_of: list = [None] * len(examples)
         teacher_model.eval()
-        for start in range(0, len(dataset), CACHE_BATCH):
-            examples = dataset.examples[start:start + CACHE_BATCH]
-            batch = data._collate(examples)
-            scores = teacher_model(mx.array(batch.inputs)).astype(mx.float32) / temperature
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i].tokens))
+        for start in range(0, len(order), CACHE_BATCH):
+            ids = order[start:start + CACHE_BATCH]
+            batch = data._collate([examples[i] for i in ids])
+            flat = np.flatnonzero(batch.loss_mask.reshape(-1))
+            scores = teacher_model(mx.array(batch.inputs)).astype(mx.float32)
+            scores = scores.reshape(-1, scores.shape[-1])[mx.array(flat)] / temperature
             logp = scores - mx.logsumexp(scores, axis=-1, keepdims=True)
-            top = mx.argpartition(-logp, kth=k - 1, axis=-1)[..., :k]
+            top = mx.argpartition(-logp, kth=k - 1, axis=-1)[:, :k]
             picked = mx.take_along_axis(logp, top, axis=-1)
             mx.eval(top, picked)
             top, picked = np.array(top), np.array(picked)
-            for b, e in enumerate(examples):
-                rows = np.flatnonzero(batch.loss_mask[b])
-                values.append(picked[b, rows])
-                indices.append(top[b, rows])
-                offsets.append(offsets[-1] + len(rows))
-        return cls(np.concatenate(values).astype(np.float32), np.concatenate(indices).astype(np.int32),
-                   np.array(offsets, np.int64))
+            row_of_flat = flat // batch.loss_mask.shape[1]
+            for b, i in enumerate(ids):
+                sel = row_of_flat == b
+                rows_of[i] = (picked[sel], top[sel])
+        offsets = np.cumsum([0] + [len(r[0]) for r in rows_of])
+        return cls(np.concatenate([r[0] for r in rows_of]).astype(np.float32),
+                   np.concatenate([r[1] for r in rows_of]).astype(np.int32), offsets.astype(np.int64))
 
     def save(self, path: Path, key: str) -> None:
         save_arrays(path, {"values": mx.array(self.values), "indices": mx.array(self.indices),
