@@ -27,6 +27,10 @@ def progress_line(record: dict) -> str | None:
                 f"ETA {_duration(record['eta_sec'])}")
     if kind == "eval":
         return f"{record['stage']:>8}  step {record['step']:>5}/{record['steps_total']}  eval loss {record['loss']:.4f}"
+    if kind == "guard":
+        budget = f" (budget {record['budget']:+.0%})" if "budget" in record else ""
+        return (f"{record['stage']:>8}  step {record['step']:>5}/{record['steps_total']}  general NLL "
+                f"{record['general_nll']:.4f}  {record['general_nll_increase']:+.2%} vs base{budget}")
     if kind == "event" and record.get("message"):
         prefix = "warning: " if record.get("event") == "warning" else ""
         return f"{record['stage']:>8}  {prefix}{record['message']}"
@@ -90,9 +94,8 @@ def _gate(parsed, make_run):
     from . import provenance
 
     report = provenance.check_recipe(parsed)
-    for line in report.lines():
-        if not line.startswith("ALLOW"):
-            click.echo(line, err=True)
+    for line in report.lines(quiet_allow=True):
+        click.echo(line, err=True)
     if report.verdict != "block":
         click.echo(f"provenance: {report.verdict} ({len(report.sources)} sources checked)", err=True)
         return report
@@ -331,6 +334,110 @@ def export(target, as_gguf, as_lora, quant, out, base, verify, ollama, as_json):
         result = export_gguf(target, out, quant, verify, ollama, report=report)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=1))
+
+
+@cli.command(name="eval")
+@click.argument("target")
+@click.option("--golden", type=click.Path(dir_okay=False), help="Golden JSONL (default: the run's [eval] data).")
+@click.option("--metric", type=click.Choice(["exact_match", "contains", "regex", "json", "loglik", "preference"]),
+              help="Task metric (default: the run's, else exact_match).")
+@click.option("--format", "pattern", help='Regex for --metric regex (and the well-formed share).')
+@click.option("--general", default=None, help='"bundled" (default), a JSONL file of {"text"} rows, or "none".')
+@click.option("--limit", type=int, default=None, help="Golden rows scored (default: the run's, else 100).")
+@click.option("--json", "as_json", is_flag=True)
+def eval_(target, golden, metric, pattern, general, limit, as_json):
+    """Task metric on a golden set and general NLL of MODEL, RUN or RUN/stage."""
+    import dataclasses
+
+    from . import data, evaluate
+    from .pipeline import chain, general_texts, load_for_inference
+    from .recipe import EvalSpec, Recipe
+
+    path, stage = Path(target), None
+    if not (path / "recipe.toml").exists() and (path.parent / "recipe.toml").exists():
+        path, stage = path.parent, path.name
+    if (path / "recipe.toml").exists():
+        parsed = chain(path, stage)[0]
+        spec = parsed.eval
+        if golden is None and spec.data:
+            golden = parsed.resolve(spec.data)
+    else:
+        parsed, spec = Recipe(eval=EvalSpec()), EvalSpec()
+    spec = dataclasses.replace(spec, **{k: v for k, v in (("metric", metric), ("format", pattern),
+                                                            ("general", general), ("limit", limit)) if v is not None})
+    if spec.general not in ("bundled", "none"):
+        spec = dataclasses.replace(spec, general=str(Path(spec.general).resolve()))
+    model, tokenizer = load_for_inference(str(path), stage) if (path / "recipe.toml").exists() else \
+        load_for_inference(target)
+    result = {"target": target}
+    if golden:
+        rows, _ = data.read_jsonl(golden)
+        result["task"] = evaluate.task(model, tokenizer, rows, spec) | {"golden": str(golden)}
+    texts = general_texts(dataclasses.replace(parsed, eval=spec))
+    if texts:
+        result["general"] = evaluate.general_nll(model, tokenizer, texts)
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+        return
+    if "task" in result:
+        t = result["task"]
+        value = f"{t['value']:.4f}" if t["metric"] == "loglik" else f"{t['value']:.1%}"
+        click.echo(f"{t['metric']}: {value} on {t['n']} rows of {golden}")
+    if "general" in result:
+        g = result["general"]
+        click.echo(f"general NLL: {g['nll']:.4f} nats/token (perplexity {g['perplexity']:.1f}) on {g['texts']} "
+                   f"texts, {g['tokens']:,} tokens")
+    if len(result) == 1:
+        click.echo("nothing to evaluate: give --golden FILE, or a run with [eval] data; general is none")
+
+
+@cli.group(name="data")
+def data_():
+    """Check training data against a golden set, and split data cleanly."""
+
+
+@data_.command("check")
+@click.argument("train", nargs=-1, required=True, type=click.Path())
+@click.option("--against", "golden", multiple=True, required=True, type=click.Path(),
+              help="The golden (test) set: a JSONL file or folder. Repeatable.")
+@click.option("--ngram", default=13, show_default=True, help="Words per n-gram for near duplicates.")
+@click.option("--near", default=0.5, show_default=True, help="Share of a golden row's n-grams that makes a near duplicate.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report, every overlap, as JSON.")
+@click.pass_context
+def data_check(ctx, train, golden, ngram, near, as_json):
+    """Exact and near duplicates between TRAIN and the golden set. Exit 0 clean, 1 overlap."""
+    from .contamination import check_files
+
+    report = check_files(train, golden, ngram, near)
+    click.echo(json.dumps(report.to_dict(), indent=1) if as_json else "\n".join(report.lines()))
+    ctx.exit(1 if report.overlaps else 0)
+
+
+@data_.command("split")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--test", "fraction", default=0.1, show_default=True, help="Share of rows for the test side.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--ngram", default=13, show_default=True)
+@click.option("--near", default=0.5, show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for train.jsonl and test.jsonl.")
+def data_split(path, fraction, seed, ngram, near, out):
+    """Split PATH into train and test with no exact or near duplicate across them."""
+    from .contamination import clean_split
+    from .run import atomic_write
+
+    if not 0 < fraction < 1:
+        raise click.BadParameter(f"{fraction} must be between 0 and 1", param_hint="--test")
+    out = Path(out)
+    if any((out / f).exists() for f in ("train.jsonl", "test.jsonl")):
+        raise LocaltuneError(f"{out}: already holds train.jsonl or test.jsonl\n  fix: choose a new folder")
+    from .contamination import read_rows
+
+    train, test, moved = clean_split(read_rows(path), fraction, seed, ngram, near)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", train), ("test", test)):
+        atomic_write(out / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for _, r in rows))
+    click.echo(f"{out / 'train.jsonl'}: {len(train)} rows · {out / 'test.jsonl'}: {len(test)} rows"
+               + (f" ({moved} rows that duplicate a test row moved to the test side)" if moved else ""))
 
 
 @cli.group(name="license")

@@ -37,6 +37,8 @@ class Prepared:
     train: dict  # stage name -> data.Dataset
     valid: dict  # stage name -> data.Dataset | None
     eval_rows: list | None
+    contamination: dict | None = None  # the firewall's report, when there is a golden set
+    general: list | None = None  # general-ability texts (the forgetting check)
 
 
 def _read_stage(recipe: Recipe, s: Stage):
@@ -67,8 +69,11 @@ def prepare(recipe: Recipe) -> Prepared:
     eval_rows = None
     if recipe.eval.data:
         eval_rows, fmt = data.read_jsonl(recipe.resolve(recipe.eval.data))
-        if fmt == "text":
-            raise RecipeError(f"{recipe.eval.data}: exact-match evaluation needs prompt/completion or messages rows")
+        want = ("preference",) if recipe.eval.metric == "preference" else ("completion", "messages")
+        if fmt not in want:
+            raise RecipeError(f"{recipe.eval.data}: [eval] metric = {recipe.eval.metric!r} needs "
+                              f"{' or '.join(WANT[f] for f in want)} rows, but this file has {WANT[fmt]} rows\n"
+                              "  fix: point [eval] data at the golden set, or choose another metric")
     folder = models.resolve(recipe.resolve(recipe.model.path), recipe.model.revision)
     if recipe.model.quantize is not None or "quantization" in models._config(folder):
         for s in recipe.stages[1:]:
@@ -77,6 +82,7 @@ def prepare(recipe: Recipe) -> Prepared:
                                   "earlier stage on a quantized base: DoRA rescales the weight it wraps, and here "
                                   "that weight is the 4-bit base plus the earlier, unfused adapters\n"
                                   '  fix: use type = "lora" for this stage, or a float base')
+    contamination = firewall(recipe)
     tokenizer = models.load_tokenizer(folder)
     for s in recipe.stages:
         if s.kind == "distill":
@@ -96,7 +102,39 @@ def prepare(recipe: Recipe) -> Prepared:
         train[s.name] = encode(rows, recipe.resolve(s.data))
         valid[s.name] = encode(valid_rows, s.valid or "valid split") if valid_rows else None
         data.Batches(train[s.name], s.batch_size, s.seed, s.group_by_length, s.packing, s.max_seq_len)
-    return Prepared(folder, tokenizer, train, valid, eval_rows)
+    return Prepared(folder, tokenizer, train, valid, eval_rows, contamination, general_texts(recipe))
+
+
+def general_texts(recipe: Recipe) -> list[str] | None:
+    """The general-ability texts: the bundled set, a JSONL file of {"text"} rows, or none."""
+    spec = recipe.eval
+    if spec.general == "none":
+        return None
+    path = Path(__file__).parent / "resources" / "general.jsonl" if spec.general == "bundled" else \
+        Path(recipe.resolve(spec.general))
+    rows, fmt = data.read_jsonl(path)
+    if fmt != "text":
+        raise RecipeError(f"{path}: [eval] general needs {{\"text\"}} rows (plain general text), got {WANT[fmt]} rows")
+    return [r["text"] for r in rows[: spec.general_limit]]
+
+
+def firewall(recipe: Recipe) -> dict | None:
+    """Every stage's training data against the golden set: blocked above max_contamination."""
+    from . import contamination as cont
+
+    if not recipe.eval.data:
+        return None
+    spec = recipe.eval
+    report = cont.check_files([recipe.resolve(s.data) for s in recipe.stages], [recipe.resolve(spec.data)],
+                              spec.ngram, spec.near_duplicate)
+    if report.share > spec.max_contamination:
+        raise cont.Contaminated(
+            f"{recipe.source}: training data overlaps the golden set [eval] data = {spec.data!r}; the scores "
+            "would mean nothing\n" + "\n".join(report.lines()) +
+            "\n  fix: remove those rows from the training data (or the golden set), or make a clean split with "
+            "`localtune data split FILE --test 0.1 --out DIR`; [eval] max_contamination = "
+            f"{spec.max_contamination} allows {spec.max_contamination:.1%} of golden rows")
+    return report.to_dict()
 
 
 def _check_distill(recipe: Recipe, s: Stage, tokenizer) -> None:
@@ -176,6 +214,15 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
             stages=[{"name": s.name, "kind": s.kind} for s in recipe.stages], stages_done=[], started=time.time(),
         )
     run.set_status(state="running", stage="load", step=0)
+    if prepared.contamination:
+        c = prepared.contamination
+        run.update_manifest(contamination={k: v for k, v in c.items() if k != "overlaps"} | {
+            "overlaps": c["overlaps"][:50]})
+        if c["contaminated_golden_rows"]:
+            report(run.log("load", 0, "event", event="warning", message=(
+                f"{c['contaminated_golden_rows']} of {c['golden_rows']} golden rows overlap the training data "
+                f"(within [eval] max_contamination); first: {c['overlaps'][0]['train']} ~ "
+                f"{c['overlaps'][0]['golden']}")))
 
     t0 = time.perf_counter()
     tokenizer = prepared.tokenizer
@@ -192,15 +239,26 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
 
     def task_metric(when: str) -> dict:
         report(run.log("eval", 0, "event", event="task_eval", message=f"task metric {when}..."))
-        result = evaluate.exact_match(model, tokenizer, prepared.eval_rows, recipe.eval.max_tokens,
-                                      recipe.eval.limit, recipe.eval.format)
+        result = evaluate.task(model, tokenizer, prepared.eval_rows, recipe.eval)
         _log_task(run, when, result, report)
+        return result
+
+    general = manifest.get("general", {})
+
+    def general_metric(when: str) -> dict:
+        result = evaluate.general_nll(model, tokenizer, prepared.general)
+        report(run.log("eval", 0, "event", event="general_metric", when=when, value=result["nll"],
+                       message=f"general NLL {when}: {result['nll']:.4f} nats/token (perplexity "
+                               f"{result['perplexity']:.1f}) on {result['texts']} texts"))
         return result
 
     task = manifest.get("task", {})
     if prepared.eval_rows and "before" not in task:
         task["before"] = task_metric("before training")
         run.update_manifest(task=task)
+    if prepared.general and "before" not in general:
+        general["before"] = general_metric("before training")
+        run.update_manifest(general=general)
 
     results = manifest.get("stage_results", {})
     for i, stage in enumerate(recipe.stages):
@@ -246,9 +304,15 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
             if valid_batches:
                 eval_fn = lambda m, vb=valid_batches, f=loss_fn: trainer.evaluate_loss(m, f, vb)  # noqa: E731
             heldout = eval_fn(model) if stage.kind == "distill" and eval_fn else None  # divergence to the teacher
+            guard = None
+            if prepared.general and recipe.eval.max_general_nll_increase is not None:
+                if stage.kind == "distill" and stage.student and "student_before" not in general:
+                    general["student_before"] = general_metric("of the student before training")
+                base = general.get("student_before" if stage.kind == "distill" and stage.student else "before")
+                guard = _guard(recipe, prepared, tokenizer, base["nll"])
             summary = trainer.train(model, loss_fn, batches, train_args(stage, steps), run=run,
                                     stage=stage.name, stage_dir=stage_dir, adapter_config=adapter_config,
-                                    eval_fn=eval_fn, report=report)
+                                    eval_fn=eval_fn, guard=guard, report=report)
             if heldout is not None:
                 summary["heldout_before"], summary["heldout_after"] = heldout, eval_fn(model)
             summary.update(examples=len(train_set), truncated=train_set.truncated, trainable=trainable,
@@ -258,6 +322,9 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
             run.update_manifest(stages_done=done, stage_results=results)
             report(run.log(stage.name, steps, "event", event="stage_done",
                            message=f"adapters saved in {stage_dir}"))
+        if prepared.general and stage.name not in general.get("stages", {}):
+            general.setdefault("stages", {})[stage.name] = general_metric(f"after {stage.name}")
+            run.update_manifest(general=general)
         if i + 1 < len(recipe.stages):
             if prepared.eval_rows and stage.name not in task.get("stages", {}):  # what this stage alone did
                 task.setdefault("stages", {})[stage.name] = task_metric(f"after {stage.name}")
@@ -283,6 +350,18 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
     return manifest
 
 
+def _guard(recipe: Recipe, prepared: Prepared, tokenizer, base_nll: float):
+    from . import evaluate
+    from .forgetting import Guard
+
+    spec = recipe.eval
+    task = None
+    if spec.on_forgetting == "best" and prepared.eval_rows:
+        task = lambda m: evaluate.task(m, tokenizer, prepared.eval_rows, spec)["value"]  # noqa: E731
+    return Guard(lambda m: evaluate.general_nll(m, tokenizer, prepared.general)["nll"], base_nll,
+                 spec.max_general_nll_increase, spec.guard_every, spec.on_forgetting, task)
+
+
 def _distill_inputs(recipe: Recipe, stage: Stage, model, tokenizer, prepared: Prepared, run: Run, report,
                     task: dict, stage_dir: Path):
     """Run the teacher once: its task metric and speed, then its top-k cache (logits mode) or its
@@ -301,8 +380,7 @@ def _distill_inputs(recipe: Recipe, stage: Stage, model, tokenizer, prepared: Pr
         teacher, teacher_tok = load_teacher(recipe, stage.teacher, f"[stages.{stage.name}] teacher")
         teacher_id = stage.teacher
     if prepared.eval_rows and "teacher" not in task:
-        result = evaluate.exact_match(teacher, teacher_tok, prepared.eval_rows, recipe.eval.max_tokens,
-                                      recipe.eval.limit, recipe.eval.format)
+        result = evaluate.task(teacher, teacher_tok, prepared.eval_rows, recipe.eval)
         prompt = evaluate.prompt_and_answer(prepared.eval_rows[0])[0]
         result["tokens_per_sec"] = evaluate.decode_speed(teacher, teacher_tok, prompt)
         task["teacher"] = {**result, "model": teacher_id}
@@ -350,8 +428,7 @@ def _distill_inputs(recipe: Recipe, stage: Stage, model, tokenizer, prepared: Pr
         mx.clear_cache()
         model, tokenizer, _ = chain_base(recipe, [stage])
         if prepared.eval_rows:
-            result = evaluate.exact_match(model, tokenizer, prepared.eval_rows, recipe.eval.max_tokens,
-                                          recipe.eval.limit, recipe.eval.format)
+            result = evaluate.task(model, tokenizer, prepared.eval_rows, recipe.eval)
             task["student_before"] = {**result, "model": stage.student}
             _log_task(run, f"of the student ({stage.student}) before training", result, report)
     if stage.mode == "sequence":

@@ -75,9 +75,11 @@ class Report:
     def to_dict(self) -> dict:
         return {"verdict": self.verdict, "findings": [s.to_dict() for s in self.sources]}
 
-    def lines(self) -> list[str]:
+    def lines(self, quiet_allow: bool = False) -> list[str]:
         out = []
         for s in self.sources:
+            if quiet_allow and s.verdict == "allow" and not s.attested:
+                continue
             license = f" (license: {s.license})" if s.license else ""
             out.append(f"{s.verdict.upper():5}  {s.kind} {s.ref}{license}")
             if s.attested:

@@ -105,10 +105,24 @@ class Stage:
 @dataclass(frozen=True)
 class EvalSpec:
     data: Union[str, None] = _opt(None, doc="held-out JSONL with prompt/completion or messages")
-    metric: str = _opt("exact_match", choices=("exact_match",))
-    format: Union[str, None] = _opt(None, doc="regex a well-formed answer must fully match (reported too)")
+    metric: str = _opt("exact_match", choices=("exact_match", "contains", "regex", "json", "loglik", "preference"))
+    format: Union[str, None] = _opt(None, doc="regex a well-formed answer must fully match (reported too; "
+                                              'the pattern of metric = "regex")')
+    required_keys: Union[list, None] = _opt(None, doc='metric = "json": keys the answer object must hold')
+    general: str = _opt("bundled", doc='general-ability text: "bundled", a JSONL file of {"text"} rows, or "none"')
+    general_limit: int = _opt(130, min=1, doc="general-ability texts used (the first N)")
+    max_general_nll_increase: Union[float, None] = _opt(None, min=0.0, doc="forgetting budget: relative increase "
+                                                                          "of general NLL over the base")
+    guard_every: int = _opt(50, min=1, doc="forgetting guard: steps between general-NLL checks")
+    on_forgetting: str = _opt("warn", choices=("warn", "stop", "best"))
     max_tokens: int = _opt(32, min=1)
     limit: int = _opt(100, min=1)
+    ngram: int = _opt(13, min=1, max=64, doc="contamination: words per n-gram for near duplicates")
+    near_duplicate: float = _opt(0.5, min=0.01, max=1.0,
+                                 doc="contamination: share of a golden row's n-grams that makes a near duplicate")
+    max_contamination: float = _opt(0.0, min=0.0, max=1.0,
+                                    doc="contamination: share of golden rows allowed to overlap training "
+                                        "(above it the run is blocked; any overlap at or below it warns)")
 
 
 @dataclass(frozen=True)
@@ -335,6 +349,11 @@ def parse(text: str, source: str = "<recipe>", base_dir: str = ".") -> Recipe:
         recipe = dataclasses.replace(recipe, eval=EvalSpec())
     if recipe.provenance is None:
         recipe = dataclasses.replace(recipe, provenance=Provenance())
+    if recipe.eval.metric == "regex" and not recipe.eval.format:
+        raise builder.fail("eval.metric", 'metric = "regex" needs the pattern in [eval] format',
+                           "add format = '\\d{4}-\\d{2}-\\d{2}' (a TOML literal string)")
+    if recipe.eval.metric == "json" and not recipe.eval.required_keys:
+        raise builder.fail("eval.metric", 'metric = "json" needs required_keys', 'add required_keys = ["name"]')
     if recipe.eval.format:
         try:
             re.compile(recipe.eval.format)

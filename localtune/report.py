@@ -27,6 +27,40 @@ def _per_stage(task: dict, recipe) -> list[str]:
     return lines
 
 
+def _general(general: dict, task: dict, recipe, manifest: dict) -> list[str]:
+    """General ability (mean NLL per token on general text) and the task metric, per stage."""
+    base = general["before"]
+    names = [s.name for s in recipe.stages if s.name in general.get("stages", {})]
+    head = ["base"] + [f"after {n}" for n in names]
+    nll = [base["nll"]] + [general["stages"][n]["nll"] for n in names]
+    lines = ["", "## General ability (forgetting check)", "",
+             f"Mean NLL per token on {base['texts']} general texts ({base['tokens']:,} tokens); lower is better.", "",
+             "| | " + " | ".join(head) + " |", "|---|" + "---|" * len(head),
+             "| general NLL | " + " | ".join(f"{x:.4f}" + (f" ({(x - nll[0]) / nll[0]:+.1%})" if i else "")
+                                          for i, x in enumerate(nll)) + " |"]
+    stages_task = task.get("stages", {})
+    if "before" in task:
+        cells = [task["before"]] + [stages_task.get(n) or (task.get("after") if n == recipe.stages[-1].name else None)
+                                    for n in names]
+        lines.append(f"| {task['before']['metric']} | " + " | ".join(
+            _fmt(c["value"], ".1%") if c else "—" for c in cells) + " |")
+    for s in recipe.stages:
+        f = manifest.get("stage_results", {}).get(s.name, {}).get("forgetting")
+        if not f or f["budget"] is None:
+            continue
+        last, kept = f["last"], f["kept"]
+        lines += ["", f"Forgetting guard on {s.name}: budget {f['budget']:.0%} over the base's {f['base_nll']:.4f}, "
+                      f"action `{f['action']}`, {len(f['checks'])} checks."]
+        if f["over_budget_from_step"] is not None:
+            lines.append(f"Over budget from step {f['over_budget_from_step']}.")
+        if kept and f["action"] != "warn":
+            lines.append(f"Kept the weights of step {kept['step']}: general NLL {kept['general_nll']:.4f} "
+                         f"({(kept['general_nll'] - f['base_nll']) / f['base_nll']:+.1%}), against "
+                         f"{last['general_nll']:.4f} ({last['general_nll_increase']:+.1%}) at the last check, "
+                         f"step {last['step']}.")
+    return lines
+
+
 def _distillation(task: dict, recipe, manifest: dict) -> list[str]:
     """Teacher vs student: the task metric, the share of the gap closed, decoding speed, divergence."""
     teacher, after = task["teacher"], task.get("after", {})
@@ -102,6 +136,8 @@ def write_report(run, recipe, manifest: dict) -> str:
                       f"| DPO preference accuracy (reward chosen > reward rejected) | — | "
                       f"{r['eval_preference_accuracy']:.1%} |",
                       f"| DPO reward margin | 0 | {r['eval_reward_margin']:+.3f} |"]
+    if manifest.get("general", {}).get("before"):
+        lines += _general(manifest["general"], task, recipe, manifest)
     if "teacher" in task:
         lines += _distillation(task, recipe, manifest)
     if "provenance" in manifest:

@@ -222,7 +222,7 @@ def _to_mx(batch) -> dict:
 
 
 def train(model, loss_fn, batches, args: TrainArgs, *, run, stage: str, stage_dir: Path,
-          adapter_config: dict, eval_fn=None, report=print) -> dict:
+          adapter_config: dict, eval_fn=None, guard=None, report=print) -> dict:
     """Train `args.steps` optimizer steps, resuming from stage_dir/checkpoint if present.
 
     Returns a summary dict (final step, last train/eval loss, tokens/s, peak memory).
@@ -259,6 +259,9 @@ def train(model, loss_fn, batches, args: TrainArgs, *, run, stage: str, stage_di
             micro = mx.compile(micro, inputs=state, outputs=state)
         apply = mx.compile(apply, inputs=state, outputs=state)
 
+    if guard is not None:
+        model.eval()
+        guard.start(model, start)
     model.train()
     window = _Window()
     summary = {"step": start}
@@ -313,6 +316,19 @@ def train(model, loss_fn, batches, args: TrainArgs, *, run, stage: str, stage_di
                 summary.update({f"eval_{k}": v for k, v in result.items() if k != "loss"})
                 report(run.log(stage, step, "eval", **result, steps_total=args.steps))
 
+            if guard is not None and (step % guard.every == 0 or step == args.steps):
+                model.eval()
+                result = guard.check(model, step)
+                model.train()
+                report(run.log(stage, step, "guard", **result, steps_total=args.steps))
+                if guard.stop:
+                    summary["stopped_at"] = step
+                    report(run.log(stage, step, "event", event="warning", message=(
+                        f"forgetting guard: general NLL {result['general_nll']:.4f} is "
+                        f"{result['general_nll_increase']:+.1%} over the base (budget {guard.budget:.0%}); "
+                        "stopping the stage")))
+                    break
+
             last = step == args.steps
             request = control.poll()  # read once per step; a pause waits for the next one
             asked = request.get("checkpoint")
@@ -328,6 +344,15 @@ def train(model, loss_fn, batches, args: TrainArgs, *, run, stage: str, stage_di
             if stop.requested and not last:
                 raise Interrupted(step)
     summary["train_time_sec"] = time.perf_counter() - t_stage
+    if guard is not None:
+        kept = guard.restore(model)
+        if kept is not None:  # the stage's adapters are the kept checkpoint's
+            save(model, stage_dir, adapter_config)
+            report(run.log(stage, summary["step"], "event", event="info", message=(
+                f"forgetting guard ({guard.action}): kept the weights of step {kept['step']} "
+                f"(general NLL {kept['general_nll']:.4f}"
+                + (f", task {kept['task']:.1%}" if kept.get("task") is not None else "") + ")")))
+        summary["forgetting"] = guard.summary()
     return summary
 
 

@@ -28,7 +28,7 @@ def write_recipe(tmp_path, small_model_path, rows=None, **stage):
                 "learning_rate": 1e-3, "save_every": 3, "report_every": 2, "eval_every": 0, **stage}
     lines = [f'[model]\npath = "{small_model_path}"\n', "[[stages]]"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
-    lines += ["[stages.adapter]\nrank = 4\nalpha = 8\n", '[eval]\ndata = "test.jsonl"\nmax_tokens = 12\nlimit = 1']
+    lines += ["[stages.adapter]\nrank = 4\nalpha = 8\n", '[eval]\ndata = "test.jsonl"\nmax_tokens = 12\nlimit = 1\ngeneral_limit = 16']
     recipe = tmp_path / "recipe.toml"
     recipe.write_text("\n".join(lines) + "\n")
     return recipe

@@ -110,3 +110,16 @@ def test_distill_recipe_student_closes_half_its_gap_and_decodes_faster(in_repo, 
     assert distill["heldout_after"]["kl"] < 0.5 * distill["heldout_before"]["kl"]
     report = (run / "report.md").read_text()
     assert "of its gap to the teacher" in report and "as fast as the teacher" in report
+
+
+@pytest.mark.slow
+def test_forgetting_recipe_is_stopped_by_the_guard(in_repo, tmp_path):
+    run, manifest = run_recipe(ROOT / "recipes/forgetting.toml", tmp_path)
+    sft = manifest["stage_results"]["sft"]
+    f = sft["forgetting"]
+    assert sft["stopped_at"] < 300 and f["last"]["general_nll_increase"] > 0.25
+    kept = (f["kept"]["general_nll"] - f["base_nll"]) / f["base_nll"]
+    assert kept <= 0.25 < f["last"]["general_nll_increase"]
+    after = manifest["general"]["stages"]["sft"]["nll"]
+    assert after == pytest.approx(f["kept"]["general_nll"], rel=1e-3)  # the saved adapters are the kept ones
+    assert "Kept the weights of step" in (run / "report.md").read_text()

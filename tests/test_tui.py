@@ -357,3 +357,17 @@ def test_watch_and_runs_with_no_runs_say_how_to_start_one(tmp_path, command):
     result = CliRunner().invoke(cli, [*command, "--runs-dir", str(tmp_path / "none")])
     assert "localtune run recipes/quickstart.toml" in result.output
     assert result.exit_code == (1 if command == ["watch"] else 0)
+
+
+def test_the_stats_show_general_nll_next_to_the_loss(tmp_path):
+    path = make_run(tmp_path, "guarded", state="running", upto=40)
+    with open(path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"t": T0 + 60, "stage": "sft", "step": 40, "kind": "guard", "general_nll": 4.9,
+                            "general_nll_increase": 0.063, "within_budget": False, "budget": 0.05,
+                            "steps_total": 100}) + "\n")
+
+    async def body(app, pilot):
+        stats = text_of(app, "#stats")
+        assert "loss" in stats and "general NLL 4.9000 (+6.3% / +5%)" in stats
+
+    drive(app_for(path), body)

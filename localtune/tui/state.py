@@ -47,6 +47,7 @@ class StageView:
     train: list = field(default_factory=list)  # (step, loss)
     eval: list = field(default_factory=list)  # (step, loss)
     last: dict = field(default_factory=dict)  # the latest train record
+    general: dict | None = None  # the latest forgetting-guard record (general NLL)
     steps_total: int | None = None
     step: int = 0
 
@@ -123,6 +124,8 @@ class RunState:
             view.steps_total = r.get("steps_total", view.steps_total)
         elif kind == "eval" and isinstance(r.get("loss"), (int, float)):
             self._stage(stage).eval.append((r.get("step", 0), r["loss"]))
+        elif kind == "guard" and isinstance(r.get("general_nll"), (int, float)):
+            self._stage(stage).general = r
         elif kind == "event":
             self.events.append(r)
         elif kind == "sample":

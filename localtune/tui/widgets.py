@@ -135,6 +135,12 @@ class StatsPanel(Static):
         if view.eval:
             text.append(f"{'eval loss':>15} ", style="dim")
             text.append(f"{view.eval[-1][1]:.4f}\n")
+        if view.general:  # the forgetting guard's last check
+            g = view.general
+            budget = f" / {g['budget']:+.0%}" if "budget" in g else ""
+            text.append(f"{'general NLL':>15} ", style="dim")
+            text.append(f"{g['general_nll']:.4f} ({g['general_nll_increase']:+.1%}{budget})\n",
+                        style="" if g.get("within_budget", True) else "bold red")
         method = metrics.method_metrics(view.kind, last)
         if method:
             text.append(f"\n{view.kind}\n", style="bold")

@@ -1,0 +1,75 @@
+"""The forgetting guard: general ability measured during training, against a budget.
+
+Every `every` steps the guard measures general NLL (evaluate.general_nll) and compares it with
+the base's: increase = (NLL - NLL_base) / NLL_base. Over the budget it acts:
+
+- warn: log it and go on;
+- stop: stop the stage, and keep the last checkpoint that was within the budget;
+- best: finish, then keep the within-budget checkpoint with the best task metric.
+
+The kept weights are this stage's trainable arrays as they were at that step (held by reference:
+the optimizer replaces arrays, it never writes into them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mlx.utils import tree_flatten
+
+
+@dataclass
+class Guard:
+    measure: object  # model -> general NLL
+    base_nll: float
+    budget: float | None  # relative increase allowed; None: measure only
+    every: int
+    action: str = "warn"  # warn | stop | best
+    task: object = None  # model -> task metric (higher is better), for action "best"
+    history: list = field(default_factory=list)
+    kept: dict | None = None  # {"step", "weights", "general_nll", "task"}
+    over_since: int | None = None
+
+    def start(self, model, step: int) -> None:
+        """The stage's starting weights are within budget by definition: the fallback to keep."""
+        if self.action in ("stop", "best") and self.kept is None:
+            score = self.task(model) if self.action == "best" and self.task else None
+            self.kept = {"step": step, "weights": dict(tree_flatten(model.trainable_parameters())),
+                         "general_nll": self.base_nll if step == 0 else self.measure(model), "task": score}
+
+    def check(self, model, step: int) -> dict:
+        """Measure at this step; returns the record to log (general_nll, increase, within)."""
+        nll = self.measure(model)
+        increase = (nll - self.base_nll) / self.base_nll
+        within = self.budget is None or increase <= self.budget
+        record = {"general_nll": nll, "general_nll_increase": increase, "within_budget": within}
+        if self.budget is not None:
+            record["budget"] = self.budget
+        if within and self.action in ("stop", "best"):
+            score = self.task(model) if self.action == "best" and self.task else None
+            if score is not None:
+                record["task"] = score
+            better = self.kept is None or self.action == "stop" or (score or 0) >= (self.kept["task"] or 0)
+            if better:
+                self.kept = {"step": step, "weights": dict(tree_flatten(model.trainable_parameters())),
+                             "general_nll": nll, "task": score}
+        if not within and self.over_since is None:
+            self.over_since = step
+        self.history.append({"step": step, **record})
+        return record
+
+    @property
+    def stop(self) -> bool:
+        return self.action == "stop" and self.over_since is not None
+
+    def restore(self, model) -> dict | None:
+        """Put the kept checkpoint's weights back (stop / best); returns what was kept."""
+        if self.action == "warn" or self.kept is None or (self.action == "stop" and self.over_since is None):
+            return None
+        model.load_weights(list(self.kept["weights"].items()), strict=False)
+        return {k: v for k, v in self.kept.items() if k != "weights"}
+
+    def summary(self) -> dict:
+        last = self.history[-1] if self.history else {}
+        kept = {k: v for k, v in (self.kept or {}).items() if k != "weights"}
+        return {"base_nll": self.base_nll, "budget": self.budget, "action": self.action, "checks": self.history,
+                "over_budget_from_step": self.over_since, "last": last, "kept": kept or None}

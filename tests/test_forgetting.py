@@ -1,0 +1,143 @@
+"""Evaluation metrics, general NLL, and the forgetting guard."""
+import json
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from test_cli import invoke, only_run, write_recipe
+
+from localtune import evaluate, models
+from localtune.forgetting import Guard
+
+
+@pytest.mark.parametrize("metric, answer, reference, hit", [
+    ("exact_match", " 2021-03-05\n", "2021-03-05", True),
+    ("exact_match", "2021-03-05.", "2021-03-05", False),
+    ("contains", "The answer is PARIS, of course.", "Paris", True),
+    ("contains", "Lyon", "Paris", False),
+    ("regex", "2021-03-05", r"\d{4}-\d{2}-\d{2}", True),
+    ("regex", "5 March 2021", r"\d{4}-\d{2}-\d{2}", False),
+    ("json", '{"name": "Ada", "year": 1815}', ("name", "year"), True),
+    ("json", '{"name": "Ada"}', ("name", "year"), False),
+    ("json", "name: Ada", ("name",), False),
+])
+def test_scores_by_hand(metric, answer, reference, hit):
+    if metric == "regex":
+        assert evaluate.score(metric, answer, "", reference) is hit
+    elif metric == "json":
+        assert evaluate.score(metric, answer, "", None, reference) is hit
+    else:
+        assert evaluate.score(metric, answer, reference) is hit
+
+
+def test_task_metrics_on_fixed_generations(monkeypatch):
+    from localtune.recipe import EvalSpec
+
+    rows = [{"prompt": "a", "completion": "Paris"}, {"prompt": "b", "completion": "Rome"},
+            {"prompt": "c", "completion": "Oslo"}, {"prompt": "d", "completion": "Bern"}]
+    answers = ["Paris", "It is Rome.", "oslo", "Berlin"]
+    monkeypatch.setattr(evaluate, "generate", lambda model, tok, prompts, max_tokens: answers[: len(prompts)])
+    assert evaluate.task(None, None, rows, EvalSpec(metric="exact_match"))["value"] == 0.25
+    assert evaluate.task(None, None, rows, EvalSpec(metric="contains"))["value"] == 0.75
+    assert evaluate.task(None, None, rows, EvalSpec(metric="regex", format=r"[A-Z]\w+"))["value"] == 0.5
+    assert evaluate.task(None, None, rows, EvalSpec(metric="exact_match", limit=2))["n"] == 2
+
+
+@pytest.fixture(scope="module")
+def small(small_model_path):
+    model, tokenizer, _, _ = models.load(str(small_model_path))
+    return model, tokenizer
+
+
+def _direct_nll(model, tokenizer, texts):
+    total, count = 0.0, 0
+    for t in texts:
+        ids = [tokenizer.bos_token_id] + tokenizer.encode(t, add_special_tokens=False)
+        logits = model(mx.array(ids)[None])[0].astype(mx.float32)
+        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        total -= sum(logp[i, ids[i + 1]].item() for i in range(len(ids) - 1))
+        count += len(ids) - 1
+    return total / count, count
+
+
+def test_general_nll_equals_a_direct_mlx_computation(small):
+    model, tokenizer = small
+    texts = ["In the beginning God created the heavens and the earth.", "ABASEMENT, n. A decent attitude.",
+             "The king said to his servants, go."]
+    result = evaluate.general_nll(model, tokenizer, texts, batch_size=2)
+    nll, count = _direct_nll(model, tokenizer, texts)
+    assert result["tokens"] == count and result["nll"] == pytest.approx(nll, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(nll), rel=1e-5)
+
+
+def test_loglik_metric_equals_a_direct_computation(small):
+    model, tokenizer = small
+    rows = [{"prompt": "What is 2 plus 2?", "completion": "4"}]
+    result = evaluate.loglik(model, tokenizer, rows)
+    from localtune import data
+
+    ex = data.encode(rows, "completion", tokenizer, 512).examples[0]
+    logits = model(mx.array(ex.tokens[:-1])[None])[0].astype(mx.float32)
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    picked = [logp[i, int(ex.tokens[i + 1])].item() for i in range(len(ex.tokens) - 1) if ex.loss_mask[i + 1]]
+    assert result["tokens"] == len(picked) and result["value"] == pytest.approx(np.mean(picked), rel=1e-5)
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = mx.zeros((2,))
+
+
+def _guard(action, nlls, tasks=None):
+    it, tk = iter(nlls), iter(tasks or [])
+    return Guard(lambda m: next(it), 10.0, 0.1, 5, action, (lambda m: next(tk)) if tasks else None)
+
+
+def test_stop_keeps_the_last_checkpoint_within_budget():
+    model, guard = _Tiny(), _guard("stop", [10.5, 10.9, 11.5])
+    guard.start(model, 0)
+    for step, w in ((5, 1.0), (10, 2.0), (15, 3.0)):
+        model.w = mx.full((2,), w)
+        guard.check(model, step)
+    assert guard.stop and guard.over_since == 15
+    kept = guard.restore(model)
+    assert kept["step"] == 10 and np.array(model.w).tolist() == [2.0, 2.0]
+
+
+def test_best_keeps_the_best_task_metric_within_budget_and_warn_keeps_nothing():
+    model, guard = _Tiny(), _guard("best", [10.2, 10.5, 12.0], tasks=[0.0, 0.6, 0.4, 0.9])
+    guard.start(model, 0)
+    for step, w in ((5, 1.0), (10, 2.0), (15, 3.0)):
+        model.w = mx.full((2,), w)
+        guard.check(model, step)
+    assert not guard.stop  # best finishes the stage
+    assert guard.restore(model)["step"] == 5 and np.array(model.w).tolist() == [1.0, 1.0]
+    warn = _guard("warn", [20.0])
+    warn.start(model, 0)
+    assert warn.check(model, 5)["within_budget"] is False and warn.restore(model) is None and not warn.stop
+
+
+def test_the_guard_stops_a_run_forced_to_forget(tmp_path, small_model_path):
+    recipe = write_recipe(tmp_path, small_model_path, steps=40, learning_rate=3e-3, save_every=10, report_every=5)
+    text = recipe.read_text().replace("rank = 4\nalpha = 8", "rank = 32\nalpha = 128")
+    text = text.replace("[eval]\n", "[eval]\nmax_general_nll_increase = 0.05\nguard_every = 5\n"
+                                    'on_forgetting = "stop"\n')
+    recipe.write_text(text)
+    result = invoke("run", recipe, "--no-tui", "--runs-dir", tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    assert "general NLL" in result.output and "vs base (budget +5%)" in result.output
+    assert "forgetting guard: general NLL" in result.output and "stopping the stage" in result.output
+    run = only_run(tmp_path / "runs")
+    manifest = json.loads((run / "manifest.json").read_text())
+    sft = manifest["stage_results"]["sft"]
+    assert sft["stopped_at"] < 40
+    f = sft["forgetting"]
+    assert f["last"]["within_budget"] is False and f["kept"]["step"] < sft["stopped_at"]
+    base, after = manifest["general"]["before"]["nll"], manifest["general"]["stages"]["sft"]["nll"]
+    assert after <= base * 1.05 + 1e-6  # the saved adapters are the kept, within-budget ones
+    report = (run / "report.md").read_text()
+    assert "## General ability (forgetting check)" in report and "Kept the weights of step" in report
+    assert any(r.get("kind") == "guard" for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()))
