@@ -122,15 +122,19 @@ def firewall(recipe: Recipe) -> dict | None:
     """Every stage's training data against the golden set: blocked above max_contamination."""
     from . import contamination as cont
 
-    if not recipe.eval.data:
-        return None
     spec = recipe.eval
-    report = cont.check_files([recipe.resolve(s.data) for s in recipe.stages], [recipe.resolve(spec.data)],
-                              spec.ngram, spec.near_duplicate)
+    golden = [recipe.resolve(spec.data)] if spec.data else []
+    if spec.general != "none":  # trained-on general text would hide forgetting
+        golden.append(Path(__file__).parent / "resources" / "general.jsonl" if spec.general == "bundled" else
+                      recipe.resolve(spec.general))
+    if not golden:
+        return None
+    report = cont.check_files([recipe.resolve(s.data) for s in recipe.stages], golden, spec.ngram,
+                              spec.near_duplicate)
     if report.share > spec.max_contamination:
         raise cont.Contaminated(
-            f"{recipe.source}: training data overlaps the golden set [eval] data = {spec.data!r}; the scores "
-            "would mean nothing\n" + "\n".join(report.lines()) +
+            f"{recipe.source}: training data overlaps the golden set ([eval] data) or the general-ability "
+            "texts ([eval] general); the scores would mean nothing\n" + "\n".join(report.lines()) +
             "\n  fix: remove those rows from the training data (or the golden set), or make a clean split with "
             "`localtune data split FILE --test 0.1 --out DIR`; [eval] max_contamination = "
             f"{spec.max_contamination} allows {spec.max_contamination:.1%} of golden rows")

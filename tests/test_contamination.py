@@ -106,3 +106,15 @@ def test_data_split_leaves_no_overlap_even_for_duplicated_rows(tmp_path):
     assert contamination.check_files([train], [test]).overlaps == []
     again = invoke("data", "split", source, "--out", tmp_path / "split")
     assert again.exit_code == 1 and "already holds train.jsonl" in again.output
+
+
+def test_training_on_the_general_texts_is_blocked_too(tmp_path, small_model_path):
+    from pathlib import Path
+
+    import localtune
+
+    general = Path(localtune.__file__).parent / "resources/general.jsonl"
+    first = json.loads(general.read_text().splitlines()[1])["text"]
+    recipe = write_recipe(tmp_path, small_model_path, rows=[{"text": first}] * 8)
+    result = invoke("run", recipe, "--no-tui", "--runs-dir", tmp_path / "runs")
+    assert result.exit_code == 2 and f"is an exact duplicate of golden {general}:2" in result.output

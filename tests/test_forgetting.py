@@ -141,3 +141,18 @@ def test_the_guard_stops_a_run_forced_to_forget(tmp_path, small_model_path):
     report = (run / "report.md").read_text()
     assert "## General ability (forgetting check)" in report and "Kept the weights of step" in report
     assert any(r.get("kind") == "guard" for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()))
+
+
+def test_eval_command_on_a_model_and_on_a_run(tmp_path, small_model_path):
+    golden = tmp_path / "golden.jsonl"
+    golden.write_text(json.dumps({"prompt": "What is 2 plus 2?", "completion": "4"}) + "\n")
+    result = invoke("eval", small_model_path, "--golden", golden, "--metric", "loglik", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["task"]["metric"] == "loglik" and data["task"]["value"] < 0
+    assert data["general"]["texts"] == 130 and data["general"]["nll"] == pytest.approx(4.6074, abs=1e-3)
+    recipe = write_recipe(tmp_path, small_model_path, steps=2)
+    assert invoke("run", recipe, "--no-tui", "--runs-dir", tmp_path / "runs").exit_code == 0
+    shown = invoke("eval", only_run(tmp_path / "runs") / "sft", "--general", "none")
+    assert shown.exit_code == 0, shown.output
+    assert shown.output.startswith("exact_match: ") and "of " + str(tmp_path / "test.jsonl") in shown.output
