@@ -42,8 +42,14 @@ def _general(general: dict, task: dict, recipe, manifest: dict) -> list[str]:
     if "before" in task:
         cells = [task["before"]] + [stages_task.get(n) or (task.get("after") if n == recipe.stages[-1].name else None)
                                     for n in names]
-        lines.append(f"| {task['before']['metric']} | " + " | ".join(
-            _fmt(c["value"], ".1%") if c else "—" for c in cells) + " |")
+        def cell(c, i):
+            if not c:
+                return "—"
+            if c["metric"] == "loglik":
+                return f"{c['value']:.4f}" + (f" ({c['value'] - cells[0]['value']:+.4f})" if i else "")
+            return f"{c['value']:.1%}" + (f" ({(c['value'] - cells[0]['value']) * 100:+.1f} points)" if i else "")
+
+        lines.append(f"| {task['before']['metric']} | " + " | ".join(cell(c, i) for i, c in enumerate(cells)) + " |")
     for s in recipe.stages:
         f = manifest.get("stage_results", {}).get(s.name, {}).get("forgetting")
         if not f or f["budget"] is None:
