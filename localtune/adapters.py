@@ -100,13 +100,25 @@ def adapters_disabled(model: nn.Module):
     with earlier stages' adapters: fused into a float base, or stacked underneath, unfused, on
     a quantized one.
     """
-    names = [n for n, m in model.named_modules() if isinstance(m, LORA) and "lora_a" in m.trainable_parameters()]
+    names = _stage_layers(model)
     layers = dict(model.named_modules())
     model.update_modules(tree_unflatten([(n, layers[n].linear) for n in names]))
     try:
         yield model
     finally:
         model.update_modules(tree_unflatten([(n, layers[n]) for n in names]))
+
+
+def _stage_layers(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, LORA) and "lora_a" in m.trainable_parameters()]
+
+
+def detach(model: nn.Module) -> None:
+    """Take this stage's adapters (and a reward head) off for good: a branch stage ends."""
+    layers = dict(model.named_modules())
+    model.update_modules(tree_unflatten([(n, layers[n].linear) for n in _stage_layers(model)]))
+    model.pop("reward_head", None)
+    model.freeze()
 
 
 def trainable_weights(model: nn.Module) -> dict[str, mx.array]:

@@ -336,6 +336,42 @@ def export(target, as_gguf, as_lora, quant, out, base, verify, ollama, as_json):
         click.echo(json.dumps(result.to_dict(), indent=1))
 
 
+@cli.command()
+@click.option("--reward", "reward", required=True, help="A reward stage: RUN/stage.")
+@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False),
+              help='JSONL rows: {"prompt", "completion"} (or messages); {"prompt", "chosen", "rejected"} scores both.')
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per row.")
+def score(reward, data_path, as_json):
+    """Score each row with a trained reward model: one number per line, for scripting."""
+    from . import data
+    from .methods import reward as reward_method
+    from .pipeline import chain, load_for_inference
+
+    path = Path(reward)
+    if not (path.parent / "recipe.toml").exists():
+        raise click.BadParameter(f"{reward}: expected RUN/stage, a reward stage of a run", param_hint="--reward")
+    stage = next((s for s in chain(path.parent, path.name)[1] if s.name == path.name), None)
+    if stage is None or stage.kind != "reward":
+        raise click.BadParameter(f"{reward}: stage {path.name!r} is not a reward stage", param_hint="--reward")
+    model, tokenizer = load_for_inference(str(path.parent), path.name)
+    rows, fmt = data.read_jsonl(data_path)
+    if fmt == "preference":
+        from .methods.dpo import encode_pairs
+
+        examples = [e for p in encode_pairs(rows, tokenizer, 1 << 16, data_path).examples for e in (p.chosen, p.rejected)]
+    elif fmt in ("completion", "messages"):
+        examples = data.encode(rows, fmt, tokenizer, 1 << 16, True, data_path).examples
+    else:
+        raise LocaltuneError(f"{data_path}: score needs prompt/completion, messages or preference rows, got {fmt!r}")
+    scores = reward_method.score(model, examples)
+    if fmt == "preference":
+        out = [{"chosen": scores[2 * i], "rejected": scores[2 * i + 1]} for i in range(len(scores) // 2)]
+    else:
+        out = [{"score": s} for s in scores]
+    for o in out:
+        click.echo(json.dumps(o) if as_json else "\t".join(f"{v:.6f}" for v in o.values()))
+
+
 @cli.command(name="eval")
 @click.argument("target")
 @click.option("--golden", type=click.Path(dir_okay=False), help="Golden JSONL (default: the run's [eval] data).")

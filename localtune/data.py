@@ -48,6 +48,8 @@ def _check_row(row, where: str, fmt: str) -> None:
                                 '{"prompt", "chosen", "rejected"}')
         if not isinstance(row["prompt"], (str, list)) or not row["prompt"]:
             raise DataError(f'{where}: "prompt" must be a string or a list of messages')
+        if "margin" in row and (isinstance(row["margin"], bool) or not isinstance(row["margin"], (int, float))):
+            raise DataError(f'{where}: "margin" must be a number, got {json.dumps(row["margin"])}')
         for key in ("chosen", "rejected"):
             value = row[key]
             if isinstance(value, list):

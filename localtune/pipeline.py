@@ -13,8 +13,9 @@ from .errors import LocaltuneError, RecipeError
 from .recipe import Recipe, Stage
 from .run import Run
 
-METHODS = {"sft": "localtune.methods.sft", "dpo": "localtune.methods.dpo", "distill": "localtune.methods.distill"}
-FORMATS = {"sft": ("messages", "completion", "text"), "dpo": ("preference",),
+METHODS = {"sft": "localtune.methods.sft", "dpo": "localtune.methods.dpo", "distill": "localtune.methods.distill",
+           "reward": "localtune.methods.reward"}
+FORMATS = {"sft": ("messages", "completion", "text"), "dpo": ("preference",), "reward": ("preference",),
            "distill": ("messages", "completion", "text"), "sequence": ("prompt", "messages", "completion")}
 WANT = {"preference": '{"prompt", "chosen", "rejected"}', "prompt": '{"prompt"}', "messages": '{"messages"}',
         "completion": '{"prompt", "completion"}', "text": '{"text"}'}
@@ -268,7 +269,9 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
     for i, stage in enumerate(recipe.stages):
         stage_dir = run.stage_dir(stage.name)
         where = f"{recipe.source}: [stages.{stage.name}]"
-        if stage.name in done:
+        if stage.name in done and stage.kind == "reward":
+            pass  # a branch: the chain goes on from the model as the stage found it
+        elif stage.name in done:
             if stage.kind == "distill" and stage.student:  # the chain continues from the student
                 model, tokenizer, _ = chain_base(recipe, [stage])
             adapters.load(model, stage_dir)
@@ -289,6 +292,11 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
             mx.random.seed(stage.seed)  # the same recipe gives the same adapter init
             adapter_config = adapters.attach(model, stage.adapter, f"{where}.adapter")
             adapter_config["base_model"] = str(prepared.folder)
+            if stage.kind == "reward":
+                from .methods import reward as reward_method
+
+                reward_method.attach_head(model)
+                adapter_config["reward_head"] = True
             if "provenance" in manifest:  # the data bill of materials travels with the adapters
                 from .provenance import bill_of_materials
 
@@ -319,6 +327,14 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
                                     eval_fn=eval_fn, guard=guard, report=report)
             if heldout is not None:
                 summary["heldout_before"], summary["heldout_after"] = heldout, eval_fn(model)
+            if stage.kind == "reward":
+                if valid_set:
+                    summary["heldout"] = reward_method.summary(reward_method.margins(model, valid_set.examples))
+                    h = summary["heldout"]
+                    report(run.log(stage.name, steps, "event", event="info", message=(
+                        f"held-out pairs: accuracy {h['pair_accuracy']:.1%}, reward margin {h['margin_mean']:+.3f} "
+                        f"± {h['margin_std']:.3f} (p10 {h['margin_p10']:+.3f}, p90 {h['margin_p90']:+.3f})")))
+                adapters.detach(model)
             summary.update(examples=len(train_set), truncated=train_set.truncated, trainable=trainable,
                            total_parameters=total)
             results[stage.name] = summary
@@ -326,6 +342,8 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
             run.update_manifest(stages_done=done, stage_results=results)
             report(run.log(stage.name, steps, "event", event="stage_done",
                            message=f"adapters saved in {stage_dir}"))
+        if stage.kind == "reward":
+            continue  # the policy is as it was: nothing to measure, nothing to fuse
         if prepared.general and stage.name not in general.get("stages", {}):
             general.setdefault("stages", {})[stage.name] = general_metric(f"after {stage.name}")
             run.update_manifest(general=general)
@@ -455,7 +473,8 @@ def _log_task(run: Run, when: str, result: dict, report) -> None:
 
 def chain(target: str | Path, until_stage: str | None = None):
     """(parsed recipe, the stages whose weights make the run's model, up to `until_stage`). A distill
-    stage with a `student` starts the chain again from that student."""
+    stage with a `student` starts the chain again from that student. Reward stages are branches:
+    left out, unless `until_stage` names one (then it comes last, on the chain before it)."""
     from . import recipe as recipe_mod
 
     path = Path(target)
@@ -465,6 +484,7 @@ def chain(target: str | Path, until_stage: str | None = None):
     if until_stage and until_stage not in names:
         raise LocaltuneError(f"{target}: no stage {until_stage!r}; stages are {names}")
     stages = parsed.stages[: names.index(until_stage) + 1] if until_stage else parsed.stages
+    stages = [s for s in stages if s.kind != "reward" or s.name == until_stage]
     start = max((i for i, s in enumerate(stages) if s.kind == "distill" and s.student), default=0)
     return parsed, stages[start:]
 
@@ -497,5 +517,9 @@ def load_for_inference(target: str, until_stage: str | None = None):
             break  # a stage that has not saved yet
         if i:
             adapters.next_stage(model)  # earlier stages become part of the model (fused or stacked)
+        if stage.kind == "reward":
+            from .methods.reward import attach_head
+
+            attach_head(model)
         adapters.load(model, path / stage.name)
     return model, tokenizer

@@ -19,8 +19,9 @@ except ModuleNotFoundError:  # Python 3.10
 
 from .errors import RecipeError
 
-STAGE_KINDS = ("sft", "dpo", "distill")
-PLANNED_STAGE_KINDS = ("reward", "ppo")
+STAGE_KINDS = ("sft", "dpo", "distill", "reward")
+PLANNED_STAGE_KINDS = ("ppo",)
+REWARD_KEYS = ("reward_centering",)
 DPO_KEYS = ("beta", "loss_type", "label_smoothing", "sft_weight", "reference")
 DISTILL_KEYS = ("teacher", "student", "mode", "loss", "temperature", "jsd_beta", "top_k", "max_new_tokens")
 
@@ -100,6 +101,8 @@ class Stage:
     jsd_beta: float = _opt(0.5, min=0.0, max=1.0)
     top_k: int = _opt(64, min=1, doc="distill: teacher logits kept per position in the on-disk cache")
     max_new_tokens: int = _opt(64, min=1, doc="distill sequence mode: the teacher's answer length")
+    # reward only
+    reward_centering: float = _opt(0.0, min=0.0, doc="reward: weight of the (r_w + r_l)^2 centring term")
 
 
 @dataclass(frozen=True)
@@ -379,7 +382,10 @@ def parse(text: str, source: str = "<recipe>", base_dir: str = ".") -> Recipe:
                                'add teacher = "models/small" (a model reference) or the name of an earlier stage')
         if s.kind == "distill":
             _check_distill(builder, s, names, f"stages[{i}]")
-        for kind, keys in (("dpo", DPO_KEYS), ("distill", DISTILL_KEYS)):
+        if s.kind == "reward" and s.adapter.type == "full":
+            raise builder.fail(f"stages[{i}].adapter.type", 'a reward stage is a branch: its adapters come off '
+                               "when it ends, which full fine-tuning cannot do", 'use type = "lora" or "dora"')
+        for kind, keys in (("dpo", DPO_KEYS), ("distill", DISTILL_KEYS), ("reward", REWARD_KEYS)):
             for key in keys:
                 if key in stage_raw and s.kind != kind:
                     raise builder.fail(f"stages[{i}].{key}", f'{key} only applies to kind = "{kind}" stages',

@@ -150,6 +150,15 @@ def write_report(run, recipe, manifest: dict) -> str:
         from .provenance import report_lines
 
         lines += report_lines(manifest["provenance"])
+    for s in recipe.stages:
+        h = manifest.get("stage_results", {}).get(s.name, {}).get("heldout")
+        if s.kind == "reward" and h:
+            lines += ["", f"## Reward model ({s.name}, {h['pairs']} held-out pairs of `{s.valid or 'the valid split'}`)",
+                      "", "| pair accuracy | margin mean | std | p10 | median | p90 |", "|---|---|---|---|---|---|",
+                      f"| {h['pair_accuracy']:.1%} | {h['margin_mean']:+.3f} | {h['margin_std']:.3f} | "
+                      f"{h['margin_p10']:+.3f} | {h['margin_p50']:+.3f} | {h['margin_p90']:+.3f} |", "",
+                      f"The margin is r(chosen) - r(rejected). Score rows with `localtune score --reward "
+                      f"{run.path / s.name} --data FILE.jsonl`."]
     lines += ["", "## Outputs", ""]
     base = manifest['model'].get('folder', manifest['model']['path'])
     for s in recipe.stages:

@@ -32,6 +32,7 @@ class Pair:
     id: int
     chosen: data.Example
     rejected: data.Example
+    margin: float = 0.0  # reward stages: how much better chosen must score (an optional "margin" column)
 
     @property
     def tokens(self):  # what length grouping sorts by
@@ -85,7 +86,7 @@ def encode_pairs(rows: list[dict], tokenizer, max_seq_len: int, source: str = ""
         if not all(ex.loss_mask[1:].any() for ex in cut):
             dropped += 1
             continue
-        pairs.append(Pair(len(pairs), *cut))
+        pairs.append(Pair(len(pairs), *cut, float(row.get("margin", 0.0))))
     if not pairs:
         raise DataError(f"{source}: no usable pairs ({identical} identical, {dropped} with no response left at "
                         f"max_seq_len={max_seq_len})\n  fix: check chosen/rejected differ, or raise max_seq_len")
