@@ -78,7 +78,7 @@ def test_overlap_within_max_contamination_warns_and_is_recorded(tmp_path, small_
     recipe.write_text(recipe.read_text().replace("[eval]\n", "[eval]\nmax_contamination = 1.0\n"))
     result = invoke("run", recipe, "--no-tui", "--runs-dir", tmp_path / "runs")
     assert result.exit_code == 0, result.output
-    assert "1 of 1 golden rows overlap the training data" in result.output
+    assert "1 of 131 golden rows overlap the training data" in result.output  # the test row + 130 general texts
     run = next((tmp_path / "runs").iterdir())
     assert json.loads((run / "manifest.json").read_text())["contamination"]["exact"] == 1
 

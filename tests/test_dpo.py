@@ -292,7 +292,7 @@ def write_sft_dpo(tmp_path, small_model_path, dpo_rows=None, quantize=False, **d
              '[[stages]]\nkind = "sft"\ndata = "sft.jsonl"\nsteps = 4\nbatch_size = 4\nlearning_rate = 1e-3\n'
              "max_seq_len = 64\neval_every = 0\nreport_every = 2\n[stages.adapter]\nrank = 4\nalpha = 8\n",
              "[[stages]]"] + [f"{k} = {json.dumps(v)}" for k, v in settings.items() if v is not None]
-    lines += ["[stages.adapter]\nrank = 4\nalpha = 8\n"]
+    lines += ["[stages.adapter]\nrank = 4\nalpha = 8\n", "[eval]\ngeneral_limit = 16\n"]
     recipe = tmp_path / "recipe.toml"
     recipe.write_text("\n".join(lines) + "\n")
     return recipe
