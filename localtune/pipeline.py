@@ -316,11 +316,13 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
             if valid_batches:
                 eval_fn = lambda m, vb=valid_batches, f=loss_fn: trainer.evaluate_loss(m, f, vb)  # noqa: E731
             heldout = eval_fn(model) if stage.kind == "distill" and eval_fn else None  # divergence to the teacher
+            if prepared.general and stage.kind == "distill" and stage.student and "student_before" not in general:
+                general["student_before"] = general_metric("of the student before training")
+                general["student_stage"] = stage.name  # from here on, deltas are against the student
+                run.update_manifest(general=general)
             guard = None
             if prepared.general and recipe.eval.max_general_nll_increase is not None:
-                if stage.kind == "distill" and stage.student and "student_before" not in general:
-                    general["student_before"] = general_metric("of the student before training")
-                base = general.get("student_before" if stage.kind == "distill" and stage.student else "before")
+                base = general.get("student_before", general["before"])
                 guard = _guard(recipe, prepared, tokenizer, base["nll"])
             summary = trainer.train(model, loss_fn, batches, train_args(stage, steps), run=run,
                                     stage=stage.name, stage_dir=stage_dir, adapter_config=adapter_config,
@@ -402,7 +404,9 @@ def _distill_inputs(recipe: Recipe, stage: Stage, model, tokenizer, prepared: Pr
         teacher, teacher_tok = load_teacher(recipe, stage.teacher, f"[stages.{stage.name}] teacher")
         teacher_id = stage.teacher
     if prepared.eval_rows and "teacher" not in task:
-        result = evaluate.task(teacher, teacher_tok, prepared.eval_rows, recipe.eval)
+        # an earlier stage as the teacher was measured when it ended
+        result = dict(task.get("stages", {}).get(stage.teacher) or
+                      evaluate.task(teacher, teacher_tok, prepared.eval_rows, recipe.eval))
         prompt = evaluate.prompt_and_answer(prepared.eval_rows[0])[0]
         result["tokens_per_sec"] = evaluate.decode_speed(teacher, teacher_tok, prompt)
         task["teacher"] = {**result, "model": teacher_id}

@@ -31,25 +31,36 @@ def _general(general: dict, task: dict, recipe, manifest: dict) -> list[str]:
     """General ability (mean NLL per token on general text) and the task metric, per stage."""
     base = general["before"]
     names = [s.name for s in recipe.stages if s.name in general.get("stages", {})]
-    head = ["base"] + [f"after {n}" for n in names]
-    nll = [base["nll"]] + [general["stages"][n]["nll"] for n in names]
+    head, nll, ref = ["base"], [f"{base['nll']:.4f}"], base["nll"]
+    for n in names:
+        if n == general.get("student_stage"):  # a distill student: its own starting point
+            ref = general["student_before"]["nll"]
+            head.append("student before")
+            nll.append(f"{ref:.4f}")
+        x = general["stages"][n]["nll"]
+        head.append(f"after {n}")
+        nll.append(f"{x:.4f} ({(x - ref) / ref:+.1%})")
     lines = ["", "## General ability (forgetting check)", "",
-             f"Mean NLL per token on {base['texts']} general texts ({base['tokens']:,} tokens); lower is better.", "",
+             f"Mean NLL per token on {base['texts']} general texts ({base['tokens']:,} tokens); lower is better. "
+             "Changes are against the base, or against the student before training for a distilled student.", "",
              "| | " + " | ".join(head) + " |", "|---|" + "---|" * len(head),
-             "| general NLL | " + " | ".join(f"{x:.4f}" + (f" ({(x - nll[0]) / nll[0]:+.1%})" if i else "")
-                                          for i, x in enumerate(nll)) + " |"]
-    stages_task = task.get("stages", {})
+             "| general NLL | " + " | ".join(nll) + " |"]
     if "before" in task:
-        cells = [task["before"]] + [stages_task.get(n) or (task.get("after") if n == recipe.stages[-1].name else None)
-                                    for n in names]
-        def cell(c, i):
+        def cell(c, ref):
             if not c:
                 return "—"
             if c["metric"] == "loglik":
-                return f"{c['value']:.4f}" + (f" ({c['value'] - cells[0]['value']:+.4f})" if i else "")
-            return f"{c['value']:.1%}" + (f" ({(c['value'] - cells[0]['value']) * 100:+.1f} points)" if i else "")
+                return f"{c['value']:.4f}" + (f" ({c['value'] - ref['value']:+.4f})" if ref else "")
+            return f"{c['value']:.1%}" + (f" ({(c['value'] - ref['value']) * 100:+.1f} points)" if ref else "")
 
-        lines.append(f"| {task['before']['metric']} | " + " | ".join(cell(c, i) for i, c in enumerate(cells)) + " |")
+        ref, cells = task["before"], [cell(task["before"], None)]
+        for n in names:
+            if n == general.get("student_stage") and task.get("student_before"):
+                ref = task["student_before"]
+                cells.append(cell(ref, None))
+            c = task.get("stages", {}).get(n) or (task.get("after") if n == recipe.stages[-1].name else None)
+            cells.append(cell(c, ref))
+        lines.append(f"| {task['before']['metric']} | " + " | ".join(cells) + " |")
     for s in recipe.stages:
         f = manifest.get("stage_results", {}).get(s.name, {}).get("forgetting")
         if not f or f["budget"] is None:

@@ -133,6 +133,7 @@ def test_a_logits_distill_run_from_the_cli(tmp_path, small_model_path):
     assert result["trainable"] == 787_456  # the smaller model's 4 blocks, fully fine-tuned
     report = (run / "report.md").read_text()
     assert "## Distillation" in report and "Held-out JSD to the teacher (distill, jsd, T=2.0)" in report
+    assert "| | base | student before | after distill |" in report  # the student's change is its own
     config = json.loads((run / "distill/adapter_config.json").read_text())
     assert config["provenance"]["sources"][0] == {"kind": "teacher", "source": str(small_model_path),
                                                   "license": "apache-2.0", "verdict": "allow", "attested": None,

@@ -190,6 +190,16 @@ def test_fuse_fails_loudly_when_requantizing_erases_the_adapters(tmp_path, small
     assert not (tmp_path / "fused").exists() and not list(tmp_path.glob(".fused*"))
 
 
+def test_a_barely_trained_adapter_still_fuses_on_a_float_base(tmp_path, small_model_path):
+    """Its effect is rounding noise, so `kept` means nothing: the drift limit alone decides."""
+    recipe = write_recipe(tmp_path, small_model_path, steps=2, learning_rate=1e-6)
+    assert invoke("run", recipe, "--no-tui", "--runs-dir", tmp_path / "runs").exit_code == 0
+    result = invoke("fuse", only_run(tmp_path / "runs"), "--out", tmp_path / "fused", "--json")
+    assert result.exit_code == 0, result.output
+    checks = json.loads(result.output)
+    assert checks["adapter_effect"]["mean_kl"] < 1e-6 and checks["fused_vs_adapters"]["mean_kl"] < 1e-4
+
+
 def test_python_api_and_json_report_the_same_result(tmp_path, trained_run):
     from localtune import export_gguf, fuse
 
