@@ -155,14 +155,14 @@ def resolve(target: str) -> Source:
     if run is not None:
         from .provenance import bill_of_materials
 
-        from .pipeline import chain, folder_of
+        from .pipeline import chain, folder_of, student_stage
 
         manifest = Run.open(run).manifest()
         bom = bill_of_materials(manifest["provenance"]) if "provenance" in manifest else None
         folder = Path(manifest.get("model", {}).get("folder", ""))
         parsed, stages = chain(run, stage)
-        if stages and stages[0].kind == "distill" and stages[0].student:  # the run's model is the student
-            folder = folder_of(parsed, stages[0].student, "student")
+        if (student := student_stage(stages)) is not None:  # the run's model is the student
+            folder = folder_of(parsed, student.student, "student")
         if not (folder / "config.json").exists():
             raise LocaltuneError(f"{run}: the run has not loaded its model yet (no model folder in manifest.json)")
         name = run.name + (f"/{stage}" if stage else "")

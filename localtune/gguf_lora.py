@@ -73,12 +73,6 @@ def load_stacked(run: Path, stages: list[str]):
     return model, tokenizer, parsed
 
 
-def stages_of(source) -> list:
-    from .pipeline import chain
-
-    return chain(source.run, source.stage)[1]
-
-
 def lora_tensors(model, config: dict, arch: str):
     """(name, array) pairs in llama.cpp's layout: `<tensor>.lora_a` (r, in), `<tensor>.lora_b` (out, r)."""
     import gguf
@@ -218,8 +212,9 @@ def export_lora(target: str, out: str | Path, base: str | Path | None = None, ve
            f"{', '.join(f'{r} ({n} layers)' for r, n in ranks.items())}, {result.size_bytes / 1e6:.1f} MB")
     if not verify:
         return result
-    first = stages_of(source)[0]
-    student = first.kind == "distill" and first.student
+    from .pipeline import chain, student_stage
+
+    student = student_stage(chain(source.run, source.stage)[1]) is not None
     base = Path(base) if base else _base_gguf(source.folder, None if student else parsed.model.quantize)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".base.") as tmp:
         if base is None:  # a folder (or in-memory quantized) base: check against its f16 export

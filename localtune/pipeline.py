@@ -166,8 +166,8 @@ def folder_of(recipe: Recipe, ref: str, what: str) -> Path:
     path = Path(recipe.resolve(ref))
     if (path / "recipe.toml").exists() and (path / "manifest.json").exists():  # a run: its model's folder
         parsed, stages = chain(path)
-        if stages and stages[0].kind == "distill" and stages[0].student:
-            return folder_of(parsed, stages[0].student, "student")
+        if (student := student_stage(stages)) is not None:
+            return folder_of(parsed, student.student, "student")
         return Path(Run.open(path).manifest().get("model", {}).get("folder", ""))
     try:
         return models.resolve(str(path) if path.exists() else ref)
@@ -493,12 +493,18 @@ def chain(target: str | Path, until_stage: str | None = None):
     return parsed, stages[start:]
 
 
+def student_stage(stages: list):
+    """The distill stage whose `student` the chain starts from, if it does (see `chain`)."""
+    first = stages[0] if stages else None
+    return first if first is not None and first.kind == "distill" and first.student else None
+
+
 def chain_base(parsed: Recipe, stages: list) -> tuple:
     """(model, tokenizer, folder) the chain starts from: the recipe's base, or a distill student."""
     from . import models
 
-    if stages and stages[0].kind == "distill" and stages[0].student:
-        folder = folder_of(parsed, stages[0].student, f"[stages.{stages[0].name}] student")
+    if (student := student_stage(stages)) is not None:
+        folder = folder_of(parsed, student.student, f"[stages.{student.name}] student")
         model, _ = models.load_model(folder)
         return model, models.load_tokenizer(folder), folder
     model, tokenizer, _, folder = models.load(parsed.resolve(parsed.model.path), parsed.model.revision,
