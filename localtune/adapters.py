@@ -109,6 +109,33 @@ def adapters_disabled(model: nn.Module):
         model.update_modules(tree_unflatten([(n, layers[n]) for n in names]))
 
 
+def side_adapters(model: nn.Module, folder: str | Path) -> tuple[dict, dict]:
+    """Another stage's saved adapters, built on the model as this stage found it and kept aside.
+
+    Returns ({module name: adapted layer}, their config). The layers wrap the same base weights
+    as this stage's adapters (no copy); `swapped` puts them in place for a forward pass.
+    """
+    with adapters_disabled(model):
+        before = {id(m) for _, m in model.named_modules()}
+        config = load(model, folder)
+        side = {n: m for n, m in model.named_modules() if isinstance(m, LORA) and id(m) not in before}
+        model.update_modules(tree_unflatten([(n, m.linear) for n, m in side.items()]))
+    for m in side.values():
+        m.freeze()
+    return side, config
+
+
+@contextlib.contextmanager
+def swapped(model: nn.Module, layers: dict):
+    """The model with `layers` ({module name: layer}, from side_adapters) in place of its own."""
+    own = dict(model.named_modules())
+    model.update_modules(tree_unflatten(list(layers.items())))
+    try:
+        yield model
+    finally:
+        model.update_modules(tree_unflatten([(n, own[n]) for n in layers]))
+
+
 def _stage_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, LORA) and "lora_a" in m.trainable_parameters()]
 

@@ -21,10 +21,17 @@ def progress_line(record: dict) -> str | None:
     """One plain line per report: stage, step/total, loss, lr, tokens/s, peak memory, ETA."""
     kind = record.get("kind")
     if kind == "train":
+        rl = ""
+        if "reward_mean" in record:  # ppo: the rollouts since the last report
+            rl = (f"  reward {record['reward_mean']:+.3f}±{record['reward_std']:.3f}  KL {record['kl']:.3f}  "
+                  f"clip {record.get('clip_frac', 0):.2f}")
         return (f"{record['stage']:>8}  step {record['step']:>5}/{record['steps_total']}  "
-                f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                f"loss {record['loss']:.4f}{rl}  lr {record['lr']:.2e}  "
                 f"{record['real_tokens_per_sec']:,.0f} tok/s  peak {record['peak_memory_gb']:.2f} GB  "
                 f"ETA {_duration(record['eta_sec'])}")
+    if kind == "eval" and "loss" not in record:
+        return (f"{record['stage']:>8}  step {record['step']:>5}/{record['steps_total']}  held-out reward "
+                f"{record['reward_mean']:+.3f}±{record['reward_std']:.3f}  KL {record['kl']:.3f}")
     if kind == "eval":
         return f"{record['stage']:>8}  step {record['step']:>5}/{record['steps_total']}  eval loss {record['loss']:.4f}"
     if kind == "guard":

@@ -9,14 +9,15 @@ import time
 from pathlib import Path
 
 from . import __version__, data, device
-from .errors import LocaltuneError, RecipeError
+from .errors import DataError, LocaltuneError, RecipeError
 from .recipe import Recipe, Stage
 from .run import Run
 
 METHODS = {"sft": "localtune.methods.sft", "dpo": "localtune.methods.dpo", "distill": "localtune.methods.distill",
-           "reward": "localtune.methods.reward"}
+           "reward": "localtune.methods.reward", "ppo": "localtune.methods.ppo"}
 FORMATS = {"sft": ("messages", "completion", "text"), "dpo": ("preference",), "reward": ("preference",),
-           "distill": ("messages", "completion", "text"), "sequence": ("prompt", "messages", "completion")}
+           "distill": ("messages", "completion", "text"), "sequence": ("prompt", "messages", "completion"),
+           "ppo": ("prompt", "messages", "completion", "preference")}
 WANT = {"preference": '{"prompt", "chosen", "rejected"}', "prompt": '{"prompt"}', "messages": '{"messages"}',
         "completion": '{"prompt", "completion"}', "text": '{"text"}'}
 
@@ -43,12 +44,19 @@ class Prepared:
 
 
 def _read_stage(recipe: Recipe, s: Stage):
-    rows, fmt = data.read_jsonl(recipe.resolve(s.data))
+    try:
+        rows, fmt = data.read_jsonl(recipe.resolve(s.data))
+    except DataError as e:
+        if s.kind != "ppo" or "expected" not in e.message:
+            raise
+        raise DataError(f"{e.message}\n  [stages.{s.name}] data: a ppo stage samples its own responses, so it needs "
+                        'prompts: {"prompt"} rows (or {"messages"} or preference rows; their answers are ignored)\n'
+                        '  fix: write each row as {"prompt": "..."}') from None
     kind = "sequence" if s.kind == "distill" and s.mode == "sequence" else s.kind
     if fmt not in FORMATS[kind]:
         what = f"a {s.kind} stage" + (' with mode = "sequence"' if kind == "sequence" else "")
         hint = {"preference": ', or set kind = "dpo" for preference pairs',
-                "prompt": ' (prompts alone are for kind = "distill" with mode = "sequence")'}.get(fmt, "")
+                "prompt": ' (prompts alone are for kind = "distill" with mode = "sequence", or "ppo")'}.get(fmt, "")
         raise RecipeError(f"{recipe.resolve(s.data)}: {what} needs {' or '.join(WANT[f] for f in FORMATS[kind])} "
                           f"rows, but this file has {WANT[fmt]} rows\n"
                           f"  fix: point [stages.{s.name}] data at the right file{hint}")
@@ -88,11 +96,21 @@ def prepare(recipe: Recipe) -> Prepared:
     for s in recipe.stages:
         if s.kind == "distill":
             _check_distill(recipe, s, tokenizer)
+        if s.kind == "ppo" and s.reward_model and s.reward_model not in [x.name for x in recipe.stages]:
+            _check_reward_model(recipe, s, tokenizer, folder)
     train, valid = {}, {}
     for s in recipe.stages:
         rows, valid_rows, fmt = raw[s.name]
         if s.kind == "distill" and s.mode == "sequence":  # encoded once the teacher has answered
             train[s.name], valid[s.name] = (rows, fmt), ((valid_rows, fmt) if valid_rows else None)
+            continue
+        if s.kind == "ppo":
+            from .methods.ppo import encode_prompts
+
+            encode = lambda r, src: encode_prompts(r, tokenizer, s.max_seq_len, s.max_new_tokens, src)  # noqa: E731
+            train[s.name] = encode(rows, recipe.resolve(s.data))
+            valid[s.name] = encode(valid_rows, s.valid or "valid split") if valid_rows else None
+            data.Batches(train[s.name], s.batch_size, s.seed, s.group_by_length)
             continue
         if fmt == "preference":
             from .methods.dpo import encode_pairs
@@ -158,6 +176,30 @@ def _check_distill(recipe: Recipe, s: Stage, tokenizer) -> None:
         check_tokenizers(teacher_tok, student_tok, s.teacher, s.student or recipe.model.path)
 
 
+def _check_reward_model(recipe: Recipe, s: Stage, tokenizer, folder: Path) -> None:
+    """A reward model given as RUN/stage: a reward stage of a run on the same base and tokenizer."""
+    from . import models
+
+    key = f"{recipe.source}: [stages.{s.name}] reward_model = {s.reward_model!r}"
+    path = Path(recipe.resolve(s.reward_model))
+    config = path / "adapter_config.json"
+    if not (config.exists() and (path.parent / "recipe.toml").exists()):
+        raise RecipeError(f"{key}: not a reward stage of a run (expected RUN/stage holding adapter_config.json)\n"
+                          '  fix: name an earlier kind = "reward" stage of this recipe, or give runs/NAME/STAGE')
+    import json
+
+    if not json.loads(config.read_text()).get("reward_head"):
+        raise RecipeError(f"{key}: {path.name} is not a reward stage (its adapters have no reward head)\n"
+                          "  fix: point at the run's kind = \"reward\" stage")
+    theirs = folder_of(recipe, str(path.parent), "reward_model")
+    if models.load_tokenizer(theirs).get_vocab() != tokenizer.get_vocab():
+        raise RecipeError(f"{key}: the reward model's tokenizer ({theirs}) is not this run's ({folder}); it would "
+                          "read other token ids\n  fix: train the reward stage on this recipe's base model")
+    if Path(theirs).resolve() != Path(folder).resolve():
+        raise RecipeError(f"{key}: the reward model was trained on a different base ({theirs}, not {folder})\n"
+                          "  fix: train the reward stage on this recipe's base model, in this recipe or another run")
+
+
 def folder_of(recipe: Recipe, ref: str, what: str) -> Path:
     """A model folder for a reference in the recipe: a folder, .gguf, repo id, or a run directory."""
     from . import models
@@ -198,7 +240,10 @@ def train_args(stage: Stage, steps: int):
 def stage_steps(stage: Stage, batches) -> int:
     if stage.steps:
         return stage.steps
-    return max(1, math.ceil(stage.epochs * batches.batches_per_epoch / stage.grad_accum))
+    per_batch = 1
+    if stage.kind == "ppo":  # each batch of prompts gives ppo_epochs passes of minibatches
+        per_batch = stage.ppo_epochs * (stage.batch_size // (stage.minibatch_size or stage.batch_size))
+    return max(1, math.ceil(stage.epochs * batches.batches_per_epoch * per_batch / stage.grad_accum))
 
 
 def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> dict:
@@ -297,6 +342,14 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
 
                 reward_method.attach_head(model)
                 adapter_config["reward_head"] = True
+            extra = {}
+            if stage.kind == "ppo":
+                from .methods import ppo
+
+                ppo.attach_value_head(model)
+                adapter_config["value_head"] = True
+                extra = {"tokenizer": tokenizer, "reward": _reward(recipe, stage, model, tokenizer, run),
+                         "log": lambda kind, s=stage.name, **kw: run.log(s, 0, kind, **kw)}
             if "provenance" in manifest:  # the data bill of materials travels with the adapters
                 from .provenance import bill_of_materials
 
@@ -311,11 +364,19 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
             steps = stage_steps(stage, batches)
             loss_fn, batches, valid_batches = method.setup(model, stage, batches, valid_set, steps, stage_dir,
                                                            lambda message: report(run.log(
-                                                               stage.name, 0, "event", event="info", message=message)))
+                                                               stage.name, 0, "event", event="info", message=message)),
+                                                           **extra)
             eval_fn = None
             if valid_batches:
                 eval_fn = lambda m, vb=valid_batches, f=loss_fn: trainer.evaluate_loss(m, f, vb)  # noqa: E731
+            if stage.kind == "ppo" and valid_set:  # reward and KL on held-out prompts
+                eval_fn = lambda m, vs=valid_set.examples[:stage.heldout_prompts], x=extra: {  # noqa: E731
+                    k: v for k, v in ppo.heldout(m, tokenizer, x["reward"], vs, stage).items() if k != "samples"}
             heldout = eval_fn(model) if stage.kind == "distill" and eval_fn else None  # divergence to the teacher
+            if stage.kind == "ppo" and valid_set:
+                heldout = ppo.heldout(model, tokenizer, extra["reward"], valid_set.examples[:stage.heldout_prompts],
+                                      stage)
+                report(run.log(stage.name, 0, "event", event="info", message=_ppo_line("before", heldout)))
             if prepared.general and stage.kind == "distill" and stage.student and "student_before" not in general:
                 general["student_before"] = general_metric("of the student before training")
                 general["student_stage"] = stage.name  # from here on, deltas are against the student
@@ -327,8 +388,15 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
             summary = trainer.train(model, loss_fn, batches, train_args(stage, steps), run=run,
                                     stage=stage.name, stage_dir=stage_dir, adapter_config=adapter_config,
                                     eval_fn=eval_fn, guard=guard, report=report)
-            if heldout is not None:
+            if heldout is not None and stage.kind == "ppo":
+                after = ppo.heldout(model, tokenizer, extra["reward"], valid_set.examples[:stage.heldout_prompts],
+                                    stage)
+                summary["heldout_before"], summary["heldout_after"] = heldout, after
+                report(run.log(stage.name, steps, "event", event="info", message=_ppo_line("after", after)))
+            elif heldout is not None:
                 summary["heldout_before"], summary["heldout_after"] = heldout, eval_fn(model)
+            if stage.kind == "ppo":
+                model.pop("value_head")  # the critic ends with the stage; the policy's adapters go on
             if stage.kind == "reward":
                 if valid_set:
                     summary["heldout"] = reward_method.summary(reward_method.margins(model, valid_set.examples))
@@ -372,6 +440,31 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
     last = recipe.stages[-1].name
     run.set_status(state="done", stage=last, step=results.get(last, {}).get("step"))
     return manifest
+
+
+def _reward(recipe: Recipe, stage: Stage, model, tokenizer, run: Run):
+    """The ppo stage's reward: an earlier reward stage on this model's own base (its adapters kept
+    aside, swapped in to score), a reward stage of another run (its own copy), and/or rules."""
+    from . import adapters
+    from .methods import ppo
+
+    ref = stage.reward_model
+    if ref is None:
+        return ppo.Reward(tokenizer, stage.rules)
+    if ref in [s.name for s in recipe.stages]:
+        folder = run.stage_dir(ref)
+        layers, _ = adapters.side_adapters(model, folder)
+        return ppo.Reward(tokenizer, stage.rules, layers, ppo.load_reward_head(folder, model.model.norm.weight.shape[0]))
+    path = Path(recipe.resolve(ref))
+    separate, _ = load_for_inference(str(path.parent), path.name)
+    separate.freeze()
+    return ppo.Reward(tokenizer, stage.rules, model=separate)
+
+
+def _ppo_line(when: str, h: dict) -> str:
+    rules = "".join(f", {k[7:]} pass rate {v:.0%}" for k, v in h.items() if k.startswith("reward_rule"))
+    return (f"held-out prompts {when}: reward {h['reward_mean']:+.3f} ± {h['reward_std']:.3f}, KL to the "
+            f"reference {h['kl']:.3f} nats per response{rules} ({h['n']} sampled answers)")
 
 
 def _guard(recipe: Recipe, prepared: Prepared, tokenizer, base_nll: float):

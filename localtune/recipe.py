@@ -19,11 +19,17 @@ except ModuleNotFoundError:  # Python 3.10
 
 from .errors import RecipeError
 
-STAGE_KINDS = ("sft", "dpo", "distill", "reward")
-PLANNED_STAGE_KINDS = ("ppo",)
-REWARD_KEYS = ("reward_centering",)
-DPO_KEYS = ("beta", "loss_type", "label_smoothing", "sft_weight", "reference")
-DISTILL_KEYS = ("teacher", "student", "mode", "loss", "temperature", "jsd_beta", "top_k", "max_new_tokens")
+STAGE_KINDS = ("sft", "dpo", "distill", "reward", "ppo")
+PPO_KEYS = ("reward_model", "rules", "top_p", "ppo_epochs", "minibatch_size", "kl_coef", "kl_estimator",
+            "target_kl", "kl_horizon", "gamma", "lam", "clip_range", "value_clip", "vf_coef", "whiten_advantages",
+            "heldout_prompts")
+# the stage kinds each method-specific key applies to
+KEY_KINDS = {**{k: ("reward",) for k in ("reward_centering",)},
+             **{k: ("dpo",) for k in ("beta", "loss_type", "label_smoothing", "sft_weight", "reference")},
+             **{k: ("distill",) for k in ("teacher", "student", "mode", "loss", "jsd_beta", "top_k")},
+             **{k: ("distill", "ppo") for k in ("temperature", "max_new_tokens")},
+             **{k: ("ppo",) for k in PPO_KEYS}}
+RULE_KINDS = ("regex", "json", "length", "contains", "excludes")
 
 
 def _opt(default, *, min=None, max=None, choices=None, doc=""):
@@ -100,9 +106,41 @@ class Stage:
     temperature: float = _opt(1.0, min=0.05, max=100.0)
     jsd_beta: float = _opt(0.5, min=0.0, max=1.0)
     top_k: int = _opt(64, min=1, doc="distill: teacher logits kept per position in the on-disk cache")
-    max_new_tokens: int = _opt(64, min=1, doc="distill sequence mode: the teacher's answer length")
+    max_new_tokens: int = _opt(64, min=1, doc="distill sequence mode: the teacher's answer length; ppo: the "
+                                              "longest sampled response")
     # reward only
     reward_centering: float = _opt(0.0, min=0.0, doc="reward: weight of the (r_w + r_l)^2 centring term")
+    # ppo only
+    reward_model: Union[str, None] = _opt(None, doc="ppo: the name of an earlier reward stage, or RUN/stage")
+    rules: Union[list, None] = _opt(None, doc="ppo: rule rewards, [[stages.rules]] tables")
+    top_p: float = _opt(1.0, min=0.01, max=1.0, doc="ppo: nucleus sampling of rollouts")
+    ppo_epochs: int = _opt(2, min=1, max=16, doc="ppo: passes over each rollout batch")
+    minibatch_size: int = _opt(0, min=0, doc="ppo: rollouts per optimizer step; 0 = batch_size")
+    kl_coef: float = _opt(0.05, min=0.0, doc="ppo: weight of the per-token KL penalty to the reference")
+    kl_estimator: str = _opt("k1", choices=("k1", "k3"))
+    target_kl: Union[float, None] = _opt(None, min=0.0, doc="ppo: KL per response (nats) that an adaptive "
+                                                            "kl_coef steers towards; unset = fixed kl_coef")
+    kl_horizon: int = _opt(10000, min=1, doc="ppo: adaptive KL's horizon (Ziegler et al. 2019)")
+    gamma: float = _opt(1.0, min=0.0, max=1.0)
+    lam: float = _opt(0.95, min=0.0, max=1.0)
+    clip_range: float = _opt(0.2, min=0.0, max=1.0)
+    value_clip: float = _opt(0.2, min=0.0)
+    vf_coef: float = _opt(0.1, min=0.0, doc="ppo: weight of the value loss (the critic shares the policy trunk)")
+    whiten_advantages: bool = _opt(True)
+    heldout_prompts: int = _opt(64, min=1, doc="ppo: held-out prompts scored before and after the stage")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A rule reward: 1 when the response passes, else 0, times weight."""
+
+    kind: str = _opt("regex", choices=RULE_KINDS)
+    pattern: Union[str, None] = _opt(None, doc="regex: the response (whitespace-normalised) must fully match")
+    keys: Union[list, None] = _opt(None, doc="json: keys the response object must hold")
+    min: Union[int, None] = _opt(None, min=0, doc="length: fewest characters")
+    max: Union[int, None] = _opt(None, min=0, doc="length: most characters")
+    text: Union[str, None] = _opt(None, doc="contains / excludes: the text (case-insensitive)")
+    weight: float = _opt(1.0)
 
 
 @dataclass(frozen=True)
@@ -178,7 +216,10 @@ class _Lines:
         for n, line in enumerate(text.splitlines(), 1):
             if m := self.header.match(line):
                 name = m.group(2).replace('"', "").replace("'", "")
-                if m.group(1):  # [[array]]
+                if m.group(1):  # [[array]], or [[stages.rules]] inside the last [[stages]]
+                    head, _, rest = name.partition(".")
+                    if head in counts and rest:
+                        name = f"{head}[{counts[head]}].{rest}"
                     counts[name] = counts.get(name, -1) + 1
                     table = f"{name}[{counts[name]}]"
                 else:
@@ -253,6 +294,11 @@ class _Builder:
                                         '"written agreement with the provider, ref. 2026-114"')
                 out.append(entry)
             return out
+        if name == "rules":
+            if not isinstance(raw, list) or not raw:
+                raise self.fail(path, "rules must be a non-empty list of tables: [[stages.rules]]",
+                                '[[stages.rules]]\n  kind = "regex"\n  pattern = \'\\d{4}-\\d{2}-\\d{2}\'')
+            return [self.rule(r, f"{path}[{i}]") for i, r in enumerate(raw)]
         if name == "stages":
             if not isinstance(raw, list) or not raw:
                 raise self.fail(path, "a recipe needs at least one [[stages]] table",
@@ -282,16 +328,35 @@ class _Builder:
             raise self.fail(path, f"{_display(path)} = {raw!r} is too large: expected at most {meta['max']}")
         return raw
 
+    def rule(self, raw, path):
+        rule = self.build(Rule, raw, path)
+        need = {"regex": "pattern", "contains": "text", "excludes": "text"}.get(rule.kind)
+        if need and not getattr(rule, need):
+            raise self.fail(path, f'a "{rule.kind}" rule needs {need}',
+                            "add pattern = '\\d{4}-\\d{2}-\\d{2}'" if need == "pattern" else 'add text = "..."')
+        if rule.kind == "length" and rule.min is None and rule.max is None:
+            raise self.fail(path, 'a "length" rule needs min, max or both (characters)', "add min = 1, max = 200")
+        if rule.min is not None and rule.max is not None and rule.min > rule.max:
+            raise self.fail(f"{path}.min", f"min = {rule.min} is greater than max = {rule.max}")
+        if rule.pattern:
+            try:
+                re.compile(rule.pattern)
+            except re.error as e:
+                raise self.fail(f"{path}.pattern", f"pattern is not a valid regular expression: {e}",
+                                "write it as a TOML literal string: pattern = '\\d{4}-\\d{2}'")
+        for key in ("pattern", "keys", "min", "max", "text"):
+            if key in raw and key not in {"regex": ("pattern",), "json": ("keys",), "length": ("min", "max"),
+                                          "contains": ("text",), "excludes": ("text",)}[rule.kind]:
+                raise self.fail(f"{path}.{key}", f'{key} does not apply to a "{rule.kind}" rule', f"remove {key}")
+        return rule
+
     def stage(self, raw, path):
         if isinstance(raw, dict):
             kind = raw.get("kind")
             if kind is None:
                 raise self.fail(path, f"[{_display(path)}] has no kind", f'add kind = "{STAGE_KINDS[0]}"')
-            if kind in PLANNED_STAGE_KINDS:
-                raise self.fail(f"{path}.kind", f'stage kind "{kind}" is not available in this version '
-                                                f"of localtune; available: {', '.join(STAGE_KINDS)}")
             if kind not in STAGE_KINDS:
-                close = difflib.get_close_matches(str(kind), STAGE_KINDS + PLANNED_STAGE_KINDS, n=1)
+                close = difflib.get_close_matches(str(kind), STAGE_KINDS, n=1)
                 hint = f' Did you mean "{close[0]}"?' if close else ""
                 raise self.fail(f"{path}.kind", f'unknown stage kind "{kind}".{hint}',
                                 f"use one of: {', '.join(STAGE_KINDS)}")
@@ -332,6 +397,43 @@ def _check_distill(builder: _Builder, s: Stage, names: list[str], path: str) -> 
     if s.packing:
         raise builder.fail(f"{path}.packing", "packing is not available for distill stages",
                            "remove packing = true")
+
+
+def _check_ppo(builder: _Builder, s: Stage, before: list, names: list[str], path: str) -> None:
+    if not s.reward_model and not s.rules:
+        raise builder.fail(path, f"[{_display(path)}] is a ppo stage with neither reward_model nor rules: "
+                           "nothing scores its rollouts",
+                           'add reward_model = "reward" (an earlier reward stage), or a rule:\n'
+                           '  [[stages.rules]]\n  kind = "regex"\n  pattern = \'\\d{4}-\\d{2}-\\d{2}\'')
+    if s.adapter.type == "full":
+        raise builder.fail(f"{path}.adapter.type", 'a ppo stage with adapter type "full" has no reference: the '
+                           "reference is the model with this stage's adapters switched off",
+                           'use type = "lora" or "dora"')
+    if s.minibatch_size and (s.minibatch_size > s.batch_size or s.batch_size % s.minibatch_size):
+        raise builder.fail(f"{path}.minibatch_size", f"minibatch_size = {s.minibatch_size} must divide "
+                           f"batch_size = {s.batch_size} (the rollouts per batch)",
+                           f"use minibatch_size = {s.batch_size // 2 or 1}")
+    if s.packing:
+        raise builder.fail(f"{path}.packing", "packing is not available for ppo stages", "remove packing = true")
+    ref = s.reward_model
+    if ref is None or "/" in ref or "\\" in ref or ref.endswith(".gguf"):
+        return  # a path: checked when the run starts (it must exist and share the tokenizer)
+    kinds = dict(zip(names, (x.kind for x in before)))
+    if ref not in names[:-1]:
+        close = difflib.get_close_matches(ref, [n for n in names[:-1] if kinds.get(n) == "reward"], n=1)
+        raise builder.fail(f"{path}.reward_model", f'reward_model = "{ref}" is not an earlier stage of this recipe'
+                           + (f'. Did you mean "{close[0]}"?' if close else ""),
+                           "name an earlier kind = \"reward\" stage, or give a path RUN/stage")
+    at = names.index(ref)
+    if before[at].kind != "reward":
+        raise builder.fail(f"{path}.reward_model", f'reward_model = "{ref}" is a {before[at].kind} stage, '
+                           "not a reward stage", 'add a kind = "reward" stage and name it here')
+    between = [x for x in before[at + 1:] if x.kind != "reward"]
+    if between:
+        raise builder.fail(f"{path}.reward_model", f'reward_model = "{ref}" was trained on a different base: '
+                           f'stage "{between[0].name or between[0].kind}" changed the model after it, so its '
+                           "scores would be read off weights it never saw",
+                           f"move the reward stage to just before the {names[-1]} stage")
 
 
 def parse(text: str, source: str = "<recipe>", base_dir: str = ".") -> Recipe:
@@ -385,11 +487,13 @@ def parse(text: str, source: str = "<recipe>", base_dir: str = ".") -> Recipe:
         if s.kind == "reward" and s.adapter.type == "full":
             raise builder.fail(f"stages[{i}].adapter.type", 'a reward stage is a branch: its adapters come off '
                                "when it ends, which full fine-tuning cannot do", 'use type = "lora" or "dora"')
-        for kind, keys in (("dpo", DPO_KEYS), ("distill", DISTILL_KEYS), ("reward", REWARD_KEYS)):
-            for key in keys:
-                if key in stage_raw and s.kind != kind:
-                    raise builder.fail(f"stages[{i}].{key}", f'{key} only applies to kind = "{kind}" stages',
-                                       f"remove {key}, or set kind = \"{kind}\"")
+        for key, kinds in KEY_KINDS.items():
+            if key in stage_raw and s.kind not in kinds:
+                which = " or ".join(f'kind = "{k}"' for k in kinds)
+                raise builder.fail(f"stages[{i}].{key}", f"{key} only applies to {which} stages",
+                                   f"remove {key}, or set kind = \"{kinds[0]}\"")
+        if s.kind == "ppo":
+            _check_ppo(builder, s, recipe.stages[:i], names, f"stages[{i}]")
         if s.steps == 0 and s.epochs == 0:
             raise builder.fail(f"stages[{i}]", f"[{_display(f'stages[{i}]')}] sets neither steps nor epochs",
                                "add steps = 100 (optimizer steps) or epochs = 1")

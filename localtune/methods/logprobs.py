@@ -135,6 +135,36 @@ def _frozen_head(model) -> _Head | None:
     return _Head(module)
 
 
+def _blocks(head: _Head, K: int) -> list[slice]:
+    rows = max(1, min(_BLOCK // head.width, _LOGITS_BLOCK // max(K, 1)))
+    return [slice(i, min(i + rows, head.vocab)) for i in range(0, head.vocab, rows)]
+
+
+def hidden_entropy(model, hidden: mx.array) -> mx.array:
+    """Entropy (K,) in nats of the next-token distribution at final hidden states (K, H), no gradient:
+
+    H = logsumexp(z) - sum_v softmax(z)_v z_v, with z = head(h); a frozen head is read block by
+    block, each block's (lse_b, s_b = sum softmax_b(z) z) merged online.
+    """
+    hidden = mx.stop_gradient(hidden)
+    head = _frozen_head(model)
+    if head is None or hidden.shape[0] * head.vocab < _BLOCKWISE_FROM:
+        z = (model.lm_head(hidden) if "lm_head" in model else model.model.embed_tokens.as_linear(hidden))
+        z = z.astype(mx.float32)
+        return mx.logsumexp(z, axis=-1) - (mx.softmax(z, axis=-1) * z).sum(-1)
+    lse = s = None
+    for b in _blocks(head, hidden.shape[0]):
+        z = (hidden @ head.rows(b, head.arrays, hidden.dtype, after=lse).T).astype(mx.float32)
+        lb = mx.logsumexp(z, axis=-1)
+        sb = (mx.exp(z - lb[:, None]) * z).sum(-1)
+        if lse is None:
+            lse, s = lb, sb
+            continue
+        new = mx.logaddexp(lse, lb)
+        s, lse = s * mx.exp(lse - new) + sb * mx.exp(lb - new), new
+    return lse - s
+
+
 def head_logprobs(hidden: mx.array, head: _Head, targets: mx.array) -> mx.array:
     """log p(y_k) = h_k·W[y_k] - logsumexp_v(h_k·W_v) for hidden (K, H), targets (K,) -> (K,).
 
@@ -142,9 +172,7 @@ def head_logprobs(hidden: mx.array, head: _Head, targets: mx.array) -> mx.array:
     z = h W_b^T (K, rows) are rebuilt in the backward pass, where
     d logp_k / d h_k = W[y_k] - sum_v softmax(z_k)_v W_v.
     """
-    K = hidden.shape[0]
-    rows = max(1, min(_BLOCK // head.width, _LOGITS_BLOCK // max(K, 1)))
-    blocks = [slice(i, min(i + rows, head.vocab)) for i in range(0, head.vocab, rows)]
+    blocks = _blocks(head, hidden.shape[0])
 
     @mx.custom_function
     def f(hidden, targets, *arrays):

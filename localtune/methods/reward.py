@@ -25,12 +25,13 @@ def attach_head(model) -> nn.Module:
     return head
 
 
-def rewards(model, tokens: mx.array, real: mx.array) -> mx.array:
-    """(R,) scalar rewards: the head on the hidden state of each row's last real token (R, T)."""
+def rewards(model, tokens: mx.array, real: mx.array, head: nn.Module | None = None) -> mx.array:
+    """(R,) scalar rewards: the head (model.reward_head unless given) on the hidden state of each
+    row's last real token (R, T)."""
     hidden = model.model(tokens)  # (R, T, H)
     last = real.astype(mx.int32).sum(-1) - 1
     h = mx.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-    return model.reward_head(h.astype(mx.float32))[:, 0]
+    return (model.reward_head if head is None else head)(h.astype(mx.float32))[:, 0]
 
 
 def collate(pairs) -> data.Batch:

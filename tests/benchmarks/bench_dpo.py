@@ -16,7 +16,6 @@ a Metal-only device key); the wrapper supplies that key, and changes nothing els
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -26,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_sft import ROOT, VENV_BIN, _env, _spawn, fp32_copy, machine_header  # noqa: E402
+from bench_sft import ROOT, VENV_BIN, _env, _spawn, standard_args, fp32_copy, machine_header  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_dpo.md"
 BETA, LEARNING_RATE, RANK, ALPHA = 0.1, 1e-5, 8, 16.0
@@ -138,11 +137,7 @@ def run_mlx_lm_lora(folder: str, data: Path, batch: int, steps: int, report: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="small,smollm2")
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--output", default=str(RESULTS))
-    args = parser.parse_args()
+    args = standard_args(__doc__, 1, RESULTS)
 
     import localtune  # noqa: F401
     from localtune.models import resolve

@@ -376,6 +376,15 @@ def fmt_rate(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
 
 
+def standard_args(doc: str, repeats: int, results: Path):
+    """--models small,smollm2, --repeats, --output: the options every side-by-side bench takes."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--models", default="small,smollm2")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--output", default=str(results))
+    return parser.parse_args()
+
+
 def machine_header(args, runtime_sec: float, threads: set) -> str:
     import mlx.core as mx
     import mlx_lm
