@@ -25,6 +25,9 @@ def progress_line(record: dict) -> str | None:
         if "reward_mean" in record:  # ppo: the rollouts since the last report
             rl = (f"  reward {record['reward_mean']:+.3f}±{record['reward_std']:.3f}  KL {record['kl']:.3f}  "
                   f"clip {record.get('clip_frac', 0):.2f}")
+            if "rollout_sec" in record:  # the time split of this window: rollout / scoring / training
+                train = record["time_sec"] - record["rollout_sec"] - record["scoring_sec"]
+                rl += f"  time {record['rollout_sec']:.1f}/{record['scoring_sec']:.1f}/{train:.1f}s"
         return (f"{record['stage']:>8}  step {record['step']:>5}/{record['steps_total']}  "
                 f"loss {record['loss']:.4f}{rl}  lr {record['lr']:.2e}  "
                 f"{record['real_tokens_per_sec']:,.0f} tok/s  peak {record['peak_memory_gb']:.2f} GB  "

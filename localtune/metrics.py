@@ -29,7 +29,7 @@ COMMON = (
     Metric("grad_norm", "grad norm", "{:.3f}"),
     Metric("peak_memory_gb", "peak memory", "{:.2f} GB"),
 )
-_BOOKKEEPING = {"t", "stage", "step", "kind", "steps_total", "eta_sec", "tokens_per_sec", "pairs_per_sec"}
+_BOOKKEEPING = {"t", "stage", "step", "kind", "steps_total", "eta_sec", "tokens_per_sec", "pairs_per_sec", "time_sec"}
 
 METHOD_METRICS = {
     "sft": (),

@@ -22,7 +22,7 @@ from .errors import RecipeError
 STAGE_KINDS = ("sft", "dpo", "distill", "reward", "ppo")
 PPO_KEYS = ("reward_model", "rules", "top_p", "ppo_epochs", "minibatch_size", "kl_coef", "kl_estimator",
             "target_kl", "kl_horizon", "gamma", "lam", "clip_range", "value_clip", "vf_coef", "whiten_advantages",
-            "heldout_prompts")
+            "heldout_prompts", "dequantize_rollouts")
 # the stage kinds each method-specific key applies to
 KEY_KINDS = {**{k: ("reward",) for k in ("reward_centering",)},
              **{k: ("dpo",) for k in ("beta", "loss_type", "label_smoothing", "sft_weight", "reference")},
@@ -128,6 +128,8 @@ class Stage:
     vf_coef: float = _opt(0.1, min=0.0, doc="ppo: weight of the value loss (the critic shares the policy trunk)")
     whiten_advantages: bool = _opt(True)
     heldout_prompts: int = _opt(64, min=1, doc="ppo: held-out prompts scored before and after the stage")
+    dequantize_rollouts: bool = _opt(True, doc="ppo, QLoRA on CPU: sample from an fp32 copy of the base (about "
+                                               "3x faster rollouts, 4 bytes per weight while sampling)")
 
 
 @dataclass(frozen=True)

@@ -154,7 +154,7 @@ class _Window:
 
     def record(self, steps_left: int) -> dict:
         n = self.steps
-        record = {"loss": self.loss / n, "tokens_per_sec": self.tokens / self.time,
+        record = {"loss": self.loss / n, "time_sec": self.time, "tokens_per_sec": self.tokens / self.time,
                   "real_tokens_per_sec": self.real / self.time, "eta_sec": self.time / n * steps_left,
                   **{k: v / n for k, v in self.metrics.items()}}
         if self.pairs:

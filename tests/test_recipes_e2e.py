@@ -151,4 +151,4 @@ def test_smollm2_rlhf_recipe_raises_the_reward_on_a_real_model(in_repo, tmp_path
     run, manifest = run_recipe(ROOT / "recipes/smollm2-rlhf.toml", tmp_path)
     ppo = manifest["stage_results"]["ppo"]
     assert ppo["heldout_after"]["reward_mean"] > ppo["heldout_before"]["reward_mean"]
-    assert ppo["heldout_after"]["kl"] < 6.0
+    assert ppo["heldout_after"]["kl"] < 8.0  # the recipe's target_kl

@@ -14,6 +14,7 @@ batch, then minibatches for `ppo_epochs` passes. The loss is a few lines; the lo
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -224,7 +225,7 @@ def collect(model, tokenizer, reward: Reward, prompts: list[Prompt], stage, kl_c
     T = stage.temperature
     model.eval()
     t0 = time.perf_counter()
-    with inference_weights(model):
+    with inference_weights(model) if stage.dequantize_rollouts else contextlib.nullcontext():
         responses, stopped = sample(model, tokenizer, [p.tokens.tolist() for p in prompts],
                                     stage.max_new_tokens, T, stage.top_p)
         t1 = time.perf_counter()

@@ -216,6 +216,9 @@ class SamplePanel(Static):
             text.append("       got ", style="dim")
             text.append(_one_line(s.get("got", s.get("completion", ""))) + "\n",
                         style="green" if s.get("got") == s.get("expected") else "")
+            if isinstance(s.get("reward"), (int, float)):  # a ppo rollout
+                text.append("    reward ", style="dim")
+                text.append(f"{s['reward']:+.3f}\n")
         self.update(text if text.plain else Text("no samples yet", style="dim"))
 
 

@@ -11,6 +11,10 @@
    its metrics: PPO updates (optimizer steps) per minute; the time split into rollout, scoring and
    training; the peak memory of the ppo stage against the plain LoRA SFT stage of the same run
    (same model and max_seq_len). Target: at most 1.5x.
+   A QLoRA base on CPU samples from an fp32 copy of the weights (dequantize_rollouts, the default);
+   the SmolLM2 recipe also runs with dequantize_rollouts = false, sampling from the 4-bit weights.
+   Updates per minute count the steps' own time (rollouts included; held-out evaluation and
+   checkpoints not).
 3. The naive layout (policy, reference, value and reward as separate models) is not run: it is the
    ppo stage's peak plus three more copies of the weights, and those copies are measured here by
    loading the model three more times (mx.get_active_memory before and after).
@@ -110,12 +114,25 @@ def run_recipe(recipe: Path, work: Path) -> dict:
     ppo = [r for r in records if r["kind"] == "train" and r["stage"] == "ppo"]
     sft = [r for r in records if r["kind"] == "train" and r["stage"] == "sft"]
     result = manifest["stage_results"]["ppo"]
-    split = {k: sum(r.get(k, 0.0) for r in ppo) for k in ("rollout_sec", "scoring_sec")}
-    return {"wall": wall, "steps": result["step"], "train_time": result["train_time_sec"],
+    split = {k: sum(r.get(k, 0.0) for r in ppo) for k in ("rollout_sec", "scoring_sec", "time_sec")}
+    return {"wall": wall, "steps": result["step"], "train_time": split["time_sec"],
             "ppo_peak": max(r["peak_memory_gb"] for r in ppo), "sft_peak": max(r["peak_memory_gb"] for r in sft),
             "rollout_sec": split["rollout_sec"], "scoring_sec": split["scoring_sec"],
             "rollouts": ppo[-1].get("rollouts", 0), "before": result["heldout_before"],
             "after": result["heldout_after"]}
+
+
+def _stage_row(name: str, recipe: Path, s: dict, extra: float) -> str:
+    training = s["train_time"] - s["rollout_sec"] - s["scoring_sec"]
+    print(f"  {name}: {s['steps']} updates in {s['train_time']:.0f}s, ppo peak {s['ppo_peak']:.3f} GiB, "
+          f"sft peak {s['sft_peak']:.3f} GiB, 3 more copies {extra:.3f} GiB", flush=True)
+    return (f"| {name} | `{recipe.relative_to(ROOT)}` | {s['steps']} ({s['rollouts']} rollout batches) | "
+            f"{60 * s['steps'] / s['train_time']:.1f} | {s['rollout_sec'] / s['train_time']:.0%} / "
+            f"{s['scoring_sec'] / s['train_time']:.0%} / {training / s['train_time']:.0%} | {s['sft_peak']:.3f} | "
+            f"{s['ppo_peak']:.3f} | {s['ppo_peak'] / s['sft_peak']:.2f}x | {s['ppo_peak'] + extra:.3f} | "
+            f"{(s['ppo_peak'] + extra) / s['sft_peak']:.2f}x | {s['before']['reward_mean']:+.2f} ± "
+            f"{s['before']['reward_std']:.2f} → {s['after']['reward_mean']:+.2f} ± {s['after']['reward_std']:.2f}, "
+            f"KL {s['after']['kl']:.2f} |")
 
 
 def main() -> None:
@@ -134,19 +151,16 @@ def main() -> None:
         speed_rows.append(f"| {name} | {batch} x {max_new} | {speed['ours']:.0f} | {speed['theirs']:.0f} | "
                           f"{speed['ours'] / speed['theirs']:.2f}x |")
         extra = copies_gib(ref)
-        (work / name).mkdir()
-        s = run_recipe(recipe, work / name)
-        training = s["train_time"] - s["rollout_sec"] - s["scoring_sec"]
-        print(f"  {recipe.name}: {s['steps']} updates in {s['train_time']:.0f}s, ppo peak {s['ppo_peak']:.3f} GiB, "
-              f"sft peak {s['sft_peak']:.3f} GiB, 3 more copies {extra:.3f} GiB", flush=True)
-        stage_rows.append(
-            f"| {name} | `{recipe.relative_to(ROOT)}` | {s['steps']} ({s['rollouts']} rollout batches) | "
-            f"{60 * s['steps'] / s['train_time']:.1f} | {s['rollout_sec'] / s['train_time']:.0%} / "
-            f"{s['scoring_sec'] / s['train_time']:.0%} / {training / s['train_time']:.0%} | {s['sft_peak']:.3f} | "
-            f"{s['ppo_peak']:.3f} | {s['ppo_peak'] / s['sft_peak']:.2f}x | {s['ppo_peak'] + extra:.3f} | "
-            f"{(s['ppo_peak'] + extra) / s['sft_peak']:.2f}x | {s['before']['reward_mean']:+.2f} ± "
-            f"{s['before']['reward_std']:.2f} → {s['after']['reward_mean']:+.2f} ± {s['after']['reward_std']:.2f}, "
-            f"KL {s['after']['kl']:.2f} |")
+        variants = [("", recipe)]
+        if name == "smollm2":  # the same run sampling from the 4-bit weights
+            text = recipe.read_text().replace('"../', f'"{ROOT}/').replace(
+                "heldout_prompts =", "dequantize_rollouts = false\nheldout_prompts =")
+            (work / "smollm2-quantized.toml").write_text(text)
+            variants.append((", dequantize_rollouts = false", work / "smollm2-quantized.toml"))
+        for variant, path in variants:
+            (work / f"{name}{variant}").mkdir()
+            s = run_recipe(path, work / f"{name}{variant}")
+            stage_rows.append(_stage_row(name + variant, recipe, s, extra))
 
     class A:  # machine_header reads these
         models, repeats, steps, scenarios, blas_check = args.models, args.repeats, 0, "equal,variable,fp32", False
