@@ -369,13 +369,14 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
             eval_fn = None
             if valid_batches:
                 eval_fn = lambda m, vb=valid_batches, f=loss_fn: trainer.evaluate_loss(m, f, vb)  # noqa: E731
-            if stage.kind == "ppo" and valid_set:  # reward and KL on held-out prompts
-                eval_fn = lambda m, vs=valid_set.examples[:stage.heldout_prompts], x=extra: {  # noqa: E731
-                    k: v for k, v in ppo.heldout(m, tokenizer, x["reward"], vs, stage).items() if k != "samples"}
+            rl_check = None
+            if stage.kind == "ppo" and valid_set:  # reward and KL on held-out prompts, during and around the stage
+                rl_check = lambda m, x=extra: ppo.heldout(m, tokenizer, x["reward"],  # noqa: E731
+                                                          valid_set.examples[:stage.heldout_prompts], stage)
+                eval_fn = lambda m: {k: v for k, v in rl_check(m).items() if k != "samples"}  # noqa: E731
             heldout = eval_fn(model) if stage.kind == "distill" and eval_fn else None  # divergence to the teacher
-            if stage.kind == "ppo" and valid_set:
-                heldout = ppo.heldout(model, tokenizer, extra["reward"], valid_set.examples[:stage.heldout_prompts],
-                                      stage)
+            if rl_check:
+                heldout = rl_check(model)
                 report(run.log(stage.name, 0, "event", event="info", message=_ppo_line("before", heldout)))
             if prepared.general and stage.kind == "distill" and stage.student and "student_before" not in general:
                 general["student_before"] = general_metric("of the student before training")
@@ -388,13 +389,11 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
             summary = trainer.train(model, loss_fn, batches, train_args(stage, steps), run=run,
                                     stage=stage.name, stage_dir=stage_dir, adapter_config=adapter_config,
                                     eval_fn=eval_fn, guard=guard, report=report)
-            if heldout is not None and stage.kind == "ppo":
-                after = ppo.heldout(model, tokenizer, extra["reward"], valid_set.examples[:stage.heldout_prompts],
-                                    stage)
-                summary["heldout_before"], summary["heldout_after"] = heldout, after
-                report(run.log(stage.name, steps, "event", event="info", message=_ppo_line("after", after)))
-            elif heldout is not None:
-                summary["heldout_before"], summary["heldout_after"] = heldout, eval_fn(model)
+            if heldout is not None:
+                summary["heldout_before"], summary["heldout_after"] = heldout, (rl_check or eval_fn)(model)
+            if rl_check:
+                report(run.log(stage.name, steps, "event", event="info",
+                               message=_ppo_line("after", summary["heldout_after"])))
             if stage.kind == "ppo":
                 model.pop("value_head")  # the critic ends with the stage; the policy's adapters go on
             if stage.kind == "reward":

