@@ -174,7 +174,8 @@ def main() -> None:
     header = machine_header(A, time.perf_counter() - t0, {"MKL"}).replace(
         "# localtune SFT vs mlx_lm.lora", "# localtune PPO: rollouts vs mlx_lm batch generation; updates; memory"
     ).replace("bench_sft.py", "bench_ppo.py").replace("(mlx_lm.lora through LD_PRELOAD)", "(mlx_lm in the same process)"
-    ).split("- LoRA rank")[0]
+    ).split("- LoRA rank")[0].replace(f"--repeats {args.repeats}`", f"--repeats {args.repeats}"
+                                      + (" --also-4bit-rollouts`" if args.also_4bit_rollouts else "`"))
     text = "\n".join([
         header.rstrip(),
         f"- rollouts: temperature {TEMPERATURE}, top-p {TOP_P}, seed 0, the same prompts; tok/s = generated tokens "
