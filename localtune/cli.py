@@ -62,52 +62,83 @@ def _wants_tui(no_tui: bool) -> bool:
 @click.option("--resume", "resume", type=click.Path(file_okay=False), help="Continue this run directory.")
 @click.option("--no-tui", is_flag=True, help="Plain progress lines instead of the terminal UI.")
 @click.option("--runs-dir", default=None, help="Where run directories go (default: the recipe's runs_dir).")
-def run(recipe, resume, no_tui, runs_dir):
+@click.option("--force", is_flag=True, help="Run even when the memory estimate says it will not fit.")
+def run(recipe, resume, no_tui, runs_dir, force):
     """Run RECIPE (a recipe.toml), or continue a run with --resume RUN.
 
     In a terminal the TUI watches the run while training runs in its own process;
     otherwise (or with --no-tui) one plain progress line per report.
     """
+    from . import distributed
     from . import recipe as recipe_mod
     from .pipeline import prepare
     from .run import Run
 
     if bool(recipe) == bool(resume):
         raise click.UsageError("give a RECIPE file, or --resume RUN (not both)")
+    main_rank = distributed.is_main()  # under mlx.launch only rank 0 writes the run directory and prints
+    if not main_rank:
+        runs_dir = distributed.private_runs_dir()
     if resume:
-        run_ = Run.open(resume)
+        run_ = distributed.mirror_run(lambda: Run.open(resume))  # the other ranks get rank 0's copy
         base_dir = run_.manifest().get("base_dir") or run_.status().get("base_dir", ".")
         parsed = recipe_mod.parse((run_.path / "recipe.toml").read_text(), str(run_.path / "recipe.toml"), base_dir)
         if run_.status().get("state") == "done":
             raise LocaltuneError(f"{run_.path}: this run is already done; see {run_.path / 'report.md'}")
-        gate = _gate(parsed, lambda: run_)
+        gate = _gate(parsed, lambda: run_, quiet=not main_rank)
         prepared = prepare(parsed)
+        _memory_gate(parsed, prepared, force, main_rank)
     else:
         parsed = recipe_mod.load(recipe)
         create = lambda: Run.create(runs_dir or parsed.runs_dir, parsed.name, Path(recipe).read_text())  # noqa: E731
-        gate = _gate(parsed, create)  # before any model loads; a block still leaves a run dir saying why
+        gate = _gate(parsed, create, quiet=not main_rank)  # before any model loads; a block leaves a run dir
         prepared = prepare(parsed)  # data, model folder, tokenizer: all checked before anything is written
+        _memory_gate(parsed, prepared, force, main_rank)
         run_ = create()
         base_dir = str(Path(parsed.base_dir).resolve())
     run_.update_manifest(provenance=gate.to_dict())
     run_.request(paused=False)  # a pause left over from a killed process does not carry into this one
+    if not main_rank:
+        _train_here(run_, parsed, prepared, quiet=True)
+        return
     device.warn_if_slow_blas(lambda m: click.echo(m, err=True))
     click.echo(f"run directory: {run_.path}")
-    if _wants_tui(no_tui):
+    if distributed.size() > 1:
+        click.echo(f"data-parallel on {distributed.size()} processes: each reads 1/{distributed.size()} of every "
+                   "global batch")
+    if _wants_tui(no_tui) and distributed.size() == 1:
         _train_with_tui(run_, base_dir)
     else:
         _train_here(run_, parsed, prepared)
 
 
-def _gate(parsed, make_run):
+def _memory_gate(parsed, prepared, force: bool, loud: bool) -> None:
+    """The planner's formula (weights read lazily: no compute) against the device's memory."""
+    from . import planner
+
+    limit = device.memory_limit_bytes()
+    plans = planner.plan(parsed, prepared, calibrate_steps=False)
+    refusal = planner.refusal(plans, limit, parsed.source)
+    if refusal and not force:
+        raise planner.DoesNotFit(refusal)
+    if loud:
+        peak = max(plans, key=lambda p: p.peak)
+        near = "" if refusal or peak.peak < 0.8 * limit else \
+            f" -- close to the limit; `localtune plan {parsed.source}` measures it"
+        click.echo(f"memory: peak about {planner.gib(peak.peak)} ([stages.{peak.name}]) of {planner.gib(limit)}"
+                   + (" -- over the limit, running anyway (--force)" if refusal else near), err=True)
+
+
+def _gate(parsed, make_run, quiet=False):
     """The license and provenance gate. A block: status `blocked`, exit 3, nothing trained."""
     from . import provenance
 
     report = provenance.check_recipe(parsed)
-    for line in report.lines(quiet_allow=True):
+    for line in [] if quiet else report.lines(quiet_allow=True):
         click.echo(line, err=True)
     if report.verdict != "block":
-        click.echo(f"provenance: {report.verdict} ({len(report.sources)} sources checked)", err=True)
+        if not quiet:
+            click.echo(f"provenance: {report.verdict} ({len(report.sources)} sources checked)", err=True)
         return report
     run_ = make_run()
     run_.update_manifest(provenance=report.to_dict())
@@ -115,13 +146,14 @@ def _gate(parsed, make_run):
     raise provenance.Blocked(provenance.blocked_message(report, parsed.source) + f"\n  run directory: {run_.path}")
 
 
-def _train_here(run_, parsed, prepared) -> None:
-    """Train in this process with plain progress lines (also the TUI's child process)."""
+def _train_here(run_, parsed, prepared, quiet=False) -> None:
+    """Train in this process with plain progress lines (also the TUI's child process, and the
+    ranks other than 0 under mlx.launch, which print nothing)."""
     from .pipeline import run_recipe
     from .trainer import Interrupted
 
     def report(record):
-        line = progress_line(record)
+        line = None if quiet else progress_line(record)
         if line:
             click.echo(line)
 
@@ -141,6 +173,8 @@ def _train_here(run_, parsed, prepared) -> None:
         raise
     finally:
         run_.close()
+    if quiet:
+        return
     click.echo(f"done: {run_.path / 'report.md'}")
     report_text = (run_.path / "report.md").read_text()
     if "## Task metric" in report_text:
@@ -192,6 +226,34 @@ def _after_tui(run_, how, child=None) -> None:
     elif state in ("failed", "crashed"):
         raise LocaltuneError(f"{run_.path}: {state}: {status.get('error') or 'see ' + str(run_.path / 'train.log')}"
                              f"\n  fix: correct the cause, then `localtune run --resume {run_.path}`")
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--no-calibrate", is_flag=True, help="Estimate from the formula and measured FLOP/s only (no steps run).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(recipe, no_calibrate, as_json):
+    """Estimate each stage's peak memory and time, before running RECIPE.
+
+    Calibration runs a few real steps of each stage on its widest rows, at half and all of
+    the batch when the formula says it fits with room (a ppo stage: two rollout batches);
+    nothing is written.
+    """
+    from . import planner
+    from . import recipe as recipe_mod
+    from .pipeline import prepare
+
+    parsed = recipe_mod.load(recipe)
+    prepared = prepare(parsed)
+    limit = device.memory_limit_bytes()
+    plans = planner.plan(parsed, prepared, calibrate_steps=not no_calibrate,
+                         note=lambda m: None if as_json else click.echo(m, err=True))
+    if as_json:
+        click.echo(json.dumps({"limit": limit, "stages": [p.to_dict() for p in plans]}, indent=1))
+    else:
+        click.echo("\n".join(planner.lines(plans, limit)))
+    if any(p.peak > limit for p in plans):
+        sys.exit(planner.DoesNotFit.exit_code)
 
 
 @cli.command("_train", hidden=True)

@@ -316,19 +316,25 @@ class Batches:
     """A resumable stream of training batches.
 
     The order is a pure function of (seed, epoch), so the cursor (epoch, index)
-    is all a checkpoint needs to continue exactly where it stopped.
+    is all a checkpoint needs to continue exactly where it stopped. With
+    `shard=(rank, world)` the global batch is world x batch_size rows and this
+    rank serves rows rank, rank + world, ... of each (data-parallel training).
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, group_by_length=True,
-                 packing=False, max_seq_len=512, collate=None):
+                 packing=False, max_seq_len=512, collate=None, shard=(0, 1)):
+        world = shard[1]
+        need = batch_size * world
+        per = f"batch_size={batch_size}" + (f" x {world} processes" if world > 1 else "")
         if packing:
             n_rows = len(_pack(dataset.examples, max_seq_len))
-            if n_rows < batch_size:
+            if n_rows < need:
                 raise DataError(f"{dataset.source}: packing gives {n_rows} rows of {max_seq_len} tokens, "
-                                f"fewer than batch_size={batch_size}\n  fix: lower batch_size")
-        elif len(dataset) < batch_size:
-            raise DataError(f"{dataset.source}: {len(dataset)} examples is fewer than batch_size={batch_size}\n"
-                            f"  fix: lower batch_size to at most {len(dataset)} or add data")
+                                f"fewer than {per}\n  fix: lower batch_size")
+        elif len(dataset) < need:
+            raise DataError(f"{dataset.source}: {len(dataset)} examples is fewer than {per}\n"
+                            f"  fix: lower batch_size to at most {len(dataset) // world} or add data")
+        self.shard = shard
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.group_by_length, self.packing, self.max_seq_len = group_by_length, packing, max_seq_len
         self.epoch, self.index = 0, 0
@@ -336,9 +342,12 @@ class Batches:
         self.collate = collate or _collate
 
     def _plan(self, epoch: int) -> list[list[int]] | list[list[Example]]:
+        rank, world = self.shard
+        return [list(b[rank::world]) for b in self._global_plan(epoch, self.batch_size * world)]
+
+    def _global_plan(self, epoch: int, bs: int) -> list[list[int]] | list[list[Example]]:
         rng = np.random.default_rng([self.seed, epoch])
         ex = self.dataset.examples
-        bs = self.batch_size
         if self.packing:
             order = rng.permutation(len(ex))
             bins = _pack([ex[i] for i in order], self.max_seq_len)

@@ -8,7 +8,7 @@ import platform
 import time
 from pathlib import Path
 
-from . import __version__, data, device
+from . import __version__, data, device, distributed
 from .errors import DataError, LocaltuneError, RecipeError
 from .recipe import Recipe, Stage
 from .run import Run
@@ -75,6 +75,10 @@ def prepare(recipe: Recipe) -> Prepared:
     from . import models
 
     raw = {s.name: _read_stage(recipe, s) for s in recipe.stages}
+    if distributed.size() > 1 and (ppo := [s.name for s in recipe.stages if s.kind == "ppo"]):
+        raise RecipeError(f"{recipe.source}: [stages.{ppo[0]}] is a ppo stage, and ppo stages run in one process "
+                          f"for now (this launch has {distributed.size()}): each rank would sample its own "
+                          "rollouts and adapt its own KL coefficient\n  fix: run this recipe without mlx.launch")
     eval_rows = None
     if recipe.eval.data:
         eval_rows, fmt = data.read_jsonl(recipe.resolve(recipe.eval.data))
@@ -120,7 +124,8 @@ def prepare(recipe: Recipe) -> Prepared:
             encode = lambda r, src: data.encode(r, fmt, tokenizer, s.max_seq_len, s.mask_prompt, src)  # noqa: E731
         train[s.name] = encode(rows, recipe.resolve(s.data))
         valid[s.name] = encode(valid_rows, s.valid or "valid split") if valid_rows else None
-        data.Batches(train[s.name], s.batch_size, s.seed, s.group_by_length, s.packing, s.max_seq_len)
+        data.Batches(train[s.name], s.batch_size, s.seed, s.group_by_length, s.packing, s.max_seq_len,
+                     shard=distributed.shard())
     return Prepared(folder, tokenizer, train, valid, eval_rows, contamination, general_texts(recipe))
 
 
@@ -259,7 +264,8 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
     if "started" not in manifest:
         run.update_manifest(
             localtune=__version__, mlx=mx.__version__, python=platform.python_version(),
-            device=device.describe(), recipe=recipe.source, base_dir=str(Path(recipe.base_dir).resolve()),
+            device=device.describe(), processes=distributed.size(), recipe=recipe.source,
+            base_dir=str(Path(recipe.base_dir).resolve()),
             data={s.name: {"path": s.data, "sha256": _sha256(recipe.resolve(s.data))} for s in recipe.stages},
             stages=[{"name": s.name, "kind": s.kind} for s in recipe.stages], stages_done=[], started=time.time(),
         )
@@ -360,7 +366,8 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
                                    f"{total:,} parameters ({100 * trainable / total:.2f}%)"))
             method = importlib.import_module(METHODS[stage.kind])
             batches = data.Batches(train_set, stage.batch_size, stage.seed, stage.group_by_length,
-                                   stage.packing, stage.max_seq_len, collate=getattr(method, "collate", None))
+                                   stage.packing, stage.max_seq_len, collate=getattr(method, "collate", None),
+                                   shard=distributed.shard())
             steps = stage_steps(stage, batches)
             loss_fn, batches, valid_batches = method.setup(model, stage, batches, valid_set, steps, stage_dir,
                                                            lambda message: report(run.log(

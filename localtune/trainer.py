@@ -20,7 +20,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from . import device
+from . import device, distributed
 from .models import CPUQuantizedEmbedding, CPUQuantizedLinear
 from .adapters import save, save_arrays, trainable_weights
 from .errors import TrainingError
@@ -142,11 +142,12 @@ class _Window:
         self.loss, self.tokens, self.real, self.time, self.steps, self.metrics = 0.0, 0, 0, 0.0, 0, {}
         self.pairs = 0
 
-    def add(self, loss: float, batches, seconds: float, metrics: dict) -> None:
+    def add(self, loss: float, counts: list[float], seconds: float, metrics: dict) -> None:
+        """counts: target tokens, real tokens and pairs of the step (every rank's)."""
         self.loss += loss
-        self.tokens += sum(b.n_tokens for b in batches)
-        self.real += sum(b.n_real_tokens for b in batches)
-        self.pairs += sum(b.pairs for b in batches)
+        self.tokens += int(counts[0])
+        self.real += int(counts[1])
+        self.pairs += int(counts[2])
         self.time += seconds
         self.steps += 1
         for k, v in metrics.items():
@@ -232,8 +233,16 @@ def train(model, loss_fn, batches, args: TrainArgs, *, run, stage: str, stage_di
     optimizer = make_optimizer(args)
     optimizer.init(model.trainable_parameters())
     start = 0
+    world = distributed.size()
     if (ckpt_dir / "state.safetensors").exists():
-        start = load_checkpoint(ckpt_dir, model, optimizer, batches)["step"]
+        meta = load_checkpoint(ckpt_dir, model, optimizer, batches)
+        if meta.get("world", 1) != world:  # the data order and batch size depend on it
+            raise TrainingError(
+                f"{ckpt_dir}: this stage was trained on {meta.get('world', 1)} process(es), and is resumed on "
+                f"{world}; each global batch would hold other rows\n  fix: resume with the same launch, e.g. "
+                f"`mlx.launch -n {meta.get('world', 1)} -- localtune run --resume RUN` (or plain `localtune run "
+                "--resume RUN` for 1)")
+        start = meta["step"]
         report(run.log(stage, start, "event", event="resumed", message=f"resumed from checkpoint at step {start}"))
     if args.grad_checkpoint:
         checkpoint_layers(model)
@@ -276,20 +285,29 @@ def train(model, loss_fn, batches, args: TrainArgs, *, run, stage: str, stage_di
             tic = time.perf_counter()
             mx.random.seed(args.seed * 1_000_003 + step)  # dropout noise is a function of the step
             micro_batches = [next(batches) for _ in range(args.grad_accum)]
-            total = sum(b.weight for b in micro_batches) or 1
+            local = [sum(b.weight for b in micro_batches), sum(b.n_tokens for b in micro_batches),
+                     sum(b.n_real_tokens for b in micro_batches), sum(b.pairs for b in micro_batches)]
+            counts = distributed.all_sum(local) if world > 1 else local
+            total = counts[0] or 1
             grads, loss_sum, metric_sums = None, 0.0, {}
-            for b in micro_batches:  # token- (or pair-) weighted: accumulation equals one large batch
+            for b in micro_batches:  # token- (or pair-) weighted: accumulation (and ranks) equal one large batch
                 weight = b.weight / total
                 loss, ntoks, metrics, g = micro(_to_mx(b))
-                if args.grad_accum > 1:  # no extra gradient copy in the common case
+                if args.grad_accum > 1 or world > 1:  # no extra gradient copy in the common case
                     g = tree_map(lambda x: x * weight, g)
                 grads = g if grads is None else tree_map(mx.add, grads, g)
                 loss_sum = loss_sum + loss * weight
                 for k, v in metrics.items():
                     metric_sums[k] = metric_sums.get(k, 0.0) + v * weight
+            if world > 1:
+                grads = distributed.sum_gradients(grads)
             grad_norm = apply(grads)
             mx.eval(state, loss_sum, grad_norm, metric_sums)
             loss_value, norm_value = loss_sum.item(), grad_norm.item()
+            metric_values = {k: v.item() for k, v in metric_sums.items()}
+            if world > 1:  # every rank's share of the loss and metrics, summed
+                reduced = distributed.all_sum([loss_value, *metric_values.values()])
+                loss_value, metric_values = reduced[0], dict(zip(metric_values, reduced[1:]))
             if not math.isfinite(loss_value) or not math.isfinite(norm_value):
                 raise TrainingError(
                     f"stage {stage}, step {step}: the loss became {loss_value} (gradient norm "
@@ -297,8 +315,7 @@ def train(model, loss_fn, batches, args: TrainArgs, *, run, stage: str, stage_di
                     f"(step {_checkpoint_step(ckpt_dir)}) is kept in {ckpt_dir}.\n"
                     "  fix: lower learning_rate, set grad_clip, or check the data for empty targets; "
                     "then `localtune run --resume RUN`")
-            window.add(loss_value, micro_batches, time.perf_counter() - tic,
-                       {k: v.item() for k, v in metric_sums.items()})
+            window.add(loss_value, counts[1:], time.perf_counter() - tic, metric_values)
 
             if step % args.report_every == 0 or step == args.steps:
                 record = {**window.record(args.steps - step), "lr": float(optimizer.learning_rate.item()),
@@ -337,7 +354,7 @@ def train(model, loss_fn, batches, args: TrainArgs, *, run, stage: str, stage_di
             request = control.poll()  # read once per step; a pause waits for the next one
             asked = request.get("checkpoint")
             if step % args.save_every == 0 or last or stop.requested or asked:
-                save_checkpoint(ckpt_dir, model, optimizer, step, batches, {"seed": args.seed})
+                save_checkpoint(ckpt_dir, model, optimizer, step, batches, {"seed": args.seed, "world": world})
                 save(model, stage_dir, adapter_config)
                 run.set_status(state="running", stage=stage, step=step, steps_total=args.steps, checkpoint_step=step)
                 if not last:

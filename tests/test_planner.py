@@ -1,0 +1,85 @@
+"""The planner: memory parts from the model's own shapes, suggestions, the gate in `localtune run`."""
+import json
+
+import pytest
+from mlx.utils import tree_flatten
+
+from localtune import device, models, planner
+from localtune import recipe as recipe_mod
+from localtune.pipeline import prepare
+from test_cli import invoke, write_recipe
+
+
+def test_weights_and_adapter_parts_are_the_models_own_bytes(tmp_path, small_model_path):
+    recipe = write_recipe(tmp_path, small_model_path, batch_size=4)
+    parsed = recipe_mod.load(recipe)
+    p = planner.plan(parsed, prepare(parsed), calibrate_steps=False)[0]
+    model, _ = models.load_model(small_model_path)
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    assert p.parts["weights"] == weights  # fp32 on CPU: 4 bytes per parameter
+    # rank-4 LoRA on the 7 linear layers of each block: (in + out) x 4 parameters each, fp32
+    d = planner._dims(model)
+    per_block = 4 * (2 * (d["h"] + d["h"]) + 2 * (d["h"] + d["kv"]) + 2 * (d["h"] + d["i"]) + (d["i"] + d["h"]))
+    assert p.parts["adapters"] == d["layers"] * per_block * 4
+    assert p.parts["optimizer"] == 2 * p.parts["adapters"]  # AdamW: two moments
+    assert p.peak == sum(p.parts.values())
+    assert p.rows == 4 and p.width % 8 == 0 and p.worst_case_peak > p.peak  # max_seq_len 64 > the data's rows
+
+
+def test_gradient_checkpointing_and_fewer_layers_shrink_the_activations(tmp_path, small_model_path):
+    parsed = recipe_mod.load(write_recipe(tmp_path, small_model_path, batch_size=8))
+    prepared = prepare(parsed)
+    model, _ = models.load_model(small_model_path, lazy=True)
+    stage = parsed.stages[0]
+    base = planner._plan_with_adapters(model, parsed, stage, prepared.train[stage.name], 6)
+    ckpt = planner._plan_with_adapters(model, parsed, stage, prepared.train[stage.name], 6, grad_checkpoint=True)
+    half = planner._plan_with_adapters(model, parsed, stage, prepared.train[stage.name], 6, batch_size=4)
+    assert ckpt.parts["activations"] < base.parts["activations"]
+    assert half.rows == 4 and half.parts["activations"] < base.parts["activations"]
+    assert ckpt.parts["weights"] == base.parts["weights"] == half.parts["weights"]
+
+
+def test_calibrated_plan_runs_real_steps_and_writes_nothing(tmp_path, small_model_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path, small_model_path, batch_size=8)
+    result = invoke("plan", recipe, "--json")
+    assert result.exit_code == 0, result.output
+    stage = json.loads(result.output)["stages"][0]
+    assert stage["how"] == f"calibrated: 4 and 8 rows of {stage['width']} tokens"  # half and all of the batch
+    assert stage["step_sec"] > 0 and stage["stage_sec"] == pytest.approx(stage["step_sec"] * 6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.toml", "test.jsonl", "train.jsonl"]
+
+
+@pytest.fixture
+def tiny_limit(monkeypatch):
+    """A device with 40 MB: the small model's SFT stage (about 60 MB) does not fit."""
+    monkeypatch.setattr(device, "memory_limit_bytes", lambda: 40 * 2**20)
+
+
+def test_run_refuses_a_recipe_that_will_not_fit(tmp_path, small_model_path, tiny_limit):
+    recipe = write_recipe(tmp_path, small_model_path, batch_size=16, max_seq_len=64)
+    result = invoke("run", recipe, "--no-tui", "--runs-dir", tmp_path / "runs")
+    assert result.exit_code == planner.DoesNotFit.exit_code == 4
+    out = result.output
+    assert "this recipe will not fit in memory (40.0 MiB, physical memory)" in out
+    assert "[stages.sft] needs about" in out and "weights" in out and "activations" in out
+    for fix in ("[stages.sft] grad_checkpoint = true", "[stages.sft] batch_size = 8, grad_accum = 2",
+                "[model] quantize = { bits = 4 }", "[stages.sft.adapter] layers = "):
+        assert f"fix: {fix}" in out, fix
+    assert "--force" in out
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_force_runs_it_anyway(tmp_path, small_model_path, tiny_limit):
+    recipe = write_recipe(tmp_path, small_model_path, batch_size=16, max_seq_len=64, steps=2)
+    result = invoke("run", recipe, "--no-tui", "--runs-dir", tmp_path / "runs", "--force")
+    assert result.exit_code == 0, result.output
+    assert "over the limit, running anyway (--force)" in result.output and "step     2/2" in result.output
+
+
+def test_plan_exits_non_zero_with_the_suggestions(tmp_path, small_model_path, tiny_limit):
+    recipe = write_recipe(tmp_path, small_model_path, batch_size=16)
+    result = invoke("plan", recipe, "--no-calibrate")
+    assert result.exit_code == 4
+    assert "DOES NOT FIT" in result.output and "try: [stages.sft] grad_checkpoint = true -> peak" in result.output
+    assert "s/step x 6 steps" in result.output and "(formula)" in result.output
