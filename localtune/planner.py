@@ -28,7 +28,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from . import adapters, data, device, distributed
+from . import adapters, data, device, distributed, models
 from .errors import LocaltuneError
 from .recipe import Recipe, Stage
 
@@ -340,7 +340,6 @@ def _mean_tokens(stage: Stage, dataset) -> float:
 def plan(recipe: Recipe, prepared, calibrate_steps: bool = True, note=lambda m: None) -> list[StagePlan]:
     """Every stage's plan, on the recipe's base (a distill student from its stage on). Calibration
     loads the weights; the formula alone reads only their shapes."""
-    from . import models
     from .pipeline import folder_of, stage_steps
 
     limit = device.memory_limit_bytes()
@@ -387,7 +386,7 @@ def _extras(model, recipe: Recipe, stage: Stage, dataset) -> dict:
         dtype_bytes = 2 if device.is_gpu() else 4
         kv = 2 * d["layers"] * stage.batch_size * width * d["kv"] * dtype_bytes
         copy_bytes = 0
-        if stage.dequantize_rollouts and not device.is_gpu() and _is_quantized(model):
+        if stage.dequantize_rollouts and not device.is_gpu() and models.is_quantized(model):
             copy_bytes = block_params(d) * 4
         out["phase:rollouts"] = kv + copy_bytes + _bytes(model.trainable_parameters()) * 4
         out["value head"] = (d["h"] + 1) * 4
@@ -425,7 +424,7 @@ def suggestions(model, recipe: Recipe, stage: Stage, dataset, steps: int, p: Sta
         if peak < p.peak:
             out.append({"change": change, "peak": int(peak), "fits": peak <= limit})
 
-    if recipe.model.quantize is None and not _is_quantized(model):
+    if recipe.model.quantize is None and not models.is_quantized(model):
         weights = p.parts["weights"]
         add("[model] quantize = { bits = 4 } (QLoRA: a 4-bit base)", p.peak - weights + weights * 5 // 32)
     if not stage.grad_checkpoint:
@@ -449,10 +448,6 @@ def suggestions(model, recipe: Recipe, stage: Stage, dataset, steps: int, p: Sta
             _plan_with_adapters(model, recipe, stage, dataset, steps,
                                 adapter=dataclasses.replace(stage.adapter, layers=fewer)).peak)
     return out
-
-
-def _is_quantized(model) -> bool:
-    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
 
 
 # Output --------------------------------------------------------------------
