@@ -14,6 +14,7 @@ from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
+from .damage import DamagedFile, load_safetensors, read_json
 from .errors import ModelError, RecipeError
 from .models import is_quantized
 from .run import atomic_write, disk_error
@@ -179,16 +180,29 @@ def save_arrays(path: Path, arrays: dict, metadata: dict | None = None) -> None:
 
 
 def load(model: nn.Module, folder: str | Path) -> dict:
-    """Apply saved adapters (ours or mlx-lm's) to a model; returns their config."""
+    """Apply saved adapters (ours or mlx-lm's) to a model; returns their config.
+
+    Damaged or mismatched files are a DamagedFile / ModelError naming the file, never a traceback.
+    """
     folder = Path(folder)
-    try:
-        config = json.loads((folder / "adapter_config.json").read_text())
-        weights = mx.load(str(folder / "adapters.safetensors"))
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{folder}: cannot read adapters ({e})\n"
+    fix = (f"copy {folder} back from another copy of this run (a finished stage's adapters cannot be "
+           "rebuilt from the run directory); or train it again with `localtune run RECIPE`")
+    if not folder.is_dir():
+        raise ModelError(f"{folder}: no such adapter folder\n"
                          "  fix: pass a stage folder holding adapters.safetensors and adapter_config.json")
-    if config.get("fine_tune_type", "lora") != "full":
-        _stack(model, config["num_layers"], config["lora_parameters"], config.get("fine_tune_type") == "dora")
+    config = read_json(folder / "adapter_config.json", fix)
+    weights = load_safetensors(folder / "adapters.safetensors", fix)
+    try:
+        if config.get("fine_tune_type", "lora") != "full":
+            _stack(model, config["num_layers"], config["lora_parameters"], config.get("fine_tune_type") == "dora")
+    except (KeyError, TypeError, ValueError) as e:
+        raise DamagedFile(folder / "adapter_config.json", f"not an adapter config this model takes ({e!r})",
+                          fix) from None
+    params = dict(tree_flatten(model.parameters()))
+    for name, value in weights.items():
+        if name in params and params[name].shape != value.shape:
+            raise DamagedFile(folder / "adapters.safetensors", f"{name} has shape {tuple(value.shape)}, but the "
+                              f"model's is {tuple(params[name].shape)}: adapters of another model or config", fix)
     model.load_weights(list(weights.items()), strict=False)
     return config
 

@@ -81,9 +81,9 @@ def run(recipe, resume, no_tui, runs_dir, force):
         runs_dir = distributed.private_runs_dir()
     if resume:
         run_ = distributed.mirror_run(lambda: Run.open(resume))  # the other ranks get rank 0's copy
+        parsed = run_.recipe()  # a damaged recipe.toml or manifest.json stops here, named
         base_dir = run_.manifest().get("base_dir") or run_.status().get("base_dir", ".")
-        parsed = recipe_mod.parse((run_.path / "recipe.toml").read_text(), str(run_.path / "recipe.toml"), base_dir)
-        if run_.status().get("state") == "done":
+        if run_.status().get("state") == "done" or run_.manifest().get("finished"):
             raise LocaltuneError(f"{run_.path}: this run is already done; see {run_.path / 'report.md'}")
         gate = _gate(parsed, lambda: run_, quiet=not main_rank)
         prepared = prepare(parsed)
@@ -261,12 +261,11 @@ def plan(recipe, no_calibrate, as_json):
 @click.argument("base_dir")
 def train_child(run_dir, base_dir):
     """The TUI's child: train an already created run directory, writing progress to it."""
-    from . import recipe as recipe_mod
     from .pipeline import prepare
     from .run import Run
 
     run_ = Run.open(run_dir)
-    parsed = recipe_mod.parse((run_.path / "recipe.toml").read_text(), str(run_.path / "recipe.toml"), base_dir)
+    parsed = run_.recipe(base_dir)
     try:
         prepared = prepare(parsed)
     except LocaltuneError as e:
@@ -318,6 +317,9 @@ def runs(runs_dir, as_json):
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started"]))
         click.echo(f"{r['name']:<{width}}  {r['state']:<11}  {r['stage'] or '-':<8}  {step:>11}  {loss:>7}  "
                    f"{started:<16}  {_duration(r['duration'])}")
+    for r in rows:
+        if r.get("damage"):
+            click.echo(f"damaged: {r['damage']}", err=True)
 
 
 @cli.command()
@@ -325,19 +327,20 @@ def runs(runs_dir, as_json):
 @click.option("--runs-dir", default="runs", show_default=True)
 def status(target, runs_dir):
     """Show a run's state (default: the newest run)."""
-    from .run import Run, effective_state, newest_run
+    from .run import Run, newest_run, summary
 
     path = Path(target) if target else newest_run(runs_dir)
     if path is None:
         raise LocaltuneError(f"{runs_dir}: no runs yet\n  fix: start one with `localtune run recipes/quickstart.toml`")
-    r = Run.open(path)
-    st = r.status()
-    train = [m for m in r.metrics() if m.get("kind") == "train"]
-    click.echo(f"{path}: {effective_state(st)}  stage {st.get('stage', '—')}  step {st.get('step', 0)}"
-               + (f"/{st['steps_total']}" if st.get("steps_total") else "")
-               + (f"  loss {train[-1]['loss']:.4f}" if train else ""))
-    if st.get("error"):
-        click.echo(st["error"])
+    Run.open(path)
+    row = summary(path)
+    click.echo(f"{path}: {row['state']}  stage {row['stage'] or '—'}  step {row['step'] or 0}"
+               + (f"/{row['steps_total']}" if row["steps_total"] else "")
+               + (f"  loss {row['loss']:.4f}" if row["loss"] is not None else ""))
+    if row.get("damage"):
+        raise LocaltuneError(row["damage"])
+    if row.get("error"):
+        click.echo(row["error"])
 
 
 @cli.command()
@@ -418,9 +421,10 @@ def score(reward, data_path, as_json):
     from . import data
     from .methods import reward as reward_method
     from .pipeline import chain, load_for_inference
+    from .run import is_run_dir
 
     path = Path(reward)
-    if not (path.parent / "recipe.toml").exists():
+    if not is_run_dir(path.parent):
         raise click.BadParameter(f"{reward}: expected RUN/stage, a reward stage of a run", param_hint="--reward")
     stage = next((s for s in chain(path.parent, path.name)[1] if s.name == path.name), None)
     if stage is None or stage.kind != "reward":
@@ -460,11 +464,12 @@ def eval_(target, golden, metric, pattern, general, limit, as_json):
     from . import data, evaluate
     from .pipeline import chain, general_texts, load_for_inference
     from .recipe import EvalSpec, Recipe
+    from .run import is_run_dir
 
     path, stage = Path(target), None
-    if not (path / "recipe.toml").exists() and (path.parent / "recipe.toml").exists():
+    if not is_run_dir(path) and is_run_dir(path.parent):
         path, stage = path.parent, path.name
-    if (path / "recipe.toml").exists():
+    if is_run_dir(path):
         parsed = chain(path, stage)[0]
         spec = parsed.eval
         if golden is None and spec.data:
@@ -475,7 +480,7 @@ def eval_(target, golden, metric, pattern, general, limit, as_json):
                                                             ("general", general), ("limit", limit)) if v is not None})
     if spec.general not in ("bundled", "none"):
         spec = dataclasses.replace(spec, general=str(Path(spec.general).resolve()))
-    model, tokenizer = load_for_inference(str(path), stage) if (path / "recipe.toml").exists() else \
+    model, tokenizer = load_for_inference(str(path), stage) if is_run_dir(path) else \
         load_for_inference(target)
     result = {"target": target}
     if golden:

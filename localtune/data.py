@@ -75,11 +75,16 @@ def read_jsonl(path: str | Path) -> tuple[list[dict], str]:
         raise DataError(f"{path}: no such data file\n  fix: check the stage's data = ... path "
                         "(relative paths are resolved from the recipe's folder)")
     rows, fmt = [], None
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line)\n"
+                                "  fix: save the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{n}"
             try:
                 row = json.loads(line)
             except ValueError as e:

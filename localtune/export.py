@@ -143,28 +143,30 @@ class Source:
 def resolve(target: str) -> Source:
     """RUN, RUN/stage, or a model reference (folder, repo id, .gguf, pkg:)."""
     from . import models
-    from .run import Run
+    from .run import Run, is_run_dir
 
     path = Path(target)
     run, stage = None, None
-    if (path / "recipe.toml").exists():
+    if is_run_dir(path):
         run = path
-    elif (path.parent / "recipe.toml").exists():
+    elif is_run_dir(path.parent):
         run, stage = path.parent, path.name
     bom = None
     if run is not None:
         from .provenance import bill_of_materials
 
-        from .pipeline import chain, folder_of, student_stage
+        from .pipeline import chain, folder_of, model_folder, student_stage
 
         manifest = Run.open(run).manifest()
         bom = bill_of_materials(manifest["provenance"]) if "provenance" in manifest else None
-        folder = Path(manifest.get("model", {}).get("folder", ""))
         parsed, stages = chain(run, stage)
         if (student := student_stage(stages)) is not None:  # the run's model is the student
             folder = folder_of(parsed, student.student, "student")
+        else:
+            folder = model_folder(run)
         if not (folder / "config.json").exists():
-            raise LocaltuneError(f"{run}: the run has not loaded its model yet (no model folder in manifest.json)")
+            raise LocaltuneError(f"{run}: its base model folder {folder} has no config.json (moved or deleted?)\n"
+                                 "  fix: put the model back where the run found it, or import it again")
         name = run.name + (f"/{stage}" if stage else "")
     else:
         folder = models.resolve(target)

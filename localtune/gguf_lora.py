@@ -46,13 +46,16 @@ class LoraExportResult:
 
 def _lora_stages(run: Path, stage: str | None) -> list[str]:
     """The stages to export, each checked to be plain LoRA (DoRA and full weights have no GGUF form)."""
-    from .pipeline import chain
+    from .damage import read_json
+    from .pipeline import chain, finished
 
-    done = [s.name for s in chain(run, stage)[1] if (run / s.name / "adapters.safetensors").exists()]
+    done = [s.name for s in finished(run, chain(run, stage)[1], stage)]
     if not done:
-        raise LocaltuneError(f"{run}: no stage has saved adapters yet\n  fix: train first (localtune run)")
+        raise LocaltuneError(f"{run}: no stage has finished yet\n  fix: train first (localtune run), or wait "
+                             f"for the first stage (`localtune watch {run}`)")
     for name in done:
-        kind = json.loads((run / name / "adapter_config.json").read_text()).get("fine_tune_type", "lora")
+        config = read_json(run / name / "adapter_config.json", f"copy {run / name} back from another copy of this run")
+        kind = config.get("fine_tune_type", "lora")
         if kind != "lora":
             raise LocaltuneError(f"{run / name}: a {kind} stage cannot be a GGUF LoRA adapter (llama.cpp applies "
                                  "W + s B A only)\n  fix: export the fused model instead: "

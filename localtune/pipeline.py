@@ -11,7 +11,7 @@ from pathlib import Path
 from . import __version__, data, device, distributed
 from .errors import DataError, LocaltuneError, RecipeError
 from .recipe import Recipe, Stage
-from .run import Run
+from .run import Run, is_run_dir
 
 METHODS = {"sft": "localtune.methods.sft", "dpo": "localtune.methods.dpo", "distill": "localtune.methods.distill",
            "reward": "localtune.methods.reward", "ppo": "localtune.methods.ppo"}
@@ -188,12 +188,12 @@ def _check_reward_model(recipe: Recipe, s: Stage, tokenizer, folder: Path) -> No
     key = f"{recipe.source}: [stages.{s.name}] reward_model = {s.reward_model!r}"
     path = Path(recipe.resolve(s.reward_model))
     config = path / "adapter_config.json"
-    if not (config.exists() and (path.parent / "recipe.toml").exists()):
+    if not (config.exists() and is_run_dir(path.parent)):
         raise RecipeError(f"{key}: not a reward stage of a run (expected RUN/stage holding adapter_config.json)\n"
                           '  fix: name an earlier kind = "reward" stage of this recipe, or give runs/NAME/STAGE')
-    import json
+    from .damage import read_json
 
-    if not json.loads(config.read_text()).get("reward_head"):
+    if not read_json(config, f"copy {path} back from another copy of that run").get("reward_head"):
         raise RecipeError(f"{key}: {path.name} is not a reward stage (its adapters have no reward head)\n"
                           "  fix: point at the run's kind = \"reward\" stage")
     theirs = folder_of(recipe, str(path.parent), "reward_model")
@@ -211,15 +211,25 @@ def folder_of(recipe: Recipe, ref: str, what: str) -> Path:
     from .errors import ModelError
 
     path = Path(recipe.resolve(ref))
-    if (path / "recipe.toml").exists() and (path / "manifest.json").exists():  # a run: its model's folder
+    if is_run_dir(path):  # a run: its model's folder
         parsed, stages = chain(path)
         if (student := student_stage(stages)) is not None:
             return folder_of(parsed, student.student, "student")
-        return Path(Run.open(path).manifest().get("model", {}).get("folder", ""))
+        return model_folder(path)
     try:
         return models.resolve(str(path) if path.exists() else ref)
     except ModelError as e:
         raise ModelError(f"{recipe.source}: {what} = {ref!r} cannot be loaded: {e.message}") from None
+
+
+def model_folder(run_path: str | Path) -> Path:
+    """The base model folder a run trained on, from its manifest."""
+    folder = Run.open(run_path).manifest().get("model", {}).get("folder")
+    if not folder:
+        raise LocaltuneError(f"{run_path}: the run has not loaded its model yet (manifest.json names no model "
+                             f"folder)\n  fix: wait for it to start (`localtune watch {run_path}`), or start it "
+                             f"with `localtune run --resume {run_path}`")
+    return Path(folder)
 
 
 def load_teacher(recipe: Recipe, ref: str, what: str):
@@ -227,7 +237,7 @@ def load_teacher(recipe: Recipe, ref: str, what: str):
     from . import models
 
     path = Path(recipe.resolve(ref))
-    if (path / "recipe.toml").exists() and (path / "manifest.json").exists():
+    if is_run_dir(path):
         return load_for_inference(str(path))
     folder = folder_of(recipe, ref, what)
     model, _ = models.load_model(folder)
@@ -240,6 +250,15 @@ def train_args(stage: Stage, steps: int):
     fields = {f.name for f in dataclasses.fields(TrainArgs)}
     values = {k: v for k, v in dataclasses.asdict(stage).items() if k in fields}
     return TrainArgs(**{**values, "steps": steps})
+
+
+def fingerprint(recipe: Recipe, stage: Stage) -> str:
+    """The stage's settings and the content of its data files: a checkpoint is only resumed under the same."""
+    h = hashlib.sha256(repr(dataclasses.asdict(stage)).encode())
+    for name in (stage.data, stage.valid):
+        if name:
+            h.update(_sha256(recipe.resolve(name)).encode())
+    return h.hexdigest()
 
 
 def stage_steps(stage: Stage, batches) -> int:
@@ -369,9 +388,11 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
                                    stage.packing, stage.max_seq_len, collate=getattr(method, "collate", None),
                                    shard=distributed.shard())
             steps = stage_steps(stage, batches)
-            loss_fn, batches, valid_batches = method.setup(model, stage, batches, valid_set, steps, stage_dir,
-                                                           lambda message: report(run.log(
-                                                               stage.name, 0, "event", event="info", message=message)),
+            def note(message, warning=False):
+                report(run.warn(stage.name, 0, message) if warning else
+                       run.log(stage.name, 0, "event", event="info", message=message))
+
+            loss_fn, batches, valid_batches = method.setup(model, stage, batches, valid_set, steps, stage_dir, note,
                                                            **extra)
             eval_fn = None
             if valid_batches:
@@ -395,7 +416,8 @@ def run_recipe(recipe: Recipe, run: Run, prepared: Prepared, report=print) -> di
                 guard = _guard(recipe, prepared, tokenizer, base["nll"])
             summary = trainer.train(model, loss_fn, batches, train_args(stage, steps), run=run,
                                     stage=stage.name, stage_dir=stage_dir, adapter_config=adapter_config,
-                                    eval_fn=eval_fn, guard=guard, report=report)
+                                    eval_fn=eval_fn, guard=guard, fingerprint=fingerprint(recipe, stage),
+                                    report=report)
             if heldout is not None:
                 summary["heldout_before"], summary["heldout_after"] = heldout, (rl_check or eval_fn)(model)
             if rl_check:
@@ -494,8 +516,9 @@ def _distill_inputs(recipe: Recipe, stage: Stage, model, tokenizer, prepared: Pr
     from . import evaluate
     from .methods import distill
 
-    def note(message):
-        report(run.log(stage.name, 0, "event", event="info", message=message))
+    def note(message, warning=False):
+        report(run.warn(stage.name, 0, message) if warning else
+               run.log(stage.name, 0, "event", event="info", message=message))
 
     if stage.teacher in [s.name for s in recipe.stages]:
         teacher, teacher_tok, teacher_id = model, tokenizer, f"{run.path.name}/{stage.teacher}"
@@ -517,7 +540,9 @@ def _distill_inputs(recipe: Recipe, stage: Stage, model, tokenizer, prepared: Pr
                 continue
             key = distill.TeacherCache.key(ds, teacher_id, stage.top_k, stage.temperature)
             path = stage_dir / f"{name}.safetensors"
-            cache = distill.TeacherCache.load(path, key)
+            cache, damage = distill.TeacherCache.load(path, key)
+            if damage:
+                note(f"{path}: {damage}; the teacher cache is built again", warning=True)
             if cache is None:
                 t0 = time.perf_counter()
                 cache = distill.TeacherCache.build(teacher, ds, stage.top_k, stage.temperature)
@@ -535,7 +560,8 @@ def _distill_inputs(recipe: Recipe, stage: Stage, model, tokenizer, prepared: Pr
                 continue
             rows, fmt = part
             path = stage_dir / f"{name}.jsonl"
-            if not path.exists():
+            answered = _read_generated(path, len(rows), note)
+            if answered is None:
                 t0 = time.perf_counter()
                 prompts = [r["prompt"] if "prompt" in r else evaluate.prompt_and_answer(r)[0] for r in rows]
                 answers = evaluate.generate(teacher, teacher_tok, prompts, stage.max_new_tokens)
@@ -545,7 +571,8 @@ def _distill_inputs(recipe: Recipe, stage: Stage, model, tokenizer, prepared: Pr
                      {"prompt": p, "completion": a}) | {"generator": teacher_id, "source": "localtune distill"}
                     for p, a in zip(prompts, answers)])
                 note(f"the teacher answered {len(rows)} prompts in {time.perf_counter() - t0:.1f}s: {path}")
-            sets.append(data.read_jsonl(path))
+                answered = data.read_jsonl(path)
+            sets.append(answered)
         train_set, valid_set = sets
     if stage.student:
         del teacher
@@ -565,6 +592,22 @@ def _distill_inputs(recipe: Recipe, stage: Stage, model, tokenizer, prepared: Pr
     return model, tokenizer, train_set, valid_set
 
 
+def _read_generated(path: Path, n: int, note):
+    """A distill stage's saved teacher answers when complete; damaged ones are answered again."""
+    if not path.exists():
+        return None
+    try:
+        rows, fmt = data.read_jsonl(path)
+    except LocaltuneError as e:
+        problem = e.message.split("\n")[0]
+    else:
+        if len(rows) == n:
+            return rows, fmt
+        problem = f"{path}: {len(rows)} answers for {n} prompts"
+    note(f"{problem}; the teacher answers again", warning=True)
+    return None
+
+
 def _log_task(run: Run, when: str, result: dict, report) -> None:
     """The task metric as an event, and its sample generations as "sample" records (the TUI shows them)."""
     formed = f", well-formed {result['well_formed']:.0%}" if "well_formed" in result else ""
@@ -578,11 +621,8 @@ def chain(target: str | Path, until_stage: str | None = None):
     """(parsed recipe, the stages whose weights make the run's model, up to `until_stage`). A distill
     stage with a `student` starts the chain again from that student. Reward stages are branches:
     left out, unless `until_stage` names one (then it comes last, on the chain before it)."""
-    from . import recipe as recipe_mod
-
     path = Path(target)
-    parsed = recipe_mod.parse((path / "recipe.toml").read_text(), str(path / "recipe.toml"),
-                              Run.open(path).manifest().get("base_dir", "."))
+    parsed = Run.open(path).recipe()
     names = [s.name for s in parsed.stages]
     if until_stage and until_stage not in names:
         raise LocaltuneError(f"{target}: no stage {until_stage!r}; stages are {names}")
@@ -590,6 +630,19 @@ def chain(target: str | Path, until_stage: str | None = None):
     stages = [s for s in stages if s.kind != "reward" or s.name == until_stage]
     start = max((i for i, s in enumerate(stages) if s.kind == "distill" and s.student), default=0)
     return parsed, stages[start:]
+
+
+def finished(target: str | Path, stages: list, until_stage: str | None = None) -> list:
+    """The chain's `stages` (from `chain`) that have finished. A stage still training, or killed, has
+    files that are not final, so readers (generate, fuse, export, eval) never load it."""
+    done = set(Run.open(target).manifest().get("stages_done", []))
+    if until_stage and until_stage not in done:
+        raise LocaltuneError(f"{target}: stage {until_stage!r} has not finished; only finished stages can be "
+                             f"loaded (finished: {[s.name for s in stages if s.name in done] or 'none yet'})\n"
+                             f"  fix: wait for it (`localtune watch {target}`), or finish it with "
+                             f"`localtune run --resume {target}`")
+    upto = next((i for i, s in enumerate(stages) if s.name not in done), len(stages))
+    return stages[:upto]
 
 
 def student_stage(stages: list):
@@ -616,14 +669,12 @@ def load_for_inference(target: str, until_stage: str | None = None):
     from . import adapters, models
 
     path = Path(target)
-    if not (path / "recipe.toml").exists():
+    if not is_run_dir(path):
         model, tokenizer, _, _ = models.load(target)
         return model, tokenizer
     parsed, stages = chain(path, until_stage)
-    model, tokenizer, _ = chain_base(parsed, stages)
-    for i, stage in enumerate(stages):
-        if not (path / stage.name / "adapters.safetensors").exists():
-            break  # a stage that has not saved yet
+    model, tokenizer, _ = chain_base(parsed, stages)  # the whole chain names its base (or a student)
+    for i, stage in enumerate(finished(path, stages, until_stage)):
         if i:
             adapters.next_stage(model)  # earlier stages become part of the model (fused or stacked)
         if stage.kind == "reward":

@@ -231,11 +231,13 @@ def card_text_findings(card: Card) -> list[Finding]:
 
 def check_teacher(ref: str, base_dir: str | Path = ".") -> Source:
     """A teacher: a local folder (card, config.json), a .gguf file, or a bare name / repo id."""
+    from .run import is_run_dir
+
     source = Source("teacher", ref)
     path = Path(ref) if Path(ref).is_absolute() else Path(base_dir) / ref
     if not path.exists() and Path(ref).exists():
         path = Path(ref)
-    if (path / "recipe.toml").exists() and (path / "manifest.json").exists():
+    if is_run_dir(path):
         _run_teacher(source, path)
     elif path.is_file() and path.suffix == ".gguf":
         _gguf_teacher(source, path)
@@ -253,7 +255,9 @@ def check_teacher(ref: str, base_dir: str | Path = ".") -> Source:
 
 def _run_teacher(source: Source, run: Path) -> None:
     """A localtune run as the teacher: its base model, and what its own gate found."""
-    manifest = json.loads((run / "manifest.json").read_text())
+    from .run import Run
+
+    manifest = Run.open(run).manifest()
     base = check_teacher(manifest.get("model", {}).get("path", ""), manifest.get("base_dir", "."))
     source.license, source.findings = base.license, list(base.findings)
     for upstream in manifest.get("provenance", {}).get("findings", []):

@@ -202,6 +202,9 @@ def write_report(run, recipe, manifest: dict) -> str:
         r = manifest.get("stage_results", {}).get(s.name, {})
         if s.kind == "ppo" and "heldout_before" in r:
             lines += _ppo(s, r)
+    if manifest.get("warnings"):
+        lines += ["", "## Warnings", ""] + [f"- {w['stage']}, step {w['step']}: {w['message']}"
+                                            for w in manifest["warnings"]]
     lines += ["", "## Outputs", ""]
     base = manifest['model'].get('folder', manifest['model']['path'])
     for s in recipe.stages:

@@ -7,12 +7,14 @@ The trainer writes; the TUI, `status`, tests and benchmarks read.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import tempfile
 import time
 from pathlib import Path
 
+from .damage import DamagedFile, json_problem, read_text
 from .errors import LocaltuneError, TrainingError
 
 
@@ -35,16 +37,26 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
 
 def disk_error(e: OSError, path) -> LocaltuneError:
     if e.errno == errno.ENOSPC:
-        return TrainingError(f"{path}: no space left on device; nothing partial was written.\n"
-                             "  fix: free some disk space, then continue with `localtune run --resume RUN`")
+        run = next((p for p in Path(path).parents if (p / "recipe.toml").exists()), None)
+        where = "the last checkpoint is kept" if run else "nothing partial was written"
+        return TrainingError(f"{path}: no space left on device; {where}.\n"
+                             f"  fix: free some disk space (`df -h {Path(path).parent}` shows it), then continue with "
+                             f"`localtune run --resume {run or 'RUN'}`")
     return TrainingError(f"{path}: cannot write: {e.strerror or e}")
 
 
 def read_json(path: str | Path, default=None):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return default
+    """A JSON object, or `default` when the file is missing or damaged (tolerant readers: TUI, control)."""
+    problem, value = json_problem(path)
+    return default if problem else value
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+MANIFEST_FIX = ("manifest.json records the run's model, data hashes and finished stages: copy it back from "
+                "another copy of this run; or start the run again with `localtune run RECIPE`")
 
 
 def pid_alive(pid) -> bool:
@@ -72,18 +84,25 @@ def effective_state(status: dict) -> str:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """All complete records of metrics.jsonl; a partially written last line is skipped."""
+    """All complete records of metrics.jsonl; a partially written last line (or a damaged one) is skipped."""
     records = []
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             for line in f:
                 try:
-                    records.append(json.loads(line))
-                except ValueError:
+                    record = json.loads(line)
+                except ValueError:  # not JSON, or not UTF-8
                     continue
+                if isinstance(record, dict):
+                    records.append(record)
     except OSError:
         pass
     return records
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """A run directory, even one with a file missing."""
+    return any((Path(path) / name).is_file() for name in ("recipe.toml", "manifest.json", "status.json"))
 
 
 class Run:
@@ -107,27 +126,66 @@ class Run:
             raise disk_error(e, path) from e
         run = cls(path)
         atomic_write(path / "recipe.toml", recipe_text)
+        run.update_manifest(recipe_sha256=sha256_text(recipe_text))  # readers check the copy against it
         return run
 
     @classmethod
     def open(cls, path: str | Path) -> "Run":
         path = Path(path)
         if not (path / "recipe.toml").exists():
+            if is_run_dir(path):  # a run that lost its recipe copy
+                original = read_json(path / "manifest.json", {}).get("recipe") or "RECIPE"
+                raise DamagedFile(path / "recipe.toml", "missing", "copy the recipe this run started from "
+                                  f"back: `cp {original} {path / 'recipe.toml'}`")
             raise LocaltuneError(f"{path}: not a localtune run directory (no recipe.toml)\n"
                                  "  fix: pass a folder under runs/, e.g. `localtune status` lists them")
         return cls(path)
 
+    # recipe.toml -------------------------------------------------------
+    def recipe(self, base_dir: str | None = None):
+        """The run's copy of its recipe, parsed; checked against the hash the run started with."""
+        from . import recipe as recipe_mod
+        from .errors import RecipeError
+
+        path, manifest = self.path / "recipe.toml", self.manifest()
+        original = manifest.get("recipe") or "RECIPE"
+        fix = f"copy the recipe this run started from over it: `cp {original} {path}`"
+        text = read_text(path, fix)
+        expected = manifest.get("recipe_sha256")
+        if expected and sha256_text(text) != expected:
+            raise DamagedFile(path, f"not the recipe this run started with ({len(text.encode()):,} bytes whose "
+                                    f"sha256 is not manifest.json's {expected[:12]}…): damaged or edited", fix)
+        try:
+            return recipe_mod.parse(text, str(path), base_dir or manifest.get("base_dir") or
+                                    self.status().get("base_dir", "."))
+        except RecipeError as e:
+            first = e.message.split("\n")[0].replace(str(path), "recipe.toml")
+            raise DamagedFile(path, f"does not parse ({first})", fix) from None
+
     # status.json -------------------------------------------------------
     def status(self) -> dict:
-        return read_json(self.path / "status.json", {})
+        """status.json; a damaged one reads {"state": "damaged", "damage": what is wrong}."""
+        problem, status = json_problem(self.path / "status.json")
+        if problem == "missing":
+            return {}
+        return {"state": "damaged", "damage": problem} if problem else status
 
     def set_status(self, **fields) -> None:
-        status = {**self.status(), "pid": os.getpid(), **fields, "updated": time.time()}
+        old = self.status()  # a damaged status.json is replaced: it is the trainer's own scratch state
+        status = {**(old if old.get("state") != "damaged" else {}), "pid": os.getpid(), **fields,
+                  "updated": time.time()}
         atomic_write(self.path / "status.json", json.dumps(status, indent=1))
 
     # manifest.json -----------------------------------------------------
     def manifest(self) -> dict:
-        return read_json(self.path / "manifest.json", {})
+        """manifest.json; a damaged one (or a missing one once the run has a status) is a DamagedFile."""
+        path = self.path / "manifest.json"
+        problem, manifest = json_problem(path)
+        if problem == "missing" and not (self.path / "status.json").exists():
+            return {}  # a run being created
+        if problem:
+            raise DamagedFile(path, problem, MANIFEST_FIX)
+        return manifest
 
     def update_manifest(self, **fields) -> None:
         atomic_write(self.path / "manifest.json", json.dumps({**self.manifest(), **fields}, indent=1))
@@ -136,13 +194,23 @@ class Run:
     def log(self, stage: str, step: int, kind: str, **values) -> dict:
         record = {"t": round(time.time(), 3), "stage": stage, "step": step, "kind": kind, **values}
         if self._metrics is None:
-            self._metrics = open(self.path / "metrics.jsonl", "a", encoding="utf-8")
+            path = self.path / "metrics.jsonl"
+            torn = path.exists() and path.stat().st_size and path.read_bytes()[-1:] != b"\n"
+            self._metrics = open(path, "a", encoding="utf-8")
+            if torn:  # a killed writer's half line stays alone on its line; ours start on the next
+                self._metrics.write("\n")
         try:
             self._metrics.write(json.dumps(record) + "\n")
             self._metrics.flush()
         except OSError as e:
             raise disk_error(e, self.path / "metrics.jsonl") from e
         return record
+
+    def warn(self, stage: str, step: int, message: str) -> dict:
+        """A warning event that report.md lists too (it is kept in manifest.json)."""
+        warnings = self.manifest().get("warnings", [])
+        self.update_manifest(warnings=warnings + [{"stage": stage, "step": step, "message": message}])
+        return self.log(stage, step, "event", event="warning", message=message)
 
     def metrics(self) -> list[dict]:
         return read_metrics(self.path / "metrics.jsonl")
@@ -163,9 +231,13 @@ class Run:
             self._metrics = None
 
 
+def run_dirs(runs_dir: str | Path = "runs") -> list[Path]:
+    return [p for p in Path(runs_dir).glob("*/") if is_run_dir(p)]
+
+
 def newest_run(runs_dir: str | Path = "runs") -> Path | None:
-    runs = [p for p in Path(runs_dir).glob("*/recipe.toml")]
-    return max(runs, key=lambda p: p.stat().st_mtime).parent if runs else None
+    runs = run_dirs(runs_dir)
+    return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
 
 
 def last_record(path: str | Path, kind: str, tail_bytes: int = 1 << 16) -> dict | None:
@@ -187,11 +259,29 @@ def last_record(path: str | Path, kind: str, tail_bytes: int = 1 << 16) -> dict 
 
 
 def summary(path: str | Path, now: float | None = None) -> dict:
-    """One row of `localtune runs`: name, state, stage, step/total, last loss, started, duration."""
-    path = Path(path)
-    status, manifest = read_json(path / "status.json", {}), read_json(path / "manifest.json", {})
-    state = effective_state(status)
-    started = manifest.get("started") or (path / "recipe.toml").stat().st_mtime
+    """One row of `localtune runs`: name, state, stage, step/total, last loss, started, duration.
+
+    A damaged status.json or manifest.json makes the state "damaged" (with "damage": the message),
+    except that a finished run's status is not needed to know it is done.
+    """
+    run = Run(path)
+    path, status, damage = run.path, run.status(), None
+    try:
+        manifest = run.manifest()
+    except DamagedFile as e:
+        manifest, damage = {}, e.message
+    if status.get("state") == "damaged" or (not status and manifest.get("started")):
+        status.setdefault("damage", "missing")
+        if manifest.get("finished"):  # what status.json said at the end, from the manifest
+            last = (manifest.get("stages_done") or [None])[-1]
+            result = manifest.get("stage_results", {}).get(last, {})
+            status = {"state": "done", "stage": last, "step": result.get("step"),
+                      "steps_total": result.get("steps_total"), "updated": manifest["finished"]}
+        else:
+            damage = damage or DamagedFile(path / "status.json", status["damage"], "it is written again by "
+                                           f"`localtune run --resume {path}`").message
+    state = "damaged" if damage else effective_state(status)
+    started = manifest.get("started") or path.stat().st_mtime
     if state in LIVE_STATES:
         end = now if now is not None else time.time()
     else:
@@ -199,10 +289,11 @@ def summary(path: str | Path, now: float | None = None) -> dict:
     train = last_record(path / "metrics.jsonl", "train")
     return {"name": path.name, "path": str(path), "state": state, "stage": status.get("stage"),
             "step": status.get("step"), "steps_total": status.get("steps_total"),
-            "loss": train.get("loss") if train else None, "started": started, "duration": max(0.0, end - started)}
+            "loss": train.get("loss") if train else None, "started": started, "duration": max(0.0, end - started),
+            **({"error": status["error"]} if status.get("error") else {}), **({"damage": damage} if damage else {})}
 
 
 def list_runs(runs_dir: str | Path = "runs", now: float | None = None) -> list[dict]:
     """Every run under runs_dir, newest first."""
-    rows = [summary(p.parent, now) for p in Path(runs_dir).glob("*/recipe.toml")]
+    rows = [summary(p, now) for p in run_dirs(runs_dir)]
     return sorted(rows, key=lambda r: r["started"], reverse=True)

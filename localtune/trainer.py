@@ -8,7 +8,6 @@ guard, Ctrl-C and resume.
 """
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
@@ -18,11 +17,11 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_map
 
-from . import device, distributed
+from . import checkpoint, device, distributed
 from .models import CPUQuantizedEmbedding, CPUQuantizedLinear
-from .adapters import save, save_arrays, trainable_weights
+from .adapters import save
 from .errors import TrainingError
 
 
@@ -85,28 +84,6 @@ def checkpoint_layers(model: nn.Module) -> None:
             return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
 
         block.__class__ = type(cls.__name__, (cls,), {"__call__": call, "_localtune_checkpointed": True})
-
-
-# Checkpoints ---------------------------------------------------------------
-
-
-def save_checkpoint(folder: Path, model, optimizer, step: int, batches, extra: dict) -> None:
-    """One file, written atomically: adapter + optimizer state + step + data cursor."""
-    arrays = {f"model.{k}": v for k, v in trainable_weights(model).items()}
-    arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
-    meta = {"step": step, "data": batches.state(), **extra}
-    folder.mkdir(parents=True, exist_ok=True)
-    save_arrays(folder / "state.safetensors", arrays, {"localtune": json.dumps(meta)})
-
-
-def load_checkpoint(folder: Path, model, optimizer, batches) -> dict:
-    arrays, metadata = mx.load(str(folder / "state.safetensors"), return_metadata=True)
-    meta = json.loads(metadata["localtune"])
-    model.load_weights([(k[6:], v) for k, v in arrays.items() if k.startswith("model.")], strict=False)
-    optimizer.init(model.trainable_parameters())
-    optimizer.state = tree_unflatten([(k[10:], v) for k, v in arrays.items() if k.startswith("optimizer.")])
-    batches.restore(meta["data"])
-    return meta
 
 
 # The loop ------------------------------------------------------------------
@@ -224,18 +201,27 @@ def _to_mx(batch) -> dict:
 
 
 def train(model, loss_fn, batches, args: TrainArgs, *, run, stage: str, stage_dir: Path,
-          adapter_config: dict, eval_fn=None, guard=None, report=print) -> dict:
+          adapter_config: dict, eval_fn=None, guard=None, fingerprint: str | None = None, report=print) -> dict:
     """Train `args.steps` optimizer steps, resuming from stage_dir/checkpoint if present.
 
-    Returns a summary dict (final step, last train/eval loss, tokens/s, peak memory).
+    `fingerprint` (the stage's recipe and data) is saved in each checkpoint; a resume takes only a
+    checkpoint with the same one. Returns a summary dict (final step, last train/eval loss,
+    tokens/s, peak memory).
     """
     ckpt_dir = stage_dir / "checkpoint"
     optimizer = make_optimizer(args)
     optimizer.init(model.trainable_parameters())
     start = 0
     world = distributed.size()
-    if (ckpt_dir / "state.safetensors").exists():
-        meta = load_checkpoint(ckpt_dir, model, optimizer, batches)
+
+    def warn(message):
+        report(run.warn(stage, 0, message))
+
+    meta = checkpoint.load(ckpt_dir, model, optimizer, batches, steps=args.steps, fingerprint=fingerprint, warn=warn)
+    if meta is None and run.status().get("stage") == stage and run.status().get("checkpoint_step"):
+        warn(f"{ckpt_dir}: no checkpoint (status.json recorded one at step {run.status()['checkpoint_step']}); "
+             "the stage starts again from step 0")
+    if meta is not None:
         if meta.get("world", 1) != world:  # the data order and batch size depend on it
             raise TrainingError(
                 f"{ckpt_dir}: this stage was trained on {meta.get('world', 1)} process(es), and is resumed on "
@@ -312,7 +298,7 @@ def train(model, loss_fn, batches, args: TrainArgs, *, run, stage: str, stage_di
                 raise TrainingError(
                     f"stage {stage}, step {step}: the loss became {loss_value} (gradient norm "
                     f"{norm_value}); stopped without saving this step. The last good checkpoint "
-                    f"(step {_checkpoint_step(ckpt_dir)}) is kept in {ckpt_dir}.\n"
+                    f"(step {checkpoint.step_of(ckpt_dir)}) is kept in {ckpt_dir}.\n"
                     "  fix: lower learning_rate, set grad_clip, or check the data for empty targets; "
                     "then `localtune run --resume RUN`")
             window.add(loss_value, counts[1:], time.perf_counter() - tic, metric_values)
@@ -354,7 +340,8 @@ def train(model, loss_fn, batches, args: TrainArgs, *, run, stage: str, stage_di
             request = control.poll()  # read once per step; a pause waits for the next one
             asked = request.get("checkpoint")
             if step % args.save_every == 0 or last or stop.requested or asked:
-                save_checkpoint(ckpt_dir, model, optimizer, step, batches, {"seed": args.seed, "world": world})
+                checkpoint.save(ckpt_dir, model, optimizer, step, batches,
+                                {"seed": args.seed, "world": world, "fingerprint": fingerprint})
                 save(model, stage_dir, adapter_config)
                 run.set_status(state="running", stage=stage, step=step, steps_total=args.steps, checkpoint_step=step)
                 if not last:
@@ -375,14 +362,6 @@ def train(model, loss_fn, batches, args: TrainArgs, *, run, stage: str, stage_di
                 + (f", task {kept['task']:.1%}" if kept.get("task") is not None else "") + ")")))
         summary["forgetting"] = guard.summary()
     return summary
-
-
-def _checkpoint_step(folder: Path):
-    try:
-        _, metadata = mx.load(str(folder / "state.safetensors"), return_metadata=True)
-        return json.loads(metadata["localtune"])["step"]
-    except Exception:
-        return "none yet"
 
 
 def evaluate_loss(model, loss_fn, batches) -> dict:

@@ -72,8 +72,9 @@ def test_a_student_that_is_its_teacher_has_zero_loss_and_the_cache_round_trips(t
     assert cache.values.shape == (int(sum(e.loss_mask[1:].sum() for e in dataset.examples)), vocab)
     key = distill.TeacherCache.key(dataset, "small", vocab, 1.0)
     cache.save(tmp_path / "c.safetensors", key)
-    assert distill.TeacherCache.load(tmp_path / "c.safetensors", key + "x") is None  # other data or teacher
-    loaded = distill.TeacherCache.load(tmp_path / "c.safetensors", key)
+    assert distill.TeacherCache.load(tmp_path / "c.safetensors", key + "x") == (None, None)  # other data or teacher
+    loaded, damage = distill.TeacherCache.load(tmp_path / "c.safetensors", key)
+    assert damage is None
     dataset.teacher_cache = loaded
     batches = data.Batches(dataset, 4, 0)
     loss, batches, _ = distill.setup(model, _Stage, batches, None, 1, tmp_path, print)

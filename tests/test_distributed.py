@@ -94,8 +94,9 @@ def test_two_processes_killed_resume_to_the_same_adapter(tmp_path, recipes):
     subprocess.run(["cp", "-r", str(run), str(again)], check=True)
     status = json.loads((again / "status.json").read_text())
     (again / "status.json").write_text(json.dumps({**status, "state": "interrupted"}))
-    (again / "manifest.json").write_text(json.dumps({**json.loads((again / "manifest.json").read_text()),
-                                                     "stages_done": [], "stage_results": {}}))
+    manifest = json.loads((again / "manifest.json").read_text())
+    manifest.pop("finished")
+    (again / "manifest.json").write_text(json.dumps({**manifest, "stages_done": [], "stage_results": {}}))
     result = invoke("run", "--resume", again, "--no-tui")
     assert result.exit_code != 0
     assert "trained on 2 process(es), and is resumed on 1" in result.output

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import make_tiny_model
 
-from localtune import adapters, data, models, trainer
+from localtune import adapters, checkpoint, data, models, trainer
 from localtune.errors import TrainingError
 from localtune.methods import sft
 from localtune.recipe import Adapter
@@ -157,7 +157,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, tmp_path)
     message = err.value.message
     assert "step 3" in message and "nan" in message and "step 2" in message and "--resume" in message
     run_path = next(tmp_path.glob("t-*"))
-    assert trainer._checkpoint_step(run_path / "sft" / "checkpoint") == 2
+    assert checkpoint.step_of(run_path / "sft" / "checkpoint") == 2
 
 
 def test_packed_rows_score_like_separate_sequences(tiny_model):

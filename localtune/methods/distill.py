@@ -19,6 +19,7 @@ import numpy as np
 
 from .. import data
 from ..adapters import save_arrays
+from ..damage import DamagedFile, load_safetensors
 from ..errors import LocaltuneError
 from .logprobs import logits as model_logits
 
@@ -145,13 +146,22 @@ class TeacherCache:
                            "offsets": mx.array(self.offsets.astype(np.int32))}, {"key": key})
 
     @classmethod
-    def load(cls, path: Path, key: str) -> "TeacherCache | None":
+    def load(cls, path: Path, key: str) -> tuple["TeacherCache | None", str | None]:
+        """(the cache saved for `key`, or None; what was wrong with a damaged file, which is never trusted)."""
         if not path.exists():
-            return None
-        arrays, meta = mx.load(str(path), return_metadata=True)
-        if meta.get("key") != key:
-            return None
-        return cls(np.array(arrays["values"]), np.array(arrays["indices"]), np.array(arrays["offsets"], np.int64))
+            return None, None
+        try:
+            arrays, meta = load_safetensors(path, "", metadata=True)
+            if meta.get("key") != key:
+                return None, None
+            cache = cls(np.array(arrays["values"]), np.array(arrays["indices"]), np.array(arrays["offsets"], np.int64))
+        except DamagedFile as e:
+            return None, e.problem
+        except KeyError as e:
+            return None, f"not a teacher cache (no {e} array)"
+        if cache.values.shape != cache.indices.shape or cache.offsets[-1:].tolist() != [len(cache.values)]:
+            return None, f"inconsistent arrays (values {cache.values.shape}, indices {cache.indices.shape})"
+        return cache, None
 
     @property
     def nbytes(self) -> int:

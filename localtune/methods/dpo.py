@@ -20,6 +20,7 @@ import numpy as np
 
 from .. import data
 from ..adapters import adapters_disabled, save_arrays
+from ..damage import DamagedFile, load_safetensors
 from ..errors import DataError
 from .logprobs import SharedPrompt, hidden_logprobs, shares_prompts, target_logprobs
 
@@ -254,11 +255,18 @@ class ReferenceCache:
         self.known = np.zeros(n, bool)
         self.lengths = np.array([len(p.chosen.tokens) + len(p.rejected.tokens) for p in pairs.examples])
         self.key, self.passes, self.dirty = self.fingerprint(pairs), 0, False
+        self.damage = None  # what was wrong with a cache file that was found and not trusted
         if self.path.exists():
-            arrays, meta = mx.load(str(self.path), return_metadata=True)
-            if json.loads(meta.get("localtune", "{}")).get("fingerprint") == self.key:
-                self.chosen, self.rejected = np.array(arrays["chosen"]), np.array(arrays["rejected"])
-                self.known = np.array(arrays["known"]).astype(bool) if "known" in arrays else ~self.known
+            try:
+                arrays, meta = load_safetensors(self.path, "", metadata=True)
+                if json.loads(meta.get("localtune", "{}")).get("fingerprint") == self.key:
+                    chosen, rejected = np.array(arrays["chosen"]), np.array(arrays["rejected"])
+                    known = np.array(arrays["known"]).astype(bool) if "known" in arrays else ~self.known
+                    if not chosen.shape == rejected.shape == known.shape == (n,):
+                        raise ValueError(f"arrays of {chosen.shape} for {n} pairs")
+                    self.chosen, self.rejected, self.known = chosen, rejected, known
+            except (DamagedFile, KeyError, ValueError) as e:  # computed again, never trusted
+                self.damage = f"{self.path}: {getattr(e, 'problem', None) or repr(e)}"
 
     @staticmethod
     def fingerprint(pairs: PairSet) -> str:
@@ -414,6 +422,8 @@ def setup(model, stage, batches, valid, steps, stage_dir, note):
         cache = ReferenceCache(model, batches.dataset, Path(stage_dir) / "reference_logps.safetensors",
                                max(stage.batch_size, CACHE_BATCH))
         known = int(cache.known.sum())
+        if cache.damage:
+            note(f"{cache.damage}; the reference log-probs are computed again", warning=True)
         if known:
             note(f"reference log-probs of {known} of {len(cache.known)} pairs reused from the stage folder")
         if stage.reference == "precomputed":

@@ -27,6 +27,7 @@ import numpy as np
 
 from .. import data
 from ..adapters import adapters_disabled, save_arrays, swapped
+from ..damage import DamagedFile, load_safetensors
 from ..evaluate import normalize
 from ..models import inference_weights
 from . import ppo_math
@@ -137,7 +138,8 @@ class Reward:
 
 
 def load_reward_head(folder: Path, hidden: int) -> nn.Linear:
-    weights = mx.load(str(Path(folder) / "adapters.safetensors"))
+    weights = load_safetensors(Path(folder) / "adapters.safetensors",
+                               f"copy {folder} back from another copy of the run, or train the reward stage again")
     head = nn.Linear(hidden, 1)
     head.load_weights([(k.removeprefix("reward_head."), v) for k, v in weights.items() if k.startswith("reward_head.")])
     head.freeze()
@@ -300,10 +302,20 @@ class Rollouts:
         self.start, self.count, self.kl.beta = state["prompts"], state["rollout"], state["kl_coef"]
         self.position, self.buffer = 0, None
         path = self._path(self.count)
-        if state["position"] and path.exists():
-            self.buffer = {k: np.array(v) for k, v in mx.load(str(path)).items()}
-            self.position = state["position"]
-            next(self.prompts)  # the prompts this buffer was made from
+        if not state["position"]:
+            return
+        try:
+            self.buffer = {k: np.array(v) for k, v in load_safetensors(path, "").items()}
+            problem = None if set(_BUFFER_KEYS) <= set(self.buffer) else "not a rollout batch (arrays missing)"
+        except DamagedFile as e:
+            problem = e.problem
+        if problem:  # sampled again from the same prompts, never trusted
+            self.buffer, self.count = None, self.count - 1
+            self.log("event", event="warning", message=f"{path}: {problem}; the rollout batch is sampled again "
+                     "from the same prompts (with the restored policy)")
+            return
+        self.position = state["position"]
+        next(self.prompts)  # the prompts this buffer was made from
 
     def _path(self, count: int) -> Path:
         return self.stage_dir / f"rollout-{count}.safetensors"

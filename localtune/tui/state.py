@@ -7,7 +7,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..run import effective_state, read_json
+from ..run import Run, effective_state, read_json
 
 
 class MetricsTail:
@@ -55,7 +55,7 @@ class StageView:
 def _stages_from_recipe(path: Path) -> list[tuple[str, str]]:
     try:
         raw = tomllib.loads((path / "recipe.toml").read_text())
-    except (OSError, tomllib.TOMLDecodeError):
+    except (OSError, ValueError):  # missing, not UTF-8, or not TOML: the manifest's stages are used
         return []
     stages = raw.get("stages", [])
     if isinstance(stages, dict):  # [stages.<name>] tables
@@ -88,7 +88,9 @@ class RunState:
             self.deleted, self.state = True, "deleted"
             return changed
         changed = self._read_manifest()
-        status = read_json(self.path / "status.json", self.status)
+        status = Run(self.path).status()
+        if status.get("state") == "damaged" and self.manifest.get("finished"):
+            status = {"state": "done"}  # a finished run does not need its status.json
         state = effective_state(status) if status else "starting"
         if status != self.status or state != self.state:
             self.status, self.state, changed = status, state, True
