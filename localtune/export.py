@@ -539,8 +539,6 @@ def _llama_quantizer():
 # quantizer given the same f16 weights, by REFERENCE_SLACK (KL x 1.25 + 0.005, top-1 - 4 points).
 TOLERANCE = {"f16": (1e-3, 0.98), "q4_k_m": (0.15, 0.80)}  # q4_k_m: gross errors only
 REFERENCE_SLACK = (1.25, 0.005, 0.04)
-TRICKY = ["hello world", "  two  spaces and\ttab\n\nnewlines", "1234567890 3.14159 -42", "naïve café — 日本語 🙂",
-          "<|im_start|>user\nhi<|im_end|>", "</s><s> <unk>", "UPPER lower MiXeD", "a" * 40]
 
 
 def llama_logits(llm, tokens: list[int]) -> np.ndarray:
@@ -593,21 +591,20 @@ def reference_quantization(model, config, tokenizer_folder: Path, quant: str, to
 
 
 def verify_gguf(path: str | Path, model, tokenizer, quant: str, config: dict | None = None,
-                tokenizer_folder: Path | None = None, n_generate: int = 16, report=print) -> dict:
-    """Load `path` in llama.cpp; compare tokens, logits and greedy text with the MLX model.
+                tokenizer_folder: Path | None = None, n_generate: int = 16, report=print,
+                original: Path | None = None) -> dict:
+    """Load `path` in llama.cpp; compare tokens, logits and greedy text with the MLX model, and
+    the tokens with llama.cpp's of `original` (the GGUF the base was imported from), if given.
 
     Prints a table; raises LocaltuneError when a check is beyond the type's tolerance.
     """
+    from .tokenizer_check import LlamaVocab, compare
+
     try:
         llm = _llama(path)
     except ImportError:
         raise LocaltuneError("--verify needs llama-cpp-python\n  fix: pip install 'localtune[dev]'") from None
-    token_mismatches = []
-    for text in TRICKY:
-        ours = list(tokenizer.encode(text))
-        theirs = llm.tokenize(text.encode(), add_bos=True, special=True)
-        if ours != theirs:
-            token_mismatches.append({"text": text, "ours": ours, "llama.cpp": theirs})
+    tokenizer_check = compare(LlamaVocab.of(llm), tokenizer, original)
     tokens = prompt_tokens(tokenizer, PROMPTS)
     result = parity(mlx_logits(model, tokens), [llama_logits(llm, t) for t in tokens])
     same_text = 0
@@ -628,15 +625,12 @@ def verify_gguf(path: str | Path, model, tokenizer, quant: str, config: dict | N
             ("max logit difference", f"{result.max_abs_logit:.4g}", ""),
             (f"greedy {n_generate} tokens identical", f"{same_text}/{len(tokens)} prompts",
              "all" if quant == "f16" else ""),
-            ("tokenizer (tricky strings)", f"{len(TRICKY) - len(token_mismatches)}/{len(TRICKY)} identical", "all")]
+            *tokenizer_check.rows]
     report(f"llama.cpp vs MLX, {quant}, {len(tokens)} prompts:")
     report(f"| check | llama.cpp | {against} |\n|---|---|---|")
     for row in rows:
         report("| " + " | ".join(row) + " |")
-    problems = []
-    if token_mismatches:
-        m = token_mismatches[0]
-        problems.append(f"llama.cpp tokenizes {m['text']!r} as {m['llama.cpp']}, we as {m['ours']}")
+    problems = tokenizer_check.problems[:3]  # the first few say enough
     if result.mean_kl > max_kl or result.top1 < min_top1:
         problems.append(f"mean KL {result.mean_kl:.3g} / top-1 {result.top1:.1%} is beyond {quant}'s tolerance "
                         f"(KL <= {max_kl:.3g}, top-1 >= {min_top1:.1%})")
@@ -646,7 +640,7 @@ def verify_gguf(path: str | Path, model, tokenizer, quant: str, config: dict | N
         raise LocaltuneError(f"{path}: llama.cpp does not reproduce the model (the file was removed):\n  "
                              + "\n  ".join(problems))
     return {"quant": quant, **result.__dict__, "greedy_identical": same_text, "prompts": len(tokens),
-            "max_kl": max_kl, "min_top1": min_top1}
+            "max_kl": max_kl, "min_top1": min_top1, "tokenizer": tokenizer_check.to_dict()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -725,7 +719,10 @@ def export_gguf(target: str, out: str | Path, quant: str = "f16", verify: bool =
            f"{result.size_bytes / 1e6:.0f} MB in {result.seconds:.1f}s")
     if verify:
         try:
-            result.verify = verify_gguf(out, model, tokenizer, quant, config, source.folder, report=report)
+            from .gguf_import import imported_from
+
+            result.verify = verify_gguf(out, model, tokenizer, quant, config, source.folder, report=report,
+                                        original=imported_from(source.folder))
         except LocaltuneError:
             Path(out).unlink(missing_ok=True)  # never leave a file that failed its check
             raise

@@ -108,6 +108,12 @@ def list_imported() -> list[dict]:
     return found
 
 
+def imported_from(folder: str | os.PathLike) -> Path | None:
+    """The .gguf file a folder was imported from (it may have moved since), or None."""
+    source = _manifest(Path(folder)).get("source")
+    return Path(source) if source else None
+
+
 def models_home() -> Path:
     return Path(os.environ.get("LOCALTUNE_HOME", "~/.cache/localtune")).expanduser() / "models"
 

