@@ -1,18 +1,20 @@
 """The run directory: the contract between the trainer and every reader.
 
 runs/<name>-<YYYYmmdd-HHMMSS>/ recipe.toml manifest.json status.json metrics.jsonl
-report.md <stage>/adapters.safetensors <stage>/checkpoint/
-The trainer writes; the TUI, `status`, tests and benchmarks read.
+report.md <stage>/adapters.safetensors <stage>/checkpoint/ .lock
+The trainer writes, holding .lock (lock.py); the TUI, `status`, tests and benchmarks read, lock-free.
 """
 from __future__ import annotations
 
 import errno
 import json
 import os
+import socket
 import tempfile
 import time
 from pathlib import Path
 
+from . import lock
 from .errors import LocaltuneError, TrainingError
 
 
@@ -63,12 +65,28 @@ def pid_alive(pid) -> bool:
 LIVE_STATES = ("running", "paused")
 
 
-def effective_state(status: dict) -> str:
-    """status.json's state, except that a live state whose process is gone reads "crashed"."""
+def effective_state(status: dict, path: str | Path | None = None) -> str:
+    """status.json's state, except that a live state whose trainer is gone reads "crashed": the run's
+    lock is free (see lock.py), or, for a run without a lock file, its pid is not alive here."""
     state = status.get("state", "unknown")
-    if state in LIVE_STATES and not pid_alive(status.get("pid")):
-        return "crashed"
-    return state
+    if state not in LIVE_STATES:
+        return state
+    alive = lock.locked(path) if path is not None else None
+    if alive is None:
+        alive = pid_alive(status.get("pid"))
+    return state if alive else "crashed"
+
+
+def trainer_of(path: str | Path, status: dict) -> dict | None:
+    """{"pid", "host"} of the process training the run now, or None: the lock's holder, or for a
+    run without a lock file, its status pid while that process is alive on this machine."""
+    held = lock.locked(path)
+    if held:
+        info = lock.read_holder(path)
+        return {"pid": info.get("pid"), "host": info.get("host")}
+    if held is None and status.get("state") in LIVE_STATES and pid_alive(status.get("pid")):
+        return {"pid": status["pid"], "host": socket.gethostname()}
+    return None
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -187,10 +205,10 @@ def last_record(path: str | Path, kind: str, tail_bytes: int = 1 << 16) -> dict 
 
 
 def summary(path: str | Path, now: float | None = None) -> dict:
-    """One row of `localtune runs`: name, state, stage, step/total, last loss, started, duration."""
+    """One row of `localtune runs`: name, state, stage, step/total, last loss, started, duration, trainer."""
     path = Path(path)
     status, manifest = read_json(path / "status.json", {}), read_json(path / "manifest.json", {})
-    state = effective_state(status)
+    state = effective_state(status, path)
     started = manifest.get("started") or (path / "recipe.toml").stat().st_mtime
     if state in LIVE_STATES:
         end = now if now is not None else time.time()
@@ -199,7 +217,8 @@ def summary(path: str | Path, now: float | None = None) -> dict:
     train = last_record(path / "metrics.jsonl", "train")
     return {"name": path.name, "path": str(path), "state": state, "stage": status.get("stage"),
             "step": status.get("step"), "steps_total": status.get("steps_total"),
-            "loss": train.get("loss") if train else None, "started": started, "duration": max(0.0, end - started)}
+            "loss": train.get("loss") if train else None, "started": started, "duration": max(0.0, end - started),
+            "trainer": trainer_of(path, status)}
 
 
 def list_runs(runs_dir: str | Path = "runs", now: float | None = None) -> list[dict]:

@@ -89,7 +89,7 @@ class RunState:
             return changed
         changed = self._read_manifest()
         status = read_json(self.path / "status.json", self.status)
-        state = effective_state(status) if status else "starting"
+        state = effective_state(status, self.path) if status else "starting"
         if status != self.status or state != self.state:
             self.status, self.state, changed = status, state, True
         records = self.tail.read()
