@@ -1,5 +1,5 @@
 """One trainer per run directory (RUN/.lock): a second trainer is refused, a kill -9 frees the run,
-and readers take no lock."""
+readers take no lock, and fuse reads finished stages only while a trainer runs."""
 import json
 import os
 import signal
@@ -199,6 +199,36 @@ def test_a_second_trainer_is_refused_while_the_first_runs(trainer):
     status = invoke("status", run).output
     assert ": paused  stage sft2" in status and f"trained by pid {proc.pid} on {HOST}" in status
     assert f"{proc.pid}@{HOST}" in invoke("runs", "--runs-dir", run.parent).output
+
+
+def test_fuse_during_training_reads_finished_stages_only(trainer, tmp_path):
+    from localtune import export
+    from localtune.pipeline import load_for_inference
+
+    proc, run = trainer()
+    assert Run(run).manifest()["stages_done"] == ["sft"]
+    assert (run / "sft2/adapters.safetensors").exists()  # sft2's checkpoint: what fuse must not take
+    result = invoke("fuse", run / "sft2", "--out", tmp_path / "sft2")
+    assert result.exit_code == 1 and not (tmp_path / "sft2").exists()
+    step = Run(run).status()["step"]
+    assert f"stage 'sft2' has not finished: it is still training (step {step}/12" in result.output
+    assert f"pid {proc.pid} on {HOST}" in result.output and f"name a finished stage: {run / 'sft'}" in result.output
+    result = invoke("generate", run, "--stage", "sft2", "--prompt", "hi")
+    assert result.exit_code == 1 and "stage 'sft2' has not finished" in result.output
+
+    result = invoke("fuse", run, "--out", tmp_path / "fused")
+    assert result.exit_code == 0, result.output
+    assert "sft2: not finished" in result.output
+    from mlx_lm import load
+
+    fused, tokenizer = load(str(tmp_path / "fused"))
+    tokens = export.prompt_tokens(tokenizer, export.PROMPTS)
+    logits = export.mlx_logits(fused, tokens)
+    finished = export.parity(export.mlx_logits(load_for_inference(str(run), "sft")[0], tokens), logits)
+    everything = export.parity(export.mlx_logits(load_for_inference(str(run), in_progress=True)[0], tokens), logits)
+    assert finished.max_abs_logit < 1e-3  # base + sft, exactly
+    assert everything.max_abs_logit > 0.02  # sft2's checkpoint would have changed it
+    assert proc.poll() is None
 
 
 def test_a_kill_9_frees_the_run_for_resume(trainer):
