@@ -80,7 +80,7 @@ def run(recipe, resume, no_tui, runs_dir, force):
     if not main_rank:
         runs_dir = distributed.private_runs_dir()
     if resume:
-        run_ = distributed.mirror_run(lambda: Run.open(resume))  # the other ranks get rank 0's copy
+        run_ = distributed.mirror_run(lambda: _own(Run.open(resume)))  # the other ranks get rank 0's copy
         parsed = run_.recipe()  # a damaged recipe.toml or manifest.json stops here, named
         base_dir = run_.manifest().get("base_dir") or run_.status().get("base_dir", ".")
         if run_.status().get("state") == "done" or run_.manifest().get("finished"):
@@ -90,7 +90,8 @@ def run(recipe, resume, no_tui, runs_dir, force):
         _memory_gate(parsed, prepared, force, main_rank)
     else:
         parsed = recipe_mod.load(recipe)
-        create = lambda: Run.create(runs_dir or parsed.runs_dir, parsed.name, Path(recipe).read_text())  # noqa: E731
+        create = lambda: _own(  # noqa: E731  (locked before anything but recipe.toml is written)
+            Run.create(runs_dir or parsed.runs_dir, parsed.name, Path(recipe).read_text()), main_rank)
         gate = _gate(parsed, create, quiet=not main_rank)  # before any model loads; a block leaves a run dir
         prepared = prepare(parsed)  # data, model folder, tokenizer: all checked before anything is written
         _memory_gate(parsed, prepared, force, main_rank)
@@ -110,6 +111,18 @@ def run(recipe, resume, no_tui, runs_dir, force):
         _train_with_tui(run_, base_dir)
     else:
         _train_here(run_, parsed, prepared)
+
+
+def _own(run_, main_rank: bool = True):
+    """Lock the run for this trainer before anything in it is written (a second trainer is refused:
+    lock.RunBusy). Held until this command ends (or the process dies), unless handed to the TUI's
+    training child (`_train_with_tui`). Under mlx.launch only rank 0 locks: the others write
+    private copies."""
+    from . import lock
+
+    if main_rank:
+        click.get_current_context().call_on_close(lock.acquire(run_.path).release)
+    return run_
 
 
 def _memory_gate(parsed, prepared, force: bool, loud: bool) -> None:
@@ -194,14 +207,18 @@ def _train_with_tui(run_, base_dir: str) -> None:
     """
     import subprocess
 
+    from . import lock
     from .tui.app import LocaltuneApp
 
+    held = lock.held(run_.path)  # the child shares the lock's open file description: no gap, no second lock
     log = open(run_.path / "train.log", "ab")
-    child = subprocess.Popen([sys.executable, "-m", "localtune.cli", "_train", str(run_.path), base_dir],
+    child = subprocess.Popen([sys.executable, "-m", "localtune.cli", "_train", str(run_.path), base_dir,
+                              "--lock-fd", str(held.fileno())], pass_fds=(held.fileno(),),
                              stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                              start_new_session=True)
     log.close()
     run_.set_status(state="running", stage="load", step=0, pid=child.pid, base_dir=base_dir)
+    held.release()  # from here the child alone holds the lock, and this process only reads
     how = LocaltuneApp(run_.path).run()
     _after_tui(run_, how, child)
 
@@ -216,7 +233,7 @@ def _after_tui(run_, how, child=None) -> None:
     if child is not None and how == "stopped":
         child.wait()
     status = run_.status()
-    state = effective_state(status)
+    state = effective_state(status, run_.path)
     if state == "done":
         click.echo(f"done: {run_.path / 'report.md'}")
     elif state == "interrupted":
@@ -259,12 +276,18 @@ def plan(recipe, no_calibrate, as_json):
 @cli.command("_train", hidden=True)
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.argument("base_dir")
-def train_child(run_dir, base_dir):
+@click.option("--lock-fd", type=int, default=None, help="The run's lock, inherited from the TUI's process.")
+def train_child(run_dir, base_dir, lock_fd):
     """The TUI's child: train an already created run directory, writing progress to it."""
+    from . import lock
     from .pipeline import prepare
     from .run import Run
 
     run_ = Run.open(run_dir)
+    if lock_fd is not None:
+        lock.adopt(lock_fd, run_.path)
+    else:  # started by hand: take the lock as `run` does
+        lock.acquire(run_.path)
     parsed = run_.recipe(base_dir)
     try:
         prepared = prepare(parsed)
@@ -297,7 +320,7 @@ def watch(target, runs_dir, show_all):
 @click.option("--runs-dir", default="runs", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def runs(runs_dir, as_json):
-    """List runs: name, state, stage, step/total, last loss, started, duration."""
+    """List runs: name, state, stage, step/total, last loss, started, duration, trainer (pid@host)."""
     import time
 
     from .run import list_runs
@@ -310,16 +333,22 @@ def runs(runs_dir, as_json):
         click.echo(f"no runs in {runs_dir}/ yet; start one with `localtune run recipes/quickstart.toml`")
         return
     width = max(len(r["name"]) for r in rows)
-    click.echo(f"{'name':<{width}}  {'state':<11}  {'stage':<8}  {'step':>11}  {'loss':>7}  {'started':<16}  duration")
+    click.echo(f"{'name':<{width}}  {'state':<11}  {'stage':<8}  {'step':>11}  {'loss':>7}  {'started':<16}  "
+               f"{'duration':<9}  trainer")
     for r in rows:
         step = f"{r['step'] or 0}/{r['steps_total'] or '?'}" if r["step"] is not None else "-"
         loss = f"{r['loss']:.4f}" if r["loss"] is not None else "-"
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started"]))
         click.echo(f"{r['name']:<{width}}  {r['state']:<11}  {r['stage'] or '-':<8}  {step:>11}  {loss:>7}  "
-                   f"{started:<16}  {_duration(r['duration'])}")
+                   f"{started:<16}  {_duration(r['duration']):<9}  {_trainer(r['trainer'])}")
     for r in rows:
         if r.get("damage"):
             click.echo(f"damaged: {r['damage']}", err=True)
+
+
+def _trainer(who: dict | None) -> str:
+    """pid@host of the process that holds a run, "-" when none does."""
+    return f"{who.get('pid') or '?'}@{who.get('host') or '?'}" if who else "-"
 
 
 @cli.command()
@@ -339,6 +368,9 @@ def status(target, runs_dir):
                + (f"  loss {row['loss']:.4f}" if row["loss"] is not None else ""))
     if row.get("damage"):
         raise LocaltuneError(row["damage"])
+    if who := row["trainer"]:
+        click.echo(f"trained by pid {who.get('pid') or '?'} on {who.get('host') or '?'} (it holds the run; "
+                   f"watch with `localtune watch {path}`)")
     if row.get("error"):
         click.echo(row["error"])
 

@@ -78,22 +78,34 @@ def broadcast_bytes(payload: bytes | None) -> bytes:
     return bytes(np.array(out, copy=False))
 
 
+REFUSED = b"refused"  # what rank 0 sends instead of the run when it cannot open it (never a tar file)
+
+
 def mirror_run(open_main):
     """The run directory on every rank: rank 0 opens it (`open_main()`), the others receive a copy
     of it in a private temp folder (checkpoints included), deleted when they exit."""
     from .run import Run
 
+    from .errors import LocaltuneError
+
     if size() == 1:
         return open_main()
     if is_main():
-        run = open_main()
+        try:
+            run = open_main()
+        except LocaltuneError:  # e.g. another trainer holds the run: the others stop too, quietly
+            broadcast_bytes(REFUSED)
+            raise
         blob = io.BytesIO()
         with tarfile.open(fileobj=blob, mode="w") as tar:
             tar.add(run.path, arcname=run.path.name)
         broadcast_bytes(blob.getvalue())
         return run
     folder = private_runs_dir()
-    with tarfile.open(fileobj=io.BytesIO(broadcast_bytes(None))) as tar:
+    payload = broadcast_bytes(None)
+    if payload == REFUSED:
+        raise SystemExit(1)  # rank 0 has said why
+    with tarfile.open(fileobj=io.BytesIO(payload)) as tar:
         names = tar.getnames()
         tar.extractall(folder, filter="data")
     return Run.open(Path(folder) / names[0].split("/")[0])

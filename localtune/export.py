@@ -126,6 +126,7 @@ class Source:
     name: str
     license: str | None
     provenance: dict | None = None  # the run's data bill of materials
+    unfinished: tuple = ()  # stages of RUN left out: they have not finished (pipeline.finished_chain)
 
     def metadata(self, report=print) -> tuple[str, dict]:
         """(general.name, extra GGUF keys): the bill of materials, and a name prefix its licenses require."""
@@ -151,15 +152,15 @@ def resolve(target: str) -> Source:
         run = path
     elif is_run_dir(path.parent):
         run, stage = path.parent, path.name
-    bom = None
+    bom, unfinished = None, ()
     if run is not None:
         from .provenance import bill_of_materials
 
-        from .pipeline import chain, folder_of, model_folder, student_stage
+        from .pipeline import finished_chain, folder_of, model_folder, student_stage
 
         manifest = Run.open(run).manifest()
         bom = bill_of_materials(manifest["provenance"]) if "provenance" in manifest else None
-        parsed, stages = chain(run, stage)
+        parsed, stages, unfinished = finished_chain(run, stage)  # before anything loads
         if (student := student_stage(stages)) is not None:  # the run's model is the student
             folder = folder_of(parsed, student.student, "student")
         else:
@@ -173,7 +174,13 @@ def resolve(target: str) -> Source:
         name = folder.name
     card = folder / "localtune-import.json"
     license = json.loads(card.read_text()).get("license") if card.exists() else None
-    return Source(run, stage, folder, name, license, bom)
+    return Source(run, stage, folder, name, license, bom, tuple(unfinished))
+
+
+def note_unfinished(source: Source, report) -> None:
+    if source.unfinished:
+        report(f"{', '.join(source.unfinished)}: not finished (still training, or stopped); left out, so this "
+               "is the model of the finished stages only")
 
 
 def models_config(source: Source) -> dict:
@@ -224,6 +231,7 @@ def fuse(target: str, out: str | Path, *, quantize: int | None = None, report=pr
     source = resolve(target)
     if source.run is None:
         raise LocaltuneError(f"{target}: not a run directory; fuse takes RUN or RUN/stage")
+    note_unfinished(source, report)
     base, tokenizer = load_unfused(Source(None, None, source.folder, "", None))
     tokens = prompt_tokens(tokenizer, PROMPTS)
     base_logits = mlx_logits(base, tokens)
@@ -707,6 +715,7 @@ def export_gguf(target: str, out: str | Path, quant: str = "f16", verify: bool =
     t0 = time.perf_counter()
     source = resolve(target)
     check_architecture(models_config(source), str(source.folder))  # before anything loads or is written
+    note_unfinished(source, report)
     model, tokenizer, config, drift = fused(source)
     modelfile = ollama_modelfile(tokenizer, Path(out).name) if ollama else None  # refuses before writing
     if source.run is not None:

@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import LocaltuneError
 from .export import (PROMPTS, _llama, _permute, atomic_gguf, check_architecture, llama_logits, mlx_logits,
-                     parity, prompt_tokens, resolve)
+                     note_unfinished, parity, prompt_tokens, resolve)
 
 # llama.cpp (base + adapter) vs MLX (base + adapters) may be no further apart than the same two
 # base models are without the adapter: KL x 1.25 + 0.005, top-1 - 4 points (as for q8_0 / q4_0).
@@ -47,9 +47,9 @@ class LoraExportResult:
 def _lora_stages(run: Path, stage: str | None) -> list[str]:
     """The stages to export, each checked to be plain LoRA (DoRA and full weights have no GGUF form)."""
     from .damage import read_json
-    from .pipeline import chain, finished
+    from .pipeline import finished_chain
 
-    done = [s.name for s in finished(run, chain(run, stage)[1], stage)]
+    done = [s.name for s in finished_chain(run, stage)[1]]
     if not done:
         raise LocaltuneError(f"{run}: no stage has finished yet\n  fix: train first (localtune run), or wait "
                              f"for the first stage (`localtune watch {run}`)")
@@ -215,6 +215,7 @@ def export_lora(target: str, out: str | Path, base: str | Path | None = None, ve
     if base is not None and not Path(base).is_file():
         raise LocaltuneError(f"--base {base}: no such file\n  fix: pass the base model's .gguf")
     stages = _lora_stages(source.run, source.stage)
+    note_unfinished(source, report)
     model, tokenizer, parsed = load_stacked(source.run, stages)
     count, ranks = write_lora_gguf(model, config, out, *source.metadata(report))
     result = LoraExportResult(out, None, stages, count, ranks, out.stat().st_size, time.perf_counter() - t0)

@@ -11,7 +11,7 @@ from pathlib import Path
 from . import __version__, data, device, distributed
 from .errors import DataError, LocaltuneError, RecipeError
 from .recipe import Recipe, Stage
-from .run import Run, is_run_dir
+from .run import LIVE_STATES, Run, effective_state, is_run_dir, trainer_of
 
 METHODS = {"sft": "localtune.methods.sft", "dpo": "localtune.methods.dpo", "distill": "localtune.methods.distill",
            "reward": "localtune.methods.reward", "ppo": "localtune.methods.ppo"}
@@ -174,6 +174,8 @@ def _check_distill(recipe: Recipe, s: Stage, tokenizer) -> None:
     names = [x.name for x in recipe.stages]
     teacher_folder = folder_of(recipe, s.teacher, f"[stages.{s.name}] teacher") \
         if s.teacher not in names else None
+    if teacher_folder and (Path(recipe.resolve(s.teacher)) / "recipe.toml").exists():  # a run: all of it
+        require_finished(recipe, Path(recipe.resolve(s.teacher)), None, f"[stages.{s.name}] teacher = {s.teacher!r}")
     student_folder = folder_of(recipe, s.student, f"[stages.{s.name}] student") if s.student else None
     if s.mode == "logits" and (teacher_folder or student_folder):
         teacher_tok = models.load_tokenizer(teacher_folder) if teacher_folder else tokenizer
@@ -203,6 +205,7 @@ def _check_reward_model(recipe: Recipe, s: Stage, tokenizer, folder: Path) -> No
     if Path(theirs).resolve() != Path(folder).resolve():
         raise RecipeError(f"{key}: the reward model was trained on a different base ({theirs}, not {folder})\n"
                           "  fix: train the reward stage on this recipe's base model, in this recipe or another run")
+    require_finished(recipe, path.parent, path.name, f"[stages.{s.name}] reward_model = {s.reward_model!r}")
 
 
 def folder_of(recipe: Recipe, ref: str, what: str) -> Path:
@@ -230,6 +233,17 @@ def model_folder(run_path: str | Path) -> Path:
                              f"folder)\n  fix: wait for it to start (`localtune watch {run_path}`), or start it "
                              f"with `localtune run --resume {run_path}`")
     return Path(folder)
+
+
+def require_finished(recipe: Recipe, run: Path, stage: str | None, key: str) -> None:
+    """Another run used by this one (a teacher, a reward model) must have finished: its model up to
+    `stage` (None: all of it), not a checkpoint that still changes or a prefix of its stages."""
+    try:
+        _, _, left = finished_chain(run, stage)
+    except LocaltuneError as e:
+        raise RecipeError(f"{recipe.source}: {key}: {e.message}") from None
+    if left:
+        raise RecipeError(f"{recipe.source}: {key}: {not_finished(run, left[0], [])}")
 
 
 def load_teacher(recipe: Recipe, ref: str, what: str):
@@ -632,19 +646,6 @@ def chain(target: str | Path, until_stage: str | None = None):
     return parsed, stages[start:]
 
 
-def finished(target: str | Path, stages: list, until_stage: str | None = None) -> list:
-    """The chain's `stages` (from `chain`) that have finished. A stage still training, or killed, has
-    files that are not final, so readers (generate, fuse, export, eval) never load it."""
-    done = set(Run.open(target).manifest().get("stages_done", []))
-    if until_stage and until_stage not in done:
-        raise LocaltuneError(f"{target}: stage {until_stage!r} has not finished; only finished stages can be "
-                             f"loaded (finished: {[s.name for s in stages if s.name in done] or 'none yet'})\n"
-                             f"  fix: wait for it (`localtune watch {target}`), or finish it with "
-                             f"`localtune run --resume {target}`")
-    upto = next((i for i, s in enumerate(stages) if s.name not in done), len(stages))
-    return stages[:upto]
-
-
 def student_stage(stages: list):
     """The distill stage whose `student` the chain starts from, if it does (see `chain`)."""
     first = stages[0] if stages else None
@@ -664,17 +665,52 @@ def chain_base(parsed: Recipe, stages: list) -> tuple:
     return model, tokenizer, folder
 
 
-def load_for_inference(target: str, until_stage: str | None = None):
-    """A run directory (base + every stage's adapters, in order) or a plain model reference."""
+def finished_chain(target: str | Path, until_stage: str | None = None):
+    """`chain`, cut at the first stage that has not finished (manifest.json "stages_done"): a stage in
+    progress rewrites its adapters.safetensors at every checkpoint, so fuse, export, generate and eval
+    read finished stages only. Naming an unfinished stage, or a run whose model has no finished stage
+    yet, is an error. Returns (parsed recipe, the finished stages, names of the stages left out)."""
+    parsed, stages = chain(target, until_stage)
+    done = set(Run.open(target).manifest().get("stages_done", []))
+    n = next((i for i, s in enumerate(stages) if s.name not in done), len(stages))
+    if n < len(stages) and (until_stage or n == 0):
+        raise LocaltuneError(not_finished(Path(target), stages[n].name, [s.name for s in stages[:n]]))
+    return parsed, stages[:n], [s.name for s in stages[n:]]
+
+
+def not_finished(run: Path, name: str, finished: list[str]) -> str:
+    """Why stage `name` of `run` cannot be read yet, and what to do."""
+    status = Run.open(run).status()
+    state, current = effective_state(status, run), status.get("stage")
+    if state in LIVE_STATES:
+        who = trainer_of(run, status) or {}
+        by = f"pid {who.get('pid') or status.get('pid')} on {who.get('host') or '?'}"
+        why = (f"it is still training (step {status.get('step', 0)}/{status.get('steps_total') or '?'}, {by})"
+               if current == name else f"it has not started (the run is training {current!r}, {by})")
+        fix = f"wait for it to finish (`localtune watch {run}`)"
+    else:
+        why = f"it stopped at step {status.get('step', 0)} ({state})" if current == name else "it has not started"
+        fix = f"`localtune run --resume {run}` trains it to the end"
+    other = f", or name a finished stage: {run / finished[-1]}" if finished else ""
+    return (f"{run}: stage {name!r} has not finished: {why}. Until it does, its adapters are a checkpoint "
+            f"that changes as it trains, so they are not read.\n  fix: {fix}{other}")
+
+
+def load_for_inference(target: str, until_stage: str | None = None, in_progress: bool = False):
+    """A run directory (base + each finished stage's adapters, in order; see `finished_chain`) or a
+    plain model reference. `in_progress` also takes the adapters an unfinished stage saved at its
+    last checkpoint: the TUI's preview while a run trains."""
     from . import adapters, models
 
     path = Path(target)
     if not is_run_dir(path):
         model, tokenizer, _, _ = models.load(target)
         return model, tokenizer
-    parsed, stages = chain(path, until_stage)
-    model, tokenizer, _ = chain_base(parsed, stages)  # the whole chain names its base (or a student)
-    for i, stage in enumerate(finished(path, stages, until_stage)):
+    parsed, stages = chain(path, until_stage) if in_progress else finished_chain(path, until_stage)[:2]
+    model, tokenizer, _ = chain_base(parsed, stages)
+    for i, stage in enumerate(stages):
+        if in_progress and not (path / stage.name / "adapters.safetensors").exists():
+            break  # a stage that has not saved yet (a finished stage's missing file is an error, below)
         if i:
             adapters.next_stage(model)  # earlier stages become part of the model (fused or stacked)
         if stage.kind == "reward":

@@ -1,8 +1,8 @@
 """The run directory: the contract between the trainer and every reader.
 
 runs/<name>-<YYYYmmdd-HHMMSS>/ recipe.toml manifest.json status.json metrics.jsonl
-report.md <stage>/adapters.safetensors <stage>/checkpoint/
-The trainer writes; the TUI, `status`, tests and benchmarks read.
+report.md <stage>/adapters.safetensors <stage>/checkpoint/ .lock
+The trainer writes, holding .lock (lock.py); the TUI, `status`, tests and benchmarks read, lock-free.
 """
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import errno
 import hashlib
 import json
 import os
+import socket
 import tempfile
 import time
 from pathlib import Path
 
 from .damage import DamagedFile, json_problem, read_text
+from . import lock
 from .errors import LocaltuneError, TrainingError
 
 
@@ -75,12 +77,28 @@ def pid_alive(pid) -> bool:
 LIVE_STATES = ("running", "paused")
 
 
-def effective_state(status: dict) -> str:
-    """status.json's state, except that a live state whose process is gone reads "crashed"."""
+def effective_state(status: dict, path: str | Path | None = None) -> str:
+    """status.json's state, except that a live state whose trainer is gone reads "crashed": the run's
+    lock is free (see lock.py), or, for a run without a lock file, its pid is not alive here."""
     state = status.get("state", "unknown")
-    if state in LIVE_STATES and not pid_alive(status.get("pid")):
-        return "crashed"
-    return state
+    if state not in LIVE_STATES:
+        return state
+    alive = lock.locked(path) if path is not None else None
+    if alive is None:
+        alive = pid_alive(status.get("pid"))
+    return state if alive else "crashed"
+
+
+def trainer_of(path: str | Path, status: dict) -> dict | None:
+    """{"pid", "host"} of the process training the run now, or None: the lock's holder, or for a
+    run without a lock file, its status pid while that process is alive on this machine."""
+    held = lock.locked(path)
+    if held:
+        info = lock.read_holder(path)
+        return {"pid": info.get("pid"), "host": info.get("host")}
+    if held is None and status.get("state") in LIVE_STATES and pid_alive(status.get("pid")):
+        return {"pid": status["pid"], "host": socket.gethostname()}
+    return None
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -280,7 +298,7 @@ def summary(path: str | Path, now: float | None = None) -> dict:
         else:
             damage = damage or DamagedFile(path / "status.json", status["damage"], "it is written again by "
                                            f"`localtune run --resume {path}`").message
-    state = "damaged" if damage else effective_state(status)
+    state = "damaged" if damage else effective_state(status, path)
     started = manifest.get("started") or path.stat().st_mtime
     if state in LIVE_STATES:
         end = now if now is not None else time.time()
@@ -290,7 +308,8 @@ def summary(path: str | Path, now: float | None = None) -> dict:
     return {"name": path.name, "path": str(path), "state": state, "stage": status.get("stage"),
             "step": status.get("step"), "steps_total": status.get("steps_total"),
             "loss": train.get("loss") if train else None, "started": started, "duration": max(0.0, end - started),
-            **({"error": status["error"]} if status.get("error") else {}), **({"damage": damage} if damage else {})}
+            **({"error": status["error"]} if status.get("error") else {}), **({"damage": damage} if damage else {}),
+            "trainer": trainer_of(path, status)}
 
 
 def list_runs(runs_dir: str | Path = "runs", now: float | None = None) -> list[dict]:

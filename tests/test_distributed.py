@@ -139,3 +139,21 @@ def test_the_two_mac_hostfile_example_is_what_mlx_launch_reads():
     assert hosts.backend == "ring" and [h.rank for h in hosts.hosts] == [0, 1]
     assert all(h.ssh_hostname and len(h.ips) == 1 for h in hosts.hosts)  # the ring listens on IPs, not names
     assert "mlx.launch --hostfile docs/two-macs/hosts.json -- " in (ROOT / "README.md").read_text()
+
+
+def test_a_second_launch_on_a_held_run_is_refused_on_every_rank(tmp_path, small_model_path):
+    """Rank 0 takes the run's lock; when it is refused, the other ranks stop too, without a traceback."""
+    from test_lock import hold, kill9
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.toml").write_text(write_recipe(tmp_path, small_model_path).read_text())
+    holder = hold(run)
+    try:
+        result = launch(2, "run", "--resume", run, "--no-tui")
+        out = result.stdout + result.stderr
+        assert f"this run is being trained by pid {holder.pid}" in out and f"localtune watch {run}" in out
+        assert "Traceback" not in out and "connection to a peer was lost" not in out
+        assert sorted(p.name for p in run.iterdir()) == [".lock", "recipe.toml"] and holder.poll() is None
+    finally:
+        kill9(holder)

@@ -343,7 +343,7 @@ def test_runs_command_lists_every_run(tmp_path):
     result = CliRunner().invoke(cli, ["runs", "--runs-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0].split() == ["name", "state", "stage", "step", "loss", "started", "duration"]
+    assert lines[0].split() == ["name", "state", "stage", "step", "loss", "started", "duration", "trainer"]
     crashed = next(line for line in lines if line.startswith("old-"))
     assert "crashed" in crashed and "40/100" in crashed
     done = next(line for line in lines if line.startswith("quickstart-"))

@@ -14,6 +14,8 @@ import time
 import pytest
 from test_cli import invoke, write_recipe
 
+from localtune import lock
+
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
 
 
@@ -77,15 +79,17 @@ def test_quit_stops_with_a_checkpoint_or_detaches(tmp_path, small_model_path, ch
         term.wait_for(lambda: training(runs), 120, "training to start")
         run = next(runs.iterdir())
         assert status_of(runs)["pid"] != term.proc.pid  # training is not in the TUI's process
+        assert lock.holder(run)["pid"] == status_of(runs)["pid"]  # the child holds the lock the TUI took
         term.type("q")
         term.wait_for(lambda: b"Training is still running" in term.screen, 10, "the quit dialog")
         term.type(choice[0])  # s = stop, d = detach
         code = term.close()
+        trainer = lock.holder(run)  # the TUI's process has exited
     finally:
         term.proc.kill()
     status = status_of(runs)
     if choice == "stop":
-        assert code == 130 and status["state"] == "interrupted"
+        assert code == 130 and status["state"] == "interrupted" and trainer is None  # the run is free
         step = status["step"]
         assert 2 <= step < 150 and (run / "sft/checkpoint/state.safetensors").exists()
         assert b"continue with: localtune run --resume" in term.screen
@@ -94,6 +98,7 @@ def test_quit_stops_with_a_checkpoint_or_detaches(tmp_path, small_model_path, ch
         assert f"resumed from checkpoint at step {step}" in (run / "metrics.jsonl").read_text()
     else:
         assert code == 0 and b"training continues in the background" in term.screen
+        assert trainer["pid"] == status["pid"]  # the detached child still holds the run
         for _ in range(600):  # the detached trainer finishes on its own
             if status_of(runs).get("state") != "running":
                 break

@@ -214,7 +214,7 @@ class GenerateScreen(ModalScreen):
             from ..evaluate import generate
             from ..pipeline import load_for_inference
 
-            model, tokenizer = load_for_inference(str(self.path), self.stage)
+            model, tokenizer = load_for_inference(str(self.path), self.stage, in_progress=True)  # a preview
             result = Text(generate(model, tokenizer, [prompt], 64)[0] or "(an empty answer)")
         except Exception as e:  # shown in the dialog: a failed generation must not close the TUI
             result = Text(f"{type(e).__name__}: {e}", style="red")

@@ -91,7 +91,7 @@ class RunState:
         status = Run(self.path).status()
         if status.get("state") == "damaged" and self.manifest.get("finished"):
             status = {"state": "done"}  # a finished run does not need its status.json
-        state = effective_state(status) if status else "starting"
+        state = effective_state(status, self.path) if status else "starting"
         if status != self.status or state != self.state:
             self.status, self.state, changed = status, state, True
         records = self.tail.read()
