@@ -10,7 +10,6 @@ is exactly the one given with `--lora-scaled FILE S` (1 with `--lora`).
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time

@@ -114,6 +114,7 @@ READERS = {  # (run, file) -> the commands that read it; resume (which writes) c
     ("killed", "sft/adapter_config.json"): ["generate", "resume"],
     ("killed", "sft/checkpoint/state.safetensors"): ["resume"],
     ("killed", "sft/checkpoint/previous.safetensors"): ["resume"],
+    ("killed", ".lock"): ["status", "runs", "resume"],  # who holds the run: only its holder record
 }
 
 
