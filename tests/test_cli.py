@@ -39,6 +39,15 @@ def invoke(*args):
     return result
 
 
+def kill_at(proc, text: str, group: bool = False) -> None:
+    """SIGKILL `proc` (its whole process group with `group`) once a line of its output contains `text`."""
+    for line in proc.stdout:
+        if text in line:
+            (os.killpg if group else os.kill)(proc.pid, signal.SIGKILL)
+            break
+    proc.wait()
+
+
 def only_run(runs: Path) -> Path:
     found = [p for p in runs.iterdir() if p.is_dir()]
     assert len(found) == 1, found
@@ -95,11 +104,7 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path, small_model_path):
     assert straight.returncode == 0, straight.stderr
     proc = subprocess.Popen([sys.executable, "-m", "localtune.cli", "run", str(recipe), "--no-tui",
                              "--runs-dir", str(tmp_path / "b")], env=env, stdout=subprocess.PIPE, text=True)
-    for line in proc.stdout:  # kill right after step 6: checkpoint at 4, steps 5-6 are lost
-        if "step     6/12" in line:
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-    proc.wait()
+    kill_at(proc, "step     6/12")  # checkpoint at 4, steps 5-6 are lost
     assert proc.returncode == -signal.SIGKILL
     run = only_run(tmp_path / "b")
     assert json.loads((run / "status.json").read_text())["checkpoint_step"] == 4

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_cli import only_run, write_recipe
+from test_cli import kill_at, only_run, write_recipe
 
 from localtune.cli import cli
 from localtune.run import list_runs
@@ -57,11 +56,7 @@ def runs(tmp_path_factory, small_model_path):
     command = [sys.executable, "-m", "localtune.cli", "run", str(path), "--no-tui", "--runs-dir"]
     assert subprocess.run(command + [str(tmp / "finished")], env=env, capture_output=True).returncode == 0
     proc = subprocess.Popen(command + [str(tmp / "killed")], env=env, stdout=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if "checkpoint at step 3" in line:
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-    proc.wait()
+    kill_at(proc, "checkpoint at step 3")
     killed = only_run(tmp / "killed")
     assert json.loads((killed / "status.json").read_text())["checkpoint_step"] == 3
     return {"finished": only_run(tmp / "finished"), "killed": killed}

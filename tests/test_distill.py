@@ -5,7 +5,7 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_cli import invoke, only_run, write_recipe
+from test_cli import invoke, kill_at, only_run, write_recipe
 
 from localtune import data, models
 from localtune.methods import distill
@@ -189,7 +189,6 @@ def test_bad_distill_inputs_are_clear_errors(tmp_path, small_model_path, stage, 
 
 def test_a_killed_distill_run_resumes_from_its_checkpoint_and_reuses_the_cache(tmp_path, small_model_path):
     import os
-    import signal
     import subprocess
     import sys
 
@@ -201,11 +200,7 @@ def test_a_killed_distill_run_resumes_from_its_checkpoint_and_reuses_the_cache(t
     straight = subprocess.run(run_cmd + [str(tmp_path / "a")], env=env, capture_output=True, text=True)
     assert straight.returncode == 0, straight.stderr
     proc = subprocess.Popen(run_cmd + [str(tmp_path / "b")], env=env, stdout=subprocess.PIPE, text=True)
-    for line in proc.stdout:  # checkpoint at 4; steps 5 and 6 are lost
-        if "step     6/12" in line:
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-    proc.wait()
+    kill_at(proc, "step     6/12")  # checkpoint at 4; steps 5 and 6 are lost
     run = only_run(tmp_path / "b")
     resumed = subprocess.run([sys.executable, "-m", "localtune.cli", "run", "--resume", str(run), "--no-tui"],
                              env=env, capture_output=True, text=True)

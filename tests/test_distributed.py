@@ -1,7 +1,6 @@
 """Data-parallel training: 2 processes on localhost (mlx.launch, ring backend, CPU) against 1."""
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 from localtune import data, distributed
 from localtune.errors import DataError, RecipeError
 from localtune.run import read_metrics
-from test_cli import ROOT, invoke, only_run, write_recipe
+from test_cli import ROOT, invoke, kill_at, only_run, write_recipe
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 MLX_LAUNCH = [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"]
@@ -77,11 +76,7 @@ def test_two_processes_killed_resume_to_the_same_adapter(tmp_path, recipes):
            sys.executable, "-m", "localtune.cli", "run", str(two), "--no-tui", "--runs-dir", str(tmp_path / "b")]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    for line in proc.stdout:  # kill -9 every process after step 5: checkpoint at 3, steps 4-5 are lost
-        if "step     5/8" in line:
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-    proc.wait()
+    kill_at(proc, "step     5/8", group=True)  # every process; checkpoint at 3, steps 4-5 are lost
     run = only_run(tmp_path / "b")
     assert json.loads((run / "status.json").read_text())["checkpoint_step"] == 3
     resumed = launch(2, "run", "--resume", run, "--no-tui")
