@@ -21,9 +21,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import families
 from .errors import LocaltuneError, ModelError
 
-SUPPORTED = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}  # model_type -> GGUF arch
 QUANTS = ("f16", "q8_0", "q4_0", "q4_k_m")  # q4_k_m: llama.cpp's own quantizer, from an f16 file
 
 # Prompts for the parity checks when a run has no held-out data of its own.
@@ -270,53 +270,40 @@ def fuse(target: str, out: str | Path, *, quantize: int | None = None, report=pr
 # GGUF
 
 
-def check_architecture(config: dict, where: str) -> str:
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED:
-        raise ModelError(f"{where}: unsupported architecture {model_type!r} for GGUF export; "
-                         f"supported: {', '.join(SUPPORTED)}\n  fix: export the fused MLX folder instead "
-                         "(localtune fuse), or convert it with llama.cpp's convert_hf_to_gguf.py")
-    return SUPPORTED[model_type]
+def check_architecture(config: dict, where: str, capability: str = "gguf_export") -> families.Family:
+    """The model's family, when it can be exported as GGUF (or as a GGUF LoRA adapter)."""
+    family = families.require(config.get("model_type"), capability, where)
+    family.check_config(config, where)
+    return family
 
 
-def _permute(w: np.ndarray, heads: int) -> np.ndarray:
-    """Hugging Face q/k rows (half-split rotary) -> llama.cpp's interleaved order."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def gguf_tensors(model: nn.Module, config: dict, arch: str):
-    """(gguf name, float32 array) for every weight, in llama.cpp's names and q/k row order."""
+def gguf_tensors(model: nn.Module, config: dict, family: families.Family):
+    """(gguf name, float32 array) for every weight, in llama.cpp's names and layout."""
     import gguf
     from mlx.utils import tree_flatten
 
+    arch = family.gguf_arch
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config["num_hidden_layers"])
-    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
     for name, value in tree_flatten(model.parameters()):
         if name.endswith((".scales", ".biases")) or "rotary_emb" in name:
             raise ModelError(f"{name}: quantized or unexpected tensor in a model to export (fold and dequantize first)")
         target = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if target is None:
             raise ModelError(f"{name}: no GGUF tensor name for it in architecture {arch}")
-        w = np.array(value.astype(mx.float32))
-        if arch == "llama" and name.endswith("q_proj.weight"):
-            w = _permute(w, heads)
-        elif arch == "llama" and name.endswith("k_proj.weight"):
-            w = _permute(w, kv_heads)
-        yield target, w
+        yield target, family.to_gguf(name, np.array(value.astype(mx.float32)), config)
 
 
 def _sentencepiece_vocab(folder: Path, vocab_size: int):
+    """tokenizer.model's pieces, scores and kinds (SentencePiece's piece types are GGUF's token types)."""
     import gguf
-    from sentencepiece import SentencePieceProcessor
+    from sentencepiece import sentencepiece_model_pb2
 
-    sp = SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((folder / "tokenizer.model").read_bytes())
     tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
     scores, types = [-10000.0] * vocab_size, [gguf.TokenType.UNUSED] * vocab_size
-    for i in range(min(vocab_size, sp.vocab_size())):
-        tokens[i], scores[i] = sp.IdToPiece(i).encode(), sp.GetScore(i)
-        types[i] = (gguf.TokenType.UNKNOWN if sp.IsUnknown(i) else gguf.TokenType.CONTROL if sp.IsControl(i)
-                    else gguf.TokenType.UNUSED if sp.IsUnused(i) else gguf.TokenType.BYTE if sp.IsByte(i)
-                    else gguf.TokenType.NORMAL)
+    for i, piece in enumerate(proto.pieces[:vocab_size]):
+        tokens[i], scores[i], types[i] = piece.piece.encode(), piece.score, gguf.TokenType(piece.type)
     return tokens, scores, types
 
 
@@ -420,7 +407,7 @@ def write_gguf(model: nn.Module, config: dict, tokenizer_folder: Path, out: str 
 
     if quant not in QUANTS:
         raise LocaltuneError(f"--quant {quant}: not available; choose from {', '.join(QUANTS)}")
-    arch = check_architecture(config, str(tokenizer_folder))
+    family = check_architecture(config, str(tokenizer_folder))
     out = Path(out)
     if quant == "q4_k_m":  # gguf-py has no K-quant encoder: llama.cpp quantizes its own f16 file
         quantize = _llama_quantizer()
@@ -436,7 +423,7 @@ def write_gguf(model: nn.Module, config: dict, tokenizer_folder: Path, out: str 
     ftype = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
              "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant]
     counts: dict[str, int] = {}
-    with atomic_gguf(out, arch) as w:
+    with atomic_gguf(out, family.gguf_arch) as w:
         w.add_type("model")
         w.add_name(name)
         if license:
@@ -459,11 +446,9 @@ def write_gguf(model: nn.Module, config: dict, tokenizer_folder: Path, out: str 
         if "head_dim" in config:
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)
-        if arch == "llama":
-            w.add_vocab_size(config["vocab_size"])
-            w.add_rope_dimension_count(head_dim)
+        family.gguf_metadata(w, config)
         add_tokenizer(w, Path(tokenizer_folder), config)
-        for tname, array in gguf_tensors(model, config, arch):
+        for tname, array in gguf_tensors(model, config, family):
             kind = qtype
             if kind == gguf.GGMLQuantizationType.Q4_0 and tname in ("token_embd.weight", "output.weight"):
                 kind = gguf.GGMLQuantizationType.Q8_0  # the vocabulary projections lose most at 4 bits

@@ -1,7 +1,9 @@
 """Import a .gguf file as an mlx-lm model folder (config.json, model.safetensors, tokenizer).
 
-llama.cpp's converter permutes llama's attn_q/attn_k rows for its interleaved rotary; we undo that,
-so the folder has the plain Hugging Face layout that mlx-lm and our GGUF export expect.
+The model's family (localtune.families) builds its config from the metadata and undoes what
+llama.cpp's converter changed (llama's q/k row order, Gemma's 1 + w norms), so the folder has
+the plain Hugging Face layout that mlx-lm and our GGUF export expect. Tensor names are mapped
+with gguf-py's TensorNameMap over the parameters of the mlx-lm model the config describes.
 Q4_0/Q4_1/Q8_0 tensors stay quantized (mx.load gives exact MLX affine triplets, group size 32);
 any other quantized type is dequantized exactly to float32 with the `gguf` package.
 """
@@ -22,10 +24,10 @@ import numpy as np
 from gguf import GGMLQuantizationType as QType
 from gguf import GGUFReader, quants
 
+from . import families
 from .errors import ModelError
-from .gguf_tokenizer import build_tokenizer, check_tokenizer, special_token_ids
+from .gguf_tokenizer import build_tokenizer, check_tokenizer, sentencepiece_model, special_token_ids
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 MANIFEST = "localtune-import.json"
 
 # Types mx.load reads exactly; mx.load turns BF16 into F16 and K-quants into F16 (lossy) or fails.
@@ -33,20 +35,6 @@ _NATIVE_TYPES = {QType.F32, QType.F16, QType.Q4_0, QType.Q4_1, QType.Q8_0}
 _QUANT_BITS = {QType.Q4_0: 4, QType.Q4_1: 4, QType.Q8_0: 8}
 _GROUP_SIZE = 32
 
-_TOP_MODULES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_LAYER_MODULES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
 
 
 def import_gguf(path: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
@@ -64,14 +52,21 @@ def import_gguf(path: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not _manifest(target):
         raise ModelError(f"{target}: exists and is not a localtune import. Choose an empty or new folder.")
     reader, meta = _read_header(path)
-    _check_supported(path, reader, meta)
-
-    weights, quantization, tensor_types = _load_weights(path, reader)
+    family = _check_supported(path, reader, meta)
     try:
-        config = _model_config(meta, weights, quantization)
+        config = _model_config(meta, reader, family)
     except ModelError as e:
         raise ModelError(f"{path}: {e.message}") from None
+    names = _name_map(path, reader, family, config)
+
+    weights, quantization, tensor_types = _load_weights(path, reader, names)
+    weights.pop("rope_freqs.weight", None)  # read into rope_scaling
+    if quantization:
+        config["quantization"] = quantization
+    weights = {k: family.from_gguf(k, v, config) for k, v in weights.items()}
     tokenizer, tokenizer_config = build_tokenizer(meta, config)
+    if "chat_template" not in tokenizer_config and getattr(family, "chat_template", None):
+        tokenizer_config["chat_template"] = family.chat_template  # llama.cpp falls back to its built-in one
     manifest = {
         "name": meta.get("general.name") or path.stem,
         "source": str(path),
@@ -88,6 +83,8 @@ def import_gguf(path: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
         _write_json(tmp / "config.json", config)
         tokenizer.save(str(tmp / "tokenizer.json"))
+        if (spm := sentencepiece_model(meta)) is not None:  # what llama.cpp's converter reads back
+            (tmp / "tokenizer.model").write_bytes(spm)
         _write_json(tmp / "tokenizer_config.json", tokenizer_config)
         (tmp / "README.md").write_text(_model_card(manifest, path))
         _write_json(tmp / MANIFEST, manifest)
@@ -130,23 +127,22 @@ def _read_header(path: Path) -> tuple[GGUFReader, dict]:
     return reader, meta
 
 
-def _check_supported(path: Path, reader: GGUFReader, meta: dict) -> None:
-    """Fail before any heavy work: architecture, tokenizer kind, pre-tokenizer, tensor names."""
+def _check_supported(path: Path, reader: GGUFReader, meta: dict) -> families.Family:
+    """Fail before any heavy work: architecture, tokenizer kind, pre-tokenizer."""
     arch = meta.get("general.architecture")
-    if arch not in ARCHITECTURES:
+    family = families.by_gguf_arch(arch)
+    importable = [f.gguf_arch for f in families.FAMILIES if f.gguf_arch and f.support()["gguf_import"] is True]
+    if family is None or arch not in importable:
+        why = f" ({family.support()['gguf_import']})" if family else ""
         raise ModelError(
-            f"{path}: architecture {arch!r} cannot be imported; supported: {', '.join(ARCHITECTURES)}. "
-            "Use a GGUF of a supported model, or its Hugging Face checkpoint."
+            f"{path}: architecture {arch!r} cannot be imported{why}; supported: {', '.join(importable)}"
+            f"{families.nearest(arch, importable)}. Use a GGUF of a supported model, or its Hugging Face checkpoint."
         )
     try:
         check_tokenizer(meta)
     except ModelError as e:
         raise ModelError(f"{path}: {e.message}") from None
-    unknown = [t.name for t in reader.tensors if t.name != "rope_freqs.weight" and not _mlx_name(t.name)]
-    if unknown:
-        raise ModelError(
-            f"{path}: tensors {unknown[:5]} have no mlx-lm {arch} equivalent; this model variant is not supported."
-        )
+    return family
 
 
 def _sha256(path: Path) -> str:
@@ -167,19 +163,38 @@ def _manifest(folder: Path) -> dict:
 # ---------------------------------------------------------------- weights
 
 
-def _mlx_name(gguf_name: str) -> str | None:
-    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight' (also .bias/.scales/.biases)."""
-    module, _, param = gguf_name.rpartition(".")
-    parts = module.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_MODULES:
-        return f"model.layers.{parts[1]}.{_LAYER_MODULES[parts[2]]}.{param}"
-    if module in _TOP_MODULES:
-        return f"{_TOP_MODULES[module]}.{param}"
-    return None
+def _name_map(path: Path, reader: GGUFReader, family: families.Family, config: dict) -> dict[str, str]:
+    """GGUF module name -> mlx-lm module name ('blk.3.attn_q' -> 'model.layers.3.self_attn.q_proj').
+
+    The mlx-lm model the config describes is built lazily (MLX never evaluates its random
+    weights) just to list its parameters; gguf-py's TensorNameMap names each one.
+    """
+    import gguf
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes
+
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    table = gguf.get_tensor_name_map(gguf.MODEL_ARCH[family.gguf_arch.upper()], config["num_hidden_layers"])
+    names = {}
+    for name, _ in tree_flatten(model.parameters()):
+        module = name.rpartition(".")[0]
+        if (target := table.get_name(module)) is not None:
+            names[target] = module
+    unknown = [t.name for t in reader.tensors if t.name != "rope_freqs.weight"
+               and t.name.rpartition(".")[0] not in names]
+    if unknown:
+        raise ModelError(f"{path}: tensors {unknown[:5]} have no mlx-lm {config['model_type']} equivalent; "
+                         "this model variant is not supported.")
+    return names
 
 
-def _load_weights(path: Path, reader: GGUFReader) -> tuple[dict, dict | None, dict]:
+def _load_weights(path: Path, reader: GGUFReader, names: dict) -> tuple[dict, dict | None, dict]:
     """GGUF tensors -> (mlx-lm weights, quantization config or None, {GGUF type: tensor count})."""
+    def mlx_name(gguf_name: str) -> str:
+        module, _, param = gguf_name.rpartition(".")
+        return f"{names[module]}.{param}" if module in names else gguf_name
+
     types = {t.name: QType(t.tensor_type) for t in reader.tensors}
     native = set(types.values()) <= _NATIVE_TYPES
     if native:
@@ -188,11 +203,11 @@ def _load_weights(path: Path, reader: GGUFReader) -> tuple[dict, dict | None, di
         raw = {k: v.astype(mx.float32) if k.endswith((".scales", ".biases")) else v for k, v in raw.items()}
     else:
         raw = {t.name: _dequantize(t) for t in reader.tensors}
-    weights = {_mlx_name(k) or k: v for k, v in raw.items()}
+    weights = {mlx_name(k): v for k, v in raw.items()}
     matrices = {  # module -> GGUF type, 2-D weights only (norms are never quantized)
-        _mlx_name(t.name).rpartition(".")[0]: types[t.name]
+        mlx_name(t.name).rpartition(".")[0]: types[t.name]
         for t in reader.tensors
-        if t.name.endswith(".weight") and len(t.shape) == 2 and _mlx_name(t.name)
+        if t.name.endswith(".weight") and len(t.shape) == 2 and t.name.rpartition(".")[0] in names
     }
     quantization = _quantization(matrices) if native else None
     return weights, quantization, dict(Counter(t.name for t in types.values()))
@@ -223,24 +238,13 @@ def _quantization(matrices: dict) -> dict | None:
     return config
 
 
-def _unpermute(x: mx.array, n_head: int) -> mx.array:
-    """Inverse of llama.cpp's convert permute: rows (n_head, 2, d/2) were stored as (n_head, d/2, 2)."""
-    return x.reshape(n_head, x.shape[0] // n_head // 2, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
-
-
-def _undo_rotary_permutation(weights: dict, config: dict) -> None:
-    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
-    for name in list(weights):
-        for proj, n_head in heads.items():
-            if f".self_attn.{proj}." in name:
-                weights[name] = _unpermute(weights[name], n_head)
-
-
 # ---------------------------------------------------------------- config
 
 
-def _model_config(meta: dict, weights: dict, quantization: dict | None) -> dict:
+def _model_config(meta: dict, reader: GGUFReader, family: families.Family) -> dict:
     arch = meta["general.architecture"]
+    shapes = {t.name: [int(n) for n in t.shape] for t in reader.tensors}  # innermost dimension first
+    rope_freqs = next((np.asarray(t.data) for t in reader.tensors if t.name == "rope_freqs.weight"), None)
 
     def get(key, default=None):
         value = meta.get(f"{arch}.{key}", default)
@@ -253,8 +257,8 @@ def _model_config(meta: dict, weights: dict, quantization: dict | None) -> dict:
     if get("rope.dimension_count", head_dim) != head_dim:
         raise ModelError(f"partial rotary ({arch}.rope.dimension_count != head dim {head_dim}) is not supported.")
     config = {
-        "model_type": arch,
-        "architectures": [ARCHITECTURES[arch]],
+        "model_type": family.model_types[0],
+        "architectures": [family.hf_class],
         "hidden_size": hidden,
         "num_hidden_layers": get("block_count"),
         "intermediate_size": get("feed_forward_length"),
@@ -263,20 +267,16 @@ def _model_config(meta: dict, weights: dict, quantization: dict | None) -> dict:
         "head_dim": head_dim,
         "rms_norm_eps": _short_float(get("attention.layer_norm_rms_epsilon")),
         "rope_theta": _short_float(get("rope.freq_base", 10000.0)),
-        "rope_scaling": _rope_scaling(meta, arch, weights.pop("rope_freqs.weight", None), head_dim),
+        "rope_scaling": _rope_scaling(meta, arch, rope_freqs, head_dim),
         "max_position_embeddings": get("context_length"),
-        "vocab_size": weights["model.embed_tokens.weight"].shape[0],
-        "tie_word_embeddings": "lm_head.weight" not in weights,
-        "attention_bias": "model.layers.0.self_attn.q_proj.bias" in weights,
+        "vocab_size": shapes["token_embd.weight"][-1],
+        "tie_word_embeddings": "output.weight" not in shapes,
+        "attention_bias": "blk.0.attn_q.bias" in shapes,
         "mlp_bias": False,
         **special_token_ids(meta),
+        **family.import_config(meta, get),
     }
-    if quantization:
-        config["quantization"] = quantization
-    config = {k: v for k, v in config.items() if v is not None}
-    if arch == "llama":
-        _undo_rotary_permutation(weights, config)
-    return config
+    return {k: v for k, v in config.items() if v is not None}
 
 
 def _short_float(x: float) -> float:

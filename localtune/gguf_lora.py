@@ -20,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import LocaltuneError
-from .export import (PROMPTS, _llama, _permute, atomic_gguf, check_architecture, llama_logits, mlx_logits,
+from .export import (PROMPTS, _llama, atomic_gguf, check_architecture, llama_logits, mlx_logits,
                      note_unfinished, parity, prompt_tokens, resolve)
 
 # llama.cpp (base + adapter) vs MLX (base + adapters) may be no further apart than the same two
@@ -75,15 +75,14 @@ def load_stacked(run: Path, stages: list[str]):
     return model, tokenizer, parsed
 
 
-def lora_tensors(model, config: dict, arch: str):
+def lora_tensors(model, config: dict, family):
     """(name, array) pairs in llama.cpp's layout: `<tensor>.lora_a` (r, in), `<tensor>.lora_b` (out, r)."""
     import gguf
 
     from .adapters import LORA
 
+    arch = family.gguf_arch
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config["num_hidden_layers"])
-    heads = config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads", heads)
     updates: dict[str, list] = {}
     for path, m in model.named_modules():
         if isinstance(m, LORA):
@@ -98,23 +97,22 @@ def lora_tensors(model, config: dict, arch: str):
         layers.reverse()  # innermost (earliest stage) first
         a = np.concatenate([np.array(m.lora_a.astype(mx.float32)).T for m in layers])
         b = np.concatenate([np.array((m.scale * m.lora_b).astype(mx.float32)).T for m in layers], axis=1)
-        if arch == "llama" and base.endswith(("q_proj", "k_proj")):  # B's rows are W's rows
-            b = _permute(b, heads if base.endswith("q_proj") else kv_heads)
+        b = family.lora_b_to_gguf(base + ".weight", b, config)  # B's rows are W's rows
         yield target + ".lora_a", a
         yield target + ".lora_b", b
 
 
 def write_lora_gguf(model, config: dict, out: Path, name: str, extra: dict | None = None) -> tuple[int, dict]:
     """Write the adapter atomically. Returns (tensor count, {total rank: layers})."""
-    arch = check_architecture(config, name)
+    family = check_architecture(config, name, "gguf_lora")
     count, ranks = 0, {}
-    with atomic_gguf(out, arch) as w:
+    with atomic_gguf(out, family.gguf_arch) as w:
         w.add_type("adapter")
         w.add_string("adapter.type", "lora")
         w.add_name(name)
         for key, value in (extra or {}).items():
             w.add_string(key, value)
-        for tname, array in lora_tensors(model, config, arch):
+        for tname, array in lora_tensors(model, config, family):
             w.add_tensor(tname, array.astype(np.float16))
             count += 1
             if tname.endswith(".lora_a"):
@@ -210,7 +208,7 @@ def export_lora(target: str, out: str | Path, base: str | Path | None = None, ve
     if source.run is None:
         raise LocaltuneError(f"{target}: --lora exports a run's adapters; pass RUN or RUN/stage")
     config = models._config(source.folder)
-    check_architecture(config, str(source.folder))
+    check_architecture(config, str(source.folder), "gguf_lora")
     if base is not None and not Path(base).is_file():
         raise LocaltuneError(f"--base {base}: no such file\n  fix: pass the base model's .gguf")
     stages = _lora_stages(source.run, source.stage)

@@ -29,6 +29,14 @@ _PRE_TOKENIZERS = {  # name -> (splits, ignore_merges, llama.cpp's add_bos defau
 }
 _CONTROL, _UNKNOWN, _USER_DEFINED = 3, 2, 4  # llama.cpp token types
 _END_OF_TURN_TEXTS = {"<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>"}
+# Texts llama.cpp's vocabulary loader turns into control tokens whatever their GGUF type (its
+# end-of-generation and fill-in-the-middle markers): matched only with special parsing on.
+_FORCED_CONTROL = _END_OF_TURN_TEXTS | {
+    "</s>", "<|end_of_text|>", "<end_of_utterance>", "<EOT>", "_<EOT>", "<|return|>", "<|call|>",
+    "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|fim_pad|>", "<|fim_repo|>", "<|file_sep|>",
+    "<fim-prefix>", "<fim-suffix>", "<fim-middle>", "<fim-pad>", "<fim-repo>",
+    "<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<fim_pad>",
+}
 
 
 def check_tokenizer(meta: dict) -> None:
@@ -52,9 +60,9 @@ def build_tokenizer(meta: dict, config: dict) -> tuple[Tokenizer, dict]:
     tokenizer.add_special_tokens(
         [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k in (_CONTROL, _UNKNOWN)]
     )
-    tokenizer.add_tokens(
-        [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED]
-    )
+    user = [t for t, k in zip(tokens, types) if k == _USER_DEFINED]  # llama.cpp makes some control
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in user if t in _FORCED_CONTROL])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in user if t not in _FORCED_CONTROL])
 
     pre_default = _PRE_TOKENIZERS[meta.get("tokenizer.ggml.pre", "default")][2] if byte_level else True
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", pre_default))
@@ -76,6 +84,30 @@ def build_tokenizer(meta: dict, config: dict) -> tuple[Tokenizer, dict]:
     if "tokenizer.chat_template" in meta:
         tokenizer_config["chat_template"] = meta["tokenizer.chat_template"]
     return tokenizer, tokenizer_config
+
+
+def sentencepiece_model(meta: dict) -> bytes | None:
+    """tokenizer.model for a SentencePiece ("llama") vocabulary: the pieces, scores and kinds that
+    llama.cpp's converter read from one, so the folder exports back to the same GGUF vocabulary.
+    GGUF token types and SentencePiece piece types share their numbering (NORMAL 1 ... BYTE 6)."""
+    if meta.get("tokenizer.ggml.model") != "llama":
+        return None
+    from sentencepiece import sentencepiece_model_pb2
+
+    tokens, types = meta["tokenizer.ggml.tokens"], _token_types(meta)
+    scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.trainer_spec.model_type = sentencepiece_model_pb2.TrainerSpec.BPE
+    proto.trainer_spec.byte_fallback = True
+    for key, field in (("unknown", "unk_id"), ("bos", "bos_id"), ("eos", "eos_id"), ("padding", "pad_id")):
+        setattr(proto.trainer_spec, field, meta.get(f"tokenizer.ggml.{key}_token_id", -1))
+    proto.normalizer_spec.name = "identity"
+    proto.normalizer_spec.add_dummy_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    proto.normalizer_spec.remove_extra_whitespaces = False
+    proto.normalizer_spec.escape_whitespaces = True
+    for token, score, kind in zip(tokens, scores, types):
+        proto.pieces.add(piece=token, score=float(score), type=int(kind))
+    return proto.SerializeToString()
 
 
 def special_token_ids(meta: dict) -> dict:

@@ -95,7 +95,9 @@ def test_gguf_metadata_of_the_bundled_model(tmp_path, small_model_path):
 
 def test_q_and_k_rows_are_permuted_for_llama_cpp():
     w = np.arange(8 * 3).reshape(8, 3)  # 2 heads of 4 rows: [a0 a1 b0 b1] -> [a0 b0 a1 b1] per head
-    out = export._permute(w, 2)
+    from localtune.families.llama import permute
+
+    out = permute(w, 2)
     np.testing.assert_array_equal(out[:4], w[[0, 2, 1, 3]])
     np.testing.assert_array_equal(out[4:], w[[4, 6, 5, 7]])
 
@@ -107,7 +109,8 @@ def test_an_unsupported_architecture_is_refused_before_anything_is_written(tmp_p
     (folder / "model.safetensors").write_bytes(b"")
     result = invoke("export", folder, "--gguf", "--out", tmp_path / "x.gguf")
     assert result.exit_code == 1
-    assert "unsupported architecture 'gpt_neox'" in result.output and "supported: llama, mistral, qwen2, qwen3" in result.output
+    assert "architecture 'gpt_neox' is not supported for GGUF" in result.output
+    assert "supported: llama, mistral, qwen2, qwen3" in result.output
     assert not (tmp_path / "x.gguf").exists()
 
 
@@ -309,9 +312,9 @@ def test_lora_adapter_of_both_stages_applies_to_the_base_in_llama_cpp(tmp_path, 
 
 
 def test_lora_adapter_without_the_q_k_row_order_is_caught_and_removed(tmp_path, trained_run, monkeypatch):
-    from localtune import gguf_lora
+    from localtune.families.llama import Llama
 
-    monkeypatch.setattr(gguf_lora, "_permute", lambda w, heads: w)
+    monkeypatch.setattr(Llama, "lora_b_to_gguf", lambda self, name, b, config: b)
     out = tmp_path / "adapter.gguf"
     result = invoke("export", trained_run(False), "--lora", "--out", out, "--verify")
     assert result.exit_code == 1, result.output

@@ -1,0 +1,124 @@
+"""Model families: what differs per architecture between mlx-lm, Hugging Face and GGUF.
+
+One file per family. A `Family` names its llama.cpp architecture, adds the family's keys to the
+mlx-lm config built from a GGUF's metadata, changes tensor values where the two layouts differ
+(llama's rotary row order, Gemma's 1 + w norms), and writes the metadata llama.cpp reads for it.
+Tensor *names* are gguf-py's TensorNameMap, both ways. `support(model_type)` is one row of the
+support matrix; `require` refuses a capability a family lacks, with the reason, before loading.
+"""
+from __future__ import annotations
+
+import difflib
+
+from ..errors import ModelError
+
+CAPABILITIES = {  # matrix column -> what it means
+    "load": "load an HF folder or repo id",
+    "gguf_import": "GGUF import",
+    "lora": "SFT LoRA",
+    "qlora": "SFT QLoRA",
+    "dora": "SFT DoRA",
+    "dpo": "DPO, shared prompts",
+    "ppo": "reward and PPO heads",
+    "distill": "logits distillation",
+    "fuse": "fuse",
+    "gguf_export": "GGUF f16, q8_0, q4_k_m, verified",
+    "gguf_lora": "GGUF LoRA adapter, verified",
+}
+
+
+class Family:
+    """Defaults: a llama-like decoder whose GGUF tensors equal its Hugging Face tensors."""
+
+    name = ""  # the matrix row
+    model_types: tuple[str, ...] = ()  # mlx-lm / Hugging Face model_type values
+    gguf_arch: str | None = None  # llama.cpp's architecture name
+    hf_class = ""  # config.json "architectures"
+    plain_head = True  # logits == head(final hidden): no soft-capping or scaling after the norm
+    limits: dict[str, str] = {}  # capability -> why it is not supported; the rest are tested
+
+    def import_config(self, meta: dict, get) -> dict:
+        """Family keys of the mlx-lm config, from GGUF metadata (`get(key)` reads `arch.key`)."""
+        return {}
+
+    def from_gguf(self, name: str, w, config: dict):
+        """A tensor's value as stored in GGUF -> as mlx-lm holds it (Hugging Face name)."""
+        return w
+
+    def to_gguf(self, name: str, w, config: dict):
+        """Inverse of from_gguf, for export (numpy float32)."""
+        return w
+
+    def lora_b_to_gguf(self, name: str, b, config: dict):
+        """A LoRA B matrix's rows follow its weight's rows: the same row order change."""
+        return b
+
+    def gguf_metadata(self, writer, config: dict) -> None:
+        """Keys llama.cpp reads for this architecture beyond the common ones export writes."""
+
+    def check_config(self, config: dict, where: str) -> None:
+        """Refuse a config this family's GGUF export cannot represent (llama.cpp hard-codes it)."""
+
+    def support(self) -> dict[str, bool | str]:
+        return {cap: self.limits.get(cap, True) for cap in CAPABILITIES}
+
+
+def _families() -> list[Family]:
+    from . import gemma, llama, qwen
+
+    return [*llama.FAMILIES, *qwen.FAMILIES, *gemma.FAMILIES]
+
+
+FAMILIES: list[Family] = _families()
+_BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
+_BY_GGUF = {f.gguf_arch: f for f in FAMILIES if f.gguf_arch}
+
+
+def family(model_type: str | None) -> Family | None:
+    return _BY_TYPE.get(model_type or "")
+
+
+def by_gguf_arch(arch: str | None) -> Family | None:
+    return _BY_GGUF.get(arch or "")
+
+
+def nearest(name: str | None, names) -> str:
+    """' (did you mean X?)' or ''."""
+    close = difflib.get_close_matches(str(name), list(names), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def supported(capability: str) -> list[str]:
+    return [t for f in FAMILIES for t in f.model_types if f.support()[capability] is True]
+
+
+def require(model_type: str | None, capability: str, where: str) -> Family:
+    """The family of `model_type`, or a ModelError naming what is supported and the reason."""
+    fam = family(model_type)
+    if fam is None:
+        names = supported(capability)
+        raise ModelError(f"{where}: architecture {model_type!r} is not supported for {CAPABILITIES[capability]}; "
+                         f"supported: {', '.join(names)}{nearest(model_type, names)}\n"
+                         "  fix: see `localtune models check MODEL` and the support matrix in the README")
+    reason = fam.support()[capability]
+    if reason is not True:
+        raise ModelError(f"{where}: {CAPABILITIES[capability]} is not supported for {fam.name} ({model_type}): "
+                         f"{reason}\n  fix: see the support matrix in the README")
+    return fam
+
+
+def matrix_markdown() -> str:
+    """The README's support matrix: a row per family, a column per capability."""
+    head = "| family (model_type) | " + " | ".join(CAPABILITIES.values()) + " |"
+    rows = [head, "|" + "---|" * (len(CAPABILITIES) + 1)]
+    notes = []
+    for fam in FAMILIES:
+        cells = []
+        for cap, value in fam.support().items():
+            if value is True:
+                cells.append("yes")
+            else:
+                notes.append(f"{fam.name}, {CAPABILITIES[cap]}: {value}")
+                cells.append(f"no [{len(notes)}]")
+        rows.append(f"| {fam.name} ({', '.join(fam.model_types)}) | " + " | ".join(cells) + " |")
+    return "\n".join(rows + [""] + [f"[{i}] {n}  " for i, n in enumerate(notes, 1)]).rstrip() + "\n"
