@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fnmatch
 import json
 import os
 import shutil
@@ -172,9 +173,19 @@ def resolve(target: str) -> Source:
     else:
         folder = models.resolve(target)
         name = folder.name
-    card = folder / "localtune-import.json"
-    license = json.loads(card.read_text()).get("license") if card.exists() else None
+    fuse_record = _record(folder / FUSE_RECORD)  # a fused folder keeps its run's license and materials
+    license = _record(folder / "localtune-import.json").get("license") or fuse_record.get("license")
+    if run is None:
+        bom = fuse_record.get("provenance")
     return Source(run, stage, folder, name, license, bom, tuple(unfinished))
+
+
+def _record(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except ValueError as e:
+        raise LocaltuneError(f"{path}: not valid JSON ({e})\n  fix: restore the file, or delete it and fuse "
+                             "or import again") from None
 
 
 def note_unfinished(source: Source, report) -> None:
@@ -222,6 +233,7 @@ def fuse(target: str, out: str | Path, *, quantize: int | None = None, report=pr
 
     Checks the fused model against base + adapters and against the base alone: it fails, and
     writes nothing, when the fused model lost the adapters' effect (mlx-lm #1172) or drifted.
+    The folder carries the base's tokenizer, chat template, generation config and license files.
     """
     from mlx_lm.utils import quantize_model, save
 
@@ -255,15 +267,54 @@ def fuse(target: str, out: str | Path, *, quantize: int | None = None, report=pr
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private
         save(tmp, str(source.folder), model, tokenizer, config, donate_model=False)
-        (tmp / "localtune-fuse.json").write_text(json.dumps({"source": str(target), **result.to_dict(),
-                                                             "provenance": source.provenance}, indent=2))
+        carry_over(source.folder, tmp)
+        (tmp / FUSE_RECORD).write_text(json.dumps({"source": str(target), **result.to_dict(),
+                                                   "license": source.license,
+                                                   "provenance": source.provenance}, indent=2))
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return result
+
+
+# Besides config and weights, a model folder carries these; the fused folder gets the base's,
+# byte for byte (mlx-lm's save drops tokenizer.model, and rewrites tokenizer_config.json without
+# add_bos_token or the chat template, and README.md without the license).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "tokenizer.model.v*", "spiece.model", "tekken.json", "*.tiktoken",
+                   "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
+                   "additional_chat_templates")
+CARRIED_FILES = TOKENIZER_FILES + ("generation_config.json", "LICENSE*", "NOTICE*", "USE_POLICY*", "README.md")
+FUSE_RECORD = "localtune-fuse.json"
+
+
+def _matching(folder: Path, patterns: tuple) -> set[str]:
+    return {p.name for p in folder.iterdir() if any(fnmatch.fnmatch(p.name.lower(), pat.lower()) for pat in patterns)}
+
+
+def carry_over(base: Path, out: Path) -> list[str]:
+    """Copy the base folder's tokenizer, template, generation config, license files and model card
+    into `out` as they are; returns their names. Tokenizer files mlx-lm wrote that the base did
+    not have (chat_template.jinja beside a template in tokenizer_config.json) are removed, so the
+    fused folder's tokenizer is the base's, file for file."""
+    carried = _matching(base, CARRIED_FILES)
+    stale = _matching(out, TOKENIZER_FILES) if _matching(base, TOKENIZER_FILES) else set()
+    for name in carried | stale:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    for name in sorted(carried):
+        if (base / name).is_dir():
+            shutil.copytree(base / name, out / name)
+        else:
+            shutil.copyfile(base / name, out / name)  # follows symlinks (the Hugging Face cache's blobs)
+    return sorted(carried)
 
 
 # ---------------------------------------------------------------------------------------------

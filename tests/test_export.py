@@ -65,6 +65,59 @@ def test_fuse_refuses_to_write_over_a_folder(tmp_path, trained_run):
     assert [p.name for p in (tmp_path / "fused").iterdir()] == ["keep.txt"]
 
 
+def carried_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name not in ("config.json", "model.safetensors"))
+
+
+def test_fuse_writes_a_complete_model_folder_with_the_base_files_as_they_are(tmp_path, trained_run, small_model_path):
+    """mlx-lm's save drops tokenizer.model and rewrites tokenizer_config.json (no add_bos_token, the
+    template moved to chat_template.jinja) and README.md (no license): the base's files are copied back."""
+    from mlx_lm import load
+
+    from localtune import models
+    from localtune.pipeline import load_for_inference
+    from localtune.provenance import check_teacher
+
+    result = invoke("fuse", trained_run(False), "--out", tmp_path / "fused")
+    assert result.exit_code == 0, result.output
+    fused = tmp_path / "fused"
+    assert carried_files(small_model_path) == ["README.md", "generation_config.json", "special_tokens_map.json",
+                                               "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+    for name in carried_files(small_model_path):
+        assert (fused / name).read_bytes() == (small_model_path / name).read_bytes(), name
+    assert carried_files(fused) == sorted(carried_files(small_model_path) + [
+        "localtune-fuse.json", "model.safetensors.index.json"])  # no chat_template.jinja beside the base's
+    assert fused.stat().st_mode & 0o777 == 0o755  # not private, as mkdtemp makes it
+    assert json.loads((fused / "config.json").read_text())["model_type"] == "llama"
+    assert check_teacher(str(fused)).license == "apache-2.0"  # the provenance gate reads the card
+
+    adapted, base_tokenizer = load_for_inference(str(trained_run(False)))
+    tokens = export.prompt_tokens(base_tokenizer, export.PROMPTS)
+    chat = [{"role": "user", "content": "When?"}]
+    for model, tokenizer in (load(str(fused)), models.load(str(fused))[:2]):  # mlx-lm's loader and ours
+        assert tokenizer.apply_chat_template(chat, add_generation_prompt=True) == \
+            base_tokenizer.apply_chat_template(chat, add_generation_prompt=True)
+        assert export.prompt_tokens(tokenizer, export.PROMPTS) == tokens
+        assert tokens[0][0] == tokenizer.bos_token_id  # add_bos_token kept
+        p = export.parity(export.mlx_logits(adapted, tokens), export.mlx_logits(model, tokens))
+        assert p.top1 == 1.0 and p.max_abs_logit < 1e-3
+
+
+def test_a_fused_folder_exports_to_gguf_and_verifies_in_llama_cpp(tmp_path, trained_run):
+    """Issue 17: without tokenizer.model the export took the BPE path and failed ("splits []")."""
+    import gguf
+
+    assert invoke("fuse", trained_run(False), "--out", tmp_path / "fused").exit_code == 0
+    out = tmp_path / "fused.gguf"
+    result = invoke("export", tmp_path / "fused", "--gguf", "--quant", "q8_0", "--out", out, "--verify")
+    assert result.exit_code == 0, result.output
+    assert f"{PLAIN_ROW} 8/8 identical | all |" in result.output
+    assert f"{SPECIAL_ROW} 2/2 identical | all |" in result.output and "| warning |" not in result.output
+    bom = json.loads(gguf.GGUFReader(out).fields["localtune.provenance"].contents())
+    assert bom == json.loads((tmp_path / "fused/localtune-fuse.json").read_text())["provenance"]  # the run's
+    assert bom["sources"][0]["kind"] == "data"
+
+
 @pytest.mark.parametrize("quant", ["f16", "q8_0", "q4_0", "q4_k_m"])
 def test_export_of_a_run_loads_in_llama_cpp_and_matches(tmp_path, trained_run, quant):
     out = tmp_path / f"model-{quant}.gguf"
@@ -401,6 +454,29 @@ def imported_qwen2(tmp_path, chat_template=CHATML) -> Path:
     imported = invoke("models", "import", qwen2_gguf(tmp_path, chat_template))
     assert imported.exit_code == 0, imported.output
     return Path(imported.output.strip())
+
+
+def test_a_fused_gguf_import_keeps_its_tokenizer_template_and_license_through_export(tmp_path):
+    """A base imported from GGUF: its card and license go with the fused folder into the GGUF file;
+    localtune-import.json does not (the fused weights were not imported from that file)."""
+    import gguf
+
+    base = imported_qwen2(tmp_path)
+    recipe = write_recipe(tmp_path, base, steps=2, learning_rate=3e-3, max_seq_len=64)
+    assert invoke("run", recipe, "--no-tui", "--runs-dir", tmp_path / "runs").exit_code == 0
+    fused = tmp_path / "out/fused"
+    assert invoke("fuse", only_run(tmp_path / "runs"), "--out", fused).exit_code == 0
+    for name in ("tokenizer.json", "tokenizer_config.json", "README.md"):
+        assert (fused / name).read_bytes() == (base / name).read_bytes(), name
+    assert not (fused / "localtune-import.json").exists() and not (fused / "chat_template.jinja").exists()
+    assert json.loads((fused / "localtune-fuse.json").read_text())["license"] == "mit"
+    out = tmp_path / "fused.gguf"
+    result = invoke("export", fused, "--gguf", "--quant", "q8_0", "--out", out, "--verify")
+    assert result.exit_code == 0, result.output
+    assert f"{SPECIAL_ROW} 2/2 identical | all |" in result.output
+    fields = gguf.GGUFReader(out).fields
+    assert fields["general.license"].contents() == "mit"
+    assert fields["tokenizer.chat_template"].contents() == CHATML
 
 
 @pytest.mark.parametrize("uses", ["template", "eos"])
