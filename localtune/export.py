@@ -431,7 +431,8 @@ def add_tokenizer(writer, folder: Path, config: dict) -> None:
     for t in added:
         if t["id"] < vocab_size:
             ids[t["content"]] = t["id"]
-            if types[t["id"]] in (gguf.TokenType.NORMAL, gguf.TokenType.UNUSED):  # keep SentencePiece's own kinds
+            if types[t["id"]] in (gguf.TokenType.NORMAL, gguf.TokenType.UNUSED, gguf.TokenType.USER_DEFINED):
+                # a declared special token is control; SentencePiece's unknown, control and byte kinds stay
                 types[t["id"]] = gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED
     writer.add_token_types([int(t) for t in types])
 

@@ -47,6 +47,56 @@ def resolve(path: str, revision: str | None = None) -> Path:
                      "HuggingFaceTB/SmolLM2-135M-Instruct")
 
 
+def model_type_of(ref: str) -> tuple[str | None, str]:
+    """(model_type, where it was read) from a reference's config alone: config.json, a .gguf header
+    (its architecture, as the registry's family names it), or a repo's config.json only."""
+    from . import families
+
+    if ref.startswith("pkg:"):
+        ref = str(_package_file(ref))
+    p = Path(ref).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelError(f"{p}: no such GGUF file\n  fix: check the path")
+        from gguf import GGUFReader
+
+        try:
+            arch = GGUFReader(p).fields["general.architecture"].contents()
+        except Exception as e:
+            raise ModelError(f"{p}: not a readable GGUF header ({type(e).__name__})\n  fix: re-download it") from None
+        family = families.by_gguf_arch(arch)
+        return (family.model_types[0] if family else f"gguf:{arch}"), f"{p} (general.architecture = {arch!r})"
+    if p.is_dir():
+        config = p / "config.json"
+    elif REPO_ID.match(ref):
+        config = _repo_config(ref)
+    else:
+        raise ModelError(f"{ref}: no such model folder, .gguf file, or Hugging Face repo id")
+    try:
+        return json.loads(config.read_text()).get("model_type"), str(config)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{config}: cannot read it ({type(e).__name__})\n  fix: point at a model folder "
+                         "with a valid config.json") from None
+
+
+def _repo_config(repo: str) -> Path:
+    """A repo's config.json: from the cache, else that one small file from the hub."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, "config.json", local_files_only=True))
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ModelError(f"{repo}: its config.json is not in the local Hugging Face cache and HF_HUB_OFFLINE=1\n"
+                         f"  fix: where you have network, run `hf download {repo} config.json`")
+    try:
+        return Path(hf_hub_download(repo, "config.json"))
+    except Exception as e:
+        raise ModelError(f"{repo}: could not fetch config.json ({type(e).__name__})\n"
+                         "  fix: check the id and your network") from None
+
+
 def _package_file(ref: str) -> Path:
     import importlib.util
 

@@ -8,7 +8,7 @@ import platform
 import time
 from pathlib import Path
 
-from . import __version__, data, device, distributed
+from . import __version__, data, device, distributed, families
 from .errors import DataError, LocaltuneError, RecipeError
 from .recipe import Recipe, Stage
 from .run import LIVE_STATES, Run, effective_state, is_run_dir, trainer_of
@@ -88,6 +88,10 @@ def prepare(recipe: Recipe) -> Prepared:
                               f"{' or '.join(WANT[f] for f in want)} rows, but this file has {WANT[fmt]} rows\n"
                               "  fix: point [eval] data at the golden set, or choose another metric")
     folder = models.resolve(recipe.resolve(recipe.model.path), recipe.model.revision)
+    for s in recipe.stages:  # the support matrix, before any weights load
+        for capability in families.stage_capabilities(s, quantized=recipe.model.quantize is not None):
+            families.require_known(models._config(folder).get("model_type"), capability,
+                                   f"{recipe.source}: [stages.{s.name}]")
     if recipe.model.quantize is not None or "quantization" in models._config(folder):
         for s in recipe.stages[1:]:
             if s.adapter.type == "dora":  # the earlier stages' adapters stay unfused (adapters.next_stage)

@@ -22,7 +22,7 @@ CAPABILITIES = {  # matrix column -> what it means
     "ppo": "reward and PPO heads",
     "distill": "logits distillation",
     "fuse": "fuse",
-    "gguf_export": "GGUF f16, q8_0, q4_k_m, verified",
+    "gguf_export": "GGUF export, verified",
     "gguf_lora": "GGUF LoRA adapter, verified",
 }
 
@@ -105,6 +105,22 @@ def require(model_type: str | None, capability: str, where: str) -> Family:
         raise ModelError(f"{where}: {CAPABILITIES[capability]} is not supported for {fam.name} ({model_type}): "
                          f"{reason}\n  fix: see the support matrix in the README")
     return fam
+
+
+# A stage's method -> the matrix column it needs (SFT's columns follow its adapter and base).
+_METHOD_CAPABILITY = {"dpo": "dpo", "reward": "ppo", "ppo": "ppo", "distill": "distill"}
+
+
+def stage_capabilities(stage, quantized: bool) -> list[str]:
+    adapter = getattr(getattr(stage, "adapter", None), "type", "lora")
+    tuning = {"dora": "dora", "full": "load"}.get(adapter, "qlora" if quantized else "lora")
+    return [tuning] + ([_METHOD_CAPABILITY[stage.kind]] if stage.kind in _METHOD_CAPABILITY else [])
+
+
+def require_known(model_type: str | None, capability: str, where: str) -> None:
+    """Refuse what a registry family lacks; a model_type outside the registry is mlx-lm's to run."""
+    if family(model_type) is not None:
+        require(model_type, capability, where)
 
 
 def matrix_markdown() -> str:

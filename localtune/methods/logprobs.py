@@ -14,8 +14,14 @@ _BLOCK = 1 << 22  # weights per vocab block (16 MiB in fp32)
 _LOGITS_BLOCK = 1 << 20  # logits per vocab block: a block's few (tokens, rows) temporaries stay small
 _BLOCKWISE_FROM = 1 << 22  # logits (tokens x vocab) below this are cheaper whole: no recompute
 
-# Architectures whose logits are exactly head(model.model(inputs)): no soft-capping or logit scaling.
-_PLAIN_HEAD = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def plain_head(model) -> bool:
+    """Are the logits exactly head(model.model(inputs)), with no soft-capping or scaling after? (families)"""
+    from .. import families
+
+    family = families.family(getattr(model, "model_type", None))
+    return family is not None and family.plain_head
 
 
 class _PackedMask:
@@ -57,14 +63,18 @@ class SharedPrompt:
         self.real, self.offset, self.keys, self.values = real, 0, None, None  # real (B, P) bool
 
     def make_mask(self, N, return_array=False, window_size=None):
-        if window_size is not None:
-            raise NotImplementedError("shared prompts with sliding-window attention")
         causal = mx.tril(mx.ones((N, N), dtype=mx.bool_))
+        if window_size is not None:  # a sliding-window layer: a query sees the last window_size positions
+            causal = causal & ((mx.arange(N)[:, None] - mx.arange(N)[None]) < window_size)
         if self.keys is None:
             return (causal[None] & (self.real[:, None, :] | mx.eye(N, dtype=mx.bool_)[None]))[:, None]
         prompt = mx.concatenate([self.real, self.real])[:, None, None, :]  # (2B, 1, 1, P)
+        P = prompt.shape[-1]
+        if window_size is not None:  # response token i sits at P + i, prompt key j at j (left padding
+            # shifts both alike, so distances are the unpadded ones)
+            prompt = prompt & ((P + mx.arange(N)[:, None] - mx.arange(P)[None]) < window_size)
         rows = prompt.shape[0]
-        return mx.concatenate([mx.broadcast_to(prompt, (rows, 1, N, prompt.shape[-1])),
+        return mx.concatenate([mx.broadcast_to(prompt, (rows, 1, N, P)),
                                mx.broadcast_to(causal[None, None], (rows, 1, N, N))], axis=-1)
 
     def update_and_fetch(self, keys, values):
@@ -76,7 +86,7 @@ class SharedPrompt:
 
 
 def hidden_logprobs(model, hidden: mx.array, targets: mx.array) -> mx.array:
-    """log p(targets) (K,) from final hidden states (K, H); needs a plain head (_PLAIN_HEAD)."""
+    """log p(targets) (K,) from final hidden states (K, H); needs a plain head (plain_head)."""
     head = _frozen_head(model)
     if head is not None and targets.size * head.vocab >= _BLOCKWISE_FROM:
         return head_logprobs(hidden, head, targets)
@@ -89,7 +99,7 @@ def hidden_logprobs(model, hidden: mx.array, targets: mx.array) -> mx.array:
 
 
 def shares_prompts(model) -> bool:
-    return getattr(model, "model_type", None) in _PLAIN_HEAD and getattr(model, "share_prompts", True)
+    return plain_head(model) and getattr(model, "share_prompts", True)
 
 
 def _cache(model, batch):
@@ -126,7 +136,7 @@ class _Head:
 
 def _frozen_head(model) -> _Head | None:
     """The output head when logits are exactly head(model.model(x)) and it has nothing to train."""
-    if getattr(model, "model_type", None) not in _PLAIN_HEAD:
+    if not plain_head(model):
         return None
     module = model.lm_head if "lm_head" in model else model.model.embed_tokens
     plain = (nn.Linear, nn.Embedding, nn.QuantizedLinear, nn.QuantizedEmbedding)

@@ -31,7 +31,7 @@ from ..damage import DamagedFile, load_safetensors
 from ..evaluate import normalize
 from ..models import inference_weights
 from . import ppo_math
-from .logprobs import _PLAIN_HEAD, hidden_entropy, hidden_logprobs
+from .logprobs import hidden_entropy, hidden_logprobs, plain_head
 
 # ---------------------------------------------------------------------------------------------
 # Prompts
@@ -407,13 +407,15 @@ def make_loss(stage):
 
 def setup(model, stage, batches, valid, steps, stage_dir, note, *, tokenizer, reward: Reward, log):
     """(loss, Rollouts, None) for the one loop; `batches` yields lists of prompts."""
-    if getattr(model, "model_type", None) not in _PLAIN_HEAD:
+    if not plain_head(model):
+        from .. import families
         from ..errors import ModelError
 
+        plain = [t for f in families.FAMILIES if f.plain_head for t in f.model_types]
         raise ModelError(f"[stages.{stage.name}]: ppo reads log-probs from the hidden states through the output "
-                         f"head, which is exact for {', '.join(_PLAIN_HEAD)} models; this one is "
+                         f"head, which is exact for {', '.join(plain)} models; this one is "
                          f"{getattr(model, 'model_type', '?')!r} (its logits are post-processed)\n"
-                         "  fix: use a llama, mistral or qwen model for the ppo stage")
+                         "  fix: use a model of one of those families for the ppo stage")
     return make_loss(stage), Rollouts(model, tokenizer, batches, reward, stage, stage_dir, log), None
 
 

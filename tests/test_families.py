@@ -1,0 +1,220 @@
+"""The support matrix, family by family, on tiny random-weight models built here.
+
+Each family's model comes from mlx-lm's own ModelArgs with the family's quirks in the config
+(Gemma 3's sliding-window layers and query scale, Qwen3's q/k norms, tied embeddings...), and its
+tokenizer is built here the way a GGUF import builds one, with the family's pre-tokenizer,
+special tokens and chat template. Every capability the registry claims is exercised: the whole
+chain of methods (QLoRA: SFT, DPO, reward, PPO; a float base: DoRA SFT, then logits distillation),
+fuse, GGUF export at q8_0 verified in llama.cpp, the GGUF LoRA adapter verified, and GGUF import
+of the exported file back to the same logits. The README's matrix must be the registry's.
+"""
+import importlib
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from test_cli import invoke
+from test_gguf_import import bpe_vocab
+
+from localtune import export, families
+from localtune.families.gemma import GEMMA_TEMPLATE
+from localtune.gguf_tokenizer import build_tokenizer, sentencepiece_model
+
+pytest.importorskip("llama_cpp")
+ROOT = Path(__file__).resolve().parent.parent
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
+          " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+BASE = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+            rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=256)
+
+# model_type -> (mlx-lm module, config beyond BASE, tokenizer: (kind, pre-tokenizer, specials, template,
+#                                                               bos, eos, add_bos, add_space_prefix))
+CASES = {
+    "llama": ("llama", {"tie_word_embeddings": False},
+              ("gpt2", "llama-bpe", ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                                     "<|end_header_id|>", "<|eot_id|>"], LLAMA3, 0, 4, True, False)),
+    "mistral": ("llama", {"tie_word_embeddings": False, "head_dim": 16},
+                ("llama", "default", ["<unk>", "<s>", "</s>"], "{{ bos_token }}{% for m in messages %}"
+                 "{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+                 "{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}", 1, 2, True, True)),
+    "qwen2": ("qwen2", {"tie_word_embeddings": True},
+              ("gpt2", "qwen2", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], CHATML, None, 2, False, False)),
+    "qwen3": ("qwen3", {"tie_word_embeddings": False, "head_dim": 16},
+              ("gpt2", "qwen2", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], CHATML, None, 2, False, False)),
+    "gemma3_text": ("gemma3_text", {"num_hidden_layers": 6, "num_key_value_heads": 1, "head_dim": 16,
+                                    "query_pre_attn_scalar": 16, "sliding_window": 8, "sliding_window_pattern": 6,
+                                    "rope_local_base_freq": 10000.0, "rope_theta": 1000000.0},
+                    ("llama", "default", ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
+                     GEMMA_TEMPLATE, 2, 5, True, False)),
+}
+
+
+def spm_tokens(specials):
+    """Specials, the 256 byte tokens, and scored pieces for the words of the test data."""
+    pieces = ["▁", "▁the", "▁Date", "Date", ":", "▁of", "▁in", "▁this", "▁date", "▁digits", "20", "19", "0", "1",
+              "2", "3", "4", "5", "6", "7", "8", "9", "-", "/", ".", ",", "e", "a", "t", "r", "i", "n", "s", "o"]
+    tokens = specials + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [2 if t == "<unk>" else 3 for t in specials] + [6] * 256 + [1] * len(pieces)
+    scores = [0.0] * (len(specials) + 256) + [-float(i) for i in range(len(pieces))]
+    return tokens, types, scores
+
+
+def tokenizer_meta(spec) -> dict:
+    kind, pre, specials, template, bos, eos, add_bos, space = spec
+    if kind == "llama":
+        tokens, types, scores = spm_tokens(specials)
+        meta = {"tokenizer.ggml.scores": scores, "tokenizer.ggml.unknown_token_id": specials.index("<unk>"),
+                "tokenizer.ggml.padding_token_id": 0, "tokenizer.ggml.add_space_prefix": space}
+    else:
+        from test_gguf_import import BPE_MERGES
+
+        tokens, types = bpe_vocab()
+        tokens, types = specials + tokens[3:], [3] * len(specials) + types[3:]  # this family's specials
+        meta = {"tokenizer.ggml.merges": BPE_MERGES}
+    meta.update({"tokenizer.ggml.model": kind, "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
+                 "tokenizer.ggml.token_type": types, "tokenizer.ggml.eos_token_id": eos,
+                 "tokenizer.ggml.add_bos_token": add_bos, "tokenizer.chat_template": template})
+    if bos is not None:
+        meta["tokenizer.ggml.bos_token_id"] = bos
+    return meta
+
+
+def make_folder(root: Path, model_type: str) -> Path:
+    module_name, extra, spec = CASES[model_type]
+    meta = tokenizer_meta(spec)
+    config = {"model_type": model_type, **BASE, **extra, "vocab_size": len(meta["tokenizer.ggml.tokens"])}
+    module = importlib.import_module(f"mlx_lm.models.{module_name}")
+    mx.random.seed(0)
+    model = module.Model(module.ModelArgs.from_dict(config))
+    rng = np.random.default_rng(0)  # mlx-lm initialises norms and biases to constants: make them count
+    params = {k: mx.array(rng.normal(0 if model_type.startswith("gemma") else 1, 0.2, v.shape), mx.float32)
+              if k.endswith("bias") or "norm" in k else v for k, v in tree_flatten(model.parameters())}
+    folder = root / model_type
+    folder.mkdir(parents=True)
+    mx.save_safetensors(str(folder / "model.safetensors"), params)
+    tokenizer, tokenizer_config = build_tokenizer(meta, config)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    if (spm := sentencepiece_model(meta)) is not None:
+        (folder / "tokenizer.model").write_bytes(spm)
+    eos = meta["tokenizer.ggml.eos_token_id"]
+    (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": eos}))
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny\n")
+    return folder
+
+
+def data(root: Path) -> None:
+    sft = (ROOT / "data/date_prefs/sft.jsonl").read_text().splitlines()[:8]
+    pairs = (ROOT / "data/date_prefs/train.jsonl").read_text().splitlines()[:8]
+    (root / "sft.jsonl").write_text("\n".join(sft) + "\n")
+    (root / "pairs.jsonl").write_text("\n".join(pairs) + "\n")
+
+
+def recipe(root: Path, folder: Path, name: str, stages: list[dict], quantize: bool) -> Path:
+    common = {"steps": 2, "batch_size": 2, "max_seq_len": 64, "learning_rate": 1e-3, "save_every": 2,
+              "eval_every": 0, "report_every": 1}
+    lines = [f'name = "{name}"', f'[model]\npath = "{folder}"']
+    if quantize:
+        lines.append("[model.quantize]\nbits = 4\ngroup_size = 32")
+    for stage in stages:
+        adapter = stage.pop("adapter", None)
+        lines.append("[[stages]]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in {**common, **stage}.items()]
+        if adapter:
+            lines.append("[stages.adapter]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in adapter.items()))
+    lines.append('[eval]\ngeneral = "none"')  # the forgetting check's 130 texts: not what is tested here
+    path = root / f"{name}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def only_run(runs: Path) -> Path:
+    (run,) = [p for p in runs.iterdir() if p.is_dir()]
+    return run
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def family_folder(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    data(root)
+    return request.param, root, make_folder(root, request.param)
+
+
+def test_every_method_fuse_and_both_exports_verify_in_llama_cpp(family_folder, monkeypatch):
+    model_type, root, folder = family_folder
+    monkeypatch.setenv("LOCALTUNE_HOME", str(root / "home"))
+    lora = {"rank": 4, "alpha": 8}
+    chain = recipe(root, folder, "chain", [
+        {"name": "sft", "kind": "sft", "data": "sft.jsonl", "adapter": lora},
+        {"name": "dpo", "kind": "dpo", "data": "pairs.jsonl", "beta": 0.1, "adapter": lora},
+        {"name": "reward", "kind": "reward", "data": "pairs.jsonl"},
+        {"name": "ppo", "kind": "ppo", "data": "pairs.jsonl", "reward_model": "reward", "minibatch_size": 2,
+         "ppo_epochs": 1, "max_new_tokens": 4, "heldout_prompts": 2},
+    ], quantize=True)
+    result = invoke("run", chain, "--no-tui", "--runs-dir", root / "runs")
+    assert result.exit_code == 0, result.output
+    run = only_run(root / "runs")
+    assert json.loads((run / "status.json").read_text())["state"] == "done"
+    assert all((run / stage / "adapters.safetensors").exists() for stage in ("sft", "dpo", "reward", "ppo"))
+
+    adapter = root / "sft-adapter.gguf"
+    result = invoke("export", run / "sft", "--lora", "--out", adapter, "--verify")
+    assert result.exit_code == 0, result.output
+    fused = root / "fused"
+    result = invoke("fuse", run, "--out", fused)
+    assert result.exit_code == 0, result.output
+    out = root / "fused-q8.gguf"
+    result = invoke("export", fused, "--gguf", "--quant", "q8_0", "--out", out, "--verify")
+    assert result.exit_code == 0, result.output
+    assert "tokenizer: the model's special tokens and chat template, parsing on" in result.output
+
+    distill = recipe(root, folder, "distill", [  # a float base: DoRA, then the student learns from it
+        {"name": "dora", "kind": "sft", "data": "sft.jsonl", "adapter": {**lora, "type": "dora"}},
+        {"name": "distill", "kind": "distill", "teacher": "dora", "student": str(folder), "data": "sft.jsonl",
+         "mode": "logits", "top_k": 16}], quantize=False)
+    result = invoke("run", distill, "--no-tui", "--runs-dir", root / "distill-runs")
+    assert result.exit_code == 0, result.output
+
+
+def test_gguf_export_imports_back_to_the_same_logits(family_folder, tmp_path):
+    """f16 export -> llama.cpp agrees with MLX; import of that file -> MLX agrees with llama.cpp."""
+    from localtune.gguf_import import import_gguf
+    from mlx_lm import load
+
+    model_type, _, folder = family_folder
+    source = export.resolve(str(folder))
+    model, tokenizer, config, _ = export.fused(source)
+    out = tmp_path / "f16.gguf"
+    export.write_gguf(model, config, folder, out, "f16", model_type)
+    llm = export._llama(out)
+    tokens = [tokenizer.encode("Date: the 1st of January, 2036 in digits 2036-01-01")[:24], [1, 2, 3, 200, 201, 40]]
+    theirs = [export.llama_logits(llm, t) for t in tokens]
+    p = export.parity(export.mlx_logits(model, tokens), theirs)
+    assert p.mean_kl < 1e-3 and p.top1 == 1.0, p
+
+    imported = import_gguf(out, tmp_path / "imported")
+    config_back = json.loads((imported / "config.json").read_text())
+    assert config_back["model_type"] in families.family(model_type).model_types  # mistral reads back as llama
+    for key, value in json.loads((folder / "config.json").read_text()).items():
+        if key not in ("eos_token_id", "model_type"):
+            assert config_back.get(key, value) == value, key
+    back, _ = load(str(imported))
+    p = export.parity(theirs, export.mlx_logits(back, tokens))
+    assert p.mean_kl < 1e-3 and p.top1 == 1.0, p
+
+
+def test_every_family_in_the_registry_is_tested_here():
+    assert sorted(t for f in families.FAMILIES for t in f.model_types if f.support()["fuse"] is True) \
+        == sorted(CASES)
+
+
+def test_the_readme_matrix_is_the_registry():
+    readme = (ROOT / "README.md").read_text()
+    assert families.matrix_markdown() in readme
