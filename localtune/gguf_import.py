@@ -4,8 +4,8 @@ The model's family (localtune.families) builds its config from the metadata and 
 llama.cpp's converter changed (llama's q/k row order, Gemma's 1 + w norms), so the folder has
 the plain Hugging Face layout that mlx-lm and our GGUF export expect. Tensor names are mapped
 with gguf-py's TensorNameMap over the parameters of the mlx-lm model the config describes.
-Q4_0/Q4_1/Q8_0 tensors stay quantized (mx.load gives exact MLX affine triplets, group size 32);
-any other quantized type is dequantized exactly to float32 with the `gguf` package.
+Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K tensors stay quantized (exact MLX affine triplets, group size 32);
+any other type is dequantized exactly to float32 with the `gguf` package (see gguf_quants).
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 from gguf import GGMLQuantizationType as QType
-from gguf import GGUFReader, quants
+from gguf import GGUFReader
 
-from . import families
+from . import families, gguf_quants
 from .errors import ModelError
 from .gguf_tokenizer import build_tokenizer, check_tokenizer, sentencepiece_model, special_token_ids
 
@@ -32,8 +32,8 @@ MANIFEST = "localtune-import.json"
 
 # Types mx.load reads exactly; mx.load turns BF16 into F16 and K-quants into F16 (lossy) or fails.
 _NATIVE_TYPES = {QType.F32, QType.F16, QType.Q4_0, QType.Q4_1, QType.Q8_0}
-_QUANT_BITS = {QType.Q4_0: 4, QType.Q4_1: 4, QType.Q8_0: 8}
-_GROUP_SIZE = 32
+_QUANT_BITS = gguf_quants.MLX_BITS  # the types gguf_quants keeps quantized, and mx.load for native files
+_GROUP_SIZE = gguf_quants.GROUP_SIZE
 
 
 
@@ -202,25 +202,20 @@ def _load_weights(path: Path, reader: GGUFReader, names: dict) -> tuple[dict, di
         # float32 scales/biases keep dequantization exact (float16 would round the products)
         raw = {k: v.astype(mx.float32) if k.endswith((".scales", ".biases")) else v for k, v in raw.items()}
     else:
-        raw = {t.name: _dequantize(t) for t in reader.tensors}
+        for t in reader.tensors:  # fail before converting anything
+            try:
+                gguf_quants.check_readable(t.name, types[t.name])
+            except ModelError as e:
+                raise ModelError(f"{path}: {e.message}") from None
+        raw = {name: value for t in reader.tensors for name, value in gguf_quants.mlx_arrays(t).items()}
     weights = {mlx_name(k): v for k, v in raw.items()}
     matrices = {  # module -> GGUF type, 2-D weights only (norms are never quantized)
         mlx_name(t.name).rpartition(".")[0]: types[t.name]
         for t in reader.tensors
         if t.name.endswith(".weight") and len(t.shape) == 2 and t.name.rpartition(".")[0] in names
     }
-    quantization = _quantization(matrices) if native else None
+    quantization = _quantization(matrices)
     return weights, quantization, dict(Counter(t.name for t in types.values()))
-
-
-def _dequantize(tensor) -> mx.array:
-    """Exact float values of one GGUF tensor; F16 and BF16 keep their dtype."""
-    shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dims innermost first
-    qtype = QType(tensor.tensor_type)
-    if qtype in (QType.F32, QType.F16):
-        return mx.array(np.asarray(tensor.data).reshape(shape))
-    values = mx.array(quants.dequantize(tensor.data, qtype).reshape(shape))
-    return values.astype(mx.bfloat16) if qtype == QType.BF16 else values
 
 
 def _quantization(matrices: dict) -> dict | None:

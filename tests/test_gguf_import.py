@@ -343,10 +343,13 @@ QUANT_CASES = {  # name -> (GGUF types by tensor, expected quantization config)
          **{m: {"group_size": 32, "bits": 8, "mode": "affine"} for m in [
              "lm_head", *[f"model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("down", "gate", "up")]]}},
     ),
-    "dequantized-q5_0-q5_1-bf16": (
+    "mixed-q5_0-q5_1-q8_0-bf16": (  # not all mx.load types: gguf_quants converts, still quantized
         {"attn_q": QType.Q5_0, "attn_k": QType.Q5_1, "attn_v": QType.Q5_0, "ffn_down": QType.Q5_1,
          "token_embd": QType.BF16, "output": QType.Q8_0},
-        None,
+        {"group_size": 32, "bits": 5, "mode": "affine", "model.embed_tokens": False,
+         "lm_head": {"group_size": 32, "bits": 8, "mode": "affine"},
+         **{f"model.layers.{i}.{m}": False for i in range(2)
+            for m in ("mlp.gate_proj", "mlp.up_proj", "self_attn.o_proj")}},
     ),
 }
 
