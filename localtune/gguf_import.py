@@ -45,6 +45,9 @@ def import_gguf(path: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise ModelError(f"{path}: no such file. Check the path to the .gguf model.")
+    from .models import gguf_architecture
+
+    _check_architecture(path, gguf_architecture(path))  # from the header's first keys: before hashing or parsing
     digest = _sha256(path)
     target = Path(out_dir).expanduser() if out_dir else models_home() / f"{path.stem}-{digest[:12]}"
     if _manifest(target).get("sha256") == digest:
@@ -129,7 +132,15 @@ def _read_header(path: Path) -> tuple[GGUFReader, dict]:
 
 def _check_supported(path: Path, reader: GGUFReader, meta: dict) -> families.Family:
     """Fail before any heavy work: architecture, tokenizer kind, pre-tokenizer."""
-    arch = meta.get("general.architecture")
+    family = _check_architecture(path, meta.get("general.architecture"))
+    try:
+        check_tokenizer(meta)
+    except ModelError as e:
+        raise ModelError(f"{path}: {e.message}") from None
+    return family
+
+
+def _check_architecture(path: Path, arch: str | None) -> families.Family:
     family = families.by_gguf_arch(arch)
     importable = [f.gguf_arch for f in families.FAMILIES if f.gguf_arch and f.support()["gguf_import"] is True]
     if family is None or arch not in importable:
@@ -138,10 +149,6 @@ def _check_supported(path: Path, reader: GGUFReader, meta: dict) -> families.Fam
             f"{path}: architecture {arch!r} cannot be imported{why}; supported: {', '.join(importable)}"
             f"{families.nearest(arch, importable)}. Use a GGUF of a supported model, or its Hugging Face checkpoint."
         )
-    try:
-        check_tokenizer(meta)
-    except ModelError as e:
-        raise ModelError(f"{path}: {e.message}") from None
     return family
 
 

