@@ -34,6 +34,11 @@ LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['r
           "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
 PHI4 = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}")
+SMOLLM3 = ("{{ '<|im_start|>system\\n' }}"  # always a system turn (the real one adds a metadata block there)
+           "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% set turns = messages[1:] %}"
+           "{% else %}{% set turns = messages %}{% endif %}{{ '<|im_end|>\\n' }}"
+           "{% for m in turns %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 BASE = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
             rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=256)
 
@@ -62,6 +67,12 @@ CASES = {
                       "original_max_position_embeddings": 64},
              ("gpt2", "gpt-4o", ["<|endoftext|>", "<|system|>", "<|end|>", "<|user|>", "<|assistant|>"], PHI4,
               0, 0, False, False)),
+    # SmolLM3-3B: layer 3 without RoPE (every 4th, as its no_rope_layers lists), rope theta 5e6, tied
+    # embeddings, Llama 3's byte-level BPE with ChatML turns after an ever-present system turn
+    "smollm3": ("smollm3", {"num_hidden_layers": 4, "rope_theta": 5000000.0, "tie_word_embeddings": True,
+                            "no_rope_layer_interval": 4, "no_rope_layers": [1, 1, 1, 0]},
+                ("gpt2", "llama-bpe", ["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"],
+                 SMOLLM3, 0, 3, False, False)),
 }
 
 

@@ -81,9 +81,9 @@ class Family:
 
 
 def _families() -> list[Family]:
-    from . import gemma, llama, phi, qwen
+    from . import gemma, llama, phi, qwen, smollm
 
-    return [*llama.FAMILIES, *qwen.FAMILIES, *gemma.FAMILIES, *phi.FAMILIES]
+    return [*llama.FAMILIES, *qwen.FAMILIES, *gemma.FAMILIES, *phi.FAMILIES, *smollm.FAMILIES]
 
 
 FAMILIES: list[Family] = _families()
