@@ -342,6 +342,7 @@ def gguf_tensors(model: nn.Module, config: dict, family: families.Family):
         if target is None:
             raise ModelError(f"{name}: no GGUF tensor name for it in architecture {arch}")
         yield target, family.to_gguf(name, np.array(value.astype(mx.float32)), config)
+    yield from family.gguf_config_tensors(config)
 
 
 def _sentencepiece_vocab(folder: Path, vocab_size: int):
@@ -477,7 +478,7 @@ def write_gguf(model: nn.Module, config: dict, tokenizer_folder: Path, out: str 
     counts: dict[str, int] = {}
     with atomic_gguf(out, family.gguf_arch) as w:
         w.add_type("model")
-        w.add_name(name)
+        w.add_name(family.gguf_name(name, Path(tokenizer_folder)))
         if license:
             w.add_license(license)
         for key, value in (extra or {}).items():

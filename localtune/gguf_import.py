@@ -64,6 +64,8 @@ def import_gguf(path: str | os.PathLike, out_dir: str | os.PathLike | None = Non
 
     weights, quantization, tensor_types = _load_weights(path, reader, names)
     weights.pop("rope_freqs.weight", None)  # read into rope_scaling
+    for name in family.config_tensors:  # read into the config by the family
+        weights.pop(name, None)
     if quantization:
         config["quantization"] = quantization
     weights = {k: family.from_gguf(k, v, config) for k, v in weights.items()}
@@ -188,7 +190,8 @@ def _name_map(path: Path, reader: GGUFReader, family: families.Family, config: d
         module = name.rpartition(".")[0]
         if (target := table.get_name(module)) is not None:
             names[target] = module
-    unknown = [t.name for t in reader.tensors if t.name != "rope_freqs.weight"
+    config_tensors = ("rope_freqs.weight", *family.config_tensors)
+    unknown = [t.name for t in reader.tensors if t.name not in config_tensors
                and t.name.rpartition(".")[0] not in names]
     if unknown:
         raise ModelError(f"{path}: tensors {unknown[:5]} have no mlx-lm {config['model_type']} equivalent; "
@@ -256,7 +259,7 @@ def _model_config(meta: dict, reader: GGUFReader, family: families.Family) -> di
 
     heads, hidden = get("attention.head_count"), get("embedding_length")
     head_dim = get("attention.key_length", hidden // heads)
-    if get("rope.dimension_count", head_dim) != head_dim:
+    if get("rope.dimension_count", head_dim) != head_dim and not family.partial_rotary:
         raise ModelError(f"partial rotary ({arch}.rope.dimension_count != head dim {head_dim}) is not supported.")
     config = {
         "model_type": family.model_types[0],
@@ -278,6 +281,8 @@ def _model_config(meta: dict, reader: GGUFReader, family: families.Family) -> di
         **special_token_ids(meta),
         **family.import_config(meta, get),
     }
+    tensors = {t.name: np.asarray(t.data) for t in reader.tensors if t.name in family.config_tensors}
+    config.update(family.tensor_config(tensors, config))
     return {k: v for k, v in config.items() if v is not None}
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from gguf import GGUFReader
 from mlx.utils import tree_flatten
 from test_cli import invoke
 from test_gguf_import import bpe_vocab
@@ -31,6 +32,13 @@ CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['con
 LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
           " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+PHI4 = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}")
+SMOLLM3 = ("{{ '<|im_start|>system\\n' }}"  # always a system turn (the real one adds a metadata block there)
+           "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% set turns = messages[1:] %}"
+           "{% else %}{% set turns = messages %}{% endif %}{{ '<|im_end|>\\n' }}"
+           "{% for m in turns %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 BASE = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
             rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=256)
 
@@ -53,6 +61,18 @@ CASES = {
                                     "rope_local_base_freq": 10000.0, "rope_theta": 1000000.0},
                     ("llama", "default", ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
                      GEMMA_TEMPLATE, 2, 5, True, False)),
+    # Phi-4-mini: a quarter of each head without rotary, tied embeddings, o200k byte-level BPE; sliding_window
+    # is in its config but neither mlx-lm nor llama.cpp applies it (longrope: test_phi3_longrope_...)
+    "phi3": ("phi3", {"partial_rotary_factor": 0.75, "tie_word_embeddings": True, "sliding_window": 262144,
+                      "original_max_position_embeddings": 64},
+             ("gpt2", "gpt-4o", ["<|endoftext|>", "<|system|>", "<|end|>", "<|user|>", "<|assistant|>"], PHI4,
+              0, 0, False, False)),
+    # SmolLM3-3B: layer 3 without RoPE (every 4th, as its no_rope_layers lists), rope theta 5e6, tied
+    # embeddings, Llama 3's byte-level BPE with ChatML turns after an ever-present system turn
+    "smollm3": ("smollm3", {"num_hidden_layers": 4, "rope_theta": 5000000.0, "tie_word_embeddings": True,
+                            "no_rope_layer_interval": 4, "no_rope_layers": [1, 1, 1, 0]},
+                ("gpt2", "llama-bpe", ["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"],
+                 SMOLLM3, 0, 3, False, False)),
 }
 
 
@@ -86,10 +106,11 @@ def tokenizer_meta(spec) -> dict:
     return meta
 
 
-def make_folder(root: Path, model_type: str) -> Path:
+def make_folder(root: Path, model_type: str, overrides: dict | None = None) -> Path:
     module_name, extra, spec = CASES[model_type]
     meta = tokenizer_meta(spec)
-    config = {"model_type": model_type, **BASE, **extra, "vocab_size": len(meta["tokenizer.ggml.tokens"])}
+    config = {"model_type": model_type, **BASE, **extra, **(overrides or {}),
+              "vocab_size": len(meta["tokenizer.ggml.tokens"])}
     module = importlib.import_module(f"mlx_lm.models.{module_name}")
     mx.random.seed(0)
     model = module.Model(module.ModelArgs.from_dict(config))
@@ -205,6 +226,41 @@ def test_gguf_export_imports_back_to_the_same_logits(family_folder, tmp_path):
     for key, value in json.loads((folder / "config.json").read_text()).items():
         if key not in ("eos_token_id", "model_type"):
             assert config_back.get(key, value) == value, key
+    back, _ = load(str(imported))
+    p = export.parity(theirs, export.mlx_logits(back, tokens))
+    assert p.mean_kl < 1e-3 and p.top1 == 1.0, p
+
+
+def test_phi3_longrope_reproduced_by_llama_cpp_below_the_original_context(tmp_path):
+    """Phi-4-mini's longrope: mlx-lm uses the long factors at every length; llama.cpp uses its
+    short-factor tensor when its context (512) is below the original one (1024), so export must
+    store the long factors there too. Import reads them back as the same model."""
+    from localtune.gguf_import import import_gguf
+    from mlx_lm import load
+
+    long, short = [1.0, 1.5, 2.0, 4.0, 8.0, 16.0], [1.0, 1.0, 1.25, 1.5, 2.0, 2.5]  # 12 rotary dims / 2
+    folder = make_folder(tmp_path, "phi3", {
+        "max_position_embeddings": 4096, "original_max_position_embeddings": 1024,
+        "rope_scaling": {"type": "longrope", "long_factor": long, "short_factor": short}})
+    model, tokenizer, config, _ = export.fused(export.resolve(str(folder)))
+    out = tmp_path / "f16.gguf"
+    export.write_gguf(model, config, folder, out, "f16", "Phi3-tiny")  # see below
+    tokens = [tokenizer.encode("Date: the 1st of January, 2036 in digits 2036-01-01")[:24], list(range(5, 60))]
+    theirs = [export.llama_logits(export._llama(out), t) for t in tokens]
+    p = export.parity(export.mlx_logits(model, tokens), theirs)
+    assert p.mean_kl < 1e-3 and p.top1 == 1.0, p
+    without = dict(config, rope_scaling={"type": "longrope", "long_factor": short, "short_factor": short})
+    module = importlib.import_module("mlx_lm.models.phi3")
+    other = module.Model(module.ModelArgs.from_dict(without))
+    other.load_weights(list(tree_flatten(model.parameters())))
+    assert export.parity(export.mlx_logits(other, tokens), theirs).mean_kl > 100 * p.mean_kl  # factors matter
+    # llama.cpp strips whitespace after specials of a "phi3"-named model and needs </s>, <s>, <unk> (Phi-3's
+    # vocabulary): this o200k one would not load under that name
+    assert GGUFReader(out).fields["general.name"].contents() == "Phi_3-tiny"
+
+    imported = import_gguf(out, tmp_path / "imported")
+    scaling = json.loads((imported / "config.json").read_text())["rope_scaling"]
+    assert scaling["type"] == "longrope" and scaling["long_factor"] == long
     back, _ = load(str(imported))
     p = export.parity(theirs, export.mlx_logits(back, tokens))
     assert p.mean_kl < 1e-3 and p.top1 == 1.0, p

@@ -35,6 +35,7 @@ class Family:
     gguf_arch: str | None = None  # llama.cpp's architecture name
     hf_class = ""  # config.json "architectures"
     plain_head = True  # logits == head(final hidden): no soft-capping or scaling after the norm
+    partial_rotary = False  # rope.dimension_count may be below the head dim (import_config reads it)
     limits: dict[str, str] = {}  # capability -> why it is not supported; the rest are tested
 
     def import_config(self, meta: dict, get) -> dict:
@@ -56,6 +57,22 @@ class Family:
     def gguf_metadata(self, writer, config: dict) -> None:
         """Keys llama.cpp reads for this architecture beyond the common ones export writes."""
 
+    def gguf_name(self, name: str, tokenizer_folder) -> str:
+        """general.name as written (llama.cpp changes a vocabulary by some model names)."""
+        return name
+
+    # GGUF tensors that hold configuration, not weights (Phi-3's rope factors): export writes
+    # `gguf_config_tensors`, import reads them with `tensor_config` and keeps them out of the weights.
+    config_tensors: tuple[str, ...] = ()
+
+    def gguf_config_tensors(self, config: dict):
+        """(GGUF name, float32 numpy array) pairs of `config_tensors` for this config."""
+        return ()
+
+    def tensor_config(self, tensors: dict, config: dict) -> dict:
+        """Config keys from the `config_tensors` a GGUF has (name -> numpy array)."""
+        return {}
+
     def check_config(self, config: dict, where: str) -> None:
         """Refuse a config this family's GGUF export cannot represent (llama.cpp hard-codes it)."""
 
@@ -64,9 +81,9 @@ class Family:
 
 
 def _families() -> list[Family]:
-    from . import gemma, llama, qwen
+    from . import gemma, llama, phi, qwen, smollm
 
-    return [*llama.FAMILIES, *qwen.FAMILIES, *gemma.FAMILIES]
+    return [*llama.FAMILIES, *qwen.FAMILIES, *gemma.FAMILIES, *phi.FAMILIES, *smollm.FAMILIES]
 
 
 FAMILIES: list[Family] = _families()
