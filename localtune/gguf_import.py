@@ -179,7 +179,7 @@ def _name_map(path: Path, reader: GGUFReader, family: families.Family, config: d
     names = {}
     for name, _ in tree_flatten(model.parameters()):
         module = name.rpartition(".")[0]
-        if (target := table.get_name(module)) is not None:
+        if (target := table.get_name(family.tensor_name(module))) is not None:
             names[target] = module
     unknown = [t.name for t in reader.tensors if t.name != "rope_freqs.weight"
                and t.name.rpartition(".")[0] not in names]
@@ -209,10 +209,10 @@ def _load_weights(path: Path, reader: GGUFReader, names: dict) -> tuple[dict, di
                 raise ModelError(f"{path}: {e.message}") from None
         raw = {name: value for t in reader.tensors for name, value in gguf_quants.mlx_arrays(t).items()}
     weights = {mlx_name(k): v for k, v in raw.items()}
-    matrices = {  # module -> GGUF type, 2-D weights only (norms are never quantized)
+    matrices = {  # module -> GGUF type: 2-D weights and 3-D expert stacks (norms are never quantized)
         mlx_name(t.name).rpartition(".")[0]: types[t.name]
         for t in reader.tensors
-        if t.name.endswith(".weight") and len(t.shape) == 2 and t.name.rpartition(".")[0] in names
+        if t.name.endswith(".weight") and len(t.shape) in (2, 3) and t.name.rpartition(".")[0] in names
     }
     quantization = _quantization(matrices)
     return weights, quantization, dict(Counter(t.name for t in types.values()))

@@ -53,6 +53,11 @@ CASES = {
                                     "rope_local_base_freq": 10000.0, "rope_theta": 1000000.0},
                     ("llama", "default", ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
                      GEMMA_TEMPLATE, 2, 5, True, False)),
+    # every layer MoE (llama.cpp's qwen3moe has no dense layer), 4 experts, top-2, renormalised
+    "qwen3_moe": ("qwen3_moe", {"tie_word_embeddings": False, "head_dim": 16, "num_experts": 4,
+                                "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1,
+                                "mlp_only_layers": [], "norm_topk_prob": True},
+                  ("gpt2", "qwen2", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], CHATML, None, 2, False, False)),
 }
 
 
@@ -174,9 +179,14 @@ def test_every_method_fuse_and_both_exports_verify_in_llama_cpp(family_folder, m
     result = invoke("export", fused, "--gguf", "--quant", "q8_0", "--out", out, "--verify")
     assert result.exit_code == 0, result.output
     assert "tokenizer: the model's special tokens and chat template, parsing on" in result.output
+    import gguf  # the adapter adapts every block matrix llama.cpp has (MoE: the router and the stacked experts)
 
+    matrices = {t.name for t in gguf.GGUFReader(out).tensors if t.name.startswith("blk.") and len(t.shape) >= 2}
+    assert {t.name.rpartition(".")[0] for t in gguf.GGUFReader(adapter).tensors} == matrices
+
+    teacher = "dora" if families.family(model_type).support()["dora"] is True else "lora"
     distill = recipe(root, folder, "distill", [  # a float base: DoRA, then the student learns from it
-        {"name": "dora", "kind": "sft", "data": "sft.jsonl", "adapter": {**lora, "type": "dora"}},
+        {"name": "dora", "kind": "sft", "data": "sft.jsonl", "adapter": {**lora, "type": teacher}},
         {"name": "distill", "kind": "distill", "teacher": "dora", "student": str(folder), "data": "sft.jsonl",
          "mode": "logits", "top_k": 16}], quantize=False)
     result = invoke("run", distill, "--no-tui", "--runs-dir", root / "distill-runs")

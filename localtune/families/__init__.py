@@ -41,6 +41,10 @@ class Family:
         """Family keys of the mlx-lm config, from GGUF metadata (`get(key)` reads `arch.key`)."""
         return {}
 
+    def tensor_name(self, name: str) -> str:
+        """An mlx-lm module or parameter name -> the Hugging Face name gguf-py's TensorNameMap knows."""
+        return name
+
     def from_gguf(self, name: str, w, config: dict):
         """A tensor's value as stored in GGUF -> as mlx-lm holds it (Hugging Face name)."""
         return w
@@ -64,9 +68,9 @@ class Family:
 
 
 def _families() -> list[Family]:
-    from . import gemma, llama, qwen
+    from . import gemma, llama, mistral3, qwen
 
-    return [*llama.FAMILIES, *qwen.FAMILIES, *gemma.FAMILIES]
+    return [*llama.FAMILIES, *qwen.FAMILIES, *gemma.FAMILIES, *mistral3.FAMILIES]
 
 
 FAMILIES: list[Family] = _families()
