@@ -262,7 +262,8 @@ def _model_config(meta: dict, reader: GGUFReader, family: families.Family) -> di
         "head_dim": head_dim,
         "rms_norm_eps": _short_float(get("attention.layer_norm_rms_epsilon")),
         "rope_theta": _short_float(get("rope.freq_base", 10000.0)),
-        "rope_scaling": _rope_scaling(meta, arch, rope_freqs, head_dim),
+        "rope_scaling": None if meta.get(f"{arch}.rope.scaling.type") in family.rope_types
+        else _rope_scaling(meta, arch, rope_freqs, head_dim),
         "max_position_embeddings": get("context_length"),
         "vocab_size": shapes["token_embd.weight"][-1],
         "tie_word_embeddings": "output.weight" not in shapes,

@@ -31,6 +31,10 @@ CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['con
 LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
           " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+MISTRAL3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
+                     "{{ '[SYSTEM_PROMPT]' + m['content'] + '[/SYSTEM_PROMPT]' }}{% elif m['role'] == 'user' %}"
+                     "{{ '[INST]' + m['content'] + '[/INST]' }}{% else %}{{ m['content'] + eos_token }}{% endif %}"
+                     "{% endfor %}")
 BASE = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
             rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=256)
 
@@ -53,6 +57,14 @@ CASES = {
                                     "rope_local_base_freq": 10000.0, "rope_theta": 1000000.0},
                     ("llama", "default", ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
                      GEMMA_TEMPLATE, 2, 5, True, False)),
+    # YaRN rope (theta only in rope_parameters) and Llama 4's query temperature past 32 positions; Tekken BPE
+    "ministral3": ("ministral3", {"tie_word_embeddings": True, "head_dim": 16, "rope_theta": None,
+                                  "rope_parameters": {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 8.0,
+                                                      "original_max_position_embeddings": 32, "beta_fast": 32.0,
+                                                      "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                                                      "llama_4_scaling_beta": 0.1}},
+                   ("gpt2", "tekken", ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]",
+                                       "[/SYSTEM_PROMPT]"], MISTRAL3_TEMPLATE, 1, 2, True, False)),
     # every layer MoE (llama.cpp's qwen3moe has no dense layer), 4 experts, top-2, renormalised
     "qwen3_moe": ("qwen3_moe", {"tie_word_embeddings": False, "head_dim": 16, "num_experts": 4,
                                 "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1,
@@ -205,6 +217,8 @@ def test_gguf_export_imports_back_to_the_same_logits(family_folder, tmp_path):
     export.write_gguf(model, config, folder, out, "f16", model_type)
     llm = export._llama(out)
     tokens = [tokenizer.encode("Date: the 1st of January, 2036 in digits 2036-01-01")[:24], [1, 2, 3, 200, 201, 40]]
+    if "llama_4_scaling_beta" in (config.get("rope_parameters") or {}):  # Ministral 3's query temperature steps
+        tokens.append(tokenizer.encode("Date: 5 March 2021. " * 30)[:100])  # at 32 positions: 3 steps
     theirs = [export.llama_logits(llm, t) for t in tokens]
     p = export.parity(export.mlx_logits(model, tokens), theirs)
     assert p.mean_kl < 1e-3 and p.top1 == 1.0, p

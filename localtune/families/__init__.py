@@ -36,6 +36,7 @@ class Family:
     hf_class = ""  # config.json "architectures"
     plain_head = True  # logits == head(final hidden): no soft-capping or scaling after the norm
     limits: dict[str, str] = {}  # capability -> why it is not supported; the rest are tested
+    rope_types: tuple[str, ...] = ()  # GGUF rope.scaling.type values import_config reads itself
 
     def import_config(self, meta: dict, get) -> dict:
         """Family keys of the mlx-lm config, from GGUF metadata (`get(key)` reads `arch.key`)."""
