@@ -10,8 +10,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from mlx_lm.tuner.dora import DoRALinear
-from mlx_lm.tuner.lora import LoRALinear
+from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from .damage import DamagedFile, load_safetensors, read_json
@@ -20,12 +21,13 @@ from .models import is_quantized
 from .run import atomic_write, disk_error
 
 
-LORA = (LoRALinear, DoRALinear)
+LORA = (LoRALinear, DoRALinear, LoRASwitchLinear)  # LoRASwitchLinear: a LoRA per expert, (E, r, in) (E, out, r)
+LINEAR = (nn.Linear, nn.QuantizedLinear, SwitchLinear, QuantizedSwitchLinear)  # Switch: stacked MoE experts
 
 
 def linear_names(block: nn.Module) -> list[str]:
     """The block's linear layers, an earlier stage's adapted layer counting as the layer it adapts."""
-    names = {name for name, m in block.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear, *LORA))}
+    names = {name for name, m in block.named_modules() if isinstance(m, (*LINEAR, *LORA))}
     return sorted(n for n in names if not any(n.startswith(o + ".") for o in names))
 
 
@@ -48,15 +50,23 @@ def _stack(model: nn.Module, num_layers: int, lora: dict, dora: bool) -> None:
         modules = dict(block.named_modules())
         new = []
         for key in (k for k in keys if k in modules):
-            m = modules[key]
-            if isinstance(m, LORA):
-                layer = LoRALinear(m.lora_a.shape[0], m.lora_b.shape[1], lora["rank"], lora["dropout"],
-                                   lora["scale"])
-                layer.linear = m
-            else:
-                layer = LoRALinear.from_base(m, lora["rank"], lora["dropout"], lora["scale"])
-            new.append((key, layer))
+            new.append((key, _wrap(modules[key], lora)))
         block.update_modules(tree_unflatten(new))
+
+
+def _wrap(m: nn.Module, lora: dict) -> nn.Module:
+    """A new LoRA layer around `m`: a base linear (or expert stack), or an earlier stage's LoRA."""
+    rank, dropout, scale = lora["rank"], lora["dropout"], lora["scale"]
+    if isinstance(m, LoRASwitchLinear):  # lora_a (E, r, in), lora_b (E, out, r)
+        layer = LoRASwitchLinear(m.lora_a.shape[2], m.lora_b.shape[1], m.num_experts, rank, dropout, scale)
+    elif isinstance(m, LORA):  # lora_a (in, r), lora_b (r, out)
+        layer = LoRALinear(m.lora_a.shape[0], m.lora_b.shape[1], rank, dropout, scale)
+    elif isinstance(m, (SwitchLinear, QuantizedSwitchLinear)):
+        return LoRASwitchLinear.from_base(m, rank, dropout, scale)
+    else:
+        return LoRALinear.from_base(m, rank, dropout, scale)
+    layer.linear = m
+    return layer
 
 
 def attach(model: nn.Module, adapter, where: str = "adapter") -> dict:

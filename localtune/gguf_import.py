@@ -188,7 +188,7 @@ def _name_map(path: Path, reader: GGUFReader, family: families.Family, config: d
     names = {}
     for name, _ in tree_flatten(model.parameters()):
         module = name.rpartition(".")[0]
-        if (target := table.get_name(module)) is not None:
+        if (target := table.get_name(family.tensor_name(module))) is not None:
             names[target] = module
     config_tensors = ("rope_freqs.weight", *family.config_tensors)
     unknown = [t.name for t in reader.tensors if t.name not in config_tensors
@@ -219,10 +219,10 @@ def _load_weights(path: Path, reader: GGUFReader, names: dict) -> tuple[dict, di
                 raise ModelError(f"{path}: {e.message}") from None
         raw = {name: value for t in reader.tensors for name, value in gguf_quants.mlx_arrays(t).items()}
     weights = {mlx_name(k): v for k, v in raw.items()}
-    matrices = {  # module -> GGUF type, 2-D weights only (norms are never quantized)
+    matrices = {  # module -> GGUF type: 2-D weights and 3-D expert stacks (norms are never quantized)
         mlx_name(t.name).rpartition(".")[0]: types[t.name]
         for t in reader.tensors
-        if t.name.endswith(".weight") and len(t.shape) == 2 and t.name.rpartition(".")[0] in names
+        if t.name.endswith(".weight") and len(t.shape) in (2, 3) and t.name.rpartition(".")[0] in names
     }
     quantization = _quantization(matrices)
     return weights, quantization, dict(Counter(t.name for t in types.values()))
@@ -272,7 +272,8 @@ def _model_config(meta: dict, reader: GGUFReader, family: families.Family) -> di
         "head_dim": head_dim,
         "rms_norm_eps": _short_float(get("attention.layer_norm_rms_epsilon")),
         "rope_theta": _short_float(get("rope.freq_base", 10000.0)),
-        "rope_scaling": _rope_scaling(meta, arch, rope_freqs, head_dim),
+        "rope_scaling": None if meta.get(f"{arch}.rope.scaling.type") in family.rope_types
+        else _rope_scaling(meta, arch, rope_freqs, head_dim),
         "max_position_embeddings": get("context_length"),
         "vocab_size": shapes["token_embd.weight"][-1],
         "tie_word_embeddings": "output.weight" not in shapes,

@@ -78,6 +78,7 @@ def load_stacked(run: Path, stages: list[str]):
 def lora_tensors(model, config: dict, family):
     """(name, array) pairs in llama.cpp's layout: `<tensor>.lora_a` (r, in), `<tensor>.lora_b` (out, r)."""
     import gguf
+    from mlx_lm.tuner.lora import LoRASwitchLinear
 
     from .adapters import LORA
 
@@ -91,12 +92,16 @@ def lora_tensors(model, config: dict, family):
                 base = base[: -len(".linear")]
             updates.setdefault(base, []).append(m)
     for base, layers in sorted(updates.items()):
-        target = names.get_name(base + ".weight", try_suffixes=(".weight",))
+        target = names.get_name(family.tensor_name(base + ".weight"), try_suffixes=(".weight",))
         if target is None:
             raise LocaltuneError(f"{base}: no GGUF tensor name for it in architecture {arch}")
         layers.reverse()  # innermost (earliest stage) first
-        a = np.concatenate([np.array(m.lora_a.astype(mx.float32)).T for m in layers])
-        b = np.concatenate([np.array((m.scale * m.lora_b).astype(mx.float32)).T for m in layers], axis=1)
+        if isinstance(layers[0], LoRASwitchLinear):  # experts: A (E, r, in), B (E, out, r), as llama.cpp's
+            a = np.concatenate([np.array(m.lora_a.astype(mx.float32)) for m in layers], axis=1)  # mul_mat_id
+            b = np.concatenate([np.array((m.scale * m.lora_b).astype(mx.float32)) for m in layers], axis=2)
+        else:  # A (r, in), B (out, r)
+            a = np.concatenate([np.array(m.lora_a.astype(mx.float32)).T for m in layers])
+            b = np.concatenate([np.array((m.scale * m.lora_b).astype(mx.float32)).T for m in layers], axis=1)
         b = family.lora_b_to_gguf(base + ".weight", b, config)  # B's rows are W's rows
         yield target + ".lora_a", a
         yield target + ".lora_b", b
@@ -115,8 +120,8 @@ def write_lora_gguf(model, config: dict, out: Path, name: str, extra: dict | Non
         for tname, array in lora_tensors(model, config, family):
             w.add_tensor(tname, array.astype(np.float16))
             count += 1
-            if tname.endswith(".lora_a"):
-                ranks[array.shape[0]] = ranks.get(array.shape[0], 0) + 1
+            if tname.endswith(".lora_a"):  # (r, in), or (E, r, in) for experts
+                ranks[array.shape[-2]] = ranks.get(array.shape[-2], 0) + 1
         if not count:
             raise LocaltuneError(f"{name}: the run has no LoRA layers to export")
     return count, ranks

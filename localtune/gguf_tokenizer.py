@@ -22,6 +22,12 @@ _GPT4O_SPLIT = (
     _GPT4O_WORD + "|" + r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Mistral's Tekken: the tokenizer.json regex (llama.cpp quotes it and runs an equivalent form)
+_TEKKEN_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _DEFAULT_SPLITS = [r"[\p{P}\$\+<=>\^~\|]+", _GPT2_SPLIT, r"\p{N}+", "[0-9][0-9][0-9]"]
 _PRE_TOKENIZERS = {  # name -> (splits, ignore_merges, llama.cpp's add_bos default)
     **dict.fromkeys(["default"], (_DEFAULT_SPLITS, False, False)),
@@ -33,6 +39,7 @@ _PRE_TOKENIZERS = {  # name -> (splits, ignore_merges, llama.cpp's add_bos defau
     **dict.fromkeys(["dbrx", "smaug-bpe"], ([_LLAMA3_SPLIT], False, False)),
     **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"], ([_QWEN2_SPLIT], False, False)),
     **dict.fromkeys(["gpt-4o"], ([_GPT4O_SPLIT], False, False)),
+    "tekken": ([_TEKKEN_SPLIT], True, True),
 }
 _CONTROL, _UNKNOWN, _USER_DEFINED = 3, 2, 4  # llama.cpp token types
 _END_OF_TURN_TEXTS = {"<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>"}

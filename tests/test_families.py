@@ -39,6 +39,10 @@ SMOLLM3 = ("{{ '<|im_start|>system\\n' }}"  # always a system turn (the real one
            "{% else %}{% set turns = messages %}{% endif %}{{ '<|im_end|>\\n' }}"
            "{% for m in turns %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+MISTRAL3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
+                     "{{ '[SYSTEM_PROMPT]' + m['content'] + '[/SYSTEM_PROMPT]' }}{% elif m['role'] == 'user' %}"
+                     "{{ '[INST]' + m['content'] + '[/INST]' }}{% else %}{{ m['content'] + eos_token }}{% endif %}"
+                     "{% endfor %}")
 BASE = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
             rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=256)
 
@@ -73,6 +77,19 @@ CASES = {
                             "no_rope_layer_interval": 4, "no_rope_layers": [1, 1, 1, 0]},
                 ("gpt2", "llama-bpe", ["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"],
                  SMOLLM3, 0, 3, False, False)),
+    # YaRN rope (theta only in rope_parameters) and Llama 4's query temperature past 32 positions; Tekken BPE
+    "ministral3": ("ministral3", {"tie_word_embeddings": True, "head_dim": 16, "rope_theta": None,
+                                  "rope_parameters": {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 8.0,
+                                                      "original_max_position_embeddings": 32, "beta_fast": 32.0,
+                                                      "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                                                      "llama_4_scaling_beta": 0.1}},
+                   ("gpt2", "tekken", ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]",
+                                       "[/SYSTEM_PROMPT]"], MISTRAL3_TEMPLATE, 1, 2, True, False)),
+    # every layer MoE (llama.cpp's qwen3moe has no dense layer), 4 experts, top-2, renormalised
+    "qwen3_moe": ("qwen3_moe", {"tie_word_embeddings": False, "head_dim": 16, "num_experts": 4,
+                                "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1,
+                                "mlp_only_layers": [], "norm_topk_prob": True},
+                  ("gpt2", "qwen2", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], CHATML, None, 2, False, False)),
 }
 
 
@@ -195,9 +212,14 @@ def test_every_method_fuse_and_both_exports_verify_in_llama_cpp(family_folder, m
     result = invoke("export", fused, "--gguf", "--quant", "q8_0", "--out", out, "--verify")
     assert result.exit_code == 0, result.output
     assert "tokenizer: the model's special tokens and chat template, parsing on" in result.output
+    import gguf  # the adapter adapts every block matrix llama.cpp has (MoE: the router and the stacked experts)
 
+    matrices = {t.name for t in gguf.GGUFReader(out).tensors if t.name.startswith("blk.") and len(t.shape) >= 2}
+    assert {t.name.rpartition(".")[0] for t in gguf.GGUFReader(adapter).tensors} == matrices
+
+    teacher = "dora" if families.family(model_type).support()["dora"] is True else "lora"
     distill = recipe(root, folder, "distill", [  # a float base: DoRA, then the student learns from it
-        {"name": "dora", "kind": "sft", "data": "sft.jsonl", "adapter": {**lora, "type": "dora"}},
+        {"name": "dora", "kind": "sft", "data": "sft.jsonl", "adapter": {**lora, "type": teacher}},
         {"name": "distill", "kind": "distill", "teacher": "dora", "student": str(folder), "data": "sft.jsonl",
          "mode": "logits", "top_k": 16}], quantize=False)
     result = invoke("run", distill, "--no-tui", "--runs-dir", root / "distill-runs")
@@ -216,6 +238,8 @@ def test_gguf_export_imports_back_to_the_same_logits(family_folder, tmp_path):
     export.write_gguf(model, config, folder, out, "f16", model_type)
     llm = export._llama(out)
     tokens = [tokenizer.encode("Date: the 1st of January, 2036 in digits 2036-01-01")[:24], [1, 2, 3, 200, 201, 40]]
+    if "llama_4_scaling_beta" in (config.get("rope_parameters") or {}):  # Ministral 3's query temperature steps
+        tokens.append(tokenizer.encode("Date: 5 March 2021. " * 30)[:100])  # at 32 positions: 3 steps
     theirs = [export.llama_logits(llm, t) for t in tokens]
     p = export.parity(export.mlx_logits(model, tokens), theirs)
     assert p.mean_kl < 1e-3 and p.top1 == 1.0, p

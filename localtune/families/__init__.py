@@ -37,10 +37,15 @@ class Family:
     plain_head = True  # logits == head(final hidden): no soft-capping or scaling after the norm
     partial_rotary = False  # rope.dimension_count may be below the head dim (import_config reads it)
     limits: dict[str, str] = {}  # capability -> why it is not supported; the rest are tested
+    rope_types: tuple[str, ...] = ()  # GGUF rope.scaling.type values import_config reads itself
 
     def import_config(self, meta: dict, get) -> dict:
         """Family keys of the mlx-lm config, from GGUF metadata (`get(key)` reads `arch.key`)."""
         return {}
+
+    def tensor_name(self, name: str) -> str:
+        """An mlx-lm module or parameter name -> the Hugging Face name gguf-py's TensorNameMap knows."""
+        return name
 
     def from_gguf(self, name: str, w, config: dict):
         """A tensor's value as stored in GGUF -> as mlx-lm holds it (Hugging Face name)."""
@@ -81,9 +86,9 @@ class Family:
 
 
 def _families() -> list[Family]:
-    from . import gemma, llama, phi, qwen, smollm
+    from . import gemma, llama, mistral3, phi, qwen, smollm
 
-    return [*llama.FAMILIES, *qwen.FAMILIES, *gemma.FAMILIES, *phi.FAMILIES, *smollm.FAMILIES]
+    return [*llama.FAMILIES, *qwen.FAMILIES, *gemma.FAMILIES, *phi.FAMILIES, *smollm.FAMILIES, *mistral3.FAMILIES]
 
 
 FAMILIES: list[Family] = _families()
@@ -144,14 +149,16 @@ def matrix_markdown() -> str:
     """The README's support matrix: a row per family, a column per capability."""
     head = "| family (model_type) | " + " | ".join(CAPABILITIES.values()) + " |"
     rows = [head, "|" + "---|" * (len(CAPABILITIES) + 1)]
-    notes = []
+    notes: list[str] = []  # one note per distinct reason of a family
     for fam in FAMILIES:
         cells = []
         for cap, value in fam.support().items():
             if value is True:
                 cells.append("yes")
-            else:
-                notes.append(f"{fam.name}, {CAPABILITIES[cap]}: {value}")
-                cells.append(f"no [{len(notes)}]")
+                continue
+            note = f"{fam.name}: {value}"
+            if note not in notes:
+                notes.append(note)
+            cells.append(f"no [{notes.index(note) + 1}]")
         rows.append(f"| {fam.name} ({', '.join(fam.model_types)}) | " + " | ".join(cells) + " |")
     return "\n".join(rows + [""] + [f"[{i}] {n}  " for i, n in enumerate(notes, 1)]).rstrip() + "\n"
