@@ -338,7 +338,7 @@ def gguf_tensors(model: nn.Module, config: dict, family: families.Family):
     for name, value in tree_flatten(model.parameters()):
         if name.endswith((".scales", ".biases")) or "rotary_emb" in name:
             raise ModelError(f"{name}: quantized or unexpected tensor in a model to export (fold and dequantize first)")
-        target = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        target = names.get_name(family.tensor_name(name), try_suffixes=(".weight", ".bias"))
         if target is None:
             raise ModelError(f"{name}: no GGUF tensor name for it in architecture {arch}")
         yield target, family.to_gguf(name, np.array(value.astype(mx.float32)), config)
@@ -504,7 +504,7 @@ def write_gguf(model: nn.Module, config: dict, tokenizer_folder: Path, out: str 
             kind = qtype
             if kind == gguf.GGMLQuantizationType.Q4_0 and tname in ("token_embd.weight", "output.weight"):
                 kind = gguf.GGMLQuantizationType.Q8_0  # the vocabulary projections lose most at 4 bits
-            if array.ndim <= 1 or tname.endswith("_norm.weight"):
+            if array.ndim <= 1 or tname.endswith(("_norm.weight", *family.f32_tensors)):
                 kind = gguf.GGMLQuantizationType.F32
             elif kind != gguf.GGMLQuantizationType.F16 and array.shape[-1] % 32:
                 kind = gguf.GGMLQuantizationType.F16  # rows not a whole number of blocks

@@ -36,10 +36,15 @@ class Family:
     hf_class = ""  # config.json "architectures"
     plain_head = True  # logits == head(final hidden): no soft-capping or scaling after the norm
     limits: dict[str, str] = {}  # capability -> why it is not supported; the rest are tested
+    f32_tensors: tuple[str, ...] = ()  # GGUF tensor names (suffixes) llama.cpp's kernels read only as float32
 
     def import_config(self, meta: dict, get) -> dict:
         """Family keys of the mlx-lm config, from GGUF metadata (`get(key)` reads `arch.key`)."""
         return {}
+
+    def tensor_name(self, name: str) -> str:
+        """An mlx-lm parameter name -> the Hugging Face name gguf-py's TensorNameMap knows."""
+        return name
 
     def from_gguf(self, name: str, w, config: dict):
         """A tensor's value as stored in GGUF -> as mlx-lm holds it (Hugging Face name)."""
@@ -53,6 +58,10 @@ class Family:
         """A LoRA B matrix's rows follow its weight's rows: the same row order change."""
         return b
 
+    def lora_a_to_gguf(self, name: str, a, config: dict):
+        """A LoRA A matrix's columns follow its weight's columns."""
+        return a
+
     def gguf_metadata(self, writer, config: dict) -> None:
         """Keys llama.cpp reads for this architecture beyond the common ones export writes."""
 
@@ -64,9 +73,9 @@ class Family:
 
 
 def _families() -> list[Family]:
-    from . import gemma, llama, qwen
+    from . import gemma, gemma4, llama, qwen, qwen35
 
-    return [*llama.FAMILIES, *qwen.FAMILIES, *gemma.FAMILIES]
+    return [*llama.FAMILIES, *qwen.FAMILIES, *gemma.FAMILIES, *gemma4.FAMILIES, *qwen35.FAMILIES]
 
 
 FAMILIES: list[Family] = _families()
