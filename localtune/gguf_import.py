@@ -185,14 +185,18 @@ def _name_map(path: Path, reader: GGUFReader, family: families.Family, config: d
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
     table = gguf.get_tensor_name_map(gguf.MODEL_ARCH[family.gguf_arch.upper()], config["num_hidden_layers"])
-    names = {}
+    names = {}  # GGUF module -> mlx-lm module; a parameter outside that pattern (ssm_a) by its full name
     for name, _ in tree_flatten(model.parameters()):
-        module = name.rpartition(".")[0]
-        if (target := table.get_name(family.tensor_name(module))) is not None:
-            names[target] = module
+        if (target := table.get_name(family.tensor_name(name), try_suffixes=(".weight", ".bias"))) is None:
+            continue
+        (module, _, param), (gguf_module, _, gguf_param) = name.rpartition("."), target.rpartition(".")
+        if param == gguf_param and param in ("weight", "bias"):
+            names[gguf_module] = module
+        else:
+            names[target] = name
     config_tensors = ("rope_freqs.weight", *family.config_tensors)
     unknown = [t.name for t in reader.tensors if t.name not in config_tensors
-               and t.name.rpartition(".")[0] not in names]
+               and t.name not in names and t.name.rpartition(".")[0] not in names]
     if unknown:
         raise ModelError(f"{path}: tensors {unknown[:5]} have no mlx-lm {config['model_type']} equivalent; "
                          "this model variant is not supported.")
@@ -202,6 +206,8 @@ def _name_map(path: Path, reader: GGUFReader, family: families.Family, config: d
 def _load_weights(path: Path, reader: GGUFReader, names: dict) -> tuple[dict, dict | None, dict]:
     """GGUF tensors -> (mlx-lm weights, quantization config or None, {GGUF type: tensor count})."""
     def mlx_name(gguf_name: str) -> str:
+        if gguf_name in names:
+            return names[gguf_name]
         module, _, param = gguf_name.rpartition(".")
         return f"{names[module]}.{param}" if module in names else gguf_name
 
@@ -259,7 +265,9 @@ def _model_config(meta: dict, reader: GGUFReader, family: families.Family) -> di
 
     heads, hidden = get("attention.head_count"), get("embedding_length")
     head_dim = get("attention.key_length", hidden // heads)
-    if get("rope.dimension_count", head_dim) != head_dim and not family.partial_rotary:
+    family_keys = family.import_config(meta, get)
+    partial = "partial_rotary_factor" in family_keys or "partial_rotary_factor" in family_keys.get("rope_parameters", {})
+    if get("rope.dimension_count", head_dim) != head_dim and not (partial or family.partial_rotary):
         raise ModelError(f"partial rotary ({arch}.rope.dimension_count != head dim {head_dim}) is not supported.")
     config = {
         "model_type": family.model_types[0],
@@ -280,7 +288,7 @@ def _model_config(meta: dict, reader: GGUFReader, family: families.Family) -> di
         "attention_bias": "blk.0.attn_q.bias" in shapes,
         "mlp_bias": False,
         **special_token_ids(meta),
-        **family.import_config(meta, get),
+        **family_keys,
     }
     tensors = {t.name: np.asarray(t.data) for t in reader.tensors if t.name in family.config_tensors}
     config.update(family.tensor_config(tensors, config))

@@ -103,6 +103,7 @@ def lora_tensors(model, config: dict, family):
             a = np.concatenate([np.array(m.lora_a.astype(mx.float32)).T for m in layers])
             b = np.concatenate([np.array((m.scale * m.lora_b).astype(mx.float32)).T for m in layers], axis=1)
         b = family.lora_b_to_gguf(base + ".weight", b, config)  # B's rows are W's rows
+        a = family.lora_a_to_gguf(base + ".weight", a, config)  # A's columns are W's columns
         yield target + ".lora_a", a
         yield target + ".lora_b", b
 

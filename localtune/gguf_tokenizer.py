@@ -28,6 +28,11 @@ _TEKKEN_SPLIT = (
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
     r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# qwen35: Qwen2's split with combining marks (\p{M}) kept in words (llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN35)
+_QWEN35_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _DEFAULT_SPLITS = [r"[\p{P}\$\+<=>\^~\|]+", _GPT2_SPLIT, r"\p{N}+", "[0-9][0-9][0-9]"]
 _PRE_TOKENIZERS = {  # name -> (splits, ignore_merges, llama.cpp's add_bos default)
     **dict.fromkeys(["default"], (_DEFAULT_SPLITS, False, False)),
@@ -40,6 +45,7 @@ _PRE_TOKENIZERS = {  # name -> (splits, ignore_merges, llama.cpp's add_bos defau
     **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"], ([_QWEN2_SPLIT], False, False)),
     **dict.fromkeys(["gpt-4o"], ([_GPT4O_SPLIT], False, False)),
     "tekken": ([_TEKKEN_SPLIT], True, True),
+    "qwen35": ([_QWEN35_SPLIT], False, False),
 }
 _CONTROL, _UNKNOWN, _USER_DEFINED = 3, 2, 4  # llama.cpp token types
 _END_OF_TURN_TEXTS = {"<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>"}

@@ -108,7 +108,7 @@ def micro_shapes(stage: Stage, dataset) -> list[tuple[int, int, int]]:
 
 
 def _dims(model) -> dict:
-    args = model.args
+    args = (model.language_model if "language_model" in model else model).args  # Qwen3.5 nests its text model
     h = args.hidden_size
     heads = args.num_attention_heads
     head_dim = getattr(args, "head_dim", None) or h // heads

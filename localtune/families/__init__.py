@@ -18,7 +18,7 @@ CAPABILITIES = {  # matrix column -> what it means
     "lora": "SFT LoRA",
     "qlora": "SFT QLoRA",
     "dora": "SFT DoRA",
-    "dpo": "DPO, shared prompts",
+    "dpo": "DPO",
     "ppo": "reward and PPO heads",
     "distill": "logits distillation",
     "fuse": "fuse",
@@ -38,6 +38,7 @@ class Family:
     partial_rotary = False  # rope.dimension_count may be below the head dim (import_config reads it)
     limits: dict[str, str] = {}  # capability -> why it is not supported; the rest are tested
     rope_types: tuple[str, ...] = ()  # GGUF rope.scaling.type values import_config reads itself
+    f32_tensors: tuple[str, ...] = ()  # GGUF tensor names (suffixes) llama.cpp's kernels read only as float32
 
     def import_config(self, meta: dict, get) -> dict:
         """Family keys of the mlx-lm config, from GGUF metadata (`get(key)` reads `arch.key`)."""
@@ -58,6 +59,10 @@ class Family:
     def lora_b_to_gguf(self, name: str, b, config: dict):
         """A LoRA B matrix's rows follow its weight's rows: the same row order change."""
         return b
+
+    def lora_a_to_gguf(self, name: str, a, config: dict):
+        """A LoRA A matrix's columns follow its weight's columns."""
+        return a
 
     def gguf_metadata(self, writer, config: dict) -> None:
         """Keys llama.cpp reads for this architecture beyond the common ones export writes."""
@@ -86,9 +91,10 @@ class Family:
 
 
 def _families() -> list[Family]:
-    from . import gemma, llama, mistral3, phi, qwen, smollm
+    from . import gemma, gemma4, llama, mistral3, phi, qwen, qwen35, smollm
 
-    return [*llama.FAMILIES, *qwen.FAMILIES, *gemma.FAMILIES, *phi.FAMILIES, *smollm.FAMILIES, *mistral3.FAMILIES]
+    return [*llama.FAMILIES, *qwen.FAMILIES, *gemma.FAMILIES, *gemma4.FAMILIES, *qwen35.FAMILIES, *phi.FAMILIES,
+            *smollm.FAMILIES, *mistral3.FAMILIES]
 
 
 FAMILIES: list[Family] = _families()

@@ -24,6 +24,18 @@ def plain_head(model) -> bool:
     return family is not None and family.plain_head
 
 
+def _head_module(model):
+    """lm_head, wherever the model keeps it (Qwen3.5 under language_model), else the tied embedding."""
+    outer = model.language_model if "language_model" in model else model
+    return outer.lm_head if "lm_head" in outer else model.model.embed_tokens
+
+
+def output_head(model):
+    """hidden (.., H) -> logits (.., V) for a plain-head model."""
+    module = _head_module(model)
+    return module.as_linear if module is model.model.embed_tokens else module
+
+
 class _PackedMask:
     """Stands in for mlx-lm's per-layer KV cache to hand the model a block-diagonal mask.
 
@@ -90,11 +102,7 @@ def hidden_logprobs(model, hidden: mx.array, targets: mx.array) -> mx.array:
     head = _frozen_head(model)
     if head is not None and targets.size * head.vocab >= _BLOCKWISE_FROM:
         return head_logprobs(hidden, head, targets)
-    if "lm_head" in model:
-        scores = model.lm_head(hidden)
-    else:
-        scores = model.model.embed_tokens.as_linear(hidden)
-    scores = scores.astype(mx.float32)
+    scores = output_head(model)(hidden).astype(mx.float32)
     return mx.take_along_axis(scores, targets[:, None], axis=-1)[:, 0] - mx.logsumexp(scores, axis=-1)
 
 
@@ -138,7 +146,7 @@ def _frozen_head(model) -> _Head | None:
     """The output head when logits are exactly head(model.model(x)) and it has nothing to train."""
     if not plain_head(model):
         return None
-    module = model.lm_head if "lm_head" in model else model.model.embed_tokens
+    module = _head_module(model)
     plain = (nn.Linear, nn.Embedding, nn.QuantizedLinear, nn.QuantizedEmbedding)
     if not isinstance(module, plain) or "bias" in module or tree_flatten(module.trainable_parameters()):
         return None
@@ -159,7 +167,7 @@ def hidden_entropy(model, hidden: mx.array) -> mx.array:
     hidden = mx.stop_gradient(hidden)
     head = _frozen_head(model)
     if head is None or hidden.shape[0] * head.vocab < _BLOCKWISE_FROM:
-        z = (model.lm_head(hidden) if "lm_head" in model else model.model.embed_tokens.as_linear(hidden))
+        z = output_head(model)(hidden)
         z = z.astype(mx.float32)
         return mx.logsumexp(z, axis=-1) - (mx.softmax(z, axis=-1) * z).sum(-1)
     lse = s = None
