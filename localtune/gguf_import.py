@@ -70,7 +70,7 @@ def import_gguf(path: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         config["quantization"] = quantization
     weights = {k: family.from_gguf(k, v, config) for k, v in weights.items()}
     tokenizer, tokenizer_config = build_tokenizer(meta, config)
-    if "chat_template" not in tokenizer_config and getattr(family, "chat_template", None):
+    if "chat_template" not in tokenizer_config and family.chat_template:
         tokenizer_config["chat_template"] = family.chat_template  # llama.cpp falls back to its built-in one
     manifest = {
         "name": meta.get("general.name") or path.stem,

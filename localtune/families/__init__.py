@@ -39,6 +39,7 @@ class Family:
     limits: dict[str, str] = {}  # capability -> why it is not supported; the rest are tested
     rope_types: tuple[str, ...] = ()  # GGUF rope.scaling.type values import_config reads itself
     f32_tensors: tuple[str, ...] = ()  # GGUF tensor names (suffixes) llama.cpp's kernels read only as float32
+    chat_template: str | None = None  # for a GGUF without one (llama.cpp falls back to its built-in template)
 
     def import_config(self, meta: dict, get) -> dict:
         """Family keys of the mlx-lm config, from GGUF metadata (`get(key)` reads `arch.key`)."""
