@@ -115,7 +115,18 @@ def _dims(model) -> dict:
     kv = getattr(args, "num_key_value_heads", heads) * head_dim
     return {"h": h, "i": _active_intermediate(args, h), "i_total": _total_intermediate(args, h),
             "layers": len(model.layers), "heads": heads, "kv": kv, "vocab": args.vocab_size,
-            "attention": _attention_layers(args, len(model.layers))}
+            "attention": _attention_layers(args, len(model.layers)), "state": _linear_state(args)}
+
+
+def _linear_state(args) -> int:
+    """Values a linear-attention layer keeps per sequence instead of a KV cache (gated DeltaNet:
+    a key x value matrix per value head, and the last conv_kernel - 1 inputs of its conv)."""
+    heads, k, v = (getattr(args, f"linear_{n}", 0) or 0 for n in ("num_value_heads", "key_head_dim", "value_head_dim"))
+    if not heads:
+        return 0
+    conv = (getattr(args, "linear_conv_kernel_dim", 4) - 1) * (2 * getattr(args, "linear_num_key_heads", heads) * k
+                                                                + heads * v)
+    return heads * k * v + conv
 
 
 def _active_intermediate(args, h: int) -> int:
@@ -141,6 +152,9 @@ def _attention_layers(args, layers: int) -> list:
     kinds = getattr(args, "layer_types", None)
     if kinds:
         return [0 if k == "linear_attention" else window if k == "sliding_attention" else None for k in kinds]
+    interval = getattr(args, "full_attention_interval", None)
+    if interval:  # Qwen3.5 / Qwen3-Next: every interval-th layer attends, the others are linear
+        return [None if (i + 1) % interval == 0 else 0 for i in range(layers)]
     pattern = getattr(args, "sliding_window_pattern", None)
     if window and pattern:  # Gemma 3: every pattern-th layer is global
         return [None if (i + 1) % pattern == 0 else window for i in range(layers)]
@@ -150,6 +164,13 @@ def _attention_layers(args, layers: int) -> list:
 def kv_positions(d: dict, width: int) -> int:
     """Cached positions summed over layers for sequences of `width` tokens (sliding windows cap theirs)."""
     return sum(width if w is None else min(width, w) for w in d["attention"])
+
+
+def rollout_cache_bytes(d: dict, rows: int, width: int, dtype_bytes: int) -> int:
+    """Generation's cache for `rows` sequences of `width` tokens: keys and values where a layer
+    attends, the fixed recurrent state where it is linear."""
+    linear = sum(1 for w in d["attention"] if w == 0)
+    return (2 * kv_positions(d, width) * d["kv"] + linear * d["state"]) * rows * dtype_bytes
 
 
 def block_params(d: dict, mlp: str = "i") -> int:
@@ -420,7 +441,7 @@ def _extras(model, recipe: Recipe, stage: Stage, dataset) -> dict:
     if stage.kind == "ppo":
         width = max(len(p.tokens) for p in dataset.examples) + stage.max_new_tokens
         dtype_bytes = 2 if device.is_gpu() else 4
-        kv = 2 * kv_positions(d, width) * stage.batch_size * d["kv"] * dtype_bytes
+        kv = rollout_cache_bytes(d, stage.batch_size, width, dtype_bytes)
         copy_bytes = 0
         if stage.dequantize_rollouts and not device.is_gpu() and models.is_quantized(model):
             copy_bytes = block_params(d, "i_total") * 4

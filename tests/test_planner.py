@@ -85,17 +85,23 @@ def test_plan_exits_non_zero_with_the_suggestions(tmp_path, small_model_path, ti
     assert "s/step x 6 steps" in result.output and "(formula)" in result.output
 
 
-def test_sliding_windows_and_linear_attention_cap_the_cached_positions():
+def test_sliding_windows_and_linear_attention_shape_the_rollout_cache():
     from types import SimpleNamespace
 
-    from localtune.planner import _attention_layers, kv_positions
+    from localtune.planner import _attention_layers, _linear_state, kv_positions, rollout_cache_bytes
 
     gemma3 = SimpleNamespace(sliding_window=512, sliding_window_pattern=6)  # 5 local layers, then a global one
     d = {"attention": _attention_layers(gemma3, 12)}
     assert d["attention"] == [512] * 5 + [None] + [512] * 5 + [None]
     assert kv_positions(d, 4096) == 10 * 512 + 2 * 4096 and kv_positions(d, 100) == 12 * 100
-    hybrid = SimpleNamespace(sliding_window=None, layer_types=["linear_attention"] * 3 + ["full_attention"])
-    assert kv_positions({"attention": _attention_layers(hybrid, 4)}, 1000) == 1000  # Qwen3.5: 3 of 4 linear
+    assert _attention_layers(SimpleNamespace(layer_types=["linear_attention", "full_attention"]), 2) == [0, None]
+    hybrid = SimpleNamespace(sliding_window=None, full_attention_interval=4,  # mlx-lm's qwen3_5 text args
+                             linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+                             linear_value_head_dim=16, linear_conv_kernel_dim=4)
+    d = {"attention": _attention_layers(hybrid, 4), "kv": 8, "state": _linear_state(hybrid)}
+    assert kv_positions(d, 1000) == 1000  # Qwen3.5: 3 of 4 layers linear
+    assert d["state"] == 4 * 16 * 16 + 3 * (2 * 2 * 16 + 4 * 16)  # per value head k x v, and the conv's last 3
+    assert rollout_cache_bytes(d, 2, 1000, 4) == (2 * 1000 * 8 + 3 * d["state"]) * 2 * 4  # the same at any width
     assert kv_positions({"attention": _attention_layers(SimpleNamespace(), 3)}, 10) == 30
 
 

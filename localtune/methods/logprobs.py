@@ -15,7 +15,6 @@ _LOGITS_BLOCK = 1 << 20  # logits per vocab block: a block's few (tokens, rows) 
 _BLOCKWISE_FROM = 1 << 22  # logits (tokens x vocab) below this are cheaper whole: no recompute
 
 
-
 def plain_head(model) -> bool:
     """Are the logits exactly head(model.model(inputs)), with no soft-capping or scaling after? (families)"""
     from .. import families
