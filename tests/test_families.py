@@ -378,3 +378,21 @@ def test_a_gemma3_gguf_without_a_chat_template_gets_gemmas(tmp_path):
     export.write_gguf(model, cfg, folder, tmp_path / "g.gguf", "f16", "g")
     imported = import_gguf(tmp_path / "g.gguf", tmp_path / "imported")
     assert json.loads((imported / "tokenizer_config.json").read_text())["chat_template"] == GEMMA_TEMPLATE
+
+
+@pytest.mark.parametrize("model_type, capability, stage", [
+    ("gemma4_text", "ppo", {"name": "reward", "kind": "reward", "data": "pairs.jsonl"}),
+    ("qwen3_moe", "dora", {"name": "sft", "kind": "sft", "data": "sft.jsonl",
+                           "adapter": {"type": "dora", "rank": 4, "alpha": 8}}),
+])
+def test_a_stage_the_family_lacks_is_refused_with_the_reason_before_loading(tmp_path, model_type, capability, stage,
+                                                                             monkeypatch):
+    reason = families.family(model_type).support()[capability]
+    assert reason is not True
+    data(tmp_path)
+    folder = make_folder(tmp_path, model_type)
+    (folder / "model.safetensors").write_bytes(b"")  # never read: the refusal comes first
+    result = invoke("run", recipe(tmp_path, folder, "refused", [stage], quantize=False), "--no-tui",
+                    "--runs-dir", tmp_path / "runs")
+    assert result.exit_code != 0 and reason in result.output, result.output
+    assert f"[stages.{stage['name']}]" in result.output and not list(tmp_path.glob("runs/*/*/adapters.safetensors"))
