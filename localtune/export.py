@@ -448,9 +448,20 @@ def add_tokenizer(writer, folder: Path, config: dict) -> None:
             add(i)
     writer.add_add_bos_token(bool(tc.get("add_bos_token", False)))
     writer.add_add_eos_token(bool(tc.get("add_eos_token", False)))
-    template = tc.get("chat_template")
-    if template:
+    if template := chat_template(folder, tc):
         writer.add_chat_template(template)
+
+
+def chat_template(folder: Path, tokenizer_config: dict) -> str | list | None:
+    """The folder's chat template: tokenizer_config.json's, else chat_template.jinja (or .json),
+    where recent Hugging Face repos keep it (Qwen3, Gemma 3) and transformers reads it from."""
+    if template := tokenizer_config.get("chat_template"):
+        return template
+    if (folder / "chat_template.jinja").exists():
+        return (folder / "chat_template.jinja").read_text()
+    if (folder / "chat_template.json").exists():
+        return json.loads((folder / "chat_template.json").read_text()).get("chat_template")
+    return None
 
 
 def write_gguf(model: nn.Module, config: dict, tokenizer_folder: Path, out: str | Path, quant: str,

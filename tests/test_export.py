@@ -146,6 +146,23 @@ def test_gguf_metadata_of_the_bundled_model(tmp_path, small_model_path):
     assert len(reader.tensors) == 2 + 1 + 9 * config["num_hidden_layers"]  # embd, norm, output + 9 per block
 
 
+def test_a_chat_template_kept_in_chat_template_jinja_is_exported(tmp_path, small_model_path):
+    """Recent Hugging Face repos (Qwen3, Gemma 3) keep the template beside tokenizer_config.json."""
+    import shutil
+
+    import gguf
+
+    folder = tmp_path / "model"
+    shutil.copytree(small_model_path, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "chat_template.jinja").write_text(config.pop("chat_template"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    out = tmp_path / "m.gguf"
+    assert invoke("export", folder, "--gguf", "--out", out).exit_code == 0
+    template = gguf.GGUFReader(out).fields["tokenizer.chat_template"].contents()
+    assert template == (folder / "chat_template.jinja").read_text() and "<|im_start|>" in template
+
+
 def test_q_and_k_rows_are_permuted_for_llama_cpp():
     w = np.arange(8 * 3).reshape(8, 3)  # 2 heads of 4 rows: [a0 a1 b0 b1] -> [a0 b0 a1 b1] per head
     from localtune.families.llama import permute
