@@ -73,4 +73,17 @@ class Gemma3(Family):
             writer.add_rope_scaling_factor(float(scaling["factor"]))
 
 
-FAMILIES = [Gemma3()]
+_WRAPPER = ("the Gemma 3 4B, 12B and 27B checkpoints are the multimodal wrapper (text_config + a SigLIP vision "
+            "tower); localtune runs the text model, model_type gemma3_text (the 270M and 1B checkpoints, or a "
+            "GGUF of any size: llama.cpp's converter writes the text model)")
+
+
+class Gemma3Multimodal(Family):
+    name = "Gemma 3 (multimodal wrapper)"
+    model_types = ("gemma3",)
+    gguf_arch = None  # a gemma3 GGUF holds the text model: Gemma3 above
+    limits = {cap: _WRAPPER for cap in ("load", "gguf_import", "lora", "qlora", "dora", "dpo", "ppo", "distill",
+                                        "fuse", "gguf_export", "gguf_lora")}
+
+
+FAMILIES = [Gemma3(), Gemma3Multimodal()]
