@@ -25,6 +25,13 @@ LORA = (LoRALinear, DoRALinear, LoRASwitchLinear)  # LoRASwitchLinear: a LoRA pe
 LINEAR = (nn.Linear, nn.QuantizedLinear, SwitchLinear, QuantizedSwitchLinear)  # Switch: stacked MoE experts
 
 
+def block_linear_names(model: nn.Module) -> list[str]:
+    """The linear layers of every block, as mlx-lm's linear_to_lora_layers collects them: blocks
+    differ in hybrid models (Qwen3.5's linear-attention and attention layers, Gemma 4's KV-shared
+    ones), and an adapter config listing the first block's alone would drop the others' adapters."""
+    return sorted(set().union(*(linear_names(block) for block in model.layers)))
+
+
 def linear_names(block: nn.Module) -> list[str]:
     """The block's linear layers, an earlier stage's adapted layer counting as the layer it adapts."""
     names = {name for name, m in block.named_modules() if isinstance(m, (*LINEAR, *LORA))}
@@ -45,7 +52,7 @@ def _stack(model: nn.Module, num_layers: int, lora: dict, dora: bool) -> None:
     if dora:
         raise RecipeError("adapter.type: DoRA cannot stack on an earlier stage's unfused adapters (a quantized "
                           "base keeps them unfused)\n  fix: use type = \"lora\" for this stage")
-    keys = lora["keys"] or linear_names(model.layers[0])
+    keys = lora["keys"] or block_linear_names(model)
     for block in model.layers[len(model.layers) - num_layers:]:
         modules = dict(block.named_modules())
         new = []
@@ -88,7 +95,7 @@ def attach(model: nn.Module, adapter, where: str = "adapter") -> dict:
         for block in model.layers[n_blocks - num_layers:]:
             block.unfreeze()
         return config
-    available = linear_names(model.layers[0])
+    available = block_linear_names(model)
     keys = list(adapter.targets) if adapter.targets else None
     if keys:
         unknown = [k for k in keys if k not in available]

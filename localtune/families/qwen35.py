@@ -71,9 +71,6 @@ class Qwen35(Family):
     hf_class = "Qwen3_5ForCausalLM"
     plain_head = True  # logits = lm_head(norm(h)); the head sits under language_model
     f32_tensors = (".ssm_conv1d.weight",)  # ggml's ssm_conv reads float32 only
-    limits = {"gguf_lora": "not verified: the adapter layout matches llama.cpp exactly on a float base (mean KL "
-                           "3e-6 with random adapters), but `export --lora --verify` of a 4-bit QLoRA run of the "
-                           "tiny test model misses its top-1 limit (46% vs >= 52%), unexplained so far"}
 
     def tensor_name(self, name):
         name = name.removeprefix("language_model.")
