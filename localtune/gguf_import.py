@@ -266,7 +266,7 @@ def _model_config(meta: dict, reader: GGUFReader, family: families.Family) -> di
     heads, hidden = get("attention.head_count"), get("embedding_length")
     head_dim = get("attention.key_length", hidden // heads)
     family_keys = family.import_config(meta, get)
-    partial = "partial_rotary_factor" in family_keys or "partial_rotary_factor" in family_keys.get("rope_parameters", {})
+    partial = any("partial_rotary_factor" in keys for keys in (family_keys, family_keys.get("rope_parameters", {})))
     if get("rope.dimension_count", head_dim) != head_dim and not (partial or family.partial_rotary):
         raise ModelError(f"partial rotary ({arch}.rope.dimension_count != head dim {head_dim}) is not supported.")
     config = {
