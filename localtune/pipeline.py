@@ -88,11 +88,12 @@ def prepare(recipe: Recipe) -> Prepared:
                               f"{' or '.join(WANT[f] for f in want)} rows, but this file has {WANT[fmt]} rows\n"
                               "  fix: point [eval] data at the golden set, or choose another metric")
     folder = models.resolve(recipe.resolve(recipe.model.path), recipe.model.revision)
+    config = models._config(folder)
+    quantized = recipe.model.quantize is not None or "quantization" in config  # QLoRA, also on a quantized GGUF
     for s in recipe.stages:  # the support matrix, before any weights load
-        for capability in families.stage_capabilities(s, quantized=recipe.model.quantize is not None):
-            families.require_known(models._config(folder).get("model_type"), capability,
-                                   f"{recipe.source}: [stages.{s.name}]")
-    if recipe.model.quantize is not None or "quantization" in models._config(folder):
+        for capability in families.stage_capabilities(s, quantized):
+            families.require_known(config.get("model_type"), capability, f"{recipe.source}: [stages.{s.name}]")
+    if quantized:
         for s in recipe.stages[1:]:
             if s.adapter.type == "dora":  # the earlier stages' adapters stay unfused (adapters.next_stage)
                 raise RecipeError(f"{recipe.source}: [stages.{s.name}.adapter] type = \"dora\" cannot follow an "
