@@ -516,9 +516,8 @@ def write_gguf(model: nn.Module, config: dict, tokenizer_folder: Path, out: str 
             kind = qtype
             if kind == gguf.GGMLQuantizationType.Q4_0 and tname in ("token_embd.weight", "output.weight"):
                 kind = gguf.GGMLQuantizationType.Q8_0  # the vocabulary projections lose most at 4 bits
-            if array.ndim <= 1 or tname.endswith(("_norm.weight", "ffn_gate_inp.weight", *family.f32_tensors)):
-                # norms; a MoE router, float in llama.cpp's own quantizer too (a rounded router picks
-                # other experts); tensors a family's kernels read only as float32
+            if array.ndim <= 1 or tname.endswith(("_norm.weight", *family.f32_tensors)):  # norms; a family's
+                # float-only tensors (a MoE router, Qwen3.5's conv)
                 kind = gguf.GGMLQuantizationType.F32
             elif kind != gguf.GGMLQuantizationType.F16 and array.shape[-1] % 32:
                 kind = gguf.GGMLQuantizationType.F16  # rows not a whole number of blocks

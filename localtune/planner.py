@@ -113,7 +113,8 @@ def _dims(model) -> dict:
     heads = args.num_attention_heads
     head_dim = getattr(args, "head_dim", None) or h // heads
     kv = getattr(args, "num_key_value_heads", heads) * head_dim
-    return {"h": h, "i": _active_intermediate(args, h), "i_total": _total_intermediate(args, h),
+    return {"h": h, "i": _intermediate(args, h, "num_experts_per_tok"),
+            "i_total": _intermediate(args, h, "num_experts"),
             "layers": len(model.layers), "heads": heads, "kv": kv, "vocab": args.vocab_size,
             "attention": _attention_layers(args, len(model.layers)), "state": _linear_state(args)}
 
@@ -129,19 +130,12 @@ def _linear_state(args) -> int:
     return heads * k * v + conv
 
 
-def _active_intermediate(args, h: int) -> int:
-    """The MLP width a token goes through: a MoE token runs its top-k experts (and any shared
-    expert), not all of them, so time and activations follow the active experts."""
-    k, expert = getattr(args, "num_experts_per_tok", None), getattr(args, "moe_intermediate_size", None)
-    if k and expert:
-        return k * expert + (getattr(args, "shared_expert_intermediate_size", 0) or 0)
-    return getattr(args, "intermediate_size", 4 * h)
-
-
-def _total_intermediate(args, h: int) -> int:
-    experts, expert = getattr(args, "num_experts", None), getattr(args, "moe_intermediate_size", None)
-    if experts and expert:
-        return experts * expert + (getattr(args, "shared_expert_intermediate_size", 0) or 0)
+def _intermediate(args, h: int, experts: str) -> int:
+    """The MLP width: a MoE token runs its top-k experts ("num_experts_per_tok", plus any shared
+    expert), so time and activations follow those; the weights hold all ("num_experts")."""
+    n, expert = getattr(args, experts, None), getattr(args, "moe_intermediate_size", None)
+    if n and expert:
+        return n * expert + (getattr(args, "shared_expert_intermediate_size", 0) or 0)
     return getattr(args, "intermediate_size", 4 * h)
 
 

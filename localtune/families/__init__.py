@@ -27,6 +27,11 @@ CAPABILITIES = {  # matrix column -> what it means
 }
 
 
+def refused_everywhere(reason: str) -> dict[str, str]:
+    """`limits` of a family registered only to say why it is not supported (a multimodal wrapper)."""
+    return dict.fromkeys(CAPABILITIES, reason)
+
+
 class Family:
     """Defaults: a llama-like decoder whose GGUF tensors equal its Hugging Face tensors."""
 

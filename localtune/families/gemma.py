@@ -8,7 +8,7 @@ global, local layers use rope base 10000, and queries are scaled by head_dim^-0.
 from __future__ import annotations
 
 from ..errors import ModelError
-from . import Family
+from . import Family, refused_everywhere
 
 # Gemma's turn format, as llama.cpp's built-in "gemma" template renders it: no system role (a
 # system message is put before the first user message), assistant turns are "model".
@@ -82,8 +82,7 @@ class Gemma3Multimodal(Family):
     name = "Gemma 3 (multimodal wrapper)"
     model_types = ("gemma3",)
     gguf_arch = None  # a gemma3 GGUF holds the text model: Gemma3 above
-    limits = {cap: _WRAPPER for cap in ("load", "gguf_import", "lora", "qlora", "dora", "dpo", "ppo", "distill",
-                                        "fuse", "gguf_export", "gguf_lora")}
+    limits = refused_everywhere(_WRAPPER)
 
 
 FAMILIES = [Gemma3(), Gemma3Multimodal()]

@@ -9,7 +9,7 @@ mscale = 1. The tokenizer is Tekken: byte-level BPE, pre-tokenizer "tekken".
 from __future__ import annotations
 
 from ..errors import ModelError
-from . import Family
+from . import Family, refused_everywhere
 from .llama import Llama
 
 # rope_parameters key -> (GGUF key, llama.cpp's default when absent; None: required)
@@ -73,8 +73,7 @@ class Mistral3(Family):
     model_types = ("mistral3",)
     gguf_arch = None
     hf_class = "Mistral3ForConditionalGeneration"
-    limits = {cap: _WRAPPER for cap in ("load", "gguf_import", "lora", "qlora", "dora", "dpo", "ppo", "distill",
-                                        "fuse", "gguf_export", "gguf_lora")}
+    limits = refused_everywhere(_WRAPPER)
 
 
 FAMILIES = [Ministral3(), Mistral3()]

@@ -31,6 +31,8 @@ class Qwen3Moe(Family):
     gguf_arch = "qwen3moe"
     hf_class = "Qwen3MoeForCausalLM"
     limits = {"dora": "mlx-lm's DoRA has no expert (SwitchLinear) layer; use LoRA, which adapts every expert"}
+    f32_tensors = ("ffn_gate_inp.weight",)  # the router: llama.cpp's quantizer keeps it float (rounded, it
+    # picks other experts)
 
     def tensor_name(self, name):
         return name.replace(".mlp.switch_mlp.", ".mlp.experts.")
