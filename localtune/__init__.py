@@ -12,7 +12,7 @@ def __getattr__(name):  # `from localtune import fuse, export_gguf, export_lora`
 
         return getattr(export, name)
     if name == "export_lora":
-        from . import gguf_lora
+        from .export import lora
 
-        return gguf_lora.export_lora
+        return lora.export_lora
     raise AttributeError(f"module 'localtune' has no attribute {name!r}")

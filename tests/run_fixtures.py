@@ -12,7 +12,7 @@ from pathlib import Path
 T0 = 1_764_400_000.0  # 2025-11-29 07:06:40 UTC
 DEAD_PID = 2**22 + 4321  # above Linux's default pid_max: never a live process
 
-# What each method logs besides the loss (names from localtune.metrics).
+# What each method logs besides the loss (names from localtune.train.metrics).
 METHOD_FIELDS = {
     "sft": lambda s: {},
     "dpo": lambda s: {"reward_margin": 0.02 * s, "preference_accuracy": min(1.0, 0.5 + s / 200)},

@@ -76,7 +76,7 @@ def test_adapters_load_in_mlx_lm_and_generate_agrees(tmp_path, small_model_path)
     import mlx.core as mx
     from mlx_lm import load
 
-    from localtune.pipeline import load_for_inference
+    from localtune.train.pipeline import load_for_inference
 
     recipe = write_recipe(tmp_path, small_model_path, steps=3)
     assert invoke("run", recipe, "--no-tui", "--runs-dir", tmp_path / "runs").exit_code == 0
@@ -85,7 +85,7 @@ def test_adapters_load_in_mlx_lm_and_generate_agrees(tmp_path, small_model_path)
     theirs, _ = load(str(small_model_path), adapter_path=str(run / "sft"))
     x = mx.array([[1, 20, 30, 40, 50]])
     np.testing.assert_allclose(np.array(ours(x)), np.array(theirs(x).astype(mx.float32)), atol=2e-2)
-    from localtune.evaluate import generate
+    from localtune.integrity.evaluate import generate
 
     prompt = "Convert to ISO 8601: March 5, 2021"
     result = invoke("generate", run, "--prompt", prompt, "--max-tokens", "8")

@@ -4,7 +4,7 @@ import json
 import pytest
 from test_cli import invoke, write_recipe
 
-from localtune import contamination
+from localtune.integrity import contamination
 
 LONG = ("The quick brown fox jumps over the lazy dog while the farmer watches from the porch and counts the "
         "sheep in the far field before the rain comes. Later that evening the children walk down to the river "

@@ -251,7 +251,7 @@ def test_a_checkpoint_of_other_data_is_not_resumed(runs, tmp_path):
     (None, "missing"),
 ])
 def test_safetensors_damage_is_described_from_the_header(tmp_path, content, problem):
-    from localtune.damage import safetensors_problem
+    from localtune.run.damage import safetensors_problem
 
     path = tmp_path / "x.safetensors"
     if content is not None:
@@ -299,8 +299,9 @@ def test_a_damaged_reference_cache_is_computed_again(tmp_path):
 
 
 def test_a_damaged_teacher_cache_is_not_trusted(tmp_path, small_model_path):
-    from localtune import data, models
+    from localtune import models
     from localtune.methods import distill
+    from localtune.train import data
 
     model, tokenizer, _, _ = models.load(str(small_model_path))
     dataset = data.encode([{"prompt": "1 plus 1?", "completion": "2"}] * 3, "completion", tokenizer, 32)
@@ -316,8 +317,8 @@ def test_a_damaged_teacher_cache_is_not_trusted(tmp_path, small_model_path):
 def test_a_damaged_rollout_batch_is_sampled_again(small_model_path, tmp_path):
     from test_ppo import PPO, _policy, _prompts
 
-    from localtune import data
     from localtune.methods import ppo
+    from localtune.train import data
 
     model, tok, _ = _policy(small_model_path)
     events = []

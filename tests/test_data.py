@@ -4,8 +4,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from localtune import data
 from localtune.errors import DataError
+from localtune.train import data
 
 BAD = Path(__file__).parent / "bad_data"
 

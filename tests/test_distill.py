@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from test_cli import invoke, kill_at, only_run, write_recipe
 
-from localtune import data, models
+from localtune import models
 from localtune.methods import distill
+from localtune.train import data
 
 
 def _logprobs(x):
@@ -64,7 +65,7 @@ class _Stage:
 
 
 def test_a_student_that_is_its_teacher_has_zero_loss_and_the_cache_round_trips(tmp_path, tiny):
-    from localtune.trainer import _to_mx
+    from localtune.train.trainer import _to_mx
 
     model, tokenizer, dataset = tiny
     vocab = len(tokenizer.get_vocab())
@@ -90,7 +91,7 @@ def test_distill_loss_trains_a_student_towards_the_teacher(tmp_path, tiny, small
     import mlx.optimizers as optim
     from mlx.utils import tree_flatten
 
-    from localtune.trainer import _to_mx
+    from localtune.train.trainer import _to_mx
 
     teacher, tokenizer, dataset = tiny
     dataset.teacher_cache = distill.TeacherCache.build(teacher, dataset, 64, 2.0)

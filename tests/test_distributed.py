@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_cli import ROOT, invoke, kill_at, only_run, write_recipe
 
-from localtune import data, distributed
 from localtune.errors import DataError, RecipeError
 from localtune.run import read_metrics
-from test_cli import ROOT, invoke, kill_at, only_run, write_recipe
+from localtune.train import data, distributed
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 MLX_LAUNCH = [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"]
@@ -119,7 +119,7 @@ def test_shards_partition_each_global_batch(small_model_path):
 
 def test_ppo_stages_are_refused_on_several_processes(tmp_path, monkeypatch):
     from localtune import recipe as recipe_mod
-    from localtune.pipeline import prepare
+    from localtune.train.pipeline import prepare
 
     monkeypatch.setattr(distributed, "size", lambda: 2)
     parsed = recipe_mod.load(ROOT / "recipes/rlhf-rules.toml")

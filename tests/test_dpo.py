@@ -7,14 +7,14 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from mlx.utils import tree_flatten, tree_unflatten
 from conftest import make_tiny_model
+from mlx.utils import tree_flatten, tree_unflatten
 from test_trainer import fit, snapshot
 
-from localtune import adapters, data, trainer
 from localtune.cli import cli
 from localtune.methods import dpo
 from localtune.recipe import Adapter, Stage
+from localtune.train import adapters, data, trainer
 
 # --- the losses, by hand and by numpy -----------------------------------------------------------
 
@@ -319,7 +319,7 @@ def write_sft_dpo(tmp_path, small_model_path, dpo_rows=None, quantize=False, **d
 
 @pytest.mark.parametrize("quantize", [False, True], ids=["float base (sft fused)", "QLoRA base (sft stacked)"])
 def test_sft_then_dpo_uses_the_sft_model_as_reference(tmp_path, small_model_path, quantize):
-    from localtune.pipeline import load_for_inference
+    from localtune.train.pipeline import load_for_inference
 
     recipe = write_sft_dpo(tmp_path, small_model_path, quantize=quantize)
     result = CliRunner().invoke(cli, ["run", str(recipe), "--no-tui", "--runs-dir", str(tmp_path / "runs")])

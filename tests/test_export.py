@@ -41,7 +41,7 @@ def trained_run(tmp_path_factory, small_model_path):
 def test_fuse_writes_a_folder_mlx_lm_loads_that_equals_base_plus_adapters(tmp_path, trained_run, quantized):
     from mlx_lm import load
 
-    from localtune.pipeline import load_for_inference
+    from localtune.train.pipeline import load_for_inference
 
     run = trained_run(quantized)
     result = invoke("fuse", run, "--out", tmp_path / "fused")
@@ -72,11 +72,11 @@ def carried_files(folder: Path) -> list[str]:
 def test_fuse_writes_a_complete_model_folder_with_the_base_files_as_they_are(tmp_path, trained_run, small_model_path):
     """mlx-lm's save drops tokenizer.model and rewrites tokenizer_config.json (no add_bos_token, the
     template moved to chat_template.jinja) and README.md (no license): the base's files are copied back."""
+    from localtune.integrity.provenance import check_teacher
     from mlx_lm import load
 
     from localtune import models
-    from localtune.pipeline import load_for_inference
-    from localtune.provenance import check_teacher
+    from localtune.train.pipeline import load_for_inference
 
     result = invoke("fuse", trained_run(False), "--out", tmp_path / "fused")
     assert result.exit_code == 0, result.output
@@ -165,7 +165,7 @@ def test_a_chat_template_kept_in_chat_template_jinja_is_exported(tmp_path, small
 
 def test_q_and_k_rows_are_permuted_for_llama_cpp():
     w = np.arange(8 * 3).reshape(8, 3)  # 2 heads of 4 rows: [a0 a1 b0 b1] -> [a0 b0 a1 b1] per head
-    from localtune.families.llama import permute
+    from localtune.models.families.llama import permute
 
     out = permute(w, 2)
     np.testing.assert_array_equal(out[:4], w[[0, 2, 1, 3]])
@@ -298,7 +298,7 @@ def test_python_api_and_json_report_the_same_result(tmp_path, trained_run):
 def test_dora_adapters_fuse_to_the_same_model(tmp_path, small_model_path):
     from mlx_lm import load
 
-    from localtune.pipeline import load_for_inference
+    from localtune.train.pipeline import load_for_inference
 
     recipe = write_recipe(tmp_path, small_model_path, steps=4, learning_rate=3e-3)
     recipe.write_text(recipe.read_text().replace("[stages.adapter]\n", '[stages.adapter]\ntype = "dora"\n'))
@@ -382,7 +382,7 @@ def test_lora_adapter_of_both_stages_applies_to_the_base_in_llama_cpp(tmp_path, 
 
 
 def test_lora_adapter_without_the_q_k_row_order_is_caught_and_removed(tmp_path, trained_run, monkeypatch):
-    from localtune.families.llama import Llama
+    from localtune.models.families.llama import Llama
 
     monkeypatch.setattr(Llama, "lora_b_to_gguf", lambda self, name, b, config: b)
     out = tmp_path / "adapter.gguf"

@@ -20,10 +20,11 @@ from mlx.utils import tree_flatten
 from test_cli import invoke
 from test_gguf_import import bpe_vocab
 
-from localtune import export, families
-from localtune.families.gemma import GEMMA_TEMPLATE
-from localtune.families.gemma4 import GEMMA4_TEMPLATE
-from localtune.gguf_tokenizer import build_tokenizer, sentencepiece_model
+from localtune import export
+from localtune.models import families
+from localtune.models.families.gemma import GEMMA_TEMPLATE
+from localtune.models.families.gemma4 import GEMMA4_TEMPLATE
+from localtune.models.gguf_tokenizer import build_tokenizer, sentencepiece_model
 
 pytest.importorskip("llama_cpp")
 ROOT = Path(__file__).resolve().parent.parent
@@ -265,8 +266,9 @@ def test_every_method_fuse_and_both_exports_verify_in_llama_cpp(family_folder, m
 
 def test_gguf_export_imports_back_to_the_same_logits(family_folder, tmp_path):
     """f16 export -> llama.cpp agrees with MLX; import of that file -> MLX agrees with llama.cpp."""
-    from localtune.gguf_import import import_gguf
     from mlx_lm import load
+
+    from localtune.models.gguf_import import import_gguf
 
     model_type, _, folder = family_folder
     support = families.family(model_type).support()
@@ -299,8 +301,9 @@ def test_phi3_longrope_reproduced_by_llama_cpp_below_the_original_context(tmp_pa
     """Phi-4-mini's longrope: mlx-lm uses the long factors at every length; llama.cpp uses its
     short-factor tensor when its context (512) is below the original one (1024), so export must
     store the long factors there too. Import reads them back as the same model."""
-    from localtune.gguf_import import import_gguf
     from mlx_lm import load
+
+    from localtune.models.gguf_import import import_gguf
 
     long, short = [1.0, 1.5, 2.0, 4.0, 8.0, 16.0], [1.0, 1.0, 1.25, 1.5, 2.0, 2.5]  # 12 rotary dims / 2
     folder = make_folder(tmp_path, "phi3", {
@@ -371,7 +374,7 @@ def test_models_check_prints_a_models_row_from_its_config_alone(tmp_path):
 
 def test_a_gemma3_gguf_without_a_chat_template_gets_gemmas(tmp_path):
     """Google's Gemma 3 GGUFs may carry no template; llama.cpp then uses its built-in "gemma" one."""
-    from localtune.gguf_import import import_gguf
+    from localtune.models.gguf_import import import_gguf
 
     folder = make_folder(tmp_path, "gemma3_text")
     config = json.loads((folder / "tokenizer_config.json").read_text())

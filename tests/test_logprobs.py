@@ -95,9 +95,9 @@ def test_blockwise_dequantize_matches_the_quantized_kernel_in_value_and_gradient
 def test_sft_loss_and_lora_gradients_are_the_same_blockwise_or_whole(tie, monkeypatch):
     from mlx.utils import tree_flatten
 
-    from localtune import adapters, data, trainer
     from localtune.methods import sft
     from localtune.recipe import Adapter
+    from localtune.train import adapters, data, trainer
 
     model = make_tiny_model(tie=tie)
     model.freeze()

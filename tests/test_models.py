@@ -5,12 +5,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_unflatten
 from conftest import make_tiny_model
+from mlx.utils import tree_unflatten
 
-from localtune import adapters, models
+from localtune import models
 from localtune.errors import ModelError
 from localtune.recipe import Adapter
+from localtune.train import adapters
 
 
 def test_quantize_reports_layers_it_cannot_quantize():

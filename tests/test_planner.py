@@ -3,11 +3,12 @@ import json
 
 import pytest
 from mlx.utils import tree_flatten
-
-from localtune import device, models, planner
-from localtune import recipe as recipe_mod
-from localtune.pipeline import prepare
 from test_cli import invoke, write_recipe
+
+from localtune import device, models
+from localtune import plan as planner
+from localtune import recipe as recipe_mod
+from localtune.train.pipeline import prepare
 
 
 def test_weights_and_adapter_parts_are_the_models_own_bytes(tmp_path, small_model_path):
@@ -88,7 +89,7 @@ def test_plan_exits_non_zero_with_the_suggestions(tmp_path, small_model_path, ti
 def test_sliding_windows_and_linear_attention_shape_the_rollout_cache():
     from types import SimpleNamespace
 
-    from localtune.planner import _attention_layers, _linear_state, kv_positions, rollout_cache_bytes
+    from localtune.plan import _attention_layers, _linear_state, kv_positions, rollout_cache_bytes
 
     gemma3 = SimpleNamespace(sliding_window=512, sliding_window_pattern=6)  # 5 local layers, then a global one
     d = {"attention": _attention_layers(gemma3, 12)}
@@ -108,7 +109,7 @@ def test_sliding_windows_and_linear_attention_shape_the_rollout_cache():
 def test_a_moe_token_runs_its_active_experts_but_all_are_held():
     from mlx_lm.models import qwen3_moe
 
-    from localtune.planner import _dims, block_params
+    from localtune.plan import _dims, block_params
 
     args = qwen3_moe.ModelArgs(model_type="qwen3_moe", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
                                num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,

@@ -10,9 +10,10 @@ import pytest
 from test_cli import ROOT, invoke, only_run, write_recipe
 from test_trainer import run_dir, snapshot
 
-from localtune import adapters, data, models, trainer
+from localtune import models
 from localtune.methods import ppo
 from localtune.recipe import Adapter, Rule, Stage
+from localtune.train import adapters, data, trainer
 
 PPO = Stage(kind="ppo", name="ppo", batch_size=4, minibatch_size=2, ppo_epochs=2, max_new_tokens=6,
             temperature=1.0, seed=0, rules=[Rule(kind="length", max=12)], adapter=Adapter(rank=4, alpha=8))
@@ -128,7 +129,7 @@ PPO_STAGE = ["[[stages]]", 'kind = "ppo"', 'data = "prompts.jsonl"', 'valid = "h
 
 def test_sft_reward_ppo_from_the_cli_shares_one_base(tmp_path, small_model_path):
     from localtune.methods.reward import rewards, whole
-    from localtune.pipeline import load_for_inference
+    from localtune.train.pipeline import load_for_inference
 
     recipe = write_recipe(tmp_path, small_model_path, steps=2)
     _pairs_and_prompts(tmp_path)
@@ -207,7 +208,7 @@ def test_a_prompts_file_with_completions_only_names_the_stage_data(tmp_path, sma
 
 
 def test_steps_from_epochs_count_every_minibatch_of_every_rollout():
-    from localtune.pipeline import stage_steps
+    from localtune.train.pipeline import stage_steps
 
     class Prompts:
         batches_per_epoch = 10

@@ -4,7 +4,7 @@ import json
 import pytest
 from test_cli import invoke, only_run, write_recipe
 
-from localtune import provenance
+from localtune.integrity import provenance
 
 
 @pytest.mark.parametrize("name, verdict, rule", [

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from conftest import make_tiny_model
 
-from localtune import adapters, checkpoint, data, models, trainer
+from localtune import models
 from localtune.errors import TrainingError
 from localtune.methods import sft
 from localtune.recipe import Adapter
 from localtune.run import Run
+from localtune.train import adapters, checkpoint, data, trainer
 
 
 def examples(n=32, seed=0, equal_length=False, vocab=100, prompt_share=1 / 3):

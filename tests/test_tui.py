@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 from run_fixtures import DEAD_PID, T0, make_run, train_record
 
-from localtune import metrics
 from localtune.cli import cli
+from localtune.train import metrics
 from localtune.tui.app import LocaltuneApp
 from localtune.tui.screens import QuitScreen, RunScreen, RunsScreen
 from localtune.tui.state import MetricsTail, RunState, downsample

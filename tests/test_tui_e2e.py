@@ -14,7 +14,7 @@ import time
 import pytest
 from test_cli import invoke, write_recipe
 
-from localtune import lock
+from localtune.run import lock
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .. import data
-from ..adapters import save_arrays
-from ..damage import DamagedFile, load_safetensors
 from ..errors import LocaltuneError
+from ..run.damage import DamagedFile, load_safetensors
+from ..train import data
+from ..train.adapters import save_arrays
 from .logprobs import logits as model_logits
 
 CACHE_BATCH = 32  # examples per teacher pass

@@ -18,10 +18,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .. import data
-from ..adapters import adapters_disabled, save_arrays
-from ..damage import DamagedFile, load_safetensors
 from ..errors import DataError
+from ..run.damage import DamagedFile, load_safetensors
+from ..train import data
+from ..train.adapters import adapters_disabled, save_arrays
 from .logprobs import SharedPrompt, hidden_logprobs, shares_prompts, target_logprobs
 
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +286,7 @@ class ReferenceCache:
 
     def fill(self, ids=None) -> None:
         """Compute the missing pairs among `ids` (default: all, shortest first), in passes."""
-        from ..trainer import _to_mx
+        from ..train.trainer import _to_mx
 
         if ids is None:
             ids = np.argsort(self.lengths, kind="stable")
@@ -334,7 +334,7 @@ class WithReference:
                 self.cache.fill(missing + self._ahead(self.cache.batch_size - len(missing)))
             chosen, rejected = self.cache.chosen[ids], self.cache.rejected[ids]
         else:
-            from ..trainer import _to_mx
+            from ..train.trainer import _to_mx
 
             c, r = reference_logps(self.model, _to_mx(batch))
             mx.eval(c, r)
@@ -378,9 +378,8 @@ collate = collate_pairs
 
 def check_shared_prompts(model, batches, note) -> None:
     """Run two pairs both ways; share prompts only where that gives the same numbers."""
-    from ..trainer import _to_mx
-
     from ..models import CPUQuantizedLinear
+    from ..train.trainer import _to_mx
 
     if not shares_prompts(model):
         return

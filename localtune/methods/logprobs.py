@@ -17,7 +17,7 @@ _BLOCKWISE_FROM = 1 << 22  # logits (tokens x vocab) below this are cheaper whol
 
 def plain_head(model) -> bool:
     """Are the logits exactly head(model.model(inputs)), with no soft-capping or scaling after? (families)"""
-    from .. import families
+    from ..models import families
 
     family = families.family(getattr(model, "model_type", None))
     return family is not None and family.plain_head

@@ -25,11 +25,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .. import data
-from ..adapters import adapters_disabled, save_arrays, swapped
-from ..damage import DamagedFile, load_safetensors
-from ..evaluate import normalize
+from ..integrity.evaluate import normalize
 from ..models import inference_weights
+from ..run.damage import DamagedFile, load_safetensors
+from ..train import data
+from ..train.adapters import adapters_disabled, save_arrays, swapped
 from . import ppo_math
 from .logprobs import hidden_entropy, hidden_logprobs, plain_head
 
@@ -222,7 +222,7 @@ def collect(model, tokenizer, reward: Reward, prompts: list[Prompt], stage, kl_c
     Returns numpy arrays inputs/targets/mask/real (B, T), old_logp, ref_logp, old_values,
     advantages, returns (B, T), scores (B,), and texts, parts, stats.
     """
-    from ..trainer import _to_mx
+    from ..train.trainer import _to_mx
 
     T = stage.temperature
     model.eval()
@@ -408,8 +408,8 @@ def make_loss(stage):
 def setup(model, stage, batches, valid, steps, stage_dir, note, *, tokenizer, reward: Reward, log):
     """(loss, Rollouts, None) for the one loop; `batches` yields lists of prompts."""
     if not plain_head(model):
-        from .. import families
         from ..errors import ModelError
+        from ..models import families
 
         plain = [t for f in families.FAMILIES if f.plain_head for t in f.model_types]
         raise ModelError(f"[stages.{stage.name}]: ppo reads log-probs from the hidden states through the output "

@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .. import data
+from ..train import data
 from .dpo import collate_pairs as _collate_pairs
 
 

@@ -5,6 +5,7 @@ import mlx.core as mx
 
 from .logprobs import target_logprobs
 
+
 def loss(model, batch):
     """Mean cross-entropy over target tokens.
 
@@ -18,6 +19,6 @@ def loss(model, batch):
 
 def setup(model, stage, batches, valid, steps, stage_dir, note):
     """(loss, training batches, fixed validation batches or None) for the one loop."""
-    from .. import data
+    from ..train import data
 
     return loss, batches, data.eval_batches(valid, stage.batch_size, stage.eval_batches) if valid else None

@@ -16,8 +16,7 @@ from textual.widgets import Button, DataTable, Footer, Input, Label, ProgressBar
 
 from ..run import LIVE_STATES, Run, list_runs, pid_alive
 from .state import RunState
-from .widgets import (STATE_STYLE, EventLog, LossChart, ReportPanel, SamplePanel, StageChain, StatsPanel,
-                      duration)
+from .widgets import STATE_STYLE, EventLog, LossChart, ReportPanel, SamplePanel, StageChain, StatsPanel, duration
 
 
 class RunScreen(Screen):
@@ -211,8 +210,8 @@ class GenerateScreen(ModalScreen):
     @work(thread=True, exclusive=True)
     def generate(self, prompt: str) -> None:
         try:
-            from ..evaluate import generate
-            from ..pipeline import load_for_inference
+            from ..integrity.evaluate import generate
+            from ..train.pipeline import load_for_inference
 
             model, tokenizer = load_for_inference(str(self.path), self.stage, in_progress=True)  # a preview
             result = Text(generate(model, tokenizer, [prompt], 64)[0] or "(an empty answer)")

@@ -8,7 +8,7 @@ from rich.text import Text
 from textual.widget import Widget
 from textual.widgets import Static
 
-from .. import metrics
+from ..train import metrics
 from .state import RunState, downsample
 
 STATE_STYLE = {"done": "green", "running": "cyan", "paused": "yellow", "failed": "red", "crashed": "red",

@@ -27,7 +27,7 @@ def rows(n: int, words: int, vocab: list[str], rng: random.Random, weights) -> l
 
 def brute_force(train, golden, n: int, near: float) -> int:
     """Every training row against every golden row, n-gram sets intersected pair by pair."""
-    from localtune.contamination import ngrams, row_text, words
+    from localtune.integrity.contamination import ngrams, row_text, words
 
     g = [ngrams(words(row_text(r)), n) for _, r in golden]
     found = 0
@@ -38,7 +38,7 @@ def brute_force(train, golden, n: int, near: float) -> int:
 
 
 def main() -> None:
-    from localtune.contamination import check
+    from localtune.integrity.contamination import check
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--train", type=int, default=100_000)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_sft import ROOT, VENV_BIN, _env, _spawn, standard_args, fp32_copy, machine_header  # noqa: E402
+from bench_sft import ROOT, VENV_BIN, _env, _spawn, fp32_copy, machine_header, standard_args  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_dpo.md"
 BETA, LEARNING_RATE, RANK, ALPHA = 0.1, 1e-5, 8, 16.0

@@ -32,7 +32,7 @@ def convert(path: str, way: str) -> dict:
     from gguf import GGMLQuantizationType as QType
     from gguf import GGUFReader, quants
 
-    from localtune.gguf_quants import mlx_arrays
+    from localtune.models.gguf_quants import mlx_arrays
 
     t0 = time.perf_counter()
     reader = GGUFReader(path)
@@ -62,7 +62,7 @@ def check(path: str) -> list[dict]:
     from gguf import GGMLQuantizationType as QType
     from gguf import GGUFReader, quants
 
-    from localtune.gguf_quants import mlx_tensor
+    from localtune.models.gguf_quants import mlx_tensor
 
     rows: dict[str, dict] = {}
     x = None

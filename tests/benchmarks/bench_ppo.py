@@ -55,9 +55,10 @@ def rollout_speed(ref: str, batch: int, max_new: int, repeats: int, work: Path) 
     from mlx_lm.sample_utils import make_sampler
     from mlx_lm.utils import load as mlx_load
 
-    from localtune import adapters, models
+    from localtune import models
     from localtune.methods import ppo
     from localtune.recipe import Adapter
+    from localtune.train import adapters
 
     ours, tokenizer, _, folder = models.load(ref)
     adapters.attach(ours, Adapter(rank=8, alpha=16))

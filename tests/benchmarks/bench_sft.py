@@ -118,12 +118,13 @@ class Tokenizers:
     """localtune's and mlx-lm's encodings of a {"text"} row, for one model folder."""
 
     def __init__(self, folder: Path):
-        from localtune.data import Encoder
-        from localtune.models import load_tokenizer
         from mlx_lm.tuner.datasets import TextDataset
-        from mlx_lm.utils import load_config, load_tokenizer as mlx_load_tokenizer
-
+        from mlx_lm.utils import load_config
+        from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
         from transformers.utils import logging as hf_logging
+
+        from localtune.models import load_tokenizer
+        from localtune.train.data import Encoder
 
         hf_logging.set_verbosity_error()  # the word buffers below can exceed model_max_length; harmless
         self.ours = Encoder(load_tokenizer(folder))

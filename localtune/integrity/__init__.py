@@ -1,0 +1,1 @@
+"""What proves a run: evaluation, the forgetting guard, contamination, provenance and policy."""

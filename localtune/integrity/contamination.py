@@ -1,0 +1,159 @@
+"""The firewall between training data and the golden set: exact and near duplicates.
+
+Every row becomes normalised text (NFKC, lower case, punctuation dropped, whitespace collapsed).
+Exact duplicates share that text. Near duplicates share word n-grams (13 by default): a golden
+row is near-duplicated by a training row when at least `near` of its n-grams occur in that one
+training row. A row shorter than n words is compared whole, as one n-gram. Golden n-grams go in
+one hash table, so training rows are each read once: O(train + golden) n-grams, not O(train x golden).
+"""
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import DataError
+
+WORD = re.compile(r"\w+")
+
+
+class Contaminated(DataError):
+    exit_code = 2
+
+
+def row_text(row: dict) -> str:
+    """Everything a row says: prompt and answers, or messages, or text."""
+    parts = []
+    for key in ("prompt", "completion", "chosen", "rejected", "text", "messages"):
+        value = row.get(key)
+        if isinstance(value, str):
+            parts.append(value)
+        elif isinstance(value, list):
+            parts += [m.get("content", "") for m in value if isinstance(m, dict)]
+    return " ".join(parts)
+
+
+def words(text: str) -> list[str]:
+    return WORD.findall(unicodedata.normalize("NFKC", text).lower())
+
+
+def ngrams(ws: list[str], n: int) -> set[int]:
+    if len(ws) < n:
+        return {hash(" ".join(ws))} if ws else set()
+    return {hash(" ".join(ws[i:i + n])) for i in range(len(ws) - n + 1)}
+
+
+def read_rows(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, row) for every JSON object line of a JSONL file, or of every file in a folder."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder\n  fix: check the path")
+    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    out = []
+    for f in files:
+        for n, line in enumerate(f.open(encoding="utf-8"), 1):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # the data reader reports malformed rows
+            if isinstance(row, dict):
+                out.append((f"{f}:{n}", row))
+    return out
+
+
+@dataclass
+class Overlap:
+    golden: str  # file:line
+    train: str  # file:line
+    kind: str  # exact | near
+    score: float  # share of the golden row's n-grams found in the training row
+    text: str  # the golden row, shortened
+
+
+@dataclass
+class Report:
+    train_rows: int
+    golden_rows: int
+    n: int
+    near: float
+    overlaps: list = field(default_factory=list)
+
+    @property
+    def contaminated(self) -> int:
+        """Golden rows with at least one exact or near duplicate in training."""
+        return len({o.golden for o in self.overlaps})
+
+    @property
+    def share(self) -> float:
+        return self.contaminated / max(self.golden_rows, 1)
+
+    def to_dict(self) -> dict:
+        return {"train_rows": self.train_rows, "golden_rows": self.golden_rows, "ngram": self.n, "near": self.near,
+                "contaminated_golden_rows": self.contaminated, "share": self.share,
+                "exact": sum(o.kind == "exact" for o in self.overlaps),
+                "near_duplicates": sum(o.kind == "near" for o in self.overlaps),
+                "overlaps": [asdict(o) for o in self.overlaps]}
+
+    def lines(self, limit: int = 10) -> list[str]:
+        out = [f"{self.contaminated} of {self.golden_rows} golden rows ({self.share:.1%}) overlap "
+               f"{self.train_rows} training rows ({self.n}-grams, near >= {self.near:.0%})"]
+        for o in self.overlaps[:limit]:
+            what = "exact duplicate" if o.kind == "exact" else f"near duplicate ({o.score:.0%} of its {self.n}-grams)"
+            out.append(f"  {o.train} is an {what} of golden {o.golden}: {o.text!r}")
+        if len(self.overlaps) > limit:
+            out.append(f"  ... and {len(self.overlaps) - limit} more (--json lists them all)")
+        return out
+
+
+def check(train: list[tuple[str, dict]], golden: list[tuple[str, dict]], n: int = 13, near: float = 0.5) -> Report:
+    """Every golden row against every training row (see the module docstring)."""
+    exact: dict[str, str] = {}
+    index: dict[int, list[int]] = defaultdict(list)
+    sizes = []
+    for g, (_, row) in enumerate(golden):
+        ws = words(row_text(row))
+        if ws:
+            exact.setdefault(" ".join(ws), g)
+        grams = ngrams(ws, n)
+        sizes.append(len(grams))
+        for h in grams:
+            index[h].append(g)
+    report = Report(len(train), len(golden), n, near)
+    for where, row in train:
+        ws = words(row_text(row))
+        g = exact.get(" ".join(ws))
+        if g is not None:
+            report.overlaps.append(Overlap(golden[g][0], where, "exact", 1.0, row_text(golden[g][1])[:80]))
+            continue
+        hits = Counter(g for h in ngrams(ws, n) for g in index.get(h, ()))
+        for g, shared in hits.items():
+            score = shared / sizes[g]
+            if score >= near:
+                report.overlaps.append(Overlap(golden[g][0], where, "near", score, row_text(golden[g][1])[:80]))
+    return report
+
+
+def check_files(train_paths, golden_paths, n: int = 13, near: float = 0.5) -> Report:
+    train = [r for p in train_paths for r in read_rows(p)]
+    golden = [r for p in golden_paths for r in read_rows(p)]
+    return check(train, golden, n, near)
+
+
+def clean_split(rows: list[tuple[str, dict]], fraction: float, seed: int, n: int = 13, near: float = 0.5):
+    """(train, test) rows with no exact or near duplicate across them: test rows are drawn at random,
+    then every training row that duplicates one is moved to the test side with it."""
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(len(rows))
+    k = max(1, int(round(len(rows) * fraction)))
+    test = [rows[i] for i in sorted(order[:k])]
+    train = [rows[i] for i in sorted(order[k:])]
+    moved = 0
+    while overlaps := {o.train for o in check(train, test, n, near).overlaps}:  # until no row links them
+        test += [r for r in train if r[0] in overlaps]
+        train = [r for r in train if r[0] not in overlaps]
+        moved += len(overlaps)
+    return train, test, moved

@@ -1,0 +1,185 @@
+"""Evaluation: task metrics on the golden set (greedy generation, or likelihoods), and general
+ability as mean NLL per token on general text (the forgetting check)."""
+from __future__ import annotations
+
+import re
+import unicodedata
+
+from mlx_lm.generate import batch_generate
+
+from ..models import inference_weights
+from ..train.data import Encoder
+
+
+def normalize(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFKC", text).split())
+
+
+def prompt_and_answer(row: dict) -> tuple[str, str]:
+    if "messages" in row:
+        msgs = row["messages"]
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        return msgs[:last], msgs[last]["content"]
+    return row["prompt"], row["completion"]
+
+
+def generate(model, tokenizer, prompts: list, max_tokens: int, batch_size: int = 32) -> list[str]:
+    """Greedy completions; a prompt is a string or a message list."""
+    enc = Encoder(tokenizer)
+    ids = [enc.prompt_tokens(p) if isinstance(p, str) else enc.template(p, add_generation_prompt=True)
+           for p in prompts]
+    model.eval()
+    out = []
+    with inference_weights(model):
+        for i in range(0, len(ids), batch_size):
+            out += batch_generate(model, tokenizer, ids[i:i + batch_size], max_tokens=max_tokens).texts
+    return out
+
+
+def score(metric: str, answer: str, reference: str, pattern: str | None = None, keys=()) -> bool:
+    """One generated answer against its reference.
+
+    exact_match: equal after NFKC and whitespace normalisation · contains: the normalised, case-folded
+    reference occurs in the answer · regex: the normalised answer fully matches `pattern` ·
+    json: the answer parses as a JSON object holding every key in `keys`.
+    """
+    if metric == "exact_match":
+        return normalize(answer) == normalize(reference)
+    if metric == "contains":
+        return normalize(reference).casefold() in normalize(answer).casefold()
+    if metric == "regex":
+        return re.fullmatch(pattern, normalize(answer)) is not None
+    if metric == "json":
+        import json
+
+        try:
+            value = json.loads(answer.strip())
+        except ValueError:
+            return False
+        return isinstance(value, dict) and all(k in value for k in keys)
+    raise ValueError(metric)
+
+
+def task(model, tokenizer, rows: list[dict], spec) -> dict:
+    """The recipe's [eval] metric on the golden rows (spec: recipe.EvalSpec)."""
+    if spec.metric == "loglik":
+        return loglik(model, tokenizer, rows[: spec.limit])
+    if spec.metric == "preference":
+        return preference_accuracy(model, tokenizer, rows[: spec.limit])
+    return exact_match(model, tokenizer, rows, spec.max_tokens, spec.limit, spec.format, spec.metric,
+                       tuple(spec.required_keys or ()))
+
+
+def loglik(model, tokenizer, rows: list[dict]) -> dict:
+    """Mean log-likelihood per token of the reference answers given their prompts (no generation):
+    sum_rows sum_t log p(answer_t | prompt, answer_<t) / answer tokens."""
+    import mlx.core as mx
+
+    from ..methods.logprobs import target_logprobs
+    from ..train.data import _collate, encode
+
+    fmt = "messages" if "messages" in rows[0] else "completion"
+    examples = encode(rows, fmt, tokenizer, 1 << 16).examples
+    total, count = 0.0, 0
+    model.eval()
+    with inference_weights(model):
+        for i in range(0, len(examples), 16):
+            b = _collate(examples[i:i + 16])
+            logp, w = target_logprobs(model, {"inputs": mx.array(b.inputs), "targets": mx.array(b.targets),
+                                              "loss_mask": mx.array(b.loss_mask)})
+            total += (logp * w).sum().item()
+            count += int(b.loss_mask.sum())
+    return {"metric": "loglik", "value": total / max(count, 1), "n": len(rows), "tokens": count, "samples": []}
+
+
+def preference_accuracy(model, tokenizer, rows: list[dict]) -> dict:
+    """Share of held-out pairs whose chosen response the model finds more likely than the rejected one
+    (summed log-probs of the response tokens)."""
+    import mlx.core as mx
+
+    from ..methods.dpo import collate_pairs, encode_pairs, sequence_logps
+
+    pairs = encode_pairs(rows, tokenizer, 1 << 16, "golden set").examples
+    wins = 0
+    model.eval()
+    with inference_weights(model):
+        from ..train.trainer import _to_mx
+
+        for i in range(0, len(pairs), 8):
+            chunk = pairs[i:i + 8]
+            logps, _ = sequence_logps(model, _to_mx(collate_pairs(chunk)))
+            wins += int(mx.sum(logps[: len(chunk)] > logps[len(chunk):]).item())
+    return {"metric": "preference", "value": wins / max(len(pairs), 1), "n": len(pairs), "samples": []}
+
+
+def exact_match(model, tokenizer, rows: list[dict], max_tokens: int, limit: int, format: str | None = None,
+                metric: str = "exact_match", keys=()) -> dict:
+    """Share of rows whose greedy answer equals the reference after whitespace/NFKC normalisation.
+
+    With `format` (a regex), also the share of answers that are well-formed (fully match it).
+    """
+    rows = rows[:limit]
+    pairs = [prompt_and_answer(r) for r in rows]
+    answers = generate(model, tokenizer, [p for p, _ in pairs], max_tokens)
+    hits = [score(metric, a, ref, format, keys) for a, (_, ref) in zip(answers, pairs)]
+    samples = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "expected": ref, "got": a}
+               for (p, ref), a in zip(pairs[:5], answers[:5])]
+    result = {"metric": metric, "value": sum(hits) / len(hits), "n": len(hits), "samples": samples}
+    if format:
+        pattern = re.compile(format)
+        result["format"] = format
+        result["well_formed"] = sum(bool(pattern.fullmatch(normalize(a))) for a in answers) / len(answers)
+    return result
+
+
+def decode_speed(model, tokenizer, prompt, tokens: int = 64) -> float:
+    """Greedy decoding tokens/s at batch 1 (a KV cache, no stop at EOS), after one warm-up run."""
+    import time
+
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    enc = Encoder(tokenizer)
+    ids = mx.array(enc.prompt_tokens(prompt) if isinstance(prompt, str) else
+                   enc.template(prompt, add_generation_prompt=True))
+    model.eval()
+    with inference_weights(model):
+        for _ in generate_step(ids, model, max_tokens=4):
+            pass
+        t0 = time.perf_counter()
+        for _ in generate_step(ids, model, max_tokens=tokens):
+            pass
+        return tokens / (time.perf_counter() - t0)
+
+
+def general_nll(model, tokenizer, texts: list[str], max_seq_len: int = 256, batch_size: int = 8) -> dict:
+    """Mean negative log-likelihood per token (nats) over plain texts, and its perplexity.
+
+    NLL = -sum_t log p(x_t | x_<t) / T over every token after the first of each text (BOS first
+    when the tokenizer has one), texts cut at max_seq_len tokens.
+    """
+    import math
+
+    import mlx.core as mx
+    import numpy as np
+
+    from ..methods.logprobs import target_logprobs
+    from ..train.data import Batch, Example, _collate
+
+    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
+    examples = []
+    for t in texts:
+        ids = (bos + tokenizer.encode(t, add_special_tokens=False))[:max_seq_len]
+        examples.append(Example(np.array(ids, np.int32), np.ones(len(ids), bool)))
+    examples.sort(key=lambda e: len(e.tokens))
+    total, count = 0.0, 0
+    model.eval()
+    with inference_weights(model):
+        for i in range(0, len(examples), batch_size):
+            b: Batch = _collate(examples[i:i + batch_size])
+            logp, weight = target_logprobs(model, {k: mx.array(v) for k, v in (
+                ("inputs", b.inputs), ("targets", b.targets), ("loss_mask", b.loss_mask))})
+            total += -(logp * weight).sum().item()
+            count += int(b.loss_mask.sum())
+    nll = total / max(count, 1)
+    return {"nll": nll, "perplexity": math.exp(nll), "tokens": count, "texts": len(texts)}

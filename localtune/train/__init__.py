@@ -1,0 +1,1 @@
+"""The training side: the one loop, data, adapters, processes, and the stage loop."""
