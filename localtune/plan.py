@@ -19,16 +19,14 @@ import copy
 import dataclasses
 import functools
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from . import device, models
+from . import device, methods, models
 from .errors import LocaltuneError
 from .recipe import Recipe, Stage
 from .train import adapters, data, distributed
@@ -78,26 +76,25 @@ def _pad(n: int, multiple: int = 8) -> int:
 def micro_shapes(stage: Stage, dataset) -> list[tuple[int, int, int]]:
     """(rows, padded width, scored tokens) of each micro-batch of one epoch on this rank. A DPO batch
     whose pairs share their prompt runs it once: its width is the token count over its 2B rows."""
-    if stage.kind == "ppo":
-        width = max(len(p.tokens) for p in dataset.examples) + stage.max_new_tokens
-        rows = stage.minibatch_size or stage.batch_size
-        return [(rows, _pad(width), rows * stage.max_new_tokens)]
+    method = methods.of(stage)
+    if (shapes := method.plan_shapes(stage, dataset)) is not None:
+        return shapes
     batches = data.Batches(dataset, stage.batch_size, stage.seed or 0, stage.group_by_length, stage.packing,
                            stage.max_seq_len, shard=distributed.shard())
     out = []
-    for item in batches._plan(0):
+    for item in batches.plan(0):
         if stage.packing:
             out.append((len(item), stage.max_seq_len, sum(int(e.loss_mask.sum()) for b in item for e in b)))
             continue
         examples = [dataset.examples[i] for i in item]
         width = _pad(max(_length(e) for e in examples) - 1)
-        if stage.kind not in ("dpo", "reward"):
+        if not method.pairs:
             out.append((len(examples), width, sum(int(e.loss_mask.sum()) for e in examples)))
             continue
         rows = [x for e in examples for x in (e.chosen, e.rejected)]
-        scored = 0 if stage.kind == "reward" else sum(int(x.loss_mask.sum()) for x in rows)
+        scored = sum(int(x.loss_mask.sum()) for x in rows) if method.lm_head else 0
         starts = [int(np.argmax(e.chosen.loss_mask)) for e in examples]
-        if stage.kind == "dpo" and all(n > 0 and np.array_equal(e.chosen.tokens[:n], e.rejected.tokens[:n])
+        if method.shared_prompts and all(n > 0 and np.array_equal(e.chosen.tokens[:n], e.rejected.tokens[:n])
                                        for e, n in zip(examples, starts)):
             response = _pad(max(len(x.tokens) - n for x, n in zip(rows, [n for n in starts for _ in (0, 1)])))
             width = _pad(-(-(len(examples) * _pad(max(starts)) + len(rows) * response) // len(rows)))
@@ -178,9 +175,9 @@ def activation_bytes(d: dict, stage: Stage, rows: int, width: int, adapted_layer
                      scored: int) -> int:
     """What the backward pass keeps for one micro-batch: per adapted block, its inputs and the
     attention/MLP intermediates (or only the block input with gradient checkpointing), and the
-    output head's fp32 logits for the `scored` positions: whole below logprobs._BLOCKWISE_FROM
+    output head's fp32 logits for the `scored` positions: whole below logprobs.BLOCKWISE_FROM
     logits, else a few vocabulary blocks (none for a reward head)."""
-    from .methods.logprobs import _BLOCKWISE_FROM, _LOGITS_BLOCK
+    from .methods.logprobs import BLOCKWISE_FROM, LOGITS_BLOCK
 
     t = rows * width
     per_token = 10 * d["h"] + 4 * d["kv"] + 5 * d["i"]
@@ -192,8 +189,8 @@ def activation_bytes(d: dict, stage: Stage, rows: int, width: int, adapted_layer
         kept = adapted_layers * block
     k = t if scored > t // 2 else max(64, _pad(scored, 64))  # only scored positions reach the head
     logits = k * d["vocab"]
-    head = 3 * 4 * (logits if logits < _BLOCKWISE_FROM else 2 * _LOGITS_BLOCK) + 2 * k * d["h"] * 4
-    return int(kept + (0 if stage.kind == "reward" else head))
+    head = 3 * 4 * (logits if logits < BLOCKWISE_FROM else 2 * LOGITS_BLOCK) + 2 * k * d["h"] * 4
+    return int(kept + (head if methods.of(stage).lm_head else 0))
 
 
 def _adapted(stage: Stage, d: dict) -> int:
@@ -219,7 +216,8 @@ def plan_stage(model, stage: Stage, dataset, steps: int, extra: dict | None = No
                "activations": activation_bytes(d, stage, rows, width, adapted, dtype_bytes, scored), **(extra or {})}
     static = sum(v for k, v in p.parts.items() if k != "activations" and not k.startswith("phase:"))
     p.peak = static + p.parts["activations"]
-    worst_rows = rows if stage.kind == "ppo" else (2 if stage.kind in ("dpo", "reward") else 1) * stage.batch_size
+    method = methods.of(stage)
+    worst_rows = rows if method.samples else (2 if method.pairs else 1) * stage.batch_size
     p.worst_case_peak = static + activation_bytes(d, stage, worst_rows, _pad(stage.max_seq_len), adapted,
                                                   dtype_bytes, worst_rows * stage.max_seq_len)
     for k, v in (extra or {}).items():  # a phase beside training (rollouts, the teacher) may be the peak
@@ -245,10 +243,7 @@ def _step_flops(model, d: dict, stage: Stage, shapes) -> float:
     mean_width = sum(w for _, w, _ in shapes) / len(shapes)
     per_token = 4 * params + 4 * d["layers"] * d["h"] * mean_width + 4 * d["h"] * d["vocab"]
     flops = per_token * tokens * stage.grad_accum
-    if stage.kind == "ppo":  # a rollout batch (generation + 3 scoring passes) shared by its updates
-        updates = stage.ppo_epochs * (stage.batch_size // (stage.minibatch_size or stage.batch_size))
-        flops += 5 * 2 * params * stage.batch_size * mean_width / updates
-    return flops
+    return flops + methods.of(stage).plan_step_flops(stage, params, mean_width)
 
 
 # Calibration ---------------------------------------------------------------
@@ -258,7 +253,7 @@ def _subset(dataset, stage: Stage, rows: int):
     """A copy of the dataset holding the `rows` longest examples of the widest batch."""
     batches = data.Batches(dataset, stage.batch_size, stage.seed or 0, stage.group_by_length, stage.packing,
                            stage.max_seq_len)
-    plan = batches._plan(0)
+    plan = batches.plan(0)
     if stage.packing:
         widest = plan[0]
         examples = [e for b in widest[:rows] for e in b]
@@ -273,82 +268,67 @@ def _subset(dataset, stage: Stage, rows: int):
 
 
 def _measure(model, tokenizer, stage: Stage, dataset, rows: int, steps: int, folder: Path) -> dict:
-    """Run `steps` real steps of the stage on `rows` rows: {"peak", "step_sec", "first_sec"}."""
-    import importlib
-
+    """Run `steps` real steps of the stage on `rows` rows, built as training builds them:
+    {"peak", "times", "step_sec", and the method's own timings (Method.plan_calibrate)}."""
+    from .methods.base import StageContext
     from .run import Run
     from .train import trainer
-    from .train.pipeline import METHODS, train_args
+    from .train.pipeline import train_args
+    from .train.prepare import batches
 
-    units = rows // 2 if stage.kind in ("dpo", "reward") else rows
+    method = methods.of(stage)
+    units = rows // 2 if method.pairs else rows
     small = dataclasses.replace(stage, grad_accum=1, eval_every=0, save_every=10**9, report_every=1)
-    if stage.kind == "ppo":  # the stage's own rollout batch: the longest prompts
+    if method.samples:  # the stage's own rollout batch: the longest prompts
         sub = copy.copy(dataset)
         sub.examples = sorted(dataset.examples, key=_length, reverse=True)[:stage.batch_size]
     else:
         small = dataclasses.replace(small, batch_size=units)
         sub = _subset(dataset, stage, units)
-    method = importlib.import_module(METHODS[stage.kind])
     mx.random.seed(0)
     config = adapters.attach(model, stage.adapter, "adapter")
-    extra = {}
-    if stage.kind == "reward":
-        from .methods.reward import attach_head
-
-        attach_head(model)
-    if stage.kind == "ppo":  # a reward model is timed as the base plus a head (its LoRA costs little)
-        from .methods import ppo
-
-        ppo.attach_value_head(model)
-        score_head = nn.Linear(model.model.norm.weight.shape[0], 1) if stage.reward_model else None
-        extra = {"tokenizer": tokenizer, "reward": ppo.Reward(tokenizer, stage.rules, {} if score_head else None,
-                                                              score_head), "log": lambda *a, **k: {}}
-    batches = data.Batches(sub, small.batch_size, small.seed or 0, small.group_by_length, small.packing,
-                           small.max_seq_len, collate=getattr(method, "collate", None))
+    heads = method.heads(model)
+    run = Run.create(folder, "calibration", "")
+    ctx = StageContext(None, small, model, tokenizer, sub, None, folder / stage.name, run=run, steps=steps,
+                       planning=True)
     records = []
     try:
-        loss_fn, batches, _ = method.setup(model, small, batches, None, steps, folder, lambda m: None, **extra)
-        run = Run.create(folder, "calibration", "")
-        trainer.train(model, loss_fn, batches, train_args(small, steps), run=run, stage=stage.name,
-                      stage_dir=folder / stage.name, adapter_config=config,
+        ctx.batches = batches(small, sub, method.collate)
+        loss_fn, train_batches, _ = method.setup(ctx)
+        trainer.train(model, loss_fn, train_batches, train_args(small, steps), run=run, stage=stage.name,
+                      stage_dir=folder / stage.name, adapter_config=config | heads,
                       report=lambda r: records.append(r) if r.get("kind") == "train" else None)
     finally:
         adapters.detach(model)
-        for name in ("reward_head", "value_head"):
-            if name in model:
-                model.pop(name)
+        for name in heads:  # Method.heads names the modules it attached
+            model.pop(name, None)
     times = [r["time_sec"] for r in records]
     out = {"peak": max(r["peak_memory_gb"] for r in records) * GiB, "times": times,
            "step_sec": sorted(times[1:])[len(times[1:]) // 2]}
-    if stage.kind == "dpo" and stage.reference != "live":  # the cache was filled at the first step: time a pass
-        from .methods.dpo import ReferenceCache
-
-        t = time.perf_counter()
-        ReferenceCache(model, sub, folder / "reference.safetensors", len(sub)).fill()
-        out["reference_per_pair"] = (time.perf_counter() - t) / len(sub)
-    return out
+    return out | method.plan_calibrate(model, stage, sub, folder, len(dataset))
 
 
 def calibrate(model, tokenizer, stage: Stage, dataset, p: StagePlan, limit: int) -> None:
     """Refine p's peak and time from real steps on the widest rows: at 1/2 and all of the batch when the
     formula puts it under 80% of the limit (the peak is then measured), else at 1/4 and 1/2 (the peak:
     the half batch's plus the formula's growth). A ppo stage: two whole rollout batches."""
-    if stage.kind == "distill":
-        p.notes.append("distill stages are not calibrated: the formula's estimate")
+    method = methods.of(stage)
+    if method.not_calibrated:
+        p.notes.append(method.not_calibrated)
         return
     with tempfile.TemporaryDirectory(prefix="localtune-plan-") as tmp:
-        if stage.kind == "ppo":
+        if method.samples:
             if p.peak > 0.6 * limit:
                 p.notes.append("not calibrated: a rollout batch at full size might not fit")
                 return
-            updates = stage.ppo_epochs * (stage.batch_size // (stage.minibatch_size or stage.batch_size))
+            updates = method.steps_per_batch(stage)
             m = _measure(model, tokenizer, stage, dataset, p.rows, 2 * updates, Path(tmp))
             p.peak = int(m["peak"])
             p.parts["activations"] = max(0, p.peak - _static(p))
             p.step_sec = sum(m["times"][updates:]) / updates  # the second rollout batch: compiled, rollout included
             p.how = f"calibrated: two rollout batches of {stage.batch_size} prompts ({updates} updates each)"
         else:
-            unit = 2 if stage.kind in ("dpo", "reward") else 1
+            unit = 2 if method.pairs else 1
             full = p.rows // unit
             safe = p.peak < 0.8 * limit  # the formula's word that the full batch can run
             r1, r2 = (max(1, full // 2), full) if safe else (max(1, full // 4), max(1, full // 2))
@@ -368,11 +348,8 @@ def calibrate(model, tokenizer, stage: Stage, dataset, p: StagePlan, limit: int)
             slope = (b["step_sec"] - a["step_sec"]) / (r2 - r1) if r2 > r1 else 0.0
             rows_worth = _mean_tokens(stage, dataset) / (p.width * unit)  # the epoch's mean micro-batch
             p.step_sec = stage.grad_accum * max(a["step_sec"] - slope * r1, a["step_sec"] + slope * (rows_worth - r1))
-            if "reference_per_pair" in b:  # reference passes: in the steps (auto), or before them
-                ref = b["reference_per_pair"] * stage.batch_size * stage.grad_accum
-                p.step_sec += ref if stage.reference == "auto" else 0
-                p.notes += [] if stage.reference == "auto" else [
-                    f"reference pass before the first step: about {duration(ref / stage.batch_size * len(dataset))}"]
+            p.step_sec += b.get("extra_step_sec", 0.0)  # the method's work beside the steps (Method.plan_calibrate)
+            p.notes += b.get("notes", [])
             p.how = f"calibrated: {r1} and {r2} {'pairs' if unit == 2 else 'rows'} of {p.width} tokens"
         p.stage_sec = p.step_sec * p.steps
 
@@ -392,21 +369,18 @@ def _mean_tokens(stage: Stage, dataset) -> float:
 def plan(recipe: Recipe, prepared, calibrate_steps: bool = True, note=lambda m: None) -> list[StagePlan]:
     """Every stage's plan, on the recipe's base (a distill student from its stage on). Calibration
     loads the weights; the formula alone reads only their shapes."""
-    from .train.pipeline import folder_of, stage_steps
+    from .loading import folder_of
 
     limit = device.memory_limit_bytes()
     model, _ = models.load_model(prepared.folder, recipe.model.quantize, lazy=not calibrate_steps)
     plans = []
     for stage in recipe.stages:
-        if stage.kind == "distill" and stage.student:
-            model, _ = models.load_model(folder_of(recipe, stage.student, f"[stages.{stage.name}] student"),
+        method = methods.of(stage)
+        if start := method.starts_from(stage):  # the chain starts again from this model
+            model, _ = models.load_model(folder_of(recipe, start, f"[stages.{stage.name}] student"),
                                          lazy=not calibrate_steps)
-        dataset = prepared.train[stage.name]
-        if isinstance(dataset, tuple):  # distill sequence mode: encoded once the teacher has answered
-            note(f"{stage.name}: the teacher's answers are not written yet; planned on the prompts' length "
-                 f"plus max_new_tokens = {stage.max_new_tokens}")
-            dataset = _prompts_as_answers(stage, dataset[0], dataset[1], prepared.tokenizer)
-        steps = stage_steps(stage, data.Batches(dataset, stage.batch_size, stage.seed or 0, stage.group_by_length,
+        dataset = method.plan_dataset(stage, prepared.train[stage.name], prepared.tokenizer, note)
+        steps = method.steps(stage, data.Batches(dataset, stage.batch_size, stage.seed or 0, stage.group_by_length,
                                                 stage.packing, stage.max_seq_len, shard=distributed.shard()))
         p = _plan_with_adapters(model, recipe, stage, dataset, steps)
         if calibrate_steps and p.peak < 0.9 * limit:
@@ -424,44 +398,10 @@ def _plan_with_adapters(model, recipe: Recipe, stage: Stage, dataset, steps: int
     stage = dataclasses.replace(stage, **changes) if changes else stage
     adapters.attach(model, stage.adapter, "adapter")
     try:
-        return plan_stage(model, stage, dataset, steps, _extras(model, recipe, stage, dataset))
+        extras = methods.of(stage).plan_extras(model, stage, dataset, _dims(model), 2 if device.is_gpu() else 4)
+        return plan_stage(model, stage, dataset, steps, extras)
     finally:
         adapters.detach(model)
-
-
-def _extras(model, recipe: Recipe, stage: Stage, dataset) -> dict:
-    """What a method keeps beside the training step: phases that may peak on their own."""
-    d = _dims(model)
-    out = {}
-    if stage.kind == "ppo":
-        width = max(len(p.tokens) for p in dataset.examples) + stage.max_new_tokens
-        dtype_bytes = 2 if device.is_gpu() else 4
-        kv = rollout_cache_bytes(d, stage.batch_size, width, dtype_bytes)
-        copy_bytes = 0
-        if stage.dequantize_rollouts and not device.is_gpu() and models.is_quantized(model):
-            copy_bytes = block_params(d, "i_total") * 4
-        out["phase:rollouts"] = kv + copy_bytes + _bytes(model.trainable_parameters()) * 4
-        out["value head"] = (d["h"] + 1) * 4
-    if stage.kind == "distill" and stage.mode == "logits":
-        targets = sum(int(sum(e.loss_mask)) for e in dataset.examples)
-        out["teacher cache (host)"] = targets * stage.top_k * 8
-    return out
-
-
-def _prompts_as_answers(stage: Stage, rows, fmt, tokenizer):
-    """Sequence distillation before the teacher answered: each prompt with max_new_tokens of answer."""
-    from .integrity.evaluate import prompt_and_answer
-
-    enc = data.Encoder(tokenizer, stage.mask_prompt)
-    examples = []
-    for r in rows:
-        prompt = r["prompt"] if "prompt" in r else prompt_and_answer(r)[0]
-        tokens = enc.prompt_tokens(prompt) if isinstance(prompt, str) else enc.template(prompt, True)
-        n = min(len(tokens) + stage.max_new_tokens, stage.max_seq_len)
-        mask = np.zeros(n, bool)
-        mask[min(len(tokens), n - 1):] = True
-        examples.append(data.Example(np.zeros(n, np.int32), mask))
-    return data.Dataset(examples, source="prompts")
 
 
 # Suggestions ---------------------------------------------------------------
@@ -487,7 +427,7 @@ def suggestions(model, recipe: Recipe, stage: Stage, dataset, steps: int, p: Sta
         add(f"{key} batch_size = {half}, grad_accum = {stage.grad_accum * 2} (the same batch per step)",
             _plan_with_adapters(model, recipe, stage, dataset, steps, batch_size=half,
                                 grad_accum=stage.grad_accum * 2).peak)
-    if p.width > 64 and stage.kind != "ppo":
+    if p.width > 64 and not methods.of(stage).samples:  # sampled responses: their length is max_new_tokens
         shorter = max(64, p.width // 2)
         over = sum(_length(e) > shorter for e in dataset.examples)
         add(f"{key} max_seq_len = {shorter} ({over} of {len(dataset.examples)} examples would be truncated)",

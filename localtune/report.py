@@ -1,6 +1,7 @@
 """report.md: what changed, in numbers, written at the end of a run."""
 from __future__ import annotations
 
+from . import methods
 from .run import atomic_write
 
 
@@ -94,41 +95,6 @@ def _distillation(task: dict, recipe, manifest: dict) -> list[str]:
         lines += ["", f"The student closed {(after['value'] - before['value']) / gap:.0%} of its gap to the teacher "
                       f"on {teacher['metric']}" + (f", and decodes {speed / teacher['tokens_per_sec']:.2f}x as fast "
                                                     "as the teacher" if speed else "") + "."]
-    for s in recipe.stages:
-        r = manifest.get("stage_results", {}).get(s.name, {})
-        if "heldout_before" in r:
-            name = "JSD" if s.loss == "jsd" else "KL"
-            lines.append(f"\nHeld-out {name} to the teacher ({s.name}, {s.loss}, T={s.temperature}): "
-                         f"{r['heldout_before'].get(name.lower(), float('nan')):.4f} before, "
-                         f"{r['heldout_after'].get(name.lower(), float('nan')):.4f} after.")
-    return lines
-
-
-def _ppo(s, r: dict) -> list[str]:
-    """Held-out reward, KL and rule pass rates before and after a ppo stage, and sample answers."""
-    b, a = r["heldout_before"], r["heldout_after"]
-    what = " + ".join(([f"reward model `{s.reward_model}`"] if s.reward_model else []) +
-                      [f"{x.weight:g} x {x.kind}" + (f" `{x.pattern}`" if x.pattern else "") for x in s.rules or ()])
-    lines = ["", f"## PPO ({s.name}: {b['n']} held-out prompts of `{s.valid or 'the valid split'}`, sampled at "
-             f"T={s.temperature:g})", "", f"Reward: {what}.", "", "| | before the stage | after | change |",
-             "|---|---|---|---|",
-             f"| reward (mean ± std) | {b['reward_mean']:+.3f} ± {b['reward_std']:.3f} | "
-             f"{a['reward_mean']:+.3f} ± {a['reward_std']:.3f} | {a['reward_mean'] - b['reward_mean']:+.3f} |",
-             f"| KL to the reference (nats per response) | {b['kl']:.3f} | {a['kl']:.3f} ± {a['kl_std']:.3f} | "
-             + (f"target {s.target_kl:g} |" if s.target_kl else "— |")]
-    if "reward_model" in b and s.rules:
-        lines.append(f"| reward model score | {b['reward_model']:+.3f} | {a['reward_model']:+.3f} | "
-                     f"{a['reward_model'] - b['reward_model']:+.3f} |")
-    for key in sorted(k for k in b if k.startswith("reward_rule")):
-        rule = (s.rules or [])[int(key[11:]) - 1]
-        lines.append(f"| rule {key[11:]} ({rule.kind}) pass rate | {b[key]:.1%} | {a[key]:.1%} | "
-                     f"{(a[key] - b[key]) * 100:+.1f} points |")
-    cell = lambda t: str(t).replace("|", "\\|").replace("\n", " ")[:60]  # noqa: E731
-    lines += ["", "Samples (the same prompts and seed before and after):", "",
-              "| prompt | before | reward | after | reward |", "|---|---|---|---|---|"]
-    for x, y in zip(b["samples"], a["samples"]):
-        lines.append(f"| {cell(x['prompt'])} | {cell(x['got'])} | {x['reward']:+.2f} | {cell(y['got'])} | "
-                     f"{y['reward']:+.2f} |")
     return lines
 
 
@@ -171,16 +137,6 @@ def write_report(run, recipe, manifest: dict) -> str:
                 lines.append(f"| {cell(b['prompt'])} | {cell(b['expected'])} | {cell(b['got'])} | {cell(a['got'])} |")
     if len(task.get("stages", {})) > 1:
         lines += _per_stage(task, recipe)
-    for s in recipe.stages:
-        r = manifest.get("stage_results", {}).get(s.name, {})
-        if s.kind == "dpo" and "eval_policy_prefers_chosen" in r:
-            lines += ["", f"## Preferences ({s.name}, held-out pairs of `{s.valid or 'the valid split'}`)", "",
-                      "| | before the stage | after |", "|---|---|---|",
-                      f"| the model gives the chosen answer the higher likelihood | "
-                      f"{r['eval_reference_prefers_chosen']:.1%} | {r['eval_policy_prefers_chosen']:.1%} |",
-                      f"| DPO preference accuracy (reward chosen > reward rejected) | — | "
-                      f"{r['eval_preference_accuracy']:.1%} |",
-                      f"| DPO reward margin | 0 | {r['eval_reward_margin']:+.3f} |"]
     if manifest.get("general", {}).get("before"):
         lines += _general(manifest["general"], task, recipe, manifest)
     if "teacher" in task:
@@ -189,27 +145,16 @@ def write_report(run, recipe, manifest: dict) -> str:
         from .integrity.provenance import report_lines
 
         lines += report_lines(manifest["provenance"])
-    for s in recipe.stages:
-        h = manifest.get("stage_results", {}).get(s.name, {}).get("heldout")
-        if s.kind == "reward" and h:
-            lines += ["", f"## Reward model ({s.name}, {h['pairs']} held-out pairs of `{s.valid or 'the valid split'}`)",
-                      "", "| pair accuracy | margin mean | std | p10 | median | p90 |", "|---|---|---|---|---|---|",
-                      f"| {h['pair_accuracy']:.1%} | {h['margin_mean']:+.3f} | {h['margin_std']:.3f} | "
-                      f"{h['margin_p10']:+.3f} | {h['margin_p50']:+.3f} | {h['margin_p90']:+.3f} |", "",
-                      f"The margin is r(chosen) - r(rejected). Score rows with `localtune score --reward "
-                      f"{run.path / s.name} --data FILE.jsonl`."]
-    for s in recipe.stages:
-        r = manifest.get("stage_results", {}).get(s.name, {})
-        if s.kind == "ppo" and "heldout_before" in r:
-            lines += _ppo(s, r)
+    for s in recipe.stages:  # each method's own section
+        lines += methods.of(s).report(s, manifest.get("stage_results", {}).get(s.name, {}), run.path)
     if manifest.get("warnings"):
         lines += ["", "## Warnings", ""] + [f"- {w['stage']}, step {w['step']}: {w['message']}"
                                             for w in manifest["warnings"]]
     lines += ["", "## Outputs", ""]
     base = manifest['model'].get('folder', manifest['model']['path'])
     for s in recipe.stages:
-        if s.kind == "distill" and s.student:
-            base = recipe.resolve(s.student)
+        if start := methods.of(s).starts_from(s):  # the chain starts again from this model
+            base = recipe.resolve(start)
         lines.append(f"- `{s.name}/`: adapters (mlx-lm format: "
                      f"`mlx_lm.generate --model {base} --adapter-path {run.path / s.name}`)")
     text = "\n".join(lines) + "\n"

@@ -76,7 +76,7 @@ def test_adapters_load_in_mlx_lm_and_generate_agrees(tmp_path, small_model_path)
     import mlx.core as mx
     from mlx_lm import load
 
-    from localtune.train.pipeline import load_for_inference
+    from localtune.loading import load_for_inference
 
     recipe = write_recipe(tmp_path, small_model_path, steps=3)
     assert invoke("run", recipe, "--no-tui", "--runs-dir", tmp_path / "runs").exit_code == 0

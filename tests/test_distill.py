@@ -9,6 +9,8 @@ from test_cli import invoke, kill_at, only_run, write_recipe
 
 from localtune import models
 from localtune.methods import distill
+from localtune.methods.base import StageContext
+from localtune.recipe import make_stage
 from localtune.train import data
 
 
@@ -60,12 +62,15 @@ def tiny(small_model_path):
     return model, tokenizer, data.encode(rows, "completion", tokenizer, 64)
 
 
-class _Stage:
-    temperature, loss, jsd_beta, batch_size, eval_batches, mode = 1.0, "forward_kl", 0.5, 4, 2, "logits"
+def setup(model, dataset, tmp_path, **options):
+    """The distill method's setup, as the stage loop calls it (logits mode, a batch of 4)."""
+    stage = make_stage("distill", teacher="t", batch_size=4, eval_batches=2, **options)
+    ctx = StageContext(None, stage, model, None, dataset, None, tmp_path, batches=data.Batches(dataset, 4, 0))
+    return distill.METHOD.setup(ctx)
 
 
 def test_a_student_that_is_its_teacher_has_zero_loss_and_the_cache_round_trips(tmp_path, tiny):
-    from localtune.train.trainer import _to_mx
+    from localtune.train.trainer import to_mx
 
     model, tokenizer, dataset = tiny
     vocab = len(tokenizer.get_vocab())
@@ -77,9 +82,8 @@ def test_a_student_that_is_its_teacher_has_zero_loss_and_the_cache_round_trips(t
     loaded, damage = distill.TeacherCache.load(tmp_path / "c.safetensors", key)
     assert damage is None
     dataset.teacher_cache = loaded
-    batches = data.Batches(dataset, 4, 0)
-    loss, batches, _ = distill.setup(model, _Stage, batches, None, 1, tmp_path, print)
-    value, ntoks, metrics = loss(model, _to_mx(next(batches)))
+    loss, batches, _ = setup(model, dataset, tmp_path)
+    value, ntoks, metrics = loss(model, to_mx(next(batches)))
     assert ntoks.item() > 0 and abs(value.item()) < 1e-5 and abs(metrics["kl"].item()) < 1e-5
     small_k = distill.TeacherCache.build(model, dataset, 16, 1.0)  # top-16: the tail is approximated
     assert small_k.nbytes * 30 < cache.nbytes
@@ -91,14 +95,13 @@ def test_distill_loss_trains_a_student_towards_the_teacher(tmp_path, tiny, small
     import mlx.optimizers as optim
     from mlx.utils import tree_flatten
 
-    from localtune.train.trainer import _to_mx
+    from localtune.train.trainer import to_mx
 
     teacher, tokenizer, dataset = tiny
     dataset.teacher_cache = distill.TeacherCache.build(teacher, dataset, 64, 2.0)
     student, _ = models.load_model(small_model_path.parent / "smaller")
-    stage = type("S", (_Stage,), {"temperature": 2.0, "loss": kind})
-    loss, batches, _ = distill.setup(student, stage, data.Batches(dataset, 4, 0), None, 1, tmp_path, print)
-    batch = _to_mx(next(batches))
+    loss, batches, _ = setup(student, dataset, tmp_path, temperature=2.0, loss=kind)
+    batch = to_mx(next(batches))
     grad_fn = nn.value_and_grad(student, lambda m, b: loss(m, b)[0])
     opt = optim.Adam(learning_rate=3e-4)
     first = None

@@ -119,7 +119,7 @@ def test_shards_partition_each_global_batch(small_model_path):
 
 def test_ppo_stages_are_refused_on_several_processes(tmp_path, monkeypatch):
     from localtune import recipe as recipe_mod
-    from localtune.train.pipeline import prepare
+    from localtune.train.prepare import prepare
 
     monkeypatch.setattr(distributed, "size", lambda: 2)
     parsed = recipe_mod.load(ROOT / "recipes/rlhf-rules.toml")

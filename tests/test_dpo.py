@@ -13,7 +13,7 @@ from test_trainer import fit, snapshot
 
 from localtune.cli import cli
 from localtune.methods import dpo
-from localtune.recipe import Adapter, Stage
+from localtune.recipe import Adapter, make_stage
 from localtune.train import adapters, data, trainer
 
 # --- the losses, by hand and by numpy -----------------------------------------------------------
@@ -64,18 +64,18 @@ def pairs(n=8, vocab=100, seed=0) -> dpo.PairSet:
 
 
 def stage(**kw):
-    return Stage(kind="dpo", data="x", beta=kw.pop("beta", 0.1), adapter=Adapter(rank=4, alpha=8), **kw)
+    return make_stage("dpo", data="x", beta=kw.pop("beta", 0.1), adapter=Adapter(rank=4, alpha=8), **kw)
 
 
 def batch_with_reference(model, pair_set, cache=None):
     b = next(data.Batches(pair_set, 4, 0, collate=dpo.collate_pairs))
-    return trainer._to_mx(dpo.WithReference(None, model, cache).attach(b))
+    return trainer.to_mx(dpo.WithReference(None, model, cache).attach(b))
 
 
 def test_sequence_logps_sum_the_response_tokens_of_each_row():
     model = make_tiny_model()
     ps = pairs()
-    b = trainer._to_mx(dpo.collate_pairs(ps.examples[:3]))
+    b = trainer.to_mx(dpo.collate_pairs(ps.examples[:3]))
     logps, ntoks = dpo.sequence_logps(model, b)
     logits = model(b["inputs"]).astype(mx.float32)
     token = mx.take_along_axis(logits, b["targets"][..., None], axis=-1)[..., 0] - mx.logsumexp(logits, axis=-1)
@@ -112,13 +112,13 @@ def test_one_prompt_pass_for_both_responses_gives_the_same_logps_and_gradients(k
         models.quantize_base(model, bits=4, group_size=32)
         models.use_cpu_quantized_path(model)
     if kind == "blockwise head":
-        monkeypatch.setattr(logprobs, "_BLOCKWISE_FROM", 1)
+        monkeypatch.setattr(logprobs, "BLOCKWISE_FROM", 1)
         monkeypatch.setattr(logprobs, "_BLOCK", 64 * 30)
     adapters.attach(model, Adapter(rank=4, alpha=8))
     _randomize = np.random.default_rng(1)
     model.update(tree_unflatten([(k, mx.array(_randomize.normal(0, 0.1, v.shape), v.dtype))
                                           for k, v in adapters.trainable_weights(model).items()]))
-    b = trainer._to_mx(dpo.collate_pairs(pairs(6).examples))  # prompts of 4-9 tokens: left padding differs
+    b = trainer.to_mx(dpo.collate_pairs(pairs(6).examples))  # prompts of 4-9 tokens: left padding differs
     assert b["prompt"].shape[0] == 6 and b["response"].shape[0] == 12
 
     def total(m, batch):
@@ -153,7 +153,7 @@ def test_a_model_whose_numbers_differ_when_sharing_prompts_runs_them_per_respons
     monkeypatch.setattr(dpo, "shared_logps", lambda m, b: (mx.zeros((16,)), mx.ones((16,))))
     dpo.check_shared_prompts(model, data.Batches(pairs(), 8, 0, collate=dpo.collate_pairs), notes.append)
     assert "sharing them does not reproduce this model's numbers" in notes[0]
-    b = trainer._to_mx(dpo.collate_pairs(pairs().examples))
+    b = trainer.to_mx(dpo.collate_pairs(pairs().examples))
     assert dpo.sequence_logps(model, b)[0].abs().min().item() > 0  # the per-response path, not the stub
 
 
@@ -319,7 +319,7 @@ def write_sft_dpo(tmp_path, small_model_path, dpo_rows=None, quantize=False, **d
 
 @pytest.mark.parametrize("quantize", [False, True], ids=["float base (sft fused)", "QLoRA base (sft stacked)"])
 def test_sft_then_dpo_uses_the_sft_model_as_reference(tmp_path, small_model_path, quantize):
-    from localtune.train.pipeline import load_for_inference
+    from localtune.loading import load_for_inference
 
     recipe = write_sft_dpo(tmp_path, small_model_path, quantize=quantize)
     result = CliRunner().invoke(cli, ["run", str(recipe), "--no-tui", "--runs-dir", str(tmp_path / "runs")])
@@ -342,7 +342,7 @@ def test_sft_then_dpo_uses_the_sft_model_as_reference(tmp_path, small_model_path
     model, tokenizer = load_for_inference(str(run), "sft")
     rows = [json.loads(x) for x in (tmp_path / "prefs.jsonl").read_text().splitlines()]
     ps = dpo.encode_pairs(rows, tokenizer, 64, "prefs.jsonl")
-    b = trainer._to_mx(dpo.collate_pairs(ps.examples[:4]))
+    b = trainer.to_mx(dpo.collate_pairs(ps.examples[:4]))
     logps, _ = dpo.sequence_logps(model, b)
     np.testing.assert_allclose(np.array(logps[:4]), np.array(cached["chosen"][:4]), rtol=1e-4)
     np.testing.assert_allclose(np.array(logps[4:]), np.array(cached["rejected"][:4]), rtol=1e-4)

@@ -41,7 +41,7 @@ def trained_run(tmp_path_factory, small_model_path):
 def test_fuse_writes_a_folder_mlx_lm_loads_that_equals_base_plus_adapters(tmp_path, trained_run, quantized):
     from mlx_lm import load
 
-    from localtune.train.pipeline import load_for_inference
+    from localtune.loading import load_for_inference
 
     run = trained_run(quantized)
     result = invoke("fuse", run, "--out", tmp_path / "fused")
@@ -76,7 +76,7 @@ def test_fuse_writes_a_complete_model_folder_with_the_base_files_as_they_are(tmp
     from mlx_lm import load
 
     from localtune import models
-    from localtune.train.pipeline import load_for_inference
+    from localtune.loading import load_for_inference
 
     result = invoke("fuse", trained_run(False), "--out", tmp_path / "fused")
     assert result.exit_code == 0, result.output
@@ -298,7 +298,7 @@ def test_python_api_and_json_report_the_same_result(tmp_path, trained_run):
 def test_dora_adapters_fuse_to_the_same_model(tmp_path, small_model_path):
     from mlx_lm import load
 
-    from localtune.train.pipeline import load_for_inference
+    from localtune.loading import load_for_inference
 
     recipe = write_recipe(tmp_path, small_model_path, steps=4, learning_rate=3e-3)
     recipe.write_text(recipe.read_text().replace("[stages.adapter]\n", '[stages.adapter]\ntype = "dora"\n'))

@@ -202,7 +202,7 @@ def test_a_second_trainer_is_refused_while_the_first_runs(trainer):
 
 def test_fuse_during_training_reads_finished_stages_only(trainer, tmp_path):
     from localtune import export
-    from localtune.train.pipeline import load_for_inference
+    from localtune.loading import load_for_inference
 
     proc, run = trainer()
     assert Run(run).manifest()["stages_done"] == ["sft"]

@@ -104,11 +104,11 @@ def test_sft_loss_and_lora_gradients_are_the_same_blockwise_or_whole(tie, monkey
     adapters.attach(model, Adapter(rank=4, alpha=8))
     rng = np.random.default_rng(0)
     rows = [data.Example(rng.integers(3, 100, n).astype(np.int32), np.arange(n) >= n // 2) for n in (9, 17, 30)]
-    batch = trainer._to_mx(data._collate(rows))
+    batch = trainer.to_mx(data.collate_examples(rows))
     loss_and_grad = nn.value_and_grad(model, lambda m, b: sft.loss(m, b)[0])
     whole, whole_grads = loss_and_grad(model, batch)
-    monkeypatch.setattr(logprobs, "_BLOCKWISE_FROM", 0)
-    monkeypatch.setattr(logprobs, "_LOGITS_BLOCK", 7 * 32)  # several vocab blocks
+    monkeypatch.setattr(logprobs, "BLOCKWISE_FROM", 0)
+    monkeypatch.setattr(logprobs, "LOGITS_BLOCK", 7 * 32)  # several vocab blocks
     blockwise, blockwise_grads = loss_and_grad(model, batch)
     np.testing.assert_allclose(blockwise.item(), whole.item(), rtol=1e-5)
     for (name, g), (_, h) in zip(tree_flatten(whole_grads), tree_flatten(blockwise_grads)):

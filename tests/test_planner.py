@@ -8,7 +8,7 @@ from test_cli import invoke, write_recipe
 from localtune import device, models
 from localtune import plan as planner
 from localtune import recipe as recipe_mod
-from localtune.train.pipeline import prepare
+from localtune.train.prepare import prepare
 
 
 def test_weights_and_adapter_parts_are_the_models_own_bytes(tmp_path, small_model_path):

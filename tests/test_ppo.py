@@ -11,11 +11,11 @@ from test_cli import ROOT, invoke, only_run, write_recipe
 from test_trainer import run_dir, snapshot
 
 from localtune import models
-from localtune.methods import ppo
-from localtune.recipe import Adapter, Rule, Stage
+from localtune.methods import ppo, rewards
+from localtune.recipe import Adapter, Rule, make_stage
 from localtune.train import adapters, data, trainer
 
-PPO = Stage(kind="ppo", name="ppo", batch_size=4, minibatch_size=2, ppo_epochs=2, max_new_tokens=6,
+PPO = make_stage("ppo", name="ppo", batch_size=4, minibatch_size=2, ppo_epochs=2, max_new_tokens=6,
             temperature=1.0, seed=0, rules=[Rule(kind="length", max=12)], adapter=Adapter(rank=4, alpha=8))
 
 
@@ -32,12 +32,12 @@ PPO = Stage(kind="ppo", name="ppo", batch_size=4, minibatch_size=2, ppo_epochs=2
     (Rule(kind="excludes", text="sorry"), "Sorry, I cannot", False),
 ])
 def test_rules_pass_or_fail(rule, text, expected):
-    assert ppo.passes(rule, text) is expected
+    assert rewards.passes(rule, text) is expected
 
 
 def test_rule_rewards_combine_with_their_weights():
     tok = models.load_tokenizer(ROOT / "models" / "small")
-    reward = ppo.Reward(tok, [Rule(kind="contains", text="a", weight=2.0), Rule(kind="length", max=3, weight=-1.0)])
+    reward = rewards.Reward(tok, [Rule(kind="contains", text="a", weight=2.0), Rule(kind="length", max=3, weight=-1.0)])
     scores, parts = reward(None, ["p"] * 3, ["abc", "bcdef", "zz"])
     assert scores.tolist() == [2.0 - 1.0, 0.0, -1.0]
     assert parts["rule1"].tolist() == [1, 0, 0] and parts["rule2"].tolist() == [1, 0, 1]
@@ -45,7 +45,7 @@ def test_rule_rewards_combine_with_their_weights():
 
 def _prompts(tok, n=8):
     rows = [json.loads(line) for line in (ROOT / "data/date_prefs/train.jsonl").read_text().splitlines()[:n]]
-    return ppo.encode_prompts(rows, tok, 64, PPO.max_new_tokens, "mem")
+    return ppo.encode_prompts(rows, tok, 64, PPO.options.max_new_tokens, "mem")
 
 
 def _policy(path, seed=1):
@@ -58,7 +58,7 @@ def _policy(path, seed=1):
 
 def _train(model, tok, run, steps, stage=PPO, report=lambda r: None, save_every=100):
     rollouts = ppo.Rollouts(model, tok, data.Batches(_prompts(tok), stage.batch_size, 0, collate=ppo.collate),
-                            ppo.Reward(tok, stage.rules), stage, run.path / "ppo", lambda kind, **kw: None)
+                            rewards.Reward(tok, stage.options.rules), stage, run.path / "ppo", lambda kind, **kw: None)
     args = trainer.TrainArgs(steps=steps, learning_rate=1e-2, report_every=1, save_every=save_every, eval_every=0)
     return trainer.train(model, ppo.make_loss(stage), rollouts, args, run=run, stage="ppo",
                          stage_dir=run.path / "ppo", adapter_config={}, report=report), rollouts
@@ -128,8 +128,8 @@ PPO_STAGE = ["[[stages]]", 'kind = "ppo"', 'data = "prompts.jsonl"', 'valid = "h
 
 
 def test_sft_reward_ppo_from_the_cli_shares_one_base(tmp_path, small_model_path):
-    from localtune.methods.reward import rewards, whole
-    from localtune.train.pipeline import load_for_inference
+    from localtune.methods.reward import rewards as reward_scores, whole
+    from localtune.loading import load_for_inference
 
     recipe = write_recipe(tmp_path, small_model_path, steps=2)
     _pairs_and_prompts(tmp_path)
@@ -156,16 +156,16 @@ def test_sft_reward_ppo_from_the_cli_shares_one_base(tmp_path, small_model_path)
     for layer in adapters.stage_adapters(policy):  # a policy that has moved: its adapters must not score
         layer.lora_b = mx.ones_like(layer.lora_b) * 0.05
     layers, _ = adapters.side_adapters(policy, run / "reward")
-    shared = ppo.Reward(tok, (), layers, ppo.load_reward_head(run / "reward", policy.model.norm.weight.shape[0]))
+    shared = rewards.Reward(tok, (), layers, rewards.load_reward_head(run / "reward", policy.model.norm.weight.shape[0]))
     alone, _ = load_for_inference(str(run), "reward")
     texts = ["2021-03-05", "05/03/2021", "hello"]
     prompts = ["Date: 5 March 2021"] * 3
     ours, _ = shared(policy, prompts, texts)
-    from localtune.methods.dpo import _response
+    from localtune.methods.pairs import response_example as _response
 
     enc = data.Encoder(tok)
     tokens, real = whole([_response(enc, p, t, "") for p, t in zip(prompts, texts)])
-    np.testing.assert_allclose(ours, np.array(rewards(alone, mx.array(tokens), mx.array(real))), atol=1e-4)
+    np.testing.assert_allclose(ours, np.array(reward_scores(alone, mx.array(tokens), mx.array(real))), atol=1e-4)
 
     # the run's model is sft + ppo (the reward branch left out), and the critic is not part of it
     model, _ = load_for_inference(str(run))
@@ -208,10 +208,8 @@ def test_a_prompts_file_with_completions_only_names_the_stage_data(tmp_path, sma
 
 
 def test_steps_from_epochs_count_every_minibatch_of_every_rollout():
-    from localtune.train.pipeline import stage_steps
-
     class Prompts:
         batches_per_epoch = 10
 
     stage = dataclasses.replace(PPO, steps=0, epochs=1.0)  # 10 rollouts x 2 epochs x 2 minibatches
-    assert stage_steps(stage, Prompts()) == 40
+    assert ppo.METHOD.steps(stage, Prompts()) == 40

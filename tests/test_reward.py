@@ -35,7 +35,7 @@ def test_bradley_terry_loss_by_hand(monkeypatch):
 
 
 def test_a_separable_toy_set_reaches_full_accuracy_and_the_branch_comes_off(tmp_path, small_model_path):
-    from localtune.train.pipeline import load_for_inference
+    from localtune.loading import load_for_inference
 
     recipe = write_recipe(tmp_path, small_model_path, steps=2)
     _pairs(tmp_path / "pairs.jsonl", 120, 0)

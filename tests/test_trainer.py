@@ -97,7 +97,7 @@ def test_training_changes_every_trainable_and_no_frozen_parameter(tiny_model, tm
 
 def test_loss_goes_down(tiny_model, tmp_path):
     records = []
-    fixed = ListBatches([data._collate(examples(4, equal_length=True).examples)])
+    fixed = ListBatches([data.collate_examples(examples(4, equal_length=True).examples)])
     fit(tiny_model, fixed, tmp_path, 40, report=records.append, learning_rate=3e-2, lr_schedule="constant")
     losses = [r["loss"] for r in records if r["kind"] == "train"]
     assert losses[-1] < losses[0] - 0.5  # nats, on memorising 4 random rows
@@ -105,8 +105,8 @@ def test_loss_goes_down(tiny_model, tmp_path):
 
 def test_gradient_accumulation_equals_the_large_batch(tmp_path):
     exs = examples(8, equal_length=False).examples
-    big = ListBatches([data._collate(exs[:4]), data._collate(exs[4:])])
-    small = ListBatches([data._collate(exs[i:i + 2]) for i in range(0, 8, 2)])
+    big = ListBatches([data.collate_examples(exs[:4]), data.collate_examples(exs[4:])])
+    small = ListBatches([data.collate_examples(exs[i:i + 2]) for i in range(0, 8, 2)])
     m1, m2 = make_tiny_model(), make_tiny_model()
     fit(m1, big, tmp_path, 2, "a", optimizer="sgd")
     fit(m2, small, tmp_path, 2, "b", optimizer="sgd", grad_accum=2)
@@ -164,12 +164,12 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, tmp_path)
 def test_packed_rows_score_like_separate_sequences(tiny_model):
     ds = examples(6, seed=3)
     tiny_model.eval()
-    separate = data._collate(ds.examples)
-    loss_sep, n_sep, _ = sft.loss(tiny_model, trainer._to_mx(separate))
+    separate = data.collate_examples(ds.examples)
+    loss_sep, n_sep, _ = sft.loss(tiny_model, trainer.to_mx(separate))
     bins = data._pack(ds.examples, 64)
     packed = data._collate_packed(bins, 64)
     assert len(bins) < len(ds.examples)  # it really packed
-    loss_packed, n_packed, _ = sft.loss(tiny_model, trainer._to_mx(packed))
+    loss_packed, n_packed, _ = sft.loss(tiny_model, trainer.to_mx(packed))
     assert n_sep.item() == n_packed.item()
     assert math.isclose(loss_sep.item(), loss_packed.item(), rel_tol=1e-4)
 
@@ -178,7 +178,7 @@ def test_gradient_checkpointing_is_per_instance(tmp_path):
     m1, m2 = make_tiny_model(), make_tiny_model()
     adapters.attach(m1, Adapter(rank=4, alpha=8))
     adapters.attach(m2, Adapter(rank=4, alpha=8))
-    batch = trainer._to_mx(data._collate(examples(4).examples))
+    batch = trainer.to_mx(data.collate_examples(examples(4).examples))
     import mlx.nn as nn
 
     plain = nn.value_and_grad(m1, sft.loss)(m1, batch)[1]
@@ -205,7 +205,7 @@ def test_scoring_only_target_positions_equals_the_full_masked_loss(tie):
     import mlx.nn as nn
 
     model = make_tiny_model(tie=tie)
-    batch = trainer._to_mx(data._collate(examples(5, seed=1, prompt_share=0.8).examples))
+    batch = trainer.to_mx(data.collate_examples(examples(5, seed=1, prompt_share=0.8).examples))
     assert "target_index" in batch  # mostly prompt: only the scored positions go through the head
     full = nn.losses.cross_entropy(model(batch["inputs"]), batch["targets"]) * batch["loss_mask"]
     expected = full.sum() / batch["loss_mask"].sum()

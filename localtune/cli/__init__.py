@@ -72,7 +72,7 @@ def run(recipe, resume, no_tui, runs_dir, force):
     from .. import recipe as recipe_mod
     from ..run import Run
     from ..train import distributed
-    from ..train.pipeline import prepare
+    from ..train.prepare import prepare
 
     if bool(recipe) == bool(resume):
         raise click.UsageError("give a RECIPE file, or --resume RUN (not both)")
@@ -258,7 +258,7 @@ def plan(recipe, no_calibrate, as_json):
     """
     from .. import plan
     from .. import recipe as recipe_mod
-    from ..train.pipeline import prepare
+    from ..train.prepare import prepare
 
     parsed = recipe_mod.load(recipe)
     prepared = prepare(parsed)
@@ -280,7 +280,7 @@ def plan(recipe, no_calibrate, as_json):
 def train_child(run_dir, base_dir, lock_fd):
     """The TUI's child: train an already created run directory, writing progress to it."""
     from ..run import Run, lock
-    from ..train.pipeline import prepare
+    from ..train.prepare import prepare
 
     run_ = Run.open(run_dir)
     if lock_fd is not None:
@@ -382,7 +382,7 @@ def status(target, runs_dir):
 def generate(target, prompt, max_tokens, stage):
     """Generate from a run's adapted model (or a plain model path) with greedy decoding."""
     from ..integrity.evaluate import generate as gen
-    from ..train.pipeline import load_for_inference
+    from ..loading import load_for_inference
 
     model, tokenizer = load_for_inference(target, stage)
     click.echo(gen(model, tokenizer, [prompt], max_tokens)[0])
@@ -449,21 +449,20 @@ def export(target, as_gguf, as_lora, quant, out, base, verify, ollama, as_json):
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per row.")
 def score(reward, data_path, as_json):
     """Score each row with a trained reward model: one number per line, for scripting."""
+    from .. import loading, methods
     from ..methods import reward as reward_method
-    from ..run import is_run_dir
     from ..train import data
-    from ..train.pipeline import chain, load_for_inference
 
-    path = Path(reward)
-    if not is_run_dir(path.parent):
+    t = loading.parse_target(reward)
+    if t.run is None or t.stage is None:
         raise click.BadParameter(f"{reward}: expected RUN/stage, a reward stage of a run", param_hint="--reward")
-    stage = next((s for s in chain(path.parent, path.name)[1] if s.name == path.name), None)
-    if stage is None or stage.kind != "reward":
-        raise click.BadParameter(f"{reward}: stage {path.name!r} is not a reward stage", param_hint="--reward")
-    model, tokenizer = load_for_inference(str(path.parent), path.name)
+    stage = next((s for s in loading.chain(t.run, t.stage)[1] if s.name == t.stage), None)
+    if stage is None or not methods.of(stage).scores:
+        raise click.BadParameter(f"{reward}: stage {t.stage!r} is not a reward stage", param_hint="--reward")
+    model, tokenizer = loading.load(t)
     rows, fmt = data.read_jsonl(data_path)
     if fmt == "preference":
-        from ..methods.dpo import encode_pairs
+        from ..methods.pairs import encode_pairs
 
         examples = [e for p in encode_pairs(rows, tokenizer, 1 << 16, data_path).examples for e in (p.chosen, p.rejected)]
     elif fmt in ("completion", "messages"):
@@ -493,16 +492,14 @@ def eval_(target, golden, metric, pattern, general, limit, as_json):
     import dataclasses
 
     from ..integrity import evaluate
+    from .. import loading
     from ..recipe import EvalSpec, Recipe
-    from ..run import is_run_dir
     from ..train import data
-    from ..train.pipeline import chain, general_texts, load_for_inference
+    from ..train.prepare import general_texts
 
-    path, stage = Path(target), None
-    if not is_run_dir(path) and is_run_dir(path.parent):
-        path, stage = path.parent, path.name
-    if is_run_dir(path):
-        parsed = chain(path, stage)[0]
+    t = loading.parse_target(target)
+    if t.run:
+        parsed = loading.chain(t.run, t.stage)[0]
         spec = parsed.eval
         if golden is None and spec.data:
             golden = parsed.resolve(spec.data)
@@ -512,8 +509,7 @@ def eval_(target, golden, metric, pattern, general, limit, as_json):
                                                             ("general", general), ("limit", limit)) if v is not None})
     if spec.general not in ("bundled", "none"):
         spec = dataclasses.replace(spec, general=str(Path(spec.general).resolve()))
-    model, tokenizer = load_for_inference(str(path), stage) if is_run_dir(path) else \
-        load_for_inference(target)
+    model, tokenizer = loading.load(t)
     result = {"target": target}
     if golden:
         rows, _ = data.read_jsonl(golden)

@@ -196,7 +196,7 @@ def note_unfinished(source: Source, report) -> None:
 def models_config(source: Source) -> dict:
     from .. import models
 
-    return models._config(source.folder)
+    return models.read_config(source.folder)
 
 
 def load_unfused(source: Source):
@@ -221,7 +221,7 @@ def fold(model, source: Source) -> dict:
     from .. import models
 
     fold_adapters(model, dequantize=models.is_quantized(model))
-    config = dict(models._config(source.folder))
+    config = dict(models.read_config(source.folder))
     config.pop("quantization", None)
     config.pop("quantization_config", None)
     return config

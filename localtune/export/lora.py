@@ -223,7 +223,7 @@ def export_lora(target: str, out: str | Path, base: str | Path | None = None, ve
     source = resolve(target)
     if source.run is None:
         raise LocaltuneError(f"{target}: --lora exports a run's adapters; pass RUN or RUN/stage")
-    config = models._config(source.folder)
+    config = models.read_config(source.folder)
     check_architecture(config, str(source.folder), "gguf_lora")
     if base is not None and not Path(base).is_file():
         raise LocaltuneError(f"--base {base}: no such file\n  fix: pass the base model's .gguf")

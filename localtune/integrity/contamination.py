@@ -91,17 +91,17 @@ class Report:
         return self.contaminated / max(self.golden_rows, 1)
 
     def to_dict(self) -> dict:
+        kinds = Counter(o.kind for o in self.overlaps)  # exact | near
         return {"train_rows": self.train_rows, "golden_rows": self.golden_rows, "ngram": self.n, "near": self.near,
                 "contaminated_golden_rows": self.contaminated, "share": self.share,
-                "exact": sum(o.kind == "exact" for o in self.overlaps),
-                "near_duplicates": sum(o.kind == "near" for o in self.overlaps),
+                "exact": kinds["exact"], "near_duplicates": kinds["near"],
                 "overlaps": [asdict(o) for o in self.overlaps]}
 
     def lines(self, limit: int = 10) -> list[str]:
         out = [f"{self.contaminated} of {self.golden_rows} golden rows ({self.share:.1%}) overlap "
                f"{self.train_rows} training rows ({self.n}-grams, near >= {self.near:.0%})"]
         for o in self.overlaps[:limit]:
-            what = "exact duplicate" if o.kind == "exact" else f"near duplicate ({o.score:.0%} of its {self.n}-grams)"
+            what = {"exact": "exact duplicate"}.get(o.kind) or f"near duplicate ({o.score:.0%} of its {self.n}-grams)"
             out.append(f"  {o.train} is an {what} of golden {o.golden}: {o.text!r}")
         if len(self.overlaps) > limit:
             out.append(f"  ... and {len(self.overlaps) - limit} more (--json lists them all)")

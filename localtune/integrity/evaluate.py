@@ -76,7 +76,7 @@ def loglik(model, tokenizer, rows: list[dict]) -> dict:
     import mlx.core as mx
 
     from ..methods.logprobs import target_logprobs
-    from ..train.data import _collate, encode
+    from ..train.data import collate_examples, encode
 
     fmt = "messages" if "messages" in rows[0] else "completion"
     examples = encode(rows, fmt, tokenizer, 1 << 16).examples
@@ -84,7 +84,7 @@ def loglik(model, tokenizer, rows: list[dict]) -> dict:
     model.eval()
     with inference_weights(model):
         for i in range(0, len(examples), 16):
-            b = _collate(examples[i:i + 16])
+            b = collate_examples(examples[i:i + 16])
             logp, w = target_logprobs(model, {"inputs": mx.array(b.inputs), "targets": mx.array(b.targets),
                                               "loss_mask": mx.array(b.loss_mask)})
             total += (logp * w).sum().item()
@@ -103,11 +103,11 @@ def preference_accuracy(model, tokenizer, rows: list[dict]) -> dict:
     wins = 0
     model.eval()
     with inference_weights(model):
-        from ..train.trainer import _to_mx
+        from ..train.trainer import to_mx
 
         for i in range(0, len(pairs), 8):
             chunk = pairs[i:i + 8]
-            logps, _ = sequence_logps(model, _to_mx(collate_pairs(chunk)))
+            logps, _ = sequence_logps(model, to_mx(collate_pairs(chunk)))
             wins += int(mx.sum(logps[: len(chunk)] > logps[len(chunk):]).item())
     return {"metric": "preference", "value": wins / max(len(pairs), 1), "n": len(pairs), "samples": []}
 
@@ -164,7 +164,7 @@ def general_nll(model, tokenizer, texts: list[str], max_seq_len: int = 256, batc
     import numpy as np
 
     from ..methods.logprobs import target_logprobs
-    from ..train.data import Batch, Example, _collate
+    from ..train.data import Batch, Example, collate_examples
 
     bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
     examples = []
@@ -176,7 +176,7 @@ def general_nll(model, tokenizer, texts: list[str], max_seq_len: int = 256, batc
     model.eval()
     with inference_weights(model):
         for i in range(0, len(examples), batch_size):
-            b: Batch = _collate(examples[i:i + batch_size])
+            b: Batch = collate_examples(examples[i:i + batch_size])
             logp, weight = target_logprobs(model, {k: mx.array(v) for k, v in (
                 ("inputs", b.inputs), ("targets", b.targets), ("loss_mask", b.loss_mask))})
             total += -(logp * weight).sum().item()

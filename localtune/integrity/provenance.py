@@ -16,6 +16,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .. import methods
 from ..errors import LocaltuneError
 from .policy import CLOSED_APIS, KNOWN_DATASETS, LICENSES, OPEN_FAMILIES, ClosedApi
 
@@ -452,7 +453,7 @@ def check_recipe(recipe) -> Report:
     """Every distill teacher and every stage's data (and eval data), before any model loads."""
     sources, seen = [], set()
     for stage in recipe.stages:
-        teacher = getattr(stage, "teacher", None)
+        teacher = methods.of(stage).references(stage).get("teacher")
         if teacher and teacher not in {s.name for s in recipe.stages}:
             if ("teacher", teacher) not in seen:
                 seen.add(("teacher", teacher))

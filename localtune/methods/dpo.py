@@ -13,117 +13,20 @@ import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Union
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..errors import DataError
+from ..recipe import option
 from ..run.damage import DamagedFile, load_safetensors
 from ..train import data
 from ..train.adapters import adapters_disabled, save_arrays
+from ..train.metrics import Metric
+from .base import Method
+from .pairs import Pair, PairSet, collate_pairs, encode_pairs  # noqa: F401  (Pair, PairSet: dpo's data)
 from .logprobs import SharedPrompt, hidden_logprobs, shares_prompts, target_logprobs
-
-# ---------------------------------------------------------------------------------------------
-# Data: {"prompt", "chosen", "rejected"}, each response a string or a list of messages.
-
-
-@dataclass
-class Pair:
-    id: int
-    chosen: data.Example
-    rejected: data.Example
-    margin: float = 0.0  # reward stages: how much better chosen must score (an optional "margin" column)
-
-    @property
-    def tokens(self):  # what length grouping sorts by
-        return self.chosen.tokens if len(self.chosen.tokens) >= len(self.rejected.tokens) else self.rejected.tokens
-
-
-@dataclass
-class PairSet(data.Dataset):
-    identical: int = 0  # pairs skipped because chosen == rejected
-
-
-def _messages(value, role: str) -> list[dict]:
-    return [{"role": role, "content": value}] if isinstance(value, str) else value
-
-
-def _response(enc: data.Encoder, prompt, response, where: str) -> data.Example:
-    """Tokens of prompt + response; the loss mask covers the response only."""
-    if not enc.has_template:
-        if not (isinstance(prompt, str) and isinstance(response, str)):
-            raise DataError(f"{where}: message lists need a chat template, and this tokenizer has none\n"
-                            "  fix: write prompt, chosen and rejected as strings")
-        return enc.completion(prompt, response)
-    head = _messages(prompt, "user")
-    tokens = enc.template(head + _messages(response, "assistant"))
-    prefix = enc.template(head, add_generation_prompt=True)
-    if tokens[: len(prefix)] != prefix:  # a template that rewrites the prompt: mask its assistant turns
-        return enc.messages(head + _messages(response, "assistant"))
-    mask = np.zeros(len(tokens), bool)
-    mask[len(prefix):] = True
-    return data.Example(np.array(tokens, np.int32), mask)
-
-
-def encode_pairs(rows: list[dict], tokenizer, max_seq_len: int, source: str = "") -> PairSet:
-    """Preference rows -> pairs; identical chosen/rejected are counted and skipped, never trained on."""
-    enc = data.Encoder(tokenizer, mask_prompt=True)
-    pairs, truncated, dropped, identical = [], 0, 0, 0
-    for n, row in enumerate(rows, 1):
-        where = f"{source}: row {n}"
-        chosen = _response(enc, row["prompt"], row["chosen"], where)
-        rejected = _response(enc, row["prompt"], row["rejected"], where)
-        if np.array_equal(chosen.tokens, rejected.tokens):
-            identical += 1
-            continue
-        cut = []
-        for ex in (chosen, rejected):
-            if len(ex.tokens) > max_seq_len:
-                ex = data.Example(ex.tokens[:max_seq_len], ex.loss_mask[:max_seq_len])
-            cut.append(ex)
-        if any(len(a.tokens) < len(b.tokens) for a, b in zip(cut, (chosen, rejected))):
-            truncated += 1
-        if not all(ex.loss_mask[1:].any() for ex in cut):
-            dropped += 1
-            continue
-        pairs.append(Pair(len(pairs), *cut, float(row.get("margin", 0.0))))
-    if not pairs:
-        raise DataError(f"{source}: no usable pairs ({identical} identical, {dropped} with no response left at "
-                        f"max_seq_len={max_seq_len})\n  fix: check chosen/rejected differ, or raise max_seq_len")
-    return PairSet(pairs, truncated, dropped, source, identical)
-
-
-def collate_pairs(pairs: list[Pair]) -> data.Batch:
-    """One batch for one forward pass: rows 0..B-1 are the chosen responses, B..2B-1 the rejected.
-
-    When each pair's two rows start with the same prompt, the extras also hold the shared
-    layout (see shared_logps): prompts (B, P) once, left-padded, and responses (2B, R).
-    """
-    batch = data._collate([p.chosen for p in pairs] + [p.rejected for p in pairs])
-    batch.extras["pair_ids"] = np.array([p.id for p in pairs], np.int32)
-    batch.pairs = len(pairs)
-    starts = [int(np.argmax(p.chosen.loss_mask)) for p in pairs]
-    if all(n > 0 and np.array_equal(p.chosen.tokens[:n], p.rejected.tokens[:n]) and not p.rejected.loss_mask[:n].any()
-           for p, n in zip(pairs, starts)):
-        batch.extras.update(_shared_layout(pairs, starts))
-    return batch
-
-
-def _shared_layout(pairs: list[Pair], starts: list[int], multiple: int = 8) -> dict:
-    B = len(pairs)
-    P = -(-max(starts) // multiple) * multiple
-    rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    R = -(-max(len(ex.tokens) - n for ex, n in zip(rows, starts * 2)) // multiple) * multiple
-    prompt, real = np.zeros((B, P), np.int32), np.zeros((B, P), bool)
-    response, mask = np.zeros((2 * B, R), np.int32), np.zeros((2 * B, R), np.float32)
-    for i, (p, n) in enumerate(zip(pairs, starts)):
-        prompt[i, P - n:], real[i, P - n:] = p.chosen.tokens[:n], True
-    for r, (ex, n) in enumerate(zip(rows, starts * 2)):
-        k = len(ex.tokens) - n
-        response[r, :k], mask[r, :k] = ex.tokens[n:], ex.loss_mask[n:]
-    return {"prompt": prompt, "prompt_real": real, "response": response, "response_mask": mask}
-
 
 # ---------------------------------------------------------------------------------------------
 # Log-probabilities of whole responses.
@@ -194,7 +97,8 @@ def hinge_loss(h: mx.array, beta: float) -> mx.array:
 
 def make_loss(stage):
     """The dpo loss for a recipe stage (beta, loss_type, label_smoothing, sft_weight)."""
-    beta, kind, eps, sft_weight = stage.beta, stage.loss_type, stage.label_smoothing, stage.sft_weight
+    o = stage.options
+    beta, kind, eps, sft_weight = o.beta, o.loss_type, o.label_smoothing, o.sft_weight
 
     def loss(model, batch):
         """Mean over pairs of the chosen loss of h, plus sft_weight * the chosen responses' NLL per token (RPO).
@@ -286,14 +190,14 @@ class ReferenceCache:
 
     def fill(self, ids=None) -> None:
         """Compute the missing pairs among `ids` (default: all, shortest first), in passes."""
-        from ..train.trainer import _to_mx
+        from ..train.trainer import to_mx
 
         if ids is None:
             ids = np.argsort(self.lengths, kind="stable")
         missing = [i for i in dict.fromkeys(int(i) for i in ids) if not self.known[i]]
         for start in range(0, len(missing), self.batch_size):
             chunk = sorted(missing[start:start + self.batch_size], key=lambda i: self.lengths[i])
-            c, r = reference_logps(self.model, _to_mx(collate_pairs([self.pairs.examples[i] for i in chunk])))
+            c, r = reference_logps(self.model, to_mx(collate_pairs([self.pairs.examples[i] for i in chunk])))
             mx.eval(c, r)
             self.chosen[chunk], self.rejected[chunk], self.known[chunk] = np.array(c), np.array(r), True
             self.passes, self.dirty = self.passes + 1, True
@@ -334,9 +238,9 @@ class WithReference:
                 self.cache.fill(missing + self._ahead(self.cache.batch_size - len(missing)))
             chosen, rejected = self.cache.chosen[ids], self.cache.rejected[ids]
         else:
-            from ..train.trainer import _to_mx
+            from ..train.trainer import to_mx
 
-            c, r = reference_logps(self.model, _to_mx(batch))
+            c, r = reference_logps(self.model, to_mx(batch))
             mx.eval(c, r)
             chosen, rejected = np.array(c), np.array(r)
         batch.extras["reference_chosen"], batch.extras["reference_rejected"] = chosen, rejected
@@ -379,7 +283,7 @@ collate = collate_pairs
 def check_shared_prompts(model, batches, note) -> None:
     """Run two pairs both ways; share prompts only where that gives the same numbers."""
     from ..models import CPUQuantizedLinear
-    from ..train.trainer import _to_mx
+    from ..train.trainer import to_mx
 
     if not shares_prompts(model):
         return
@@ -391,7 +295,7 @@ def check_shared_prompts(model, batches, note) -> None:
     b = batches.collate([batches.dataset.examples[i] for i in next(batches.upcoming())[:2]])  # 2 pairs: cheap
     if "prompt" not in b.extras:
         return
-    batch = _to_mx(b)
+    batch = to_mx(b)
     plain = {k: v for k, v in batch.items() if k not in ("prompt", "prompt_real", "response", "response_mask")}
     try:
         shared, same = shared_logps(model, batch)[0], sequence_logps(model, plain)[0]
@@ -407,34 +311,114 @@ def check_shared_prompts(model, batches, note) -> None:
     note(f"each prompt runs once for both of its responses ({saved:.0%} fewer tokens in the first two pairs)")
 
 
-def setup(model, stage, batches, valid, steps, stage_dir, note):
-    """(loss, batches carrying reference log-probs, fixed validation batches) for the one loop.
+@dataclass(frozen=True)
+class Options:
+    beta: Union[float, None] = option(None, doc="DPO: strength of the pull towards the reference (required)")
+    loss_type: str = option("sigmoid", choices=("sigmoid", "ipo", "hinge"))
+    label_smoothing: float = option(0.0, min=0.0, max=0.49, doc="DPO: conservative DPO's label noise")
+    sft_weight: float = option(0.0, min=0.0, doc="DPO: weight of an NLL term on the chosen responses (RPO)")
+    reference: str = option("auto", choices=("auto", "precomputed", "live"),
+                            doc="DPO: reference log-probs cached once per stage, or computed every step")
 
-    reference = "auto" fills the cache as training reaches pairs, a pass at a time;
-    "precomputed" fills it all first; "live" runs the reference on every batch, nothing kept.
-    """
-    import time
 
-    check_shared_prompts(model, batches, note)
-    cache = None
-    if stage.reference != "live":
-        cache = ReferenceCache(model, batches.dataset, Path(stage_dir) / "reference_logps.safetensors",
-                               max(stage.batch_size, CACHE_BATCH))
-        known = int(cache.known.sum())
-        if cache.damage:
-            note(f"{cache.damage}; the reference log-probs are computed again", warning=True)
-        if known:
-            note(f"reference log-probs of {known} of {len(cache.known)} pairs reused from the stage folder")
-        if stage.reference == "precomputed":
-            t = time.perf_counter()
-            cache.fill()
-            note(f"reference log-probs of {len(batches.dataset)} pairs ready in {time.perf_counter() - t:.1f}s "
-                 "(cached in the stage folder)")
-    valid_batches = None
-    if valid:
-        live = WithReference(None, model, None)
-        valid_batches = [live.attach(b) for b in data.eval_batches(valid, stage.batch_size, stage.eval_batches,
-                                                                    collate_pairs)]
-    # live: a separate no-gradient pass per batch; inside the step's graph it ran no faster and
-    # held its activations alongside the policy's (+4% peak on the small model, +15% on SmolLM2)
-    return make_loss(stage), WithReference(batches, model, cache, steps * stage.grad_accum), valid_batches
+class DPO(Method):
+    kind = "dpo"
+    options = Options
+    formats = ("preference",)
+    pairs = True
+    shared_prompts = True  # the planner: a batch whose pairs share their prompt runs it once
+    capability = "dpo"
+    collate = staticmethod(collate_pairs)
+    metrics = (Metric("pairs_per_sec", "pairs/s", "{:,.1f}"),
+               Metric("reward_margin", "reward margin", "{:+.3f}"),
+               Metric("preference_accuracy", "pref. accuracy", "{:.1%}"),
+               Metric("rewards_chosen", "reward chosen", "{:+.3f}"),
+               Metric("rewards_rejected", "reward rejected", "{:+.3f}"),
+               Metric("logps_chosen", "logp chosen", "{:.2f}"),
+               Metric("logps_rejected", "logp rejected", "{:.2f}"))
+
+    def validate(self, stage, before, fail):
+        o = stage.options
+        if o.beta is None:
+            raise fail("", f"{fail.table} is a dpo stage and needs beta",
+                       "add beta = 0.1 (larger keeps the model closer to its reference)")
+        if o.beta <= 0:
+            raise fail("beta", f"beta = {o.beta!r} must be greater than 0", "try beta = 0.1")
+        refuse_full(self.kind, stage, fail)
+        refuse_packing(self.kind, stage, fail, "(pairs are batched together)")
+
+    def setup(self, ctx):
+        """(loss, batches carrying reference log-probs, fixed validation batches).
+
+        reference = "auto" fills the cache as training reaches pairs, a pass at a time;
+        "precomputed" fills it all first; "live" runs the reference on every batch, nothing kept.
+        """
+        import time
+
+        model, stage, batches, note = ctx.model, ctx.stage, ctx.batches, ctx.note
+        check_shared_prompts(model, batches, note)
+        cache = None
+        if stage.options.reference != "live":
+            cache = ReferenceCache(model, batches.dataset, Path(ctx.stage_dir) / "reference_logps.safetensors",
+                                   max(stage.batch_size, CACHE_BATCH))
+            known = int(cache.known.sum())
+            if cache.damage:
+                note(f"{cache.damage}; the reference log-probs are computed again", warning=True)
+            if known:
+                note(f"reference log-probs of {known} of {len(cache.known)} pairs reused from the stage folder")
+            if stage.options.reference == "precomputed":
+                t = time.perf_counter()
+                cache.fill()
+                note(f"reference log-probs of {len(batches.dataset)} pairs ready in {time.perf_counter() - t:.1f}s "
+                     "(cached in the stage folder)")
+        valid_batches = None
+        if ctx.valid:
+            live = WithReference(None, model, None)
+            valid_batches = [live.attach(b) for b in data.eval_batches(ctx.valid, stage.batch_size,
+                                                                        stage.eval_batches, collate_pairs)]
+        # live: a separate no-gradient pass per batch; inside the step's graph it ran no faster and
+        # held its activations alongside the policy's (+4% peak on the small model, +15% on SmolLM2)
+        return make_loss(stage), WithReference(batches, model, cache, ctx.steps * stage.grad_accum), valid_batches
+
+    def report(self, stage, r, run_path):
+        if "eval_policy_prefers_chosen" not in r:
+            return []
+        return ["", f"## Preferences ({stage.name}, held-out pairs of `{stage.valid or 'the valid split'}`)", "",
+                "| | before the stage | after |", "|---|---|---|",
+                f"| the model gives the chosen answer the higher likelihood | "
+                f"{r['eval_reference_prefers_chosen']:.1%} | {r['eval_policy_prefers_chosen']:.1%} |",
+                f"| DPO preference accuracy (reward chosen > reward rejected) | — | "
+                f"{r['eval_preference_accuracy']:.1%} |",
+                f"| DPO reward margin | 0 | {r['eval_reward_margin']:+.3f} |"]
+
+    def plan_calibrate(self, model, stage, rows, folder, examples):
+        """The reference pass, timed on the rows: inside the steps ("auto"), or once before them."""
+        reference = stage.options.reference
+        if reference == "live":
+            return {}
+        import time
+
+        t = time.perf_counter()
+        ReferenceCache(model, rows, folder / "reference.safetensors", len(rows)).fill()
+        per_pair = (time.perf_counter() - t) / len(rows)
+        if reference == "auto":
+            return {"extra_step_sec": per_pair * stage.batch_size * stage.grad_accum}
+        from ..plan import duration
+
+        return {"notes": [f"reference pass before the first step: about {duration(per_pair * examples)}"]}
+
+
+def refuse_full(kind: str, stage, fail) -> None:
+    """A method whose reference is "adapters off" cannot run on full fine-tuning."""
+    if stage.adapter.type == "full":
+        raise fail("adapter.type", f'a {kind} stage with adapter type "full" has no reference: the '
+                   "reference is the model with this stage's adapters switched off", 'use type = "lora" or "dora"')
+
+
+def refuse_packing(kind: str, stage, fail, why: str = "") -> None:
+    if stage.packing:
+        raise fail("packing", f"packing is not available for {kind} stages" + (f" {why}" if why else ""),
+                   "remove packing = true")
+
+
+METHOD = DPO()

@@ -11,8 +11,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 _BLOCK = 1 << 22  # weights per vocab block (16 MiB in fp32)
-_LOGITS_BLOCK = 1 << 20  # logits per vocab block: a block's few (tokens, rows) temporaries stay small
-_BLOCKWISE_FROM = 1 << 22  # logits (tokens x vocab) below this are cheaper whole: no recompute
+LOGITS_BLOCK = 1 << 20  # logits per vocab block: a block's few (tokens, rows) temporaries stay small
+BLOCKWISE_FROM = 1 << 22  # logits (tokens x vocab) below this are cheaper whole: no recompute
 
 
 def plain_head(model) -> bool:
@@ -99,7 +99,7 @@ class SharedPrompt:
 def hidden_logprobs(model, hidden: mx.array, targets: mx.array) -> mx.array:
     """log p(targets) (K,) from final hidden states (K, H); needs a plain head (plain_head)."""
     head = _frozen_head(model)
-    if head is not None and targets.size * head.vocab >= _BLOCKWISE_FROM:
+    if head is not None and targets.size * head.vocab >= BLOCKWISE_FROM:
         return head_logprobs(hidden, head, targets)
     scores = output_head(model)(hidden).astype(mx.float32)
     return mx.take_along_axis(scores, targets[:, None], axis=-1)[:, 0] - mx.logsumexp(scores, axis=-1)
@@ -153,7 +153,7 @@ def _frozen_head(model) -> _Head | None:
 
 
 def _blocks(head: _Head, K: int) -> list[slice]:
-    rows = max(1, min(_BLOCK // head.width, _LOGITS_BLOCK // max(K, 1)))
+    rows = max(1, min(_BLOCK // head.width, LOGITS_BLOCK // max(K, 1)))
     return [slice(i, min(i + rows, head.vocab)) for i in range(0, head.vocab, rows)]
 
 
@@ -165,7 +165,7 @@ def hidden_entropy(model, hidden: mx.array) -> mx.array:
     """
     hidden = mx.stop_gradient(hidden)
     head = _frozen_head(model)
-    if head is None or hidden.shape[0] * head.vocab < _BLOCKWISE_FROM:
+    if head is None or hidden.shape[0] * head.vocab < BLOCKWISE_FROM:
         z = output_head(model)(hidden)
         z = z.astype(mx.float32)
         return mx.logsumexp(z, axis=-1) - (mx.softmax(z, axis=-1) * z).sum(-1)
@@ -229,7 +229,7 @@ def target_logprobs(model, batch) -> tuple[mx.array, mx.array]:
     if index is not None:
         targets = targets[index]
     head = _frozen_head(model)
-    if head is not None and targets.size * head.vocab < _BLOCKWISE_FROM:
+    if head is not None and targets.size * head.vocab < BLOCKWISE_FROM:
         head = None
     if head is None:  # small logits, soft-capped or trainable heads: full logits
         scores = logits(model, batch)

@@ -15,136 +15,28 @@ batch, then minibatches for `ppo_epochs` passes. The loss is a few lines; the lo
 from __future__ import annotations
 
 import contextlib
-import json
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Union
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
-from ..integrity.evaluate import normalize
 from ..models import inference_weights
+from ..recipe import option
 from ..run.damage import DamagedFile, load_safetensors
 from ..train import data
-from ..train.adapters import adapters_disabled, save_arrays, swapped
-from . import ppo_math
+from ..train.adapters import adapters_disabled, save_arrays
+from ..train.metrics import Metric
+from . import ppo_math, rewards
+from .base import Method
 from .logprobs import hidden_entropy, hidden_logprobs, plain_head
-
-# ---------------------------------------------------------------------------------------------
-# Prompts
-
-
-@dataclass
-class Prompt(data.Example):
-    prompt: object = None  # the row's prompt: a string or a message list
-
-
-def collate(prompts: list[Prompt]) -> list[Prompt]:
-    """The prompts of one rollout batch, as they are: Rollouts samples their responses."""
-    return prompts
-
-
-def prompt_of(row: dict):
-    """The prompt of a row: "prompt", or the messages before the last assistant turn."""
-    if "messages" in row:
-        msgs = row["messages"]
-        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=len(msgs))
-        return msgs[:last]
-    return row["prompt"]
-
-
-def encode_prompts(rows: list[dict], tokenizer, max_seq_len: int, max_new_tokens: int, source: str = ""):
-    """Prompts as generation inputs; prompts leaving fewer than max_new_tokens of max_seq_len are dropped."""
-    enc = data.Encoder(tokenizer)
-    out, dropped = [], 0
-    for row in rows:
-        p = prompt_of(row)
-        ids = enc.prompt_tokens(p) if isinstance(p, str) else enc.template(p, add_generation_prompt=True)
-        if len(ids) + max_new_tokens > max_seq_len:
-            dropped += 1
-            continue
-        out.append(Prompt(np.array(ids, np.int32), np.ones(len(ids), bool), p))
-    if not out:
-        from ..errors import DataError
-
-        raise DataError(f"{source}: every prompt is longer than max_seq_len - max_new_tokens "
-                        f"({max_seq_len} - {max_new_tokens})\n  fix: raise max_seq_len or lower max_new_tokens")
-    return data.Dataset(out, 0, dropped, source)
-
-
-# ---------------------------------------------------------------------------------------------
-# Rewards
-
-
-def passes(rule, text: str) -> bool:
-    """Whether a response passes one rule (recipe.Rule). Text is whitespace-normalised first.
-
-    regex: fully matches `pattern` · json: parses (as an object holding `keys`, when given) ·
-    length: min <= characters <= max · contains / excludes: `text`, case-insensitive.
-    """
-    t = normalize(text)
-    if rule.kind == "regex":
-        return re.fullmatch(rule.pattern, t) is not None
-    if rule.kind == "json":
-        try:
-            value = json.loads(t)
-        except ValueError:
-            return False
-        return not rule.keys or (isinstance(value, dict) and all(k in value for k in rule.keys))
-    if rule.kind == "length":
-        return (rule.min is None or len(t) >= rule.min) and (rule.max is None or len(t) <= rule.max)
-    found = rule.text.casefold() in t.casefold()
-    return found if rule.kind == "contains" else not found
-
-
-class Reward:
-    """score(x, y) = r(x, y) of a reward model (when there is one) + sum_i weight_i * [y passes rule i].
-
-    The reward model is a reward stage's adapters and head on the policy's own base (`layers`,
-    `head`), or a separate model with its own `reward_head` (`model`).
-    """
-
-    def __init__(self, tokenizer, rules=(), layers=None, head=None, model=None):
-        self.enc, self.rules = data.Encoder(tokenizer, mask_prompt=True), list(rules or ())
-        self.layers, self.head, self.model = layers, head, model
-
-    @property
-    def has_model(self) -> bool:
-        return self.head is not None or self.model is not None
-
-    def __call__(self, policy, prompts: list, texts: list[str]) -> tuple[np.ndarray, dict]:
-        """(scores (B,), {"model": r (B,), "rule1": passed (B,), ...})."""
-        from .dpo import _response
-        from .reward import rewards, whole
-
-        total, parts = np.zeros(len(texts), np.float32), {}
-        if self.has_model:  # encoded exactly as the reward stage's training pairs were
-            tokens, real = whole([_response(self.enc, p, t, "rollout") for p, t in zip(prompts, texts)])
-            tokens, real = mx.array(tokens), mx.array(real)
-            if self.model is not None:
-                r = rewards(self.model, tokens, real)
-            else:  # the policy's own adapters off, the reward stage's in: the reward model on the shared base
-                with adapters_disabled(policy), swapped(policy, self.layers):
-                    r = rewards(policy, tokens, real, self.head)
-            parts["model"] = np.array(r.astype(mx.float32))
-            total += parts["model"]
-        for i, rule in enumerate(self.rules, 1):
-            parts[f"rule{i}"] = np.array([passes(rule, t) for t in texts], np.float32)
-            total += rule.weight * parts[f"rule{i}"]
-        return total, parts
-
-
-def load_reward_head(folder: Path, hidden: int) -> nn.Linear:
-    weights = load_safetensors(Path(folder) / "adapters.safetensors",
-                               f"copy {folder} back from another copy of the run, or train the reward stage again")
-    head = nn.Linear(hidden, 1)
-    head.load_weights([(k.removeprefix("reward_head."), v) for k, v in weights.items() if k.startswith("reward_head.")])
-    head.freeze()
-    return head
-
+from .prompts import Prompt, at_positions, collate, dense, encode_prompts, prompt_text, response_rows, sample, \
+    scored_positions
+from .rewards import Reward
 
 # ---------------------------------------------------------------------------------------------
 # Rollouts
@@ -159,86 +51,30 @@ def attach_value_head(model) -> nn.Module:
     return head
 
 
-def sample(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float):
-    """Batched sampling with a KV cache (mlx-lm's BatchGenerator). Returns (responses, stopped): the
-    tokens of each response, with its EOS when it stopped at one."""
-    from mlx_lm.generate import BatchGenerator
-    from mlx_lm.sample_utils import make_sampler
-
-    n = len(prompts)
-    gen = BatchGenerator(model, stop_tokens=[[t] for t in tokenizer.eos_token_ids],
-                         sampler=make_sampler(temp=temperature, top_p=top_p if top_p < 1 else 0.0),
-                         completion_batch_size=n, prefill_batch_size=n)
-    uids = gen.insert(prompts, [max_new_tokens] * n)
-    out, stopped = {u: [] for u in uids}, {}
-    while responses := gen.next_generated():
-        for r in responses:
-            out[r.uid].append(r.token)
-            if r.finish_reason is not None:
-                stopped[r.uid] = r.finish_reason == "stop"
-    gen.close()
-    return [out[u] for u in uids], [stopped.get(u, False) for u in uids]
-
-
-def _rows(prompts: list[Prompt], responses: list[list[int]]) -> data.Batch:
-    """prompt + response rows; the loss mask covers the response tokens as targets."""
-    seqs = [np.concatenate([p.tokens, np.array(r, np.int32)]) for p, r in zip(prompts, responses)]
-    examples = []
-    for p, s in zip(prompts, seqs):
-        mask = np.zeros(len(s), bool)
-        mask[len(p.tokens):] = True
-        examples.append(data.Example(s, mask))
-    return data._collate(examples)
-
-
-def _positions(model, batch: dict):
-    """Final hidden states (K, H), targets (K,) and weights (K,) at the scored positions."""
-    hidden = model.model(batch["inputs"])
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    targets = batch["targets"].reshape(-1)
-    if "target_index" in batch:
-        index = batch["target_index"]
-        return hidden[index], targets[index], batch["target_weight"]
-    return hidden, targets, batch["loss_mask"].reshape(-1)
-
-
-def _at_positions(batch: dict, key: str) -> mx.array:
-    x = batch[key].reshape(-1)
-    return x[batch["target_index"]] if "target_index" in batch else x
-
-
-def _dense(values: mx.array, batch: dict, shape) -> np.ndarray:
-    """Flat values at the scored positions back to a (B, T) array (0 elsewhere)."""
-    out = np.zeros(int(np.prod(shape)), np.float32)
-    index = np.array(batch["target_index"]) if "target_index" in batch else np.arange(out.size)
-    w = np.array(batch["target_weight"] if "target_index" in batch else batch["loss_mask"].reshape(-1))
-    out[index[w > 0]] = np.array(values.astype(mx.float32))[w > 0]
-    return out.reshape(shape)
-
-
 def collect(model, tokenizer, reward: Reward, prompts: list[Prompt], stage, kl_coef: float) -> dict:
     """Sample responses to `prompts` and score them: everything one PPO update needs.
 
     Returns numpy arrays inputs/targets/mask/real (B, T), old_logp, ref_logp, old_values,
     advantages, returns (B, T), scores (B,), and texts, parts, stats.
     """
-    from ..train.trainer import _to_mx
+    from ..train.trainer import to_mx
 
-    T = stage.temperature
+    T = stage.options.temperature
     model.eval()
     t0 = time.perf_counter()
-    with inference_weights(model, embedding=False) if stage.dequantize_rollouts else contextlib.nullcontext():
+    dequantized = inference_weights(model, embedding=False) if stage.options.dequantize_rollouts else None
+    with dequantized or contextlib.nullcontext():
         responses, stopped = sample(model, tokenizer, [p.tokens.tolist() for p in prompts],
-                                    stage.max_new_tokens, T, stage.top_p)
+                                    stage.options.max_new_tokens, T, stage.options.top_p)
         t1 = time.perf_counter()
-        batch = _rows(prompts, responses)
-        b = _to_mx(batch)
-        hidden, targets, w = _positions(model, b)
+        batch = response_rows(prompts, responses)
+        b = to_mx(batch)
+        hidden, targets, w = scored_positions(model, b)
         logp = hidden_logprobs(model, hidden / T, targets)
         values = model.value_head(hidden.astype(mx.float32))[:, 0]
         entropy = hidden_entropy(model, hidden / T)
         with adapters_disabled(model):
-            ref_hidden, _, _ = _positions(model, b)
+            ref_hidden, _, _ = scored_positions(model, b)
             ref_logp = hidden_logprobs(model, ref_hidden / T, targets)
         mx.eval(logp, values, entropy, ref_logp)
         texts = [tokenizer.decode(r[:-1] if s else r) for r, s in zip(responses, stopped)]
@@ -247,11 +83,11 @@ def collect(model, tokenizer, reward: Reward, prompts: list[Prompt], stage, kl_c
     model.train()
     shape = batch.loss_mask.shape
     mask = mx.array(batch.loss_mask)
-    old_logp, ref_lp, old_values = (mx.array(_dense(x, b, shape)) for x in (logp, ref_logp, values))
-    kl = ppo_math.kl_penalty(old_logp, ref_lp, stage.kl_estimator) * mask
+    old_logp, ref_lp, old_values = (mx.array(dense(x, b, shape)) for x in (logp, ref_logp, values))
+    kl = ppo_math.kl_penalty(old_logp, ref_lp, stage.options.kl_estimator) * mask
     token_r = ppo_math.token_rewards(mx.array(scores), kl, mask, kl_coef)
-    advantages, returns = ppo_math.gae(token_r, old_values, mask, stage.gamma, stage.lam)
-    if stage.whiten_advantages:
+    advantages, returns = ppo_math.gae(token_r, old_values, mask, stage.options.gamma, stage.options.lam)
+    if stage.options.whiten_advantages:
         advantages = ppo_math.whiten(advantages, mask)
     seq_kl = np.array(kl.sum(-1))
     n = float(w.sum().item())
@@ -283,9 +119,9 @@ class Rollouts:
     def __init__(self, model, tokenizer, prompts: data.Batches, reward: Reward, stage, stage_dir: Path, log):
         self.model, self.tokenizer, self.prompts, self.reward = model, tokenizer, prompts, reward
         self.stage, self.stage_dir, self.log = stage, Path(stage_dir), log
-        self.kl = ppo_math.AdaptiveKL(stage.kl_coef, stage.target_kl, stage.kl_horizon)
-        self.minibatch = stage.minibatch_size or stage.batch_size
-        self.per_rollout = stage.ppo_epochs * (stage.batch_size // self.minibatch)
+        self.kl = ppo_math.AdaptiveKL(stage.options.kl_coef, stage.options.target_kl, stage.options.kl_horizon)
+        self.minibatch = stage.options.minibatch_size or stage.batch_size
+        self.per_rollout = updates_per_rollout(stage)
         self.count, self.position, self.buffer, self.start = 0, 0, None, prompts.state()
         self.window: list[dict] = []
         self.last: dict = {}
@@ -324,7 +160,7 @@ class Rollouts:
         """Minibatch row indices for ppo_epochs shuffled passes over the rollout batch."""
         B = len(self.buffer["inputs"])
         out = []
-        for epoch in range(self.stage.ppo_epochs):
+        for epoch in range(self.stage.options.ppo_epochs):
             order = np.random.default_rng([self.stage.seed, self.count, epoch]).permutation(B)
             out += [order[i:i + self.minibatch] for i in range(0, B, self.minibatch)]
         return out
@@ -356,7 +192,7 @@ class Rollouts:
         self.position = 0
         self.window.append(out["stats"])
         for p, text, score in list(zip(prompts, out["texts"], out["scores"]))[:2]:
-            self.log("sample", when=f"rollout {self.count}", prompt=_prompt_text(p.prompt), got=text,
+            self.log("sample", when=f"rollout {self.count}", prompt=prompt_text(p.prompt), got=text,
                      reward=float(score))
 
     def metrics(self) -> dict:
@@ -370,16 +206,13 @@ class Rollouts:
         return out
 
 
-def _prompt_text(p) -> str:
-    return p if isinstance(p, str) else p[-1]["content"]
-
-
 # ---------------------------------------------------------------------------------------------
 # The loss
 
 
 def make_loss(stage):
-    T, clip, value_clip, vf_coef = stage.temperature, stage.clip_range, stage.value_clip, stage.vf_coef
+    o = stage.options
+    T, clip, value_clip, vf_coef = o.temperature, o.clip_range, o.value_clip, o.vf_coef
 
     def loss(model, batch):
         """PPO's clipped surrogate plus the critic's clipped value loss over response tokens
@@ -390,33 +223,19 @@ def make_loss(stage):
         log pi is at the sampling temperature T: log softmax(z / T). Returns (L, response tokens,
         {policy_loss, value_loss, clip_frac, approx_kl, value_clip_frac}).
         """
-        hidden, targets, w = _positions(model, batch)
+        hidden, targets, w = scored_positions(model, batch)
         logp = hidden_logprobs(model, hidden / T, targets)
         values = model.value_head(hidden.astype(mx.float32))[:, 0]
-        pl, clip_frac, approx_kl = ppo_math.policy_loss(logp, _at_positions(batch, "old_logp"),
-                                                        _at_positions(batch, "advantages"), w, clip)
-        vl, value_clip_frac = ppo_math.value_loss(values, _at_positions(batch, "old_values"),
-                                                  _at_positions(batch, "returns"), w, value_clip)
+        pl, clip_frac, approx_kl = ppo_math.policy_loss(logp, at_positions(batch, "old_logp"),
+                                                        at_positions(batch, "advantages"), w, clip)
+        vl, value_clip_frac = ppo_math.value_loss(values, at_positions(batch, "old_values"),
+                                                  at_positions(batch, "returns"), w, value_clip)
         # not w.sum(): mx.compile (MLX 0.32) merges an output with policy_loss's identical sum, then fails
         ntoks = (w > 0).sum().astype(mx.float32)
         return pl + vf_coef * vl, ntoks, {"policy_loss": pl, "value_loss": vl, "clip_frac": clip_frac,
                                             "approx_kl": approx_kl, "value_clip_frac": value_clip_frac}
 
     return loss
-
-
-def setup(model, stage, batches, valid, steps, stage_dir, note, *, tokenizer, reward: Reward, log):
-    """(loss, Rollouts, None) for the one loop; `batches` yields lists of prompts."""
-    if not plain_head(model):
-        from ..errors import ModelError
-        from ..models import families
-
-        plain = [t for f in families.FAMILIES if f.plain_head for t in f.model_types]
-        raise ModelError(f"[stages.{stage.name}]: ppo reads log-probs from the hidden states through the output "
-                         f"head, which is exact for {', '.join(plain)} models; this one is "
-                         f"{getattr(model, 'model_type', '?')!r} (its logits are post-processed)\n"
-                         "  fix: use a model of one of those families for the ppo stage")
-    return make_loss(stage), Rollouts(model, tokenizer, batches, reward, stage, stage_dir, log), None
 
 
 def heldout(model, tokenizer, reward: Reward, prompts: list[Prompt], stage, seed: int = 1234) -> dict:
@@ -431,7 +250,7 @@ def heldout(model, tokenizer, reward: Reward, prompts: list[Prompt], stage, seed
         kls.append(((r["old_logp"] - r["ref_logp"]) * r["mask"]).sum(-1))
         for k, v in r["parts"].items():
             parts.setdefault(k, []).append(v)
-        out += [{"prompt": _prompt_text(p.prompt), "got": t, "reward": float(s)}
+        out += [{"prompt": prompt_text(p.prompt), "got": t, "reward": float(s)}
                 for p, t, s in zip(chunk, r["texts"], r["scores"])]
     s, k = np.concatenate(scores), np.concatenate(kls)
     result = {"reward_mean": float(s.mean()), "reward_std": float(s.std()), "kl": float(k.mean()),
@@ -439,3 +258,191 @@ def heldout(model, tokenizer, reward: Reward, prompts: list[Prompt], stage, seed
     for name, v in parts.items():
         result[f"reward_{name}"] = float(np.concatenate(v).mean())
     return result
+
+
+@dataclass(frozen=True)
+class Options:
+    reward_model: Union[str, None] = option(None, doc="ppo: the name of an earlier reward stage, or RUN/stage")
+    rules: Union[list, None] = option(None, doc="ppo: rule rewards, [[stages.rules]] tables")
+    temperature: float = option(1.0, min=0.05, max=100.0)
+    max_new_tokens: int = option(64, min=1, doc="ppo: the longest sampled response")
+    top_p: float = option(1.0, min=0.01, max=1.0, doc="ppo: nucleus sampling of rollouts")
+    ppo_epochs: int = option(2, min=1, max=16, doc="ppo: passes over each rollout batch")
+    minibatch_size: int = option(0, min=0, doc="ppo: rollouts per optimizer step; 0 = batch_size")
+    kl_coef: float = option(0.05, min=0.0, doc="ppo: weight of the per-token KL penalty to the reference")
+    kl_estimator: str = option("k1", choices=("k1", "k3"))
+    target_kl: Union[float, None] = option(None, min=0.0, doc="ppo: KL per response (nats) that an adaptive "
+                                                              "kl_coef steers towards; unset = fixed kl_coef")
+    kl_horizon: int = option(10000, min=1, doc="ppo: adaptive KL's horizon (Ziegler et al. 2019)")
+    gamma: float = option(1.0, min=0.0, max=1.0)
+    lam: float = option(0.95, min=0.0, max=1.0)
+    clip_range: float = option(0.2, min=0.0, max=1.0)
+    value_clip: float = option(0.2, min=0.0)
+    vf_coef: float = option(0.1, min=0.0, doc="ppo: weight of the value loss (the critic shares the policy trunk)")
+    whiten_advantages: bool = option(True)
+    heldout_prompts: int = option(64, min=1, doc="ppo: held-out prompts scored before and after the stage")
+    dequantize_rollouts: bool = option(True, doc="ppo, QLoRA on CPU: sample from an fp32 copy of the base (about "
+                                                 "3x faster rollouts, 4 bytes per weight while sampling)")
+
+
+def updates_per_rollout(stage) -> int:
+    """Optimizer steps per rollout batch: ppo_epochs passes over its minibatches."""
+    o = stage.options
+    return o.ppo_epochs * (stage.batch_size // (o.minibatch_size or stage.batch_size))
+
+
+class PPO(Method):
+    kind = "ppo"
+    options = Options
+    formats = ("prompt", "messages", "completion", "preference")
+    capability = "ppo"
+    one_process = "each rank would sample its own rollouts and adapt its own KL coefficient"
+    collate = staticmethod(collate)
+    samples = True
+    metrics = (Metric("reward_mean", "reward", "{:+.3f}"), Metric("reward_std", "reward std", "{:.3f}"),
+               Metric("kl", "KL to reference", "{:.3f}"), Metric("kl_coef", "KL coefficient", "{:.4f}"),
+               Metric("entropy", "entropy", "{:.3f}"), Metric("clip_frac", "clip fraction", "{:.1%}"),
+               Metric("approx_kl", "approx KL", "{:.4f}"), Metric("value_loss", "value loss"),
+               Metric("explained_variance", "explained var.", "{:.2f}"),
+               Metric("response_length", "response length", "{:.1f}"), Metric("rollout_sec", "rollout s", "{:.1f}"),
+               Metric("scoring_sec", "scoring s", "{:.1f}"))
+
+    def validate(self, stage, before, fail):
+        from .dpo import refuse_full, refuse_packing
+
+        o = stage.options
+        if not o.reward_model and not o.rules:
+            raise fail("", f"{fail.table} is a ppo stage with neither reward_model nor rules: nothing scores its "
+                       "rollouts", 'add reward_model = "reward" (an earlier reward stage), or a rule:\n'
+                       '  [[stages.rules]]\n  kind = "regex"\n  pattern = \'\\d{4}-\\d{2}-\\d{2}\'')
+        refuse_full(self.kind, stage, fail)
+        if o.minibatch_size and (o.minibatch_size > stage.batch_size or stage.batch_size % o.minibatch_size):
+            raise fail("minibatch_size", f"minibatch_size = {o.minibatch_size} must divide batch_size = "
+                       f"{stage.batch_size} (the rollouts per batch)",
+                       f"use minibatch_size = {stage.batch_size // 2 or 1}")
+        refuse_packing(self.kind, stage, fail)
+        rewards.validate_reward_model(stage, before, fail)
+
+    def data_hint(self, stage):
+        return ('a ppo stage samples its own responses, so it needs prompts: {"prompt"} rows (or {"messages"} '
+                'or preference rows; their answers are ignored)\n  fix: write each row as {"prompt": "..."}')
+
+    def references(self, stage):
+        return {"reward_model": stage.options.reward_model} if stage.options.reward_model else {}
+
+    def encode(self, stage, rows, fmt, tokenizer, source):
+        return encode_prompts(rows, tokenizer, stage.max_seq_len, stage.options.max_new_tokens, source)
+
+    def check(self, recipe, stage, tokenizer, folder):
+        ref = stage.options.reward_model
+        if ref and ref not in [x.name for x in recipe.stages]:
+            rewards.check_reward_model(recipe, stage, ref, tokenizer, folder)
+
+    def steps_per_batch(self, stage):
+        return updates_per_rollout(stage)
+
+    def heads(self, model):
+        attach_value_head(model)
+        return {"value_head": True}
+
+    def setup(self, ctx):
+        """(loss, Rollouts, None) for the one loop; ctx.batches yields lists of prompts."""
+        model, stage = ctx.model, ctx.stage
+        if not plain_head(model):
+            from ..errors import ModelError
+            from ..models import families
+
+            plain = [t for f in families.FAMILIES if f.plain_head for t in f.model_types]
+            raise ModelError(f"[stages.{stage.name}]: ppo reads log-probs from the hidden states through the output "
+                             f"head, which is exact for {', '.join(plain)} models; this one is "
+                             f"{getattr(model, 'model_type', '?')!r} (its logits are post-processed)\n"
+                             "  fix: use a model of one of those families for the ppo stage")
+        reward = ctx.state["reward"] = rewards.build(ctx, stage.options.reward_model, stage.options.rules)
+
+        def log(kind, **fields):
+            return ctx.run.log(stage.name, 0, kind, **fields)
+
+        return make_loss(stage), Rollouts(model, ctx.tokenizer, ctx.batches, reward, stage, ctx.stage_dir, log), None
+
+    def heldout(self, ctx, model):
+        """Reward and KL on held-out prompts (sampled with a fixed seed), before and after the stage."""
+        if not ctx.valid:
+            return None
+        prompts = ctx.valid.examples[:ctx.stage.options.heldout_prompts]
+        return heldout(model, ctx.tokenizer, ctx.state["reward"], prompts, ctx.stage)
+
+    def evaluator(self, ctx, loss_fn, valid_batches):
+        if not ctx.valid:
+            return None
+
+        def evaluate(model):
+            return {k: v for k, v in self.heldout(ctx, model).items() if k != "samples"}
+
+        return evaluate
+
+    def heldout_line(self, when, h):
+        rules = "".join(f", {k[7:]} pass rate {v:.0%}" for k, v in h.items() if k.startswith("reward_rule"))
+        return (f"held-out prompts {when}: reward {h['reward_mean']:+.3f} ± {h['reward_std']:.3f}, KL to the "
+                f"reference {h['kl']:.3f} nats per response{rules} ({h['n']} sampled answers)")
+
+    def after(self, ctx, summary):
+        ctx.model.pop("value_head")  # the critic ends with the stage; the policy's adapters go on
+
+    def report(self, stage, r, run_path):
+        return report_lines(stage, r) if "heldout_before" in r else []
+
+    def plan_shapes(self, stage, dataset):
+        """One rollout minibatch: the longest prompt plus max_new_tokens, max_new_tokens scored per row."""
+        width = max(len(p.tokens) for p in dataset.examples) + stage.options.max_new_tokens
+        rows = stage.options.minibatch_size or stage.batch_size
+        return [(rows, -(-width // 8) * 8, rows * stage.options.max_new_tokens)]
+
+    def plan_extras(self, model, stage, dataset, dims, dtype_bytes):
+        """Rollouts: the KV cache of a whole rollout batch (and an fp32 copy of a 4-bit base on the
+        CPU), and the value head."""
+        from .. import device, models, plan
+
+        o = stage.options
+        width = max(len(p.tokens) for p in dataset.examples) + o.max_new_tokens
+        kv = plan.rollout_cache_bytes(dims, stage.batch_size, width, dtype_bytes)
+        copy_bytes = 0
+        if o.dequantize_rollouts and not device.is_gpu() and models.is_quantized(model):
+            copy_bytes = plan.block_params(dims, "i_total") * 4
+        trainable = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
+        return {"phase:rollouts": kv + copy_bytes + trainable * 4, "value head": (dims["h"] + 1) * 4}
+
+    def plan_step_flops(self, stage, params, mean_width):
+        """A rollout batch (generation + 3 scoring passes) shared by its updates."""
+        return 5 * 2 * params * stage.batch_size * mean_width / updates_per_rollout(stage)
+
+
+def report_lines(s, r: dict) -> list[str]:
+    """Held-out reward, KL and rule pass rates before and after a ppo stage, and sample answers."""
+    b, a, o = r["heldout_before"], r["heldout_after"], s.options
+    lines = ["", f"## PPO ({s.name}: {b['n']} held-out prompts of `{s.valid or 'the valid split'}`, sampled at "
+             f"T={o.temperature:g})", "", f"Reward: {rewards.describe(o.reward_model, o.rules)}.", "",
+             "| | before the stage | after | change |", "|---|---|---|---|",
+             f"| reward (mean ± std) | {b['reward_mean']:+.3f} ± {b['reward_std']:.3f} | "
+             f"{a['reward_mean']:+.3f} ± {a['reward_std']:.3f} | {a['reward_mean'] - b['reward_mean']:+.3f} |",
+             f"| KL to the reference (nats per response) | {b['kl']:.3f} | {a['kl']:.3f} ± {a['kl_std']:.3f} | "
+             + (f"target {o.target_kl:g} |" if o.target_kl else "— |")]
+    if "reward_model" in b and o.rules:
+        lines.append(f"| reward model score | {b['reward_model']:+.3f} | {a['reward_model']:+.3f} | "
+                     f"{a['reward_model'] - b['reward_model']:+.3f} |")
+    for key in sorted(k for k in b if k.startswith("reward_rule")):
+        rule = (o.rules or [])[int(key[11:]) - 1]
+        lines.append(f"| rule {key[11:]} ({rule.kind}) pass rate | {b[key]:.1%} | {a[key]:.1%} | "
+                     f"{(a[key] - b[key]) * 100:+.1f} points |")
+
+    def cell(t) -> str:
+        return str(t).replace("|", "\\|").replace("\n", " ")[:60]
+
+    lines += ["", "Samples (the same prompts and seed before and after):", "",
+              "| prompt | before | reward | after | reward |", "|---|---|---|---|---|"]
+    for x, y in zip(b["samples"], a["samples"]):
+        lines.append(f"| {cell(x['prompt'])} | {cell(x['got'])} | {x['reward']:+.2f} | {cell(y['got'])} | "
+                     f"{y['reward']:+.2f} |")
+    return lines
+
+
+METHOD = PPO()

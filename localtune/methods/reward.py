@@ -11,8 +11,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from dataclasses import dataclass
+
+from ..recipe import option
 from ..train import data
-from .dpo import collate_pairs as _collate_pairs
+from ..train.metrics import Metric
+from .base import Method
+from .pairs import collate_pairs
 
 
 def attach_head(model) -> nn.Module:
@@ -36,7 +41,7 @@ def rewards(model, tokens: mx.array, real: mx.array, head: nn.Module | None = No
 
 def collate(pairs) -> data.Batch:
     """Pairs as whole sequences (chosen rows, then rejected), their real-token masks, and margins."""
-    batch = _collate_pairs(pairs)
+    batch = collate_pairs(pairs)
     tokens, real = whole([p.chosen for p in pairs] + [p.rejected for p in pairs])
     batch.extras = {"tokens": tokens, "real": real, "margin": np.array([p.margin for p in pairs], np.float32)}
     return batch
@@ -72,12 +77,6 @@ def make_loss(centering: float = 0.0):
     return loss
 
 
-def setup(model, stage, batches, valid, steps, stage_dir, note):
-    """(loss, pair batches, fixed validation batches) for the one loop."""
-    return (make_loss(stage.reward_centering), batches,
-            data.eval_batches(valid, stage.batch_size, stage.eval_batches, collate) if valid else None)
-
-
 def score(model, examples: list, batch_size: int = 16) -> list[float]:
     """r(x, y) for each encoded prompt + response, in order (no gradients)."""
     out = []
@@ -100,8 +99,67 @@ def margins(model, pairs, batch_size: int = 16) -> np.ndarray:
     return np.concatenate(out)
 
 
-def summary(d: np.ndarray) -> dict:
+def margin_summary(d: np.ndarray) -> dict:
     """Held-out pair accuracy and the reward-margin distribution."""
     q = np.quantile(d, [0.1, 0.5, 0.9])
     return {"pair_accuracy": float((d > 0).mean()), "margin_mean": float(d.mean()), "margin_std": float(d.std()),
             "margin_p10": float(q[0]), "margin_p50": float(q[1]), "margin_p90": float(q[2]), "pairs": int(len(d))}
+
+
+@dataclass(frozen=True)
+class Options:
+    reward_centering: float = option(0.0, min=0.0, doc="reward: weight of the (r_w + r_l)^2 centring term")
+
+
+class Reward(Method):
+    kind = "reward"
+    options = Options
+    formats = ("preference",)
+    pairs = True
+    lm_head = False
+    branch = True
+    scores = True
+    capability = "ppo"
+    collate = staticmethod(collate)
+    metrics = (Metric("accuracy", "pair accuracy", "{:.1%}"), Metric("margin", "reward margin", "{:+.3f}"))
+
+    def validate(self, stage, before, fail):
+        if stage.adapter.type == "full":
+            raise fail("adapter.type", "a reward stage is a branch: its adapters come off when it ends, which full "
+                       "fine-tuning cannot do", 'use type = "lora" or "dora"')
+
+    def heads(self, model):
+        attach_head(model)
+        return {"reward_head": True}
+
+    def load_heads(self, model):
+        attach_head(model)
+
+    def loss(self, stage):
+        return make_loss(stage.options.reward_centering)
+
+    def after(self, ctx, summary):
+        """Held-out pair accuracy and margins; then the adapters and head come off (a branch)."""
+        from ..train import adapters
+
+        if ctx.valid:
+            h = summary["heldout"] = margin_summary(margins(ctx.model, ctx.valid.examples))
+            ctx.report(ctx.run.log(ctx.stage.name, ctx.steps, "event", event="info", message=(
+                f"held-out pairs: accuracy {h['pair_accuracy']:.1%}, reward margin {h['margin_mean']:+.3f} "
+                f"± {h['margin_std']:.3f} (p10 {h['margin_p10']:+.3f}, p90 {h['margin_p90']:+.3f})")))
+        adapters.detach(ctx.model)
+
+    def report(self, stage, result, run_path):
+        h = result.get("heldout")
+        if not h:
+            return []
+        return ["", f"## Reward model ({stage.name}, {h['pairs']} held-out pairs of "
+                f"`{stage.valid or 'the valid split'}`)",
+                "", "| pair accuracy | margin mean | std | p10 | median | p90 |", "|---|---|---|---|---|---|",
+                f"| {h['pair_accuracy']:.1%} | {h['margin_mean']:+.3f} | {h['margin_std']:.3f} | "
+                f"{h['margin_p10']:+.3f} | {h['margin_p50']:+.3f} | {h['margin_p90']:+.3f} |", "",
+                f"The margin is r(chosen) - r(rejected). Score rows with `localtune score --reward "
+                f"{run_path / stage.name} --data FILE.jsonl`."]
+
+
+METHOD = Reward()

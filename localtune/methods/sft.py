@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from .base import Method
 from .logprobs import target_logprobs
 
 
@@ -17,8 +18,11 @@ def loss(model, batch):
     return -(logp * weight).sum() / mx.maximum(ntoks, 1), ntoks, {}
 
 
-def setup(model, stage, batches, valid, steps, stage_dir, note):
-    """(loss, training batches, fixed validation batches or None) for the one loop."""
-    from ..train import data
 
-    return loss, batches, data.eval_batches(valid, stage.batch_size, stage.eval_batches) if valid else None
+class SFT(Method):
+    """The defaults of `Method` are SFT's: rows of text, the masked cross-entropy above."""
+
+    kind = "sft"
+
+
+METHOD = SFT()

@@ -209,7 +209,7 @@ def _download(repo: str, revision: str | None) -> Path:
                          "network and point model.path at the downloaded folder") from None
 
 
-def _config(folder: Path) -> dict:
+def read_config(folder: Path) -> dict:
     try:
         return json.loads((folder / "config.json").read_text())
     except ValueError as e:
@@ -220,7 +220,7 @@ def load_tokenizer(folder: Path):
     from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
 
     try:
-        return mlx_load_tokenizer(folder, eos_token_ids=_config(folder).get("eos_token_id"))
+        return mlx_load_tokenizer(folder, eos_token_ids=read_config(folder).get("eos_token_id"))
     except (ValueError, OSError, KeyError) as e:
         raise ModelError(f"{folder}: cannot load the tokenizer: {e}\n"
                          "  fix: the folder needs tokenizer.json (or tokenizer.model) and tokenizer_config.json")
@@ -230,7 +230,7 @@ def load_model(folder: Path, quantize=None, lazy=False):
     """Returns (model, config). Float weights take the device's compute dtype."""
     from mlx_lm.utils import load_model as mlx_load_model
 
-    config = _config(folder)
+    config = read_config(folder)
     extra = {}
     if "tie_word_embeddings" not in config and config.get("model_type") in ("llama", "mistral", "qwen2"):
         # mlx-lm defaults to tied and then drops lm_head: decide from the weights instead.

@@ -268,7 +268,7 @@ class Batch:
         return padded, weight
 
 
-def _collate(examples: list[Example], pad_to_multiple: int = 8) -> Batch:
+def collate_examples(examples: list[Example], pad_to_multiple: int = 8) -> Batch:
     width = max(len(e.tokens) for e in examples) - 1
     width = -(-width // pad_to_multiple) * pad_to_multiple
     B = len(examples)
@@ -344,9 +344,9 @@ class Batches:
         self.group_by_length, self.packing, self.max_seq_len = group_by_length, packing, max_seq_len
         self.epoch, self.index = 0, 0
         self._plan_epoch = None
-        self.collate = collate or _collate
+        self.collate = collate or collate_examples
 
-    def _plan(self, epoch: int) -> list[list[int]] | list[list[Example]]:
+    def plan(self, epoch: int) -> list[list[int]] | list[list[Example]]:
         rank, world = self.shard
         return [list(b[rank::world]) for b in self._global_plan(epoch, self.batch_size * world)]
 
@@ -372,7 +372,7 @@ class Batches:
 
     def _current(self):
         if self._plan_epoch is None or self._plan_epoch[0] != self.epoch:
-            self._plan_epoch = (self.epoch, self._plan(self.epoch))
+            self._plan_epoch = (self.epoch, self.plan(self.epoch))
         return self._plan_epoch[1]
 
     def state(self) -> dict:
@@ -390,7 +390,7 @@ class Batches:
         while True:
             if index >= len(plan):
                 epoch, index = epoch + 1, 0
-                plan = self._plan(epoch)
+                plan = self.plan(epoch)
             yield [int(i) for i in plan[index]]
             index += 1
 
@@ -414,7 +414,7 @@ class Batches:
 
 def eval_batches(dataset: Dataset, batch_size: int, limit: int, collate=None):
     """Fixed, length-sorted validation batches (the same every evaluation)."""
-    collate = collate or _collate
+    collate = collate or collate_examples
     order = sorted(range(len(dataset)), key=lambda i: len(dataset.examples[i].tokens))
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     step = max(1, len(chunks) // limit)

@@ -189,7 +189,7 @@ class Interrupted(Exception):
         self.step = step
 
 
-def _to_mx(batch) -> dict:
+def to_mx(batch) -> dict:
     """numpy Batch -> mx arrays, plus the flat indices of scored positions (see methods/logprobs.py)."""
     out = {"inputs": mx.array(batch.inputs), "targets": mx.array(batch.targets),
            "loss_mask": mx.array(batch.loss_mask)}
@@ -279,7 +279,7 @@ def train(model, loss_fn, batches, args: TrainArgs, *, run, stage: str, stage_di
             grads, loss_sum, metric_sums = None, 0.0, {}
             for b in micro_batches:  # token- (or pair-) weighted: accumulation (and ranks) equal one large batch
                 weight = b.weight / total
-                loss, ntoks, metrics, g = micro(_to_mx(b))
+                loss, ntoks, metrics, g = micro(to_mx(b))
                 if args.grad_accum > 1 or world > 1:  # no extra gradient copy in the common case
                     g = tree_map(lambda x: x * weight, g)
                 grads = g if grads is None else tree_map(mx.add, grads, g)
@@ -369,7 +369,7 @@ def evaluate_loss(model, loss_fn, batches) -> dict:
     """{"loss", and each metric of the loss}: weighted means over fixed validation batches."""
     sums, n = {}, 0.0
     for b in batches:
-        loss, ntoks, metrics = loss_fn(model, _to_mx(b))
+        loss, ntoks, metrics = loss_fn(model, to_mx(b))
         mx.eval(loss, ntoks, metrics)
         w = ntoks.item()
         for k, v in {"loss": loss, **metrics}.items():

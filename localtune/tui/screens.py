@@ -211,7 +211,7 @@ class GenerateScreen(ModalScreen):
     def generate(self, prompt: str) -> None:
         try:
             from ..integrity.evaluate import generate
-            from ..train.pipeline import load_for_inference
+            from ..loading import load_for_inference
 
             model, tokenizer = load_for_inference(str(self.path), self.stage, in_progress=True)  # a preview
             result = Text(generate(model, tokenizer, [prompt], 64)[0] or "(an empty answer)")

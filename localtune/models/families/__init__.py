@@ -142,13 +142,11 @@ def require(model_type: str | None, capability: str, where: str) -> Family:
 
 
 # A stage's method -> the matrix column it needs (SFT's columns follow its adapter and base).
-_METHOD_CAPABILITY = {"dpo": "dpo", "reward": "ppo", "ppo": "ppo", "distill": "distill"}
-
-
-def stage_capabilities(stage, quantized: bool) -> list[str]:
+def stage_capabilities(stage, quantized: bool, method_capability: str | None) -> list[str]:
+    """The matrix columns a stage needs: its way of tuning, and its method's column (Method.capability)."""
     adapter = getattr(getattr(stage, "adapter", None), "type", "lora")
     tuning = {"dora": "dora", "full": "load"}.get(adapter, "qlora" if quantized else "lora")
-    return [tuning] + ([_METHOD_CAPABILITY[stage.kind]] if stage.kind in _METHOD_CAPABILITY else [])
+    return [tuning] + ([method_capability] if method_capability else [])
 
 
 def require_known(model_type: str | None, capability: str, where: str) -> None:

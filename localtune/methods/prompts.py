@@ -1,0 +1,110 @@
+"""Prompts for methods that sample their own responses (PPO, GRPO): encoding rows as generation
+inputs, batched sampling from the policy, and prompt + response rows with their scored positions."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from ..train import data
+
+
+@dataclass
+class Prompt(data.Example):
+    prompt: object = None  # the row's prompt: a string or a message list
+
+
+def collate(prompts: list[Prompt]) -> list[Prompt]:
+    """The prompts of one rollout batch, as they are: Rollouts samples their responses."""
+    return prompts
+
+
+def prompt_of(row: dict):
+    """The prompt of a row: "prompt", or the messages before the last assistant turn."""
+    if "messages" in row:
+        msgs = row["messages"]
+        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=len(msgs))
+        return msgs[:last]
+    return row["prompt"]
+
+
+def encode_prompts(rows: list[dict], tokenizer, max_seq_len: int, max_new_tokens: int, source: str = ""):
+    """Prompts as generation inputs; prompts leaving fewer than max_new_tokens of max_seq_len are dropped."""
+    enc = data.Encoder(tokenizer)
+    out, dropped = [], 0
+    for row in rows:
+        p = prompt_of(row)
+        ids = enc.prompt_tokens(p) if isinstance(p, str) else enc.template(p, add_generation_prompt=True)
+        if len(ids) + max_new_tokens > max_seq_len:
+            dropped += 1
+            continue
+        out.append(Prompt(np.array(ids, np.int32), np.ones(len(ids), bool), p))
+    if not out:
+        from ..errors import DataError
+
+        raise DataError(f"{source}: every prompt is longer than max_seq_len - max_new_tokens "
+                        f"({max_seq_len} - {max_new_tokens})\n  fix: raise max_seq_len or lower max_new_tokens")
+    return data.Dataset(out, 0, dropped, source)
+
+
+def sample(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float):
+    """Batched sampling with a KV cache (mlx-lm's BatchGenerator). Returns (responses, stopped): the
+    tokens of each response, with its EOS when it stopped at one."""
+    from mlx_lm.generate import BatchGenerator
+    from mlx_lm.sample_utils import make_sampler
+
+    n = len(prompts)
+    gen = BatchGenerator(model, stop_tokens=[[t] for t in tokenizer.eos_token_ids],
+                         sampler=make_sampler(temp=temperature, top_p=top_p if top_p < 1 else 0.0),
+                         completion_batch_size=n, prefill_batch_size=n)
+    uids = gen.insert(prompts, [max_new_tokens] * n)
+    out, stopped = {u: [] for u in uids}, {}
+    while responses := gen.next_generated():
+        for r in responses:
+            out[r.uid].append(r.token)
+            if r.finish_reason is not None:
+                stopped[r.uid] = r.finish_reason == "stop"
+    gen.close()
+    return [out[u] for u in uids], [stopped.get(u, False) for u in uids]
+
+
+def prompt_text(p) -> str:
+    """The text of a prompt: a string, or the last message of a list."""
+    return p if isinstance(p, str) else p[-1]["content"]
+
+
+def response_rows(prompts: list[Prompt], responses: list[list[int]]) -> data.Batch:
+    """prompt + response rows; the loss mask covers the response tokens as targets."""
+    seqs = [np.concatenate([p.tokens, np.array(r, np.int32)]) for p, r in zip(prompts, responses)]
+    examples = []
+    for p, s in zip(prompts, seqs):
+        mask = np.zeros(len(s), bool)
+        mask[len(p.tokens):] = True
+        examples.append(data.Example(s, mask))
+    return data.collate_examples(examples)
+
+
+def scored_positions(model, batch: dict):
+    """Final hidden states (K, H), targets (K,) and weights (K,) at the scored positions."""
+    hidden = model.model(batch["inputs"])
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = batch["targets"].reshape(-1)
+    if "target_index" in batch:
+        index = batch["target_index"]
+        return hidden[index], targets[index], batch["target_weight"]
+    return hidden, targets, batch["loss_mask"].reshape(-1)
+
+
+def at_positions(batch: dict, key: str) -> mx.array:
+    x = batch[key].reshape(-1)
+    return x[batch["target_index"]] if "target_index" in batch else x
+
+
+def dense(values: mx.array, batch: dict, shape) -> np.ndarray:
+    """Flat values at the scored positions back to a (B, T) array (0 elsewhere)."""
+    out = np.zeros(int(np.prod(shape)), np.float32)
+    index = np.array(batch["target_index"]) if "target_index" in batch else np.arange(out.size)
+    w = np.array(batch["target_weight"] if "target_index" in batch else batch["loss_mask"].reshape(-1))
+    out[index[w > 0]] = np.array(values.astype(mx.float32))[w > 0]
+    return out.reshape(shape)
