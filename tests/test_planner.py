@@ -19,7 +19,7 @@ def test_weights_and_adapter_parts_are_the_models_own_bytes(tmp_path, small_mode
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     assert p.parts["weights"] == weights  # fp32 on CPU: 4 bytes per parameter
     # rank-4 LoRA on the 7 linear layers of each block: (in + out) x 4 parameters each, fp32
-    d = planner._dims(model)
+    d = planner.dims(model)
     per_block = 4 * (2 * (d["h"] + d["h"]) + 2 * (d["h"] + d["kv"]) + 2 * (d["h"] + d["i"]) + (d["i"] + d["h"]))
     assert p.parts["adapters"] == d["layers"] * per_block * 4
     assert p.parts["optimizer"] == 2 * p.parts["adapters"]  # AdamW: two moments
@@ -32,9 +32,9 @@ def test_gradient_checkpointing_and_fewer_layers_shrink_the_activations(tmp_path
     prepared = prepare(parsed)
     model, _ = models.load_model(small_model_path, lazy=True)
     stage = parsed.stages[0]
-    base = planner._plan_with_adapters(model, parsed, stage, prepared.train[stage.name], 6)
-    ckpt = planner._plan_with_adapters(model, parsed, stage, prepared.train[stage.name], 6, grad_checkpoint=True)
-    half = planner._plan_with_adapters(model, parsed, stage, prepared.train[stage.name], 6, batch_size=4)
+    base = planner.plan_with_adapters(model, parsed, stage, prepared.train[stage.name], 6)
+    ckpt = planner.plan_with_adapters(model, parsed, stage, prepared.train[stage.name], 6, grad_checkpoint=True)
+    half = planner.plan_with_adapters(model, parsed, stage, prepared.train[stage.name], 6, batch_size=4)
     assert ckpt.parts["activations"] < base.parts["activations"]
     assert half.rows == 4 and half.parts["activations"] < base.parts["activations"]
     assert ckpt.parts["weights"] == base.parts["weights"] == half.parts["weights"]

@@ -156,13 +156,13 @@ def resolve(target: str) -> Source:
     bom, unfinished = None, ()
     if run is not None:
         from ..integrity.provenance import bill_of_materials
-        from ..train.pipeline import finished_chain, folder_of, model_folder, student_stage
+        from ..loading import finished_chain, folder_of, model_folder, starting_model
 
         manifest = Run.open(run).manifest()
         bom = bill_of_materials(manifest["provenance"]) if "provenance" in manifest else None
         parsed, stages, unfinished = finished_chain(run, stage)  # before anything loads
-        if (student := student_stage(stages)) is not None:  # the run's model is the student
-            folder = folder_of(parsed, student.student, "student")
+        if (start := starting_model(stages)) is not None:  # the run's model is a distill student
+            folder = folder_of(parsed, start, "student")
         else:
             folder = model_folder(run)
         if not (folder / "config.json").exists():
@@ -200,7 +200,7 @@ def models_config(source: Source) -> dict:
 
 
 def load_unfused(source: Source):
-    from ..train.pipeline import load_for_inference
+    from ..loading import load_for_inference
 
     if source.run is None:
         return load_for_inference(str(source.folder))

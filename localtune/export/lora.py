@@ -56,7 +56,7 @@ class LoraExportResult:
 def _lora_stages(run: Path, stage: str | None) -> list[str]:
     """The stages to export, each checked to be plain LoRA (DoRA and full weights have no GGUF form)."""
     from ..run.damage import read_json
-    from ..train.pipeline import finished_chain
+    from ..loading import finished_chain
 
     done = [s.name for s in finished_chain(run, stage)[1]]
     if not done:
@@ -75,7 +75,7 @@ def _lora_stages(run: Path, stage: str | None) -> list[str]:
 def load_stacked(run: Path, stages: list[str]):
     """Base + every stage's LoRA, each stage wrapping the one before and none fused."""
     from ..train import adapters
-    from ..train.pipeline import chain, chain_base
+    from ..loading import chain, chain_base
 
     parsed, chained = chain(run, stages[-1])
     model, tokenizer, _ = chain_base(parsed, chained)
@@ -236,9 +236,9 @@ def export_lora(target: str, out: str | Path, base: str | Path | None = None, ve
            f"{', '.join(f'{r} ({n} layers)' for r, n in ranks.items())}, {result.size_bytes / 1e6:.1f} MB")
     if not verify:
         return result
-    from ..train.pipeline import chain, student_stage
+    from ..loading import chain, starting_model
 
-    student = student_stage(chain(source.run, source.stage)[1]) is not None
+    student = starting_model(chain(source.run, source.stage)[1]) is not None
     base = Path(base) if base else _base_gguf(source.folder, None if student else parsed.model.quantize)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".base.") as tmp:
         if base is None:  # a folder (or in-memory quantized) base: check against its f16 export

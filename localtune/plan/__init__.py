@@ -15,21 +15,17 @@ rollout batches (only under 60% of the limit) and takes the second one's time.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from . import device, methods, models
-from .errors import LocaltuneError
-from .recipe import Recipe, Stage
-from .train import adapters, data, distributed
+from .. import device, methods, models
+from ..errors import LocaltuneError
+from ..recipe import Recipe, Stage
+from ..train import adapters, data, distributed
 
 GiB = 2**30
 OPTIMIZER_SLOTS = {"adam": 2, "adamw": 2, "sgd": 0}  # fp32 copies of each trainable weight
@@ -63,13 +59,13 @@ class StagePlan:
 # Shapes --------------------------------------------------------------------
 
 
-def _length(example) -> int:
+def example_length(example) -> int:
     if hasattr(example, "tokens"):
         return len(example.tokens)
     return max(len(example.chosen.tokens), len(example.rejected.tokens))  # a preference pair
 
 
-def _pad(n: int, multiple: int = 8) -> int:
+def pad(n: int, multiple: int = 8) -> int:
     return -(-n // multiple) * multiple
 
 
@@ -87,7 +83,7 @@ def micro_shapes(stage: Stage, dataset) -> list[tuple[int, int, int]]:
             out.append((len(item), stage.max_seq_len, sum(int(e.loss_mask.sum()) for b in item for e in b)))
             continue
         examples = [dataset.examples[i] for i in item]
-        width = _pad(max(_length(e) for e in examples) - 1)
+        width = pad(max(example_length(e) for e in examples) - 1)
         if not method.pairs:
             out.append((len(examples), width, sum(int(e.loss_mask.sum()) for e in examples)))
             continue
@@ -96,8 +92,8 @@ def micro_shapes(stage: Stage, dataset) -> list[tuple[int, int, int]]:
         starts = [int(np.argmax(e.chosen.loss_mask)) for e in examples]
         if method.shared_prompts and all(n > 0 and np.array_equal(e.chosen.tokens[:n], e.rejected.tokens[:n])
                                        for e, n in zip(examples, starts)):
-            response = _pad(max(len(x.tokens) - n for x, n in zip(rows, [n for n in starts for _ in (0, 1)])))
-            width = _pad(-(-(len(examples) * _pad(max(starts)) + len(rows) * response) // len(rows)))
+            response = pad(max(len(x.tokens) - n for x, n in zip(rows, [n for n in starts for _ in (0, 1)])))
+            width = pad(-(-(len(examples) * pad(max(starts)) + len(rows) * response) // len(rows)))
         out.append((len(rows), width, scored))
     return out
 
@@ -105,7 +101,7 @@ def micro_shapes(stage: Stage, dataset) -> list[tuple[int, int, int]]:
 # The formula ---------------------------------------------------------------
 
 
-def _dims(model) -> dict:
+def dims(model) -> dict:
     args = (model.language_model if "language_model" in model else model).args  # Qwen3.5 nests its text model
     h = args.hidden_size
     heads = args.num_attention_heads
@@ -177,7 +173,7 @@ def activation_bytes(d: dict, stage: Stage, rows: int, width: int, adapted_layer
     attention/MLP intermediates (or only the block input with gradient checkpointing), and the
     output head's fp32 logits for the `scored` positions: whole below logprobs.BLOCKWISE_FROM
     logits, else a few vocabulary blocks (none for a reward head)."""
-    from .methods.logprobs import BLOCKWISE_FROM, LOGITS_BLOCK
+    from ..methods.logprobs import BLOCKWISE_FROM, LOGITS_BLOCK
 
     t = rows * width
     per_token = 10 * d["h"] + 4 * d["kv"] + 5 * d["i"]
@@ -187,29 +183,29 @@ def activation_bytes(d: dict, stage: Stage, rows: int, width: int, adapted_layer
         kept = adapted_layers * t * d["h"] * dtype_bytes + block
     else:
         kept = adapted_layers * block
-    k = t if scored > t // 2 else max(64, _pad(scored, 64))  # only scored positions reach the head
+    k = t if scored > t // 2 else max(64, pad(scored, 64))  # only scored positions reach the head
     logits = k * d["vocab"]
     head = 3 * 4 * (logits if logits < BLOCKWISE_FROM else 2 * LOGITS_BLOCK) + 2 * k * d["h"] * 4
     return int(kept + (head if methods.of(stage).lm_head else 0))
 
 
-def _adapted(stage: Stage, d: dict) -> int:
+def adapted_blocks(stage: Stage, d: dict) -> int:
     """Blocks the backward pass goes through: the adapted ones (LoRA on the last `layers`)."""
     return min(stage.adapter.layers if stage.adapter.layers > 0 else d["layers"], d["layers"])
 
 
-def _bytes(tree) -> int:
+def nbytes(tree) -> int:
     return sum(v.nbytes for _, v in tree_flatten(tree))
 
 
 def plan_stage(model, stage: Stage, dataset, steps: int, extra: dict | None = None) -> StagePlan:
     """The formula estimate for one stage; `model` carries this stage's adapters (not evaluated)."""
-    d = _dims(model)
+    d = dims(model)
     shapes = micro_shapes(stage, dataset)
     rows, width, scored = max(shapes, key=lambda s: (s[0] * s[1], s[1], s[2]))
-    trainable = _bytes(model.trainable_parameters())
-    frozen = _bytes(model.parameters()) - trainable
-    adapted, dtype_bytes = _adapted(stage, d), 2 if device.is_gpu() else 4
+    trainable = nbytes(model.trainable_parameters())
+    frozen = nbytes(model.parameters()) - trainable
+    adapted, dtype_bytes = adapted_blocks(stage, d), 2 if device.is_gpu() else 4
     p = StagePlan(stage.name, stage.kind, rows, width, steps, scored=scored)
     p.parts = {"weights": frozen, "adapters": trainable, "gradients": trainable * (1 + (stage.grad_accum > 1)),
                "optimizer": trainable * OPTIMIZER_SLOTS[stage.optimizer],
@@ -218,24 +214,24 @@ def plan_stage(model, stage: Stage, dataset, steps: int, extra: dict | None = No
     p.peak = static + p.parts["activations"]
     method = methods.of(stage)
     worst_rows = rows if method.samples else (2 if method.pairs else 1) * stage.batch_size
-    p.worst_case_peak = static + activation_bytes(d, stage, worst_rows, _pad(stage.max_seq_len), adapted,
+    p.worst_case_peak = static + activation_bytes(d, stage, worst_rows, pad(stage.max_seq_len), adapted,
                                                   dtype_bytes, worst_rows * stage.max_seq_len)
     for k, v in (extra or {}).items():  # a phase beside training (rollouts, the teacher) may be the peak
         if k.startswith("phase:"):
             p.peak, p.worst_case_peak = max(p.peak, frozen + v), max(p.worst_case_peak, frozen + v)
-    flops = _step_flops(model, d, stage, shapes)
-    p.step_sec = flops / (_gflops() * 1e9)
+    flops = step_flops(model, d, stage, shapes)
+    p.step_sec = flops / (gflops() * 1e9)
     p.stage_sec = p.step_sec * steps
     return p
 
 
 @functools.lru_cache(maxsize=1)
-def _gflops() -> float:
+def gflops() -> float:
     """This device's fp32 matmul speed, measured once per process."""
     return device.matmul_gflops(512, 3)
 
 
-def _step_flops(model, d: dict, stage: Stage, shapes) -> float:
+def step_flops(model, d: dict, stage: Stage, shapes) -> float:
     """Forward + backward (inputs only: the base is frozen) = 4 x params x tokens, plus attention,
     averaged over the epoch's micro-batches, times grad_accum (PPO: plus sampling and scoring)."""
     params = block_params(d)
@@ -246,130 +242,14 @@ def _step_flops(model, d: dict, stage: Stage, shapes) -> float:
     return flops + methods.of(stage).plan_step_flops(stage, params, mean_width)
 
 
-# Calibration ---------------------------------------------------------------
-
-
-def _subset(dataset, stage: Stage, rows: int):
-    """A copy of the dataset holding the `rows` longest examples of the widest batch."""
-    batches = data.Batches(dataset, stage.batch_size, stage.seed or 0, stage.group_by_length, stage.packing,
-                           stage.max_seq_len)
-    plan = batches.plan(0)
-    if stage.packing:
-        widest = plan[0]
-        examples = [e for b in widest[:rows] for e in b]
-    else:
-        widest = max(plan, key=lambda item: max(_length(dataset.examples[i]) for i in item))
-        examples = sorted((dataset.examples[i] for i in widest), key=_length, reverse=True)[:rows]
-    if examples and hasattr(examples[0], "chosen"):  # pairs carry their index in the set
-        examples = [dataclasses.replace(e, id=j) for j, e in enumerate(examples)]
-    sub = copy.copy(dataset)
-    sub.examples = examples
-    return sub
-
-
-def _measure(model, tokenizer, stage: Stage, dataset, rows: int, steps: int, folder: Path) -> dict:
-    """Run `steps` real steps of the stage on `rows` rows, built as training builds them:
-    {"peak", "times", "step_sec", and the method's own timings (Method.plan_calibrate)}."""
-    from .methods.base import StageContext
-    from .run import Run
-    from .train import trainer
-    from .train.pipeline import train_args
-    from .train.prepare import batches
-
-    method = methods.of(stage)
-    units = rows // 2 if method.pairs else rows
-    small = dataclasses.replace(stage, grad_accum=1, eval_every=0, save_every=10**9, report_every=1)
-    if method.samples:  # the stage's own rollout batch: the longest prompts
-        sub = copy.copy(dataset)
-        sub.examples = sorted(dataset.examples, key=_length, reverse=True)[:stage.batch_size]
-    else:
-        small = dataclasses.replace(small, batch_size=units)
-        sub = _subset(dataset, stage, units)
-    mx.random.seed(0)
-    config = adapters.attach(model, stage.adapter, "adapter")
-    heads = method.heads(model)
-    run = Run.create(folder, "calibration", "")
-    ctx = StageContext(None, small, model, tokenizer, sub, None, folder / stage.name, run=run, steps=steps,
-                       planning=True)
-    records = []
-    try:
-        ctx.batches = batches(small, sub, method.collate)
-        loss_fn, train_batches, _ = method.setup(ctx)
-        trainer.train(model, loss_fn, train_batches, train_args(small, steps), run=run, stage=stage.name,
-                      stage_dir=folder / stage.name, adapter_config=config | heads,
-                      report=lambda r: records.append(r) if r.get("kind") == "train" else None)
-    finally:
-        adapters.detach(model)
-        for name in heads:  # Method.heads names the modules it attached
-            model.pop(name, None)
-    times = [r["time_sec"] for r in records]
-    out = {"peak": max(r["peak_memory_gb"] for r in records) * GiB, "times": times,
-           "step_sec": sorted(times[1:])[len(times[1:]) // 2]}
-    return out | method.plan_calibrate(model, stage, sub, folder, len(dataset))
-
-
-def calibrate(model, tokenizer, stage: Stage, dataset, p: StagePlan, limit: int) -> None:
-    """Refine p's peak and time from real steps on the widest rows: at 1/2 and all of the batch when the
-    formula puts it under 80% of the limit (the peak is then measured), else at 1/4 and 1/2 (the peak:
-    the half batch's plus the formula's growth). A ppo stage: two whole rollout batches."""
-    method = methods.of(stage)
-    if method.not_calibrated:
-        p.notes.append(method.not_calibrated)
-        return
-    with tempfile.TemporaryDirectory(prefix="localtune-plan-") as tmp:
-        if method.samples:
-            if p.peak > 0.6 * limit:
-                p.notes.append("not calibrated: a rollout batch at full size might not fit")
-                return
-            updates = method.steps_per_batch(stage)
-            m = _measure(model, tokenizer, stage, dataset, p.rows, 2 * updates, Path(tmp))
-            p.peak = int(m["peak"])
-            p.parts["activations"] = max(0, p.peak - _static(p))
-            p.step_sec = sum(m["times"][updates:]) / updates  # the second rollout batch: compiled, rollout included
-            p.how = f"calibrated: two rollout batches of {stage.batch_size} prompts ({updates} updates each)"
-        else:
-            unit = 2 if method.pairs else 1
-            full = p.rows // unit
-            safe = p.peak < 0.8 * limit  # the formula's word that the full batch can run
-            r1, r2 = (max(1, full // 2), full) if safe else (max(1, full // 4), max(1, full // 2))
-            a = _measure(model, tokenizer, stage, dataset, r1 * unit, 4, Path(tmp) / "a")
-            b = _measure(model, tokenizer, stage, dataset, r2 * unit, 4, Path(tmp) / "b") if r2 > r1 else a
-            if r2 == full:
-                p.peak = int(b["peak"])
-            else:  # half the batch, plus the formula's growth to the full batch
-                d, dtype_bytes = _dims(model), 2 if device.is_gpu() else 4
-
-                def formula(rows: int) -> int:
-                    return activation_bytes(d, stage, rows * unit, p.width, _adapted(stage, d), dtype_bytes,
-                                            p.scored * rows // full)
-
-                p.peak = int(b["peak"] + formula(full) - formula(r2))
-            p.parts["activations"] = max(0, p.peak - _static(p))
-            slope = (b["step_sec"] - a["step_sec"]) / (r2 - r1) if r2 > r1 else 0.0
-            rows_worth = _mean_tokens(stage, dataset) / (p.width * unit)  # the epoch's mean micro-batch
-            p.step_sec = stage.grad_accum * max(a["step_sec"] - slope * r1, a["step_sec"] + slope * (rows_worth - r1))
-            p.step_sec += b.get("extra_step_sec", 0.0)  # the method's work beside the steps (Method.plan_calibrate)
-            p.notes += b.get("notes", [])
-            p.how = f"calibrated: {r1} and {r2} {'pairs' if unit == 2 else 'rows'} of {p.width} tokens"
-        p.stage_sec = p.step_sec * p.steps
-
-
-def _static(p: StagePlan) -> int:
-    return sum(v for k, v in p.parts.items() if k != "activations" and not k.startswith("phase:"))
-
-
-def _mean_tokens(stage: Stage, dataset) -> float:
-    shapes = micro_shapes(stage, dataset)
-    return sum(r * w for r, w, _ in shapes) / len(shapes)
-
-
 # The whole recipe ----------------------------------------------------------
 
 
 def plan(recipe: Recipe, prepared, calibrate_steps: bool = True, note=lambda m: None) -> list[StagePlan]:
     """Every stage's plan, on the recipe's base (a distill student from its stage on). Calibration
     loads the weights; the formula alone reads only their shapes."""
-    from .loading import folder_of
+    from ..loading import folder_of
+    from .calibrate import calibrate
 
     limit = device.memory_limit_bytes()
     model, _ = models.load_model(prepared.folder, recipe.model.quantize, lazy=not calibrate_steps)
@@ -382,7 +262,7 @@ def plan(recipe: Recipe, prepared, calibrate_steps: bool = True, note=lambda m: 
         dataset = method.plan_dataset(stage, prepared.train[stage.name], prepared.tokenizer, note)
         steps = method.steps(stage, data.Batches(dataset, stage.batch_size, stage.seed or 0, stage.group_by_length,
                                                 stage.packing, stage.max_seq_len, shard=distributed.shard()))
-        p = _plan_with_adapters(model, recipe, stage, dataset, steps)
+        p = plan_with_adapters(model, recipe, stage, dataset, steps)
         if calibrate_steps and p.peak < 0.9 * limit:
             note(f"{stage.name}: calibrating ({p.kind}) ...")
             calibrate(model, prepared.tokenizer, stage, dataset, p, limit)
@@ -393,12 +273,12 @@ def plan(recipe: Recipe, prepared, calibrate_steps: bool = True, note=lambda m: 
     return plans
 
 
-def _plan_with_adapters(model, recipe: Recipe, stage: Stage, dataset, steps: int, **changes) -> StagePlan:
+def plan_with_adapters(model, recipe: Recipe, stage: Stage, dataset, steps: int, **changes) -> StagePlan:
     """plan_stage with this stage's adapters on (lazy: nothing is computed) and taken off after."""
     stage = dataclasses.replace(stage, **changes) if changes else stage
     adapters.attach(model, stage.adapter, "adapter")
     try:
-        extras = methods.of(stage).plan_extras(model, stage, dataset, _dims(model), 2 if device.is_gpu() else 4)
+        extras = methods.of(stage).plan_extras(model, stage, dataset, dims(model), 2 if device.is_gpu() else 4)
         return plan_stage(model, stage, dataset, steps, extras)
     finally:
         adapters.detach(model)
@@ -420,24 +300,24 @@ def suggestions(model, recipe: Recipe, stage: Stage, dataset, steps: int, p: Sta
         weights = p.parts["weights"]
         add("[model] quantize = { bits = 4 } (QLoRA: a 4-bit base)", p.peak - weights + weights * 5 // 32)
     if not stage.grad_checkpoint:
-        add(f"{key} grad_checkpoint = true", _plan_with_adapters(model, recipe, stage, dataset, steps,
+        add(f"{key} grad_checkpoint = true", plan_with_adapters(model, recipe, stage, dataset, steps,
                                                                  grad_checkpoint=True).peak)
     if stage.batch_size > 1:
         half = stage.batch_size // 2
         add(f"{key} batch_size = {half}, grad_accum = {stage.grad_accum * 2} (the same batch per step)",
-            _plan_with_adapters(model, recipe, stage, dataset, steps, batch_size=half,
+            plan_with_adapters(model, recipe, stage, dataset, steps, batch_size=half,
                                 grad_accum=stage.grad_accum * 2).peak)
     if p.width > 64 and not methods.of(stage).samples:  # sampled responses: their length is max_new_tokens
         shorter = max(64, p.width // 2)
-        over = sum(_length(e) > shorter for e in dataset.examples)
+        over = sum(example_length(e) > shorter for e in dataset.examples)
         add(f"{key} max_seq_len = {shorter} ({over} of {len(dataset.examples)} examples would be truncated)",
             p.peak - p.parts["activations"] // 2)
-    layers = _dims(model)["layers"]
+    layers = dims(model)["layers"]
     adapted = stage.adapter.layers if stage.adapter.layers > 0 else layers
     if adapted > 1:
         fewer = max(1, adapted // 2)
         add(f"[stages.{stage.name}.adapter] layers = {fewer} (LoRA on the last {fewer} of {layers} blocks)",
-            _plan_with_adapters(model, recipe, stage, dataset, steps,
+            plan_with_adapters(model, recipe, stage, dataset, steps,
                                 adapter=dataclasses.replace(stage.adapter, layers=fewer)).peak)
     return out
 
