@@ -254,7 +254,7 @@ def test_other_architectures_export_and_match_in_llama_cpp(tmp_path, small_model
     assert ("output.weight" in names) is not tie
     assert ("blk.0.attn_q_norm.weight" in names) is (model_type == "qwen3")
     assert ("blk.0.attn_q.bias" in names) is (model_type == "qwen2")
-    llm = export._llama(out)
+    llm = export.open_llama(out)
     tokens = [[1, 17, 400, 23, 99, 1000, 5, 7], [1, 2000, 3, 40, 41, 42]]
     p = export.parity(export.mlx_logits(model, tokens), [export.llama_logits(llm, t) for t in tokens])
     assert p.mean_kl < 1e-4 and p.top1 == 1.0, p

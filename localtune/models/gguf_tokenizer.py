@@ -10,7 +10,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from ..errors import ModelError
 
 # tokenizer.ggml.pre -> the regex splits llama.cpp (src/llama-vocab.cpp) applies, in order.
-_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -33,12 +33,12 @@ _QWEN35_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
     r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_DEFAULT_SPLITS = [r"[\p{P}\$\+<=>\^~\|]+", _GPT2_SPLIT, r"\p{N}+", "[0-9][0-9][0-9]"]
-_PRE_TOKENIZERS = {  # name -> (splits, ignore_merges, llama.cpp's add_bos default)
+_DEFAULT_SPLITS = [r"[\p{P}\$\+<=>\^~\|]+", GPT2_SPLIT, r"\p{N}+", "[0-9][0-9][0-9]"]
+PRE_TOKENIZERS = {  # name -> (splits, ignore_merges, llama.cpp's add_bos default)
     **dict.fromkeys(["default"], (_DEFAULT_SPLITS, False, False)),
-    **dict.fromkeys(["gpt-2", "phi-2", "mpt", "olmo"], ([_GPT2_SPLIT], False, False)),
+    **dict.fromkeys(["gpt-2", "phi-2", "mpt", "olmo"], ([GPT2_SPLIT], False, False)),
     **dict.fromkeys(
-        ["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone"], ([r"\p{N}", _GPT2_SPLIT], False, False)
+        ["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone"], ([r"\p{N}", GPT2_SPLIT], False, False)
     ),
     **dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"], ([_LLAMA3_SPLIT], True, True)),
     **dict.fromkeys(["dbrx", "smaug-bpe"], ([_LLAMA3_SPLIT], False, False)),
@@ -65,10 +65,10 @@ def check_tokenizer(meta: dict) -> None:
     if kind not in ("gpt2", "llama"):
         raise ModelError(f"tokenizer.ggml.model {kind!r} is not supported; supported: gpt2, llama.")
     pre = meta.get("tokenizer.ggml.pre", "default")
-    if kind == "gpt2" and pre not in _PRE_TOKENIZERS:
+    if kind == "gpt2" and pre not in PRE_TOKENIZERS:
         raise ModelError(
             f"pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; "
-            f"supported: {', '.join(sorted(_PRE_TOKENIZERS))}."
+            f"supported: {', '.join(sorted(PRE_TOKENIZERS))}."
         )
 
 
@@ -84,7 +84,7 @@ def build_tokenizer(meta: dict, config: dict) -> tuple[Tokenizer, dict]:
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in user if t in _FORCED_CONTROL])
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in user if t not in _FORCED_CONTROL])
 
-    pre_default = _PRE_TOKENIZERS[meta.get("tokenizer.ggml.pre", "default")][2] if byte_level else True
+    pre_default = PRE_TOKENIZERS[meta.get("tokenizer.ggml.pre", "default")][2] if byte_level else True
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", pre_default))
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
     names = {
@@ -148,7 +148,7 @@ def _token_types(meta: dict) -> list[int]:
 
 def _byte_level_bpe(meta: dict) -> Tokenizer:
     """GPT-2 style: tokens are already in the byte-to-unicode alphabet; split text like llama.cpp."""
-    splits, ignore_merges, _ = _PRE_TOKENIZERS[meta.get("tokenizer.ggml.pre", "default")]
+    splits, ignore_merges, _ = PRE_TOKENIZERS[meta.get("tokenizer.ggml.pre", "default")]
     vocab = {token: i for i, token in reversed(list(enumerate(meta["tokenizer.ggml.tokens"])))}
     merges = [tuple(merge.split(" ", 1)) for merge in meta.get("tokenizer.ggml.merges", [])]
     tokenizer = Tokenizer(models.BPE(vocab, merges, ignore_merges=ignore_merges))

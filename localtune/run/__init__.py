@@ -6,45 +6,17 @@ The trainer writes, holding .lock (lock.py); the TUI, `status`, tests and benchm
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
 import socket
-import tempfile
 import time
 from pathlib import Path
 
-from ..errors import LocaltuneError, TrainingError
+from ..errors import LocaltuneError
 from . import lock
 from .damage import DamagedFile, json_problem, read_text
-
-
-def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Write to a temp file beside `path`, fsync, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise disk_error(e, path) from e
-
-
-def disk_error(e: OSError, path) -> LocaltuneError:
-    if e.errno == errno.ENOSPC:
-        run = next((p for p in Path(path).parents if (p / "recipe.toml").exists()), None)
-        where = "the last checkpoint is kept" if run else "nothing partial was written"
-        return TrainingError(f"{path}: no space left on device; {where}.\n"
-                             f"  fix: free some disk space (`df -h {Path(path).parent}` shows it), then continue with "
-                             f"`localtune run --resume {run or 'RUN'}`")
-    return TrainingError(f"{path}: cannot write: {e.strerror or e}")
+from .files import atomic_write, disk_error  # noqa: F401  (public here: run.atomic_write)
 
 
 def read_json(path: str | Path, default=None):

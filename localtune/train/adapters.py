@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -17,8 +15,8 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from ..errors import ModelError, RecipeError
 from ..models import is_quantized
-from ..run import atomic_write, disk_error
 from ..run.damage import DamagedFile, load_safetensors, read_json
+from ..run.files import atomic_path, atomic_write, disk_error
 
 LORA = (LoRALinear, DoRALinear, LoRASwitchLinear)  # LoRASwitchLinear: a LoRA per expert, (E, r, in) (E, out, r)
 LINEAR = (nn.Linear, nn.QuantizedLinear, SwitchLinear, QuantizedSwitchLinear)  # Switch: stacked MoE experts
@@ -179,19 +177,13 @@ def save(model: nn.Module, folder: str | Path, config: dict) -> Path:
 
 
 def save_arrays(path: Path, arrays: dict, metadata: dict | None = None) -> None:
-    """mx.save_safetensors through a temp file + rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".safetensors")
-    os.close(fd)
+    """mx.save_safetensors through a temp file + rename (mlx appends .safetensors to a name without it)."""
     try:
-        mx.save_safetensors(tmp, arrays, metadata=metadata or {})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".safetensors") as tmp:
+            mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
     except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
         raise disk_error(e, path) from e
     except RuntimeError as e:  # mlx reports write failures as RuntimeError
-        Path(tmp).unlink(missing_ok=True)
         raise disk_error(OSError(28 if "space" in str(e).lower() else 5, str(e)), path) from e
 
 

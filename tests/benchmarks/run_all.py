@@ -166,7 +166,7 @@ def ppo(sections: list[Section]) -> list[Row]:
     return rows
 
 
-# The export's own gates on top-1 (localtune/export.py TOLERANCE, REFERENCE_SLACK).
+# The export's own gates on top-1 (localtune/export/verify.py TOLERANCE, REFERENCE_SLACK).
 TOP1_GATE = {"f16": "≥ 98%", "q4_k_m": "≥ 80%", **dict.fromkeys(("q8_0", "q4_0"), "≥ llama.cpp's own − 4 pts")}
 
 
