@@ -212,7 +212,7 @@ def plan_stage(model, stage: Stage, dataset, steps: int, extra: dict | None = No
     rows, width, scored = max(shapes, key=lambda s: (s[0] * s[1], s[1], s[2]))
     trainable = _bytes(model.trainable_parameters())
     frozen = _bytes(model.parameters()) - trainable
-    adapted, dtype_bytes = _adapted(stage, d), 2 if device.is_gpu() else 4
+    adapted, dtype_bytes = _adapted(stage, d), device.policy().dtype_bytes
     p = StagePlan(stage.name, stage.kind, rows, width, steps, scored=scored)
     p.parts = {"weights": frozen, "adapters": trainable, "gradients": trainable * (1 + (stage.grad_accum > 1)),
                "optimizer": trainable * OPTIMIZER_SLOTS[stage.optimizer],
@@ -357,7 +357,7 @@ def calibrate(model, tokenizer, stage: Stage, dataset, p: StagePlan, limit: int)
             if r2 == full:
                 p.peak = int(b["peak"])
             else:  # half the batch, plus the formula's growth to the full batch
-                d, dtype_bytes = _dims(model), 2 if device.is_gpu() else 4
+                d, dtype_bytes = _dims(model), device.policy().dtype_bytes
 
                 def formula(rows: int) -> int:
                     return activation_bytes(d, stage, rows * unit, p.width, _adapted(stage, d), dtype_bytes,
@@ -435,10 +435,10 @@ def _extras(model, recipe: Recipe, stage: Stage, dataset) -> dict:
     out = {}
     if stage.kind == "ppo":
         width = max(len(p.tokens) for p in dataset.examples) + stage.max_new_tokens
-        dtype_bytes = 2 if device.is_gpu() else 4
+        dtype_bytes = device.policy().dtype_bytes
         kv = rollout_cache_bytes(d, stage.batch_size, width, dtype_bytes)
         copy_bytes = 0
-        if stage.dequantize_rollouts and not device.is_gpu() and models.is_quantized(model):
+        if stage.dequantize_rollouts and device.policy().dequantize_rollouts and models.is_quantized(model):
             copy_bytes = block_params(d, "i_total") * 4
         out["phase:rollouts"] = kv + copy_bytes + _bytes(model.trainable_parameters()) * 4
         out["value head"] = (d["h"] + 1) * 4

@@ -25,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .. import device
 from ..integrity.evaluate import normalize
 from ..models import inference_weights
 from ..run.damage import DamagedFile, load_safetensors
@@ -227,7 +228,8 @@ def collect(model, tokenizer, reward: Reward, prompts: list[Prompt], stage, kl_c
     T = stage.temperature
     model.eval()
     t0 = time.perf_counter()
-    with inference_weights(model, embedding=False) if stage.dequantize_rollouts else contextlib.nullcontext():
+    dequantize = stage.dequantize_rollouts and device.policy().dequantize_rollouts
+    with inference_weights(model, embedding=False) if dequantize else contextlib.nullcontext():
         responses, stopped = sample(model, tokenizer, [p.tokens.tolist() for p in prompts],
                                     stage.max_new_tokens, T, stage.top_p)
         t1 = time.perf_counter()
