@@ -1,4 +1,4 @@
-"""Fast BLAS before mlx, and per-device choices (compute dtype, QLoRA path).
+"""Fast BLAS before mlx, and the device policy: every CPU-versus-Metal choice in one place.
 
 The Linux `mlx[cpu]` wheel links a slow reference BLAS. libmlx resolves its
 `cblas_*` symbols at load time, so a library loaded earlier with RTLD_GLOBAL
@@ -14,6 +14,7 @@ import os
 import site
 import sys
 import time
+from dataclasses import asdict, dataclass
 
 _state = {"blas": None, "warned": False}
 
@@ -72,16 +73,68 @@ def warn_if_slow_blas(echo) -> None:
 
 
 def is_gpu() -> bool:
+    """Whether MLX runs on Metal: a fact about the machine (memory limit), not a choice (see `policy`)."""
     import mlx.core as mx
 
     return mx.default_device() == mx.gpu
 
 
-def compute_dtype():
-    """fp32 on CPU (bf16/fp16 matmuls run at ~3 GFLOP/s there); bf16 on Metal."""
-    import mlx.core as mx
+POLICY_VARIABLE = "LOCALTUNE_DEVICE_POLICY"
 
-    return mx.bfloat16 if is_gpu() else mx.float32
+
+@dataclass(frozen=True)
+class Policy:
+    """Every choice localtune makes differently on the CPU and on Metal. Code reads these fields and
+    never asks the device, so `LOCALTUNE_DEVICE_POLICY=metal` runs the Metal branches on a CPU
+    (slowly, but each branch executes: that is how CI tests what a Mac runs)."""
+
+    name: str
+    compute_dtype: str  # float weights and activations; bf16/fp16 matmuls run at ~3 GFLOP/s on the CPU
+    dequantize_qlora: bool  # a 4-bit base dequantizes into fp32 matmuls (the CPU's quantized kernel is ~50x slower)
+    compile_qlora_step: bool  # compile forward/backward over those dequantizing layers: ~12% faster, ~15% more memory
+    fused_kernels: bool  # mlx-lm's fused loss kernels (distill: forward KL, JSD 0.5); mlx-lm falls back off Metal
+    dequantize_rollouts: bool  # PPO samples from an fp32 copy of a dequantizing base (recipe's dequantize_rollouts)
+
+    def dtype(self):
+        import mlx.core as mx
+
+        return getattr(mx, self.compute_dtype)
+
+    @property
+    def dtype_bytes(self) -> int:
+        """Bytes per float weight or activation, for the memory planner."""
+        return 2 if self.compute_dtype in ("bfloat16", "float16") else 4
+
+
+POLICIES = {
+    "cpu": Policy("cpu", compute_dtype="float32", dequantize_qlora=True, compile_qlora_step=False,
+                  fused_kernels=False, dequantize_rollouts=True),
+    "metal": Policy("metal", compute_dtype="bfloat16", dequantize_qlora=False, compile_qlora_step=True,
+                    fused_kernels=True, dequantize_rollouts=False),
+}
+
+
+def policy() -> Policy:
+    """The device's policy, or the one LOCALTUNE_DEVICE_POLICY names (read at every call)."""
+    from .errors import LocaltuneError
+
+    forced = os.environ.get(POLICY_VARIABLE, "").strip().lower()
+    if forced in ("", "auto"):
+        return POLICIES["metal" if is_gpu() else "cpu"]
+    if forced not in POLICIES:
+        raise LocaltuneError(f"{POLICY_VARIABLE}={os.environ[POLICY_VARIABLE]!r} is not a device policy; "
+                             f"expected one of {', '.join(POLICIES)} or auto\n"
+                             f"  fix: unset {POLICY_VARIABLE} (the device decides) or set it to one of those")
+    return POLICIES[forced]
+
+
+def policy_forced() -> bool:
+    return os.environ.get(POLICY_VARIABLE, "").strip().lower() not in ("", "auto")
+
+
+def compute_dtype():
+    """The policy's dtype: fp32 on CPU, bf16 on Metal."""
+    return policy().dtype()
 
 
 def memory_limit_bytes() -> int:
@@ -120,6 +173,7 @@ def describe() -> dict:
         "device": "gpu (Metal)" if is_gpu() else "cpu",
         "mlx": mx.__version__,
         "blas": blas_in_use() or ("Accelerate" if sys.platform == "darwin" else "reference (slow)"),
-        "compute_dtype": str(compute_dtype()).replace("mlx.core.", ""),
+        "compute_dtype": policy().compute_dtype,
+        "policy": {**asdict(policy()), "forced": policy_forced()},
         "memory_limit_gb": round(memory_limit_bytes() / 2**30, 1),
     }

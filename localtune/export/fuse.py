@@ -16,6 +16,7 @@ from pathlib import Path
 
 import mlx.nn as nn
 
+from .. import device
 from ..errors import LocaltuneError
 from .verify import PROMPTS, Parity, mlx_logits, parity, prompt_tokens
 
@@ -182,7 +183,9 @@ def fuse(target: str, out: str | Path, *, quantize: int | None = None, report=pr
     kept = 1 - drift.mean_kl / effect.mean_kl if effect.mean_kl > 0 else 1.0
     report(f"adapters vs base:  {effect.row()}")
     report(f"fused vs adapters: {drift.row()}  (adapter effect kept: {kept:.1%})")
-    limit = 1e-4 if not quantize else max(1e-3, 0.5 * effect.mean_kl)
+    # folding into 16-bit weights (Metal's bf16) rounds W + BA to 8 significant bits, as --quantize 8 does
+    float_limit = 1e-4 if device.policy().dtype_bytes == 4 else 1e-3
+    limit = float_limit if not quantize else max(1e-3, 0.5 * effect.mean_kl)
     if drift.mean_kl > limit or (quantize and kept < 0.5):  # float: a barely-trained adapter's tiny
         # effect would make `kept` rounding noise; the drift limit alone decides
         raise LocaltuneError(f"the fused model is not base + adapters: mean KL {drift.mean_kl:.3g} to it "

@@ -22,6 +22,7 @@ from typing import Union
 import mlx.core as mx
 import numpy as np
 
+from .. import device
 from ..errors import LocaltuneError
 from ..recipe import option
 from ..run.damage import DamagedFile, load_safetensors
@@ -64,14 +65,14 @@ def divergence(student: mx.array, teacher: mx.array, loss: str, beta: float = 0.
 
 
 def device_divergence(student_logits: mx.array, teacher: mx.array, loss: str, beta: float) -> mx.array:
-    """`divergence`, through mlx-lm's fused Metal kernels where they apply (forward KL, JSD 0.5);
-    elsewhere (the CPU, reverse KL, other b) the plain form, which gives equal numbers."""
+    """`divergence`, through mlx-lm's fused Metal kernels where the device policy takes them and they
+    apply (forward KL, JSD 0.5); elsewhere the plain form, which gives equal numbers."""
     from mlx_lm.tuner.losses import js_div_loss, kl_div_loss
-    from mlx_lm.utils import can_run_metal
 
-    if can_run_metal() and loss == "forward_kl":
+    fused = device.policy().fused_kernels
+    if fused and loss == "forward_kl":
         return kl_div_loss(student_logits, teacher)
-    if can_run_metal() and loss == "jsd" and beta == 0.5:
+    if fused and loss == "jsd" and beta == 0.5:
         return js_div_loss(student_logits, teacher)
     student = student_logits - mx.logsumexp(student_logits, axis=-1, keepdims=True)
     return divergence(student, teacher, loss, beta)

@@ -25,6 +25,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .. import device
 from ..models import inference_weights
 from ..recipe import option
 from ..run.damage import DamagedFile, load_safetensors
@@ -62,7 +63,8 @@ def collect(model, tokenizer, reward: Reward, prompts: list[Prompt], stage, kl_c
     T = stage.options.temperature
     model.eval()
     t0 = time.perf_counter()
-    dequantized = inference_weights(model, embedding=False) if stage.options.dequantize_rollouts else None
+    dequantize = stage.options.dequantize_rollouts and device.policy().dequantize_rollouts
+    dequantized = inference_weights(model, embedding=False) if dequantize else None
     with dequantized or contextlib.nullcontext():
         responses, stopped = sample(model, tokenizer, [p.tokens.tolist() for p in prompts],
                                     stage.options.max_new_tokens, T, stage.options.top_p)
@@ -400,13 +402,13 @@ class PPO(Method):
     def plan_extras(self, model, stage, dataset, dims, dtype_bytes):
         """Rollouts: the KV cache of a whole rollout batch (and an fp32 copy of a 4-bit base on the
         CPU), and the value head."""
-        from .. import device, models, plan
+        from .. import models, plan
 
         o = stage.options
         width = max(len(p.tokens) for p in dataset.examples) + o.max_new_tokens
         kv = plan.rollout_cache_bytes(dims, stage.batch_size, width, dtype_bytes)
         copy_bytes = 0
-        if o.dequantize_rollouts and not device.is_gpu() and models.is_quantized(model):
+        if o.dequantize_rollouts and device.policy().dequantize_rollouts and models.is_quantized(model):
             copy_bytes = plan.block_params(dims, "i_total") * 4
         trainable = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
         return {"phase:rollouts": kv + copy_bytes + trainable * 4, "value head": (dims["h"] + 1) * 4}

@@ -243,10 +243,11 @@ def load_model(folder: Path, quantize=None, lazy=False):
         model, config = mlx_load_model(folder, lazy=lazy, model_config=extra)
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise ModelError(f"{folder}: mlx-lm could not load this model: {e}") from None
-    cast_floats(model, device.compute_dtype())
+    policy = device.policy()
+    cast_floats(model, policy.dtype())
     if quantize is not None:
         quantize_base(model, quantize.bits, quantize.group_size)
-    if not device.is_gpu():
+    if policy.dequantize_qlora:
         use_cpu_quantized_path(model)
     return model, config
 

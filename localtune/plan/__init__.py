@@ -205,7 +205,7 @@ def plan_stage(model, stage: Stage, dataset, steps: int, extra: dict | None = No
     rows, width, scored = max(shapes, key=lambda s: (s[0] * s[1], s[1], s[2]))
     trainable = nbytes(model.trainable_parameters())
     frozen = nbytes(model.parameters()) - trainable
-    adapted, dtype_bytes = adapted_blocks(stage, d), 2 if device.is_gpu() else 4
+    adapted, dtype_bytes = adapted_blocks(stage, d), device.policy().dtype_bytes
     p = StagePlan(stage.name, stage.kind, rows, width, steps, scored=scored)
     p.parts = {"weights": frozen, "adapters": trainable, "gradients": trainable * (1 + (stage.grad_accum > 1)),
                "optimizer": trainable * OPTIMIZER_SLOTS[stage.optimizer],
@@ -278,7 +278,7 @@ def plan_with_adapters(model, recipe: Recipe, stage: Stage, dataset, steps: int,
     stage = dataclasses.replace(stage, **changes) if changes else stage
     adapters.attach(model, stage.adapter, "adapter")
     try:
-        extras = methods.of(stage).plan_extras(model, stage, dataset, dims(model), 2 if device.is_gpu() else 4)
+        extras = methods.of(stage).plan_extras(model, stage, dataset, dims(model), device.policy().dtype_bytes)
         return plan_stage(model, stage, dataset, steps, extras)
     finally:
         adapters.detach(model)

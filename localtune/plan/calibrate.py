@@ -103,7 +103,7 @@ def calibrate(model, tokenizer, stage: Stage, dataset, p: StagePlan, limit: int)
             if r2 == full:
                 p.peak = int(b["peak"])
             else:  # half the batch, plus the formula's growth to the full batch
-                d, dtype_bytes = dims(model), 2 if device.is_gpu() else 4
+                d, dtype_bytes = dims(model), device.policy().dtype_bytes
 
                 def formula(rows: int) -> int:
                     return activation_bytes(d, stage, rows * unit, p.width, adapted_blocks(stage, d), dtype_bytes,
