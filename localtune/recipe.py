@@ -8,14 +8,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
 
 from . import methods
 from .errors import RecipeError

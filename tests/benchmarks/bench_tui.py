@@ -36,8 +36,11 @@ RESULTS = Path(__file__).resolve().parent / "results" / "bench_tui.md"
 LOCALTUNE = [sys.executable, "-m", "localtune.cli"]
 
 
-def write_recipe(folder: Path, steps: int) -> Path:
+def write_recipe(folder: Path, steps: int, smoke: bool = False) -> Path:
     text = (ROOT / "recipes" / "quickstart.toml").read_text()
+    if smoke:  # models/smaller, a 4-row golden set, 8 general-ability texts, reports every step
+        text = text.replace('"../models/small"', '"../models/smaller"').replace("limit = 200", "limit = 4\n"
+                            "general_limit = 8").replace("report_every = 10", "report_every = 1")
     text = text.replace('"../', f'"{ROOT}/').replace("steps = 200", f"steps = {steps}")
     text = text.replace("limit = 200", "limit = 16").replace("eval_every = 50", f"eval_every = {steps}")
     recipe = folder / "recipe.toml"
@@ -93,14 +96,14 @@ def run_tui(recipe: Path, runs: Path) -> tuple[float, float, int]:
     return throughput(run), time.perf_counter() - t, drawn
 
 
-def open_times(folder: Path) -> dict:
+def open_times(folder: Path, lines: int = 100_000) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from run_fixtures import make_run
 
     from localtune.tui.app import LocaltuneApp
     from localtune.tui.state import RunState
 
-    path = make_run(folder, "long", steps=100_000, report_every=1, task=False)
+    path = make_run(folder, "long", steps=lines, report_every=1, task=False)
     t = time.perf_counter()
     state = RunState(path)
     state.refresh()
@@ -136,14 +139,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--screenshot", default=None, help="save an SVG of the TUI on the last TUI run")
     parser.add_argument("--output", default=str(RESULTS))
+    parser.add_argument("--smoke", action="store_true", help="models/smaller, 2 steps, one repeat, a 1,000-line "
+                        "metrics file, nothing written: checks it runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.repeats, args.screenshot = 2, 1, None
 
     import localtune  # noqa: F401  (MKL before mlx)
 
     t_start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="bench_tui-"))
     try:
-        recipe = write_recipe(work, args.steps)
+        recipe = write_recipe(work, args.steps, args.smoke)
         plain, tui, drawn = [], [], []
         order = []
         for i in range(args.repeats):
@@ -161,7 +168,7 @@ def main() -> None:
                 print(f"  {mode:<6} repeat {i + 1}: {tok:,.0f} tok/s  ({sec:.0f} s)", flush=True)
         if args.screenshot:
             screenshot(newest(work / f"runs-tui-{len(order) - 1}"), Path(args.screenshot).resolve())
-        opened = open_times(work)
+        opened = open_times(work, 1_000 if args.smoke else 100_000)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -189,8 +196,9 @@ def main() -> None:
         f"first paint (read included) in {opened['first_paint_sec']:.2f} s.",
         "",
     ]
-    Path(args.output).write_text("\n".join(lines))
     print("\n".join(lines))
+    if not args.smoke:
+        Path(args.output).write_text("\n".join(lines))
 
 
 if __name__ == "__main__":
