@@ -109,13 +109,13 @@ def test_sliding_windows_and_linear_attention_shape_the_rollout_cache():
 def test_a_moe_token_runs_its_active_experts_but_all_are_held():
     from mlx_lm.models import qwen3_moe
 
-    from localtune.plan import _dims, block_params
+    from localtune.plan import block_params, dims
 
     args = qwen3_moe.ModelArgs(model_type="qwen3_moe", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
                                num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
                                vocab_size=100, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                                decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
                                rope_theta=10000.0, max_position_embeddings=128, tie_word_embeddings=False)
-    d = _dims(qwen3_moe.Model(args))
+    d = dims(qwen3_moe.Model(args))
     assert (d["i"], d["i_total"]) == (2 * 32, 8 * 32)
     assert block_params(d, "i_total") - block_params(d) == 2 * 3 * 64 * (8 - 2) * 32
