@@ -142,7 +142,7 @@ def write_report(run, recipe, manifest: dict) -> str:
     if "teacher" in task:
         lines += _distillation(task, recipe, manifest)
     if "provenance" in manifest:
-        from .integrity.provenance import report_lines
+        from .integrity.bom import report_lines
 
         lines += report_lines(manifest["provenance"])
     for s in recipe.stages:  # each method's own section

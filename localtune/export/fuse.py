@@ -61,7 +61,7 @@ class Source:
 
     def metadata(self, report=print) -> tuple[str, dict]:
         """(general.name, extra GGUF keys): the bill of materials, and a name prefix its licenses require."""
-        from ..integrity.provenance import name_prefix
+        from ..integrity.bom import name_prefix
 
         if not self.provenance:
             return self.name, {}
@@ -82,7 +82,7 @@ def resolve(target: str) -> Source:
     run, stage = parsed_target.run, parsed_target.stage
     bom, unfinished = None, ()
     if run is not None:
-        from ..integrity.provenance import bill_of_materials
+        from ..integrity.bom import bill_of_materials
         from ..loading import finished_chain, folder_of, model_folder, starting_model
 
         manifest = Run.open(run).manifest()

@@ -1,26 +1,36 @@
 """License and provenance gate: may these teachers and datasets train this model?
 
-Every source (a distillation teacher, or a stage's data) gets findings; a finding is a verdict
-(allow / warn / block), its evidence (file:line or field), the rule and its citation, and any
-conditions the user must meet. A source's verdict is its worst finding. Unknown provenance is a
-warning, never a silent allow. A `[[provenance.attest]]` entry in the recipe turns one source's
-block into an allow, recorded with the user's reason; there is no global switch.
+Every source (a distillation teacher, or a stage's data) gets findings (`evidence.py`); a source's
+verdict is its worst finding. Unknown provenance is a warning, never a silent allow. A
+`[[provenance.attest]]` entry in the recipe turns one source's block into an allow, recorded with
+the user's reason; there is no global switch.
 
-The policy tables (CLOSED_APIS, LICENSES, KNOWN_DATASETS) are in `localtune/policy.py`, each
-row with the clause it rests on.
+The policy tables (CLOSED_APIS, LICENSES, KNOWN_DATASETS) are in `policy.py`, each row with the
+clause it rests on. What travels with adapters and exports is in `bom.py`.
 """
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import methods
 from ..errors import LocaltuneError
-from .policy import CLOSED_APIS, KNOWN_DATASETS, LICENSES, OPEN_FAMILIES, ClosedApi
+from .evidence import (
+    ORDER,
+    Finding,
+    Source,
+    as_list,
+    card_text_findings,
+    closed_api,
+    closed_finding,
+    license_findings,
+    open_family,
+    read_card,
+)
+from .policy import CLOSED_APIS, KNOWN_DATASETS
 
-ORDER = {"allow": 0, "warn": 1, "block": 2}
 GENERATOR_KEYS = ("model", "generator", "source", "model_name", "generated_by", "teacher", "annotator",
                   "chosen_model", "rejected_model")
 RECORDS_SCANNED = 100_000  # lines of a JSONL file read for generator fields
@@ -28,41 +38,6 @@ RECORDS_SCANNED = 100_000  # lines of a JSONL file read for generator fields
 
 class Blocked(LocaltuneError):
     exit_code = 3
-
-
-@dataclass
-class Finding:
-    verdict: str  # allow | warn | block
-    rule: str  # what decided it, e.g. "closed-api:openai" or "license:llama3.1"
-    reason: str
-    evidence: list = field(default_factory=list)  # "file:line: text" or "field = value"
-    citation: str = ""  # the clause (document, section, URL)
-    conditions: list = field(default_factory=list)  # what the user must do, e.g. a name prefix
-
-
-@dataclass
-class Source:
-    kind: str  # teacher | data
-    ref: str  # as written in the recipe or on the command line
-    findings: list = field(default_factory=list)
-    license: str | None = None
-    attested: str | None = None  # the user's reason, when an attestation lifted a block
-
-    @property
-    def verdict(self) -> str:
-        if not self.findings:
-            return "allow"
-        worst = max(self.findings, key=lambda f: ORDER[f.verdict]).verdict
-        return "allow" if worst == "block" and self.attested else worst
-
-    @property
-    def conditions(self) -> list[str]:
-        return [c for f in self.findings for c in f.conditions]
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, "source": self.ref, "verdict": self.verdict, "license": self.license,
-                "attested": self.attested, "conditions": self.conditions,
-                "findings": [asdict(f) for f in self.findings]}
 
 
 @dataclass
@@ -94,136 +69,6 @@ class Report:
                     out.append(f"         clause: {f.citation}")
                 out += [f"         condition: {c}" for c in f.conditions]
         return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Names
-
-
-def closed_api(name: str) -> ClosedApi | None:
-    """The closed-API provider whose model this name is: `gpt-4o`, `openai/gpt-4o`,
-    `anthropic/claude-3-opus`. A repo id under another owner is an open-weight model (a name such
-    as `someone/gpt4-x-alpaca` is not OpenAI's), and so are names like gpt2, gpt-j or gpt-oss."""
-    name = name.strip().lower()
-    owner, _, model = name.rpartition("/")
-    model = re.sub(r"[:@].*$", "", model)  # ollama-style tags, versions
-    for api in CLOSED_APIS:
-        if owner and owner not in api.owners:
-            continue
-        if any(re.fullmatch(p, model) for p in api.patterns):
-            return api
-    return None
-
-
-def open_family(name: str) -> str | None:
-    """The license id an open-weight model family ships under, when the family decides it."""
-    model = name.strip().lower().rpartition("/")[2]
-    for pattern, license in OPEN_FAMILIES:
-        if re.fullmatch(pattern, model):
-            return license
-    return None
-
-
-def closed_finding(api: ClosedApi, evidence: list[str], what: str) -> Finding:
-    return Finding("block", f"closed-api:{api.key}",
-                   f"{what} {api.provider}'s closed API; its terms forbid using outputs to develop competing "
-                   "models", evidence, api.citation)
-
-
-# ---------------------------------------------------------------------------------------------
-# Cards: README.md with YAML front matter
-
-
-@dataclass
-class Card:
-    path: Path
-    meta: dict
-    body: str
-    body_line: int  # line number of the body's first line
-    lines: dict  # top-level key -> line number
-
-    def where(self, key: str) -> str:
-        return f"{self.path}:{self.lines.get(key, 1)}"
-
-
-def read_card(path: Path) -> Card | None:
-    """A card's front matter and text; a malformed front matter is an error naming the line."""
-    import yaml
-
-    if not path.is_file():
-        return None
-    text = path.read_text(encoding="utf-8", errors="replace")
-    lines = text.splitlines()
-    if not lines or lines[0].strip() != "---":
-        return Card(path, {}, text, 1, {})
-    try:
-        end = next(i for i in range(1, len(lines)) if lines[i].strip() == "---")
-    except StopIteration:
-        raise LocaltuneError(f"{path}:1: the front matter opened with '---' is never closed\n"
-                             "  fix: end the YAML block with a line holding only '---'") from None
-    front = "\n".join(lines[1:end])
-    try:
-        meta = yaml.safe_load(front) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = mark.line + 2 if mark else 1
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise LocaltuneError(f"{path}:{line}: malformed YAML front matter: {problem}\n"
-                             f"  line {line}: {lines[line - 1] if line <= len(lines) else ''}\n"
-                             "  fix: write key: value pairs, lists as [a, b]; quote values holding ':'") from None
-    if not isinstance(meta, dict):
-        raise LocaltuneError(f"{path}:2: the front matter must be key: value pairs, got {type(meta).__name__}")
-    where = {}
-    for i in range(1, end):
-        m = re.match(r"^([A-Za-z_][\w-]*)\s*:", lines[i])
-        if m:
-            where.setdefault(m.group(1), i + 1)
-    return Card(path, meta, "\n".join(lines[end + 1:]), end + 2, where)
-
-
-def _as_list(value) -> list:
-    if value is None:
-        return []
-    return value if isinstance(value, list) else [value]
-
-
-def license_findings(license_id: str | None, license_name: str | None, evidence: str, role: str) -> list[Finding]:
-    """What a license says about training another model on this source's outputs (or on it)."""
-    if not license_id and not license_name:
-        return [Finding("warn", "license:unknown", f"no license is stated for this {role}", [evidence],
-                        conditions=[f"find the {role}'s license and check that it allows training other models"])]
-    key = (license_id or "").lower()
-    if key in ("other", "unknown", "") and license_name:
-        key = license_name.lower()
-    rule = LICENSES.get(key)
-    if rule is None:
-        return [Finding("warn", f"license:{key}", f"license {key!r} is not in localtune's table", [evidence],
-                        conditions=[f"read the {key!r} license for what it says about training other models "
-                                    "on outputs"])]
-    return [Finding(rule.verdict, f"license:{key}", rule.summary, [evidence], rule.citation, list(rule.conditions))]
-
-
-NEGATION = re.compile(r"\b(not|no|never|without|nor|none|neither|avoid(?:ed|ing)?)\b|n't\b", re.I)
-GENERATION = re.compile(r"\b(generat\w*|produc\w*|writ\w*|wrote|creat\w*|synthesi[sz]\w*|distill\w*|"
-                        r"outputs?|responses?|completions?|answers?|annotat\w*|label\w*|rat(?:ed|ings?)|"
-                        r"collected from|sampled from|from (?:the )?(?:openai|anthropic|google))\b", re.I)
-
-
-def card_text_findings(card: Card) -> list[Finding]:
-    """Sentences of the card's text that say a closed API produced the data. A sentence that
-    names a provider only to deny it ("no OpenAI models were used") is not evidence."""
-    findings = []
-    for offset, line in enumerate(card.body.splitlines()):
-        for sentence in re.split(r"(?<=[.!?])\s+", line):
-            for api in CLOSED_APIS:
-                mention = api.mention.search(sentence)
-                if not mention or NEGATION.search(sentence):
-                    continue
-                if GENERATION.search(sentence):
-                    ev = f"{card.path}:{card.body_line + offset}: {sentence.strip()[:160]}"
-                    findings.append(closed_finding(api, [ev], "the dataset card says the data came from"))
-                break
-    return findings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,7 +147,7 @@ def _folder_teacher(source: Source, folder: Path) -> None:
         name = json.loads(config.read_text()).get("_name_or_path", "") if config.exists() else ""
         if not _family(source, name or folder.name, f"{config}: _name_or_path = {name!r}" if name else str(folder)):
             source.findings += license_findings(None, None, where, "teacher")
-    for base in _as_list(meta.get("base_model")):
+    for base in as_list(meta.get("base_model")):
         api = closed_api(str(base))
         if api:
             source.findings.append(closed_finding(api, [f"{card.where('base_model')}: base_model: {base}"],
@@ -395,12 +240,12 @@ def check_data(path: str | Path) -> Source:
         "license")) or source.license
     source.findings += license_findings(meta.get("license"), meta.get("license_name"),
                                         f"{card.where('license')}: license: {meta.get('license')}", "dataset")
-    for tag in _as_list(meta.get("tags")):
+    for tag in as_list(meta.get("tags")):
         api = closed_api(str(tag))
         if api:
             source.findings.append(closed_finding(api, [f"{card.where('tags')}: tags: {tag}"],
                                                   "the card tags the data as from"))
-    for upstream in _as_list(meta.get("source_datasets")):
+    for upstream in as_list(meta.get("source_datasets")):
         known = KNOWN_DATASETS.get(str(upstream).lower())
         if known:
             api = next(a for a in CLOSED_APIS if a.key == known[0])
@@ -483,35 +328,3 @@ def blocked_message(report: Report, where: str) -> str:
                  "agreement with the provider), add to the recipe:\n"
                  f"    [[provenance.attest]]\n    source = \"{blocks[0].ref}\"\n    reason = \"...\"")
     return "\n".join(lines)
-
-
-def bill_of_materials(report: dict) -> dict:
-    """The compact record that travels with adapters and exports: each source, its license,
-    verdict, attestation and conditions (the manifest keeps the full evidence)."""
-    return {"verdict": report["verdict"],
-            "sources": [{k: s[k] for k in ("kind", "source", "license", "verdict", "attested", "conditions")}
-                        for s in report["findings"]]}
-
-
-def report_lines(report: dict) -> list[str]:
-    """report.md's provenance section."""
-    lines = ["", "## Provenance (license gate)", "", f"Verdict: **{report['verdict']}**.", "",
-             "| source | license | verdict | why | conditions |", "|---|---|---|---|---|"]
-    cell = lambda t: str(t).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    for s in report["findings"]:
-        why = "; ".join(f["reason"] for f in s["findings"]) or "—"
-        if s["attested"]:
-            why += f"; attested: {s['attested']}"
-        lines.append(f"| {s['kind']} `{cell(s['source'])}` | {cell(s['license'] or '—')} | {s['verdict']} | "
-                     f"{cell(why)} | {cell('; '.join(s['conditions']) or '—')} |")
-    return lines
-
-
-def name_prefix(bom: dict | None) -> str | None:
-    """A name prefix a license requires of models trained on its outputs (e.g. "Llama")."""
-    for s in (bom or {}).get("sources", []):
-        for c in s.get("conditions", []):
-            m = re.match(r'name must begin with "([^"]+)"', c)
-            if m:
-                return m.group(1)
-    return None

@@ -180,7 +180,7 @@ class Chain:
         adapter_config["base_model"] = str(prepared.folder)
         adapter_config.update(method.heads(model))
         if "provenance" in self.manifest:  # the data bill of materials travels with the adapters
-            from ..integrity.provenance import bill_of_materials
+            from ..integrity.bom import bill_of_materials
 
             adapter_config["provenance"] = bill_of_materials(self.manifest["provenance"])
         trainable, total = models.count_parameters(model)
