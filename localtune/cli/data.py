@@ -1,0 +1,88 @@
+"""Checking what trains a model: the `data` group (check, split) and the `license` gate."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..errors import LocaltuneError
+from . import cli
+
+
+@cli.group(name="data")
+def data_():
+    """Check training data against a golden set, and split data cleanly."""
+
+
+@data_.command("check")
+@click.argument("train", nargs=-1, required=True, type=click.Path())
+@click.option("--against", "golden", multiple=True, required=True, type=click.Path(),
+              help="The golden (test) set: a JSONL file or folder. Repeatable.")
+@click.option("--ngram", default=13, show_default=True, help="Words per n-gram for near duplicates.")
+@click.option("--near", default=0.5, show_default=True,
+              help="Share of a golden row's n-grams that makes a near duplicate.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report, every overlap, as JSON.")
+@click.pass_context
+def data_check(ctx, train, golden, ngram, near, as_json):
+    """Exact and near duplicates between TRAIN and the golden set. Exit 0 clean, 1 overlap."""
+    from ..integrity.contamination import check_files
+
+    report = check_files(train, golden, ngram, near)
+    click.echo(json.dumps(report.to_dict(), indent=1) if as_json else "\n".join(report.lines()))
+    ctx.exit(1 if report.overlaps else 0)
+
+
+@data_.command("split")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--test", "fraction", default=0.1, show_default=True, help="Share of rows for the test side.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--ngram", default=13, show_default=True)
+@click.option("--near", default=0.5, show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for train.jsonl and test.jsonl.")
+def data_split(path, fraction, seed, ngram, near, out):
+    """Split PATH into train and test with no exact or near duplicate across them."""
+    from ..integrity.contamination import clean_split
+    from ..run import atomic_write
+
+    if not 0 < fraction < 1:
+        raise click.BadParameter(f"{fraction} must be between 0 and 1", param_hint="--test")
+    out = Path(out)
+    if any((out / f).exists() for f in ("train.jsonl", "test.jsonl")):
+        raise LocaltuneError(f"{out}: already holds train.jsonl or test.jsonl\n  fix: choose a new folder")
+    from ..integrity.contamination import read_rows
+
+    train, test, moved = clean_split(read_rows(path), fraction, seed, ngram, near)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", train), ("test", test)):
+        atomic_write(out / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for _, r in rows))
+    click.echo(f"{out / 'train.jsonl'}: {len(train)} rows · {out / 'test.jsonl'}: {len(test)} rows"
+               + (f" ({moved} rows that duplicate a test row moved to the test side)" if moved else ""))
+
+
+@cli.group(name="license")
+def license_():
+    """The license and provenance gate, on its own."""
+
+
+@license_.command("check")
+@click.option("--teacher", "teachers", multiple=True, metavar="REF",
+              help="A teacher: folder, .gguf, repo id or bare model name (gpt-4o). Repeatable.")
+@click.option("--data", "datasets", multiple=True, type=click.Path(), metavar="PATH",
+              help="A JSONL file or a folder of them, with its dataset card. Repeatable.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"verdict": ..., "findings": [...]}.')
+@click.pass_context
+def license_check(ctx, teachers, datasets, as_json):
+    """May these teachers and datasets train a model? Exit 0 allow or warn, 3 block."""
+    from ..integrity import provenance
+
+    if not teachers and not datasets:
+        raise click.UsageError("give at least one --teacher REF or --data PATH")
+    report = provenance.Report([provenance.check_teacher(t) for t in teachers]
+                               + [provenance.check_data(d) for d in datasets])
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=1))
+    else:
+        click.echo("\n".join(report.lines()))
+        click.echo(f"verdict: {report.verdict}")
+    ctx.exit(3 if report.verdict == "block" else 0)
