@@ -346,11 +346,12 @@ class Distill(Method):
     def check(self, recipe, stage, tokenizer, folder):
         """The teacher and student can be found, and in logits mode they share one vocabulary."""
         from .. import loading, models
+        from ..run import is_run_dir
 
         o, names = stage.options, [x.name for x in recipe.stages]
         teacher_folder = loading.folder_of(recipe, o.teacher, f"[stages.{stage.name}] teacher") \
             if o.teacher not in names else None
-        if teacher_folder and (Path(recipe.resolve(o.teacher)) / "recipe.toml").exists():  # a run: all of it
+        if teacher_folder and is_run_dir(recipe.resolve(o.teacher)):  # a run: all of it
             loading.require_finished(recipe, Path(recipe.resolve(o.teacher)), None,
                                      f"[stages.{stage.name}] teacher = {o.teacher!r}")
         student_folder = loading.folder_of(recipe, o.student, f"[stages.{stage.name}] student") if o.student else None

@@ -39,8 +39,7 @@ def _measure(model, tokenizer, stage: Stage, dataset, rows: int, steps: int, fol
     from ..methods.base import StageContext
     from ..run import Run
     from ..train import trainer
-    from ..train.pipeline import train_args
-    from ..train.prepare import batches
+    from ..train.pipeline import attach, build, train_args
 
     method = methods.of(stage)
     units = rows // 2 if method.pairs else rows
@@ -51,23 +50,21 @@ def _measure(model, tokenizer, stage: Stage, dataset, rows: int, steps: int, fol
     else:
         small = dataclasses.replace(small, batch_size=units)
         sub = _subset(dataset, stage, units)
-    mx.random.seed(0)
-    config = adapters.attach(model, stage.adapter, "adapter")
-    heads = method.heads(model)
     run = Run.create(folder, "calibration", "")
-    ctx = StageContext(None, small, model, tokenizer, sub, None, folder / stage.name, run=run, steps=steps,
-                       planning=True)
+    ctx = StageContext(None, dataclasses.replace(small, seed=0), model, tokenizer, sub, None, folder / stage.name,
+                       run=run, steps=steps, planning=True)
+    own = set(model.keys())
+    config = attach(ctx, method, "adapter")  # as training builds the stage
     records = []
     try:
-        ctx.batches = batches(small, sub, method.collate)
-        loss_fn, train_batches, _ = method.setup(ctx)
+        loss_fn, train_batches, _ = build(ctx, method)
         trainer.train(model, loss_fn, train_batches, train_args(small, steps), run=run, stage=stage.name,
-                      stage_dir=folder / stage.name, adapter_config=config | heads,
+                      stage_dir=folder / stage.name, adapter_config=config,
                       report=lambda r: records.append(r) if r.get("kind") == "train" else None)
     finally:
         adapters.detach(model)
-        for name in heads:  # Method.heads names the modules it attached
-            model.pop(name, None)
+        for name in set(model.keys()) - own:  # the method's heads
+            model.pop(name)
     times = [r["time_sec"] for r in records]
     out = {"peak": max(r["peak_memory_gb"] for r in records) * GiB, "times": times,
            "step_sec": sorted(times[1:])[len(times[1:]) // 2]}

@@ -52,7 +52,9 @@ def atomic_write(path: str | Path, data: bytes | str, *, shared: bool = False) -
 
 def disk_error(e: OSError, path) -> LocaltuneError:
     if e.errno == errno.ENOSPC:
-        run = next((p for p in Path(path).parents if (p / "recipe.toml").exists()), None)
+        from . import is_run_dir
+
+        run = next((p for p in Path(path).parents if is_run_dir(p)), None)
         where = "the last checkpoint is kept" if run else "nothing partial was written"
         return TrainingError(f"{path}: no space left on device; {where}.\n"
                              f"  fix: free some disk space (`df -h {Path(path).parent}` shows it), then continue with "

@@ -34,6 +34,26 @@ def fingerprint(recipe: Recipe, stage: Stage) -> str:
     return h.hexdigest()
 
 
+def attach(ctx: StageContext, method, where: str) -> dict:
+    """The stage's adapters (seeded: the same recipe gives the same init) and its method's heads on
+    ctx.model; returns the adapter_config that is saved with them. Training and the planner's
+    calibration build a stage with this and `build`, in this order."""
+    import mlx.core as mx
+
+    from . import adapters
+
+    mx.random.seed(ctx.stage.seed)
+    return adapters.attach(ctx.model, ctx.stage.adapter, where) | method.heads(ctx.model)
+
+
+def build(ctx: StageContext, method) -> tuple:
+    """The stage's batches, its step count (unless ctx.steps is set) and its method's setup:
+    (loss, training batches, validation batches)."""
+    ctx.batches = batches(ctx.stage, ctx.train, method.collate)
+    ctx.steps = ctx.steps or method.steps(ctx.stage, ctx.batches)
+    return method.setup(ctx)
+
+
 def log_task(run: Run, when: str, result: dict, report) -> None:
     """The task metric as an event, and its sample generations as "sample" records (the TUI shows them)."""
     formed = f", well-formed {result['well_formed']:.0%}" if "well_formed" in result else ""
@@ -175,10 +195,8 @@ class Chain:
         if getattr(train_set, "identical", 0):
             self.log(stage.name, f"{train_set.identical} pairs have chosen identical to rejected; skipped (they "
                      "carry no preference)", "warning")
-        mx.random.seed(stage.seed)  # the same recipe gives the same adapter init
-        adapter_config = adapters.attach(model, stage.adapter, f"{recipe.source}: [stages.{stage.name}].adapter")
+        adapter_config = attach(ctx, method, f"{recipe.source}: [stages.{stage.name}].adapter")
         adapter_config["base_model"] = str(prepared.folder)
-        adapter_config.update(method.heads(model))
         if "provenance" in self.manifest:  # the data bill of materials travels with the adapters
             from ..integrity.bom import bill_of_materials
 
@@ -186,9 +204,8 @@ class Chain:
         trainable, total = models.count_parameters(model)
         self.log(stage.name, f"{len(train_set)} examples, {trainable:,} trainable of {total:,} parameters "
                  f"({100 * trainable / total:.2f}%)", "stage_start")
-        ctx.batches = batches(stage, train_set, method.collate)
-        ctx.steps = steps = method.steps(stage, ctx.batches)
-        loss_fn, train_batches, valid_batches = method.setup(ctx)
+        loss_fn, train_batches, valid_batches = build(ctx, method)
+        steps = ctx.steps
         ctx.evaluate = method.evaluator(ctx, loss_fn, valid_batches)
         heldout = method.heldout(ctx, model)
         if heldout is not None and (line := method.heldout_line("before", heldout)):
