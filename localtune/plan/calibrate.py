@@ -7,7 +7,6 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
-import mlx.core as mx
 
 from .. import device, methods
 from ..recipe import Stage

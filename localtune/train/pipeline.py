@@ -174,10 +174,8 @@ class Chain:
         adapters.load(self.model, self.run.stage_dir(stage.name))
 
     def train_stage(self, stage: Stage) -> None:
-        import mlx.core as mx
-
         from .. import models
-        from . import adapters, trainer
+        from . import trainer
 
         recipe, run, prepared, method = self.recipe, self.run, self.prepared, methods.of(stage)
         ctx = StageContext(recipe, stage, self.model, self.tokenizer, prepared.train[stage.name],
