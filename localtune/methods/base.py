@@ -2,11 +2,14 @@
 (train/pipeline.py), the recipe parser, the planner and the report. The defaults are plain SFT's,
 so a method implements only what it changes. None of the shared code asks which method it runs.
 
-    validate(stage, before, fail)   recipe checks            check(ctx)          gate-time checks
-    encode(stage, rows, fmt, ...)   rows -> examples         before(ctx)         teacher cache, answers
-    heads(model)                    heads to train           setup(ctx)          -> (loss, batches, valid)
-    heldout(ctx, model)             numbers before and after after(ctx, summary) detach heads, results
-    report(stage, result, run)      report.md section        plan_*              the planner's extras
+    options                          its recipe keys (a dataclass)   validate(stage, before, fail)  recipe checks
+    check(recipe, stage, tok, dir)   gate-time checks                encode(stage, rows, fmt, ...)  rows -> examples
+    before(ctx)                      teacher cache, answers          heads(model)                   trainable heads
+    setup(ctx) -> (loss, batches, valid)                             evaluator, heldout(ctx, model) numbers around it
+    after(ctx, summary)              detach heads, results           report(stage, result, run)     report.md section
+    metrics, steps_per_batch, starts_from, references, plan_*        (the planner's shapes, extras and timings)
+
+The one registry is methods/__init__.py; recipe.py reaches validate through it.
 """
 from __future__ import annotations
 
