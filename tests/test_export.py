@@ -72,10 +72,10 @@ def carried_files(folder: Path) -> list[str]:
 def test_fuse_writes_a_complete_model_folder_with_the_base_files_as_they_are(tmp_path, trained_run, small_model_path):
     """mlx-lm's save drops tokenizer.model and rewrites tokenizer_config.json (no add_bos_token, the
     template moved to chat_template.jinja) and README.md (no license): the base's files are copied back."""
-    from localtune.integrity.provenance import check_teacher
     from mlx_lm import load
 
     from localtune import models
+    from localtune.integrity.provenance import check_teacher
     from localtune.loading import load_for_inference
 
     result = invoke("fuse", trained_run(False), "--out", tmp_path / "fused")

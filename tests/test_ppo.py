@@ -128,8 +128,9 @@ PPO_STAGE = ["[[stages]]", 'kind = "ppo"', 'data = "prompts.jsonl"', 'valid = "h
 
 
 def test_sft_reward_ppo_from_the_cli_shares_one_base(tmp_path, small_model_path):
-    from localtune.methods.reward import rewards as reward_scores, whole
     from localtune.loading import load_for_inference
+    from localtune.methods.reward import rewards as reward_scores
+    from localtune.methods.reward import whole
 
     recipe = write_recipe(tmp_path, small_model_path, steps=2)
     _pairs_and_prompts(tmp_path)

@@ -41,8 +41,8 @@ def test_qlora_on_the_smollm2_gguf_trains_and_loads_in_mlx_lm(smollm2_recipe, tm
     """A few QLoRA steps on the real Q4_1 GGUF: exact trainable count, adapters usable by mlx-lm."""
     from mlx_lm import load
 
-    from localtune.models import resolve
     from localtune.loading import load_for_inference
+    from localtune.models import resolve
 
     recipe = smollm2_recipe(steps=2, batch_size=2, max_seq_len=96, limit=2, save_every=2, eval_every=0)
     run, manifest = run_recipe(recipe, tmp_path)

@@ -41,8 +41,8 @@ class LoraExportResult:
 
 def _lora_stages(run: Path, stage: str | None) -> list[str]:
     """The stages to export, each checked to be plain LoRA (DoRA and full weights have no GGUF form)."""
-    from ..run.damage import read_json
     from ..loading import finished_chain
+    from ..run.damage import read_json
 
     done = [s.name for s in finished_chain(run, stage)[1]]
     if not done:
@@ -60,8 +60,8 @@ def _lora_stages(run: Path, stage: str | None) -> list[str]:
 
 def load_stacked(run: Path, stages: list[str]):
     """Base + every stage's LoRA, each stage wrapping the one before and none fused."""
-    from ..train import adapters
     from ..loading import chain, chain_base
+    from ..train import adapters
 
     parsed, chained = chain(run, stages[-1])
     model, tokenizer, _ = chain_base(parsed, chained)

@@ -25,8 +25,8 @@ from ..train import data
 from ..train.adapters import adapters_disabled, save_arrays
 from ..train.metrics import Metric
 from .base import Method
-from .pairs import Pair, PairSet, collate_pairs, encode_pairs  # noqa: F401  (Pair, PairSet: dpo's data)
 from .logprobs import SharedPrompt, hidden_logprobs, shares_prompts, target_logprobs
+from .pairs import Pair, PairSet, collate_pairs, encode_pairs  # noqa: F401  (Pair, PairSet: dpo's data)
 
 # ---------------------------------------------------------------------------------------------
 # Log-probabilities of whole responses.

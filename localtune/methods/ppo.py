@@ -35,8 +35,8 @@ from ..train.metrics import Metric
 from . import ppo_math, rewards
 from .base import Method
 from .logprobs import hidden_entropy, hidden_logprobs, plain_head
-from .prompts import Prompt, at_positions, collate, dense, encode_prompts, prompt_text, response_rows, sample, \
-    scored_positions
+from .prompts import (Prompt, at_positions, collate, dense, encode_prompts, prompt_text, response_rows, sample,
+                      scored_positions)
 from .rewards import Reward
 
 # ---------------------------------------------------------------------------------------------

@@ -7,11 +7,11 @@ come off the model, and the chain goes on from the model as the stage found it. 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-
-from dataclasses import dataclass
 
 from ..recipe import option
 from ..train import data

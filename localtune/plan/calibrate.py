@@ -7,7 +7,6 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
-
 from .. import device, methods
 from ..recipe import Stage
 from ..train import adapters, data

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import json
+import tomllib
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import tomllib
 
 from ..run import Run, effective_state, read_json
 
