@@ -91,6 +91,8 @@ def test_adapters_load_in_mlx_lm_and_generate_agrees(tmp_path, small_model_path)
     result = invoke("generate", run, "--prompt", prompt, "--max-tokens", "8")
     assert result.exit_code == 0
     assert result.output == generate(ours, load_for_inference(str(run))[1], [prompt], 8)[0] + "\n"
+    by_stage = invoke("generate", run / "sft", "--prompt", prompt, "--max-tokens", "8")  # RUN/stage, as eval takes
+    assert by_stage.exit_code == 0 and by_stage.output == result.output
 
 
 def test_killed_run_resumes_to_the_same_adapter(tmp_path, small_model_path):

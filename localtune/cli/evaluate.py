@@ -16,11 +16,16 @@ from . import cli
 @click.option("--max-tokens", default=64, show_default=True)
 @click.option("--stage", default=None, help="Stop after this stage's adapters (default: all stages).")
 def generate(target, prompt, max_tokens, stage):
-    """Generate from a run's adapted model (or a plain model path) with greedy decoding."""
-    from ..integrity.evaluate import generate as gen
-    from ..loading import load_for_inference
+    """Generate from a run's adapted model (RUN or RUN/stage) or a plain model, with greedy decoding."""
+    import dataclasses
 
-    model, tokenizer = load_for_inference(target, stage)
+    from .. import loading
+    from ..integrity.evaluate import generate as gen
+
+    t = loading.parse_target(target)
+    if stage and t.run:
+        t = dataclasses.replace(t, stage=stage)
+    model, tokenizer = loading.load(t)
     click.echo(gen(model, tokenizer, [prompt], max_tokens)[0])
 
 

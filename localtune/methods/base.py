@@ -1,6 +1,7 @@
 """What a training method is: a small object with optional hooks, called by the stage loop
-(train/pipeline.py), the recipe parser, the planner and the report. The defaults are plain SFT's,
-so a method implements only what it changes. None of the shared code asks which method it runs.
+(train/pipeline.py), the recipe parser, the planner and the report. The defaults suit a method
+that trains on rows of text with its own loss (sft.py is nothing more), so a method implements
+only what it changes. None of the shared code asks which method it runs.
 
     options                          its recipe keys (a dataclass)   validate(stage, before, fail)  recipe checks
     check(recipe, stage, tok, dir)   gate-time checks                encode(stage, rows, fmt, ...)  rows -> examples
@@ -135,9 +136,8 @@ class Method:
             data.eval_batches(valid, stage.batch_size, stage.eval_batches, self.collate) if valid else None
 
     def loss(self, stage):
-        from .sft import loss
-
-        return loss
+        """The loss the default `setup` trains with: (model, batch) -> (L, weight, metrics)."""
+        raise NotImplementedError(f"the {self.kind} method defines loss(stage) or setup(ctx)")
 
     def evaluator(self, ctx: StageContext, loss_fn, valid_batches):
         """The loop's periodic evaluation of a model: by default the loss on the fixed validation batches."""
@@ -187,5 +187,6 @@ class Method:
 
     def plan_calibrate(self, model, stage, rows, folder: Path, examples: int) -> dict:
         """Work beside the steps, timed on the calibration rows: {"extra_step_sec": seconds added to
-        each step, "notes": [...]}; `examples` is the whole dataset's size."""
+        each step} or {"before_steps_sec": seconds once, "before_steps": what}; `examples` is the
+        whole dataset's size."""
         return {}

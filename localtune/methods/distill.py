@@ -208,7 +208,9 @@ class Distill(Method):
         """(loss, batches carrying the teacher's rows, fixed validation batches). Sequence mode trains
         on the teacher's answers with the SFT loss."""
         if ctx.stage.options.mode == "sequence":
-            return super().setup(ctx)
+            from . import sft
+
+            return sft.METHOD.setup(ctx)
 
         def with_teacher(dataset):
             ids = {id(e): i for i, e in enumerate(dataset.examples)}

@@ -403,9 +403,7 @@ class DPO(Method):
         per_pair = (time.perf_counter() - t) / len(rows)
         if reference == "auto":
             return {"extra_step_sec": per_pair * stage.batch_size * stage.grad_accum}
-        from ..plan import duration
-
-        return {"notes": [f"reference pass before the first step: about {duration(per_pair * examples)}"]}
+        return {"before_steps_sec": per_pair * examples, "before_steps": "reference pass"}
 
 
 def refuse_full(kind: str, stage, fail) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from .. import device, methods
 from ..recipe import Stage
 from ..train import adapters, data
-from . import GiB, StagePlan, activation_bytes, adapted_blocks, dims, example_length, micro_shapes
+from . import GiB, StagePlan, activation_bytes, adapted_blocks, dims, duration, example_length, micro_shapes
 
 
 def _subset(dataset, stage: Stage, rows: int):
@@ -110,7 +110,8 @@ def calibrate(model, tokenizer, stage: Stage, dataset, p: StagePlan, limit: int)
             rows_worth = mean_tokens(stage, dataset) / (p.width * unit)  # the epoch's mean micro-batch
             p.step_sec = stage.grad_accum * max(a["step_sec"] - slope * r1, a["step_sec"] + slope * (rows_worth - r1))
             p.step_sec += b.get("extra_step_sec", 0.0)  # the method's work beside the steps (Method.plan_calibrate)
-            p.notes += b.get("notes", [])
+            if "before_steps_sec" in b:
+                p.notes.append(f"{b['before_steps']} before the first step: about {duration(b['before_steps_sec'])}")
             p.how = f"calibrated: {r1} and {r2} {'pairs' if unit == 2 else 'rows'} of {p.width} tokens"
         p.stage_sec = p.step_sec * p.steps
 
