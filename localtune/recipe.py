@@ -16,7 +16,6 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from . import methods
 from .errors import RecipeError
 
-STAGE_KINDS = methods.KINDS
 RULE_KEYS = {"regex": ("pattern",), "json": ("keys",), "length": ("min", "max"), "contains": ("text",),
              "excludes": ("text",)}  # each rule kind's own keys
 RULE_NEEDS = {  # the keys a rule kind needs (one of them), in words, and the fix
@@ -59,7 +58,7 @@ class Adapter:
 
 @dataclass(frozen=True)
 class Stage:
-    kind: str = option("sft", choices=STAGE_KINDS)
+    kind: str = option("sft", doc="the method: a kind in methods.REGISTRY (checked by _Builder.stage)")
     name: str = option("")
     data: str = option("")
     valid: Union[str, None] = option(None)
@@ -309,14 +308,14 @@ class _Builder:
     def stage(self, raw, path):
         if not isinstance(raw, dict):
             return self.build(Stage, raw, path)  # the "must be a table" error
-        kind = raw.get("kind")
+        kind, kinds = raw.get("kind"), methods.kinds()
         if kind is None:
-            raise self.fail(path, f"[{_display(path)}] has no kind", f'add kind = "{STAGE_KINDS[0]}"')
-        if kind not in STAGE_KINDS:
-            close = difflib.get_close_matches(str(kind), STAGE_KINDS, n=1)
+            raise self.fail(path, f"[{_display(path)}] has no kind", f'add kind = "{kinds[0]}"')
+        if kind not in kinds:
+            close = difflib.get_close_matches(str(kind), kinds, n=1)
             hint = f' Did you mean "{close[0]}"?' if close else ""
             raise self.fail(f"{path}.kind", f'unknown stage kind "{kind}".{hint}',
-                            f"use one of: {', '.join(STAGE_KINDS)}")
+                            f"use one of: {', '.join(kinds)}")
         method = methods.get(kind)
         own = {f.name for f in dataclasses.fields(method.options)} if method.options else set()
         others = methods.key_kinds()

@@ -7,7 +7,10 @@ import dataclasses
 import re
 from pathlib import Path
 
+from click.testing import CliRunner
+
 from localtune import methods
+from localtune.cli import cli
 
 PACKAGE = Path(__file__).resolve().parents[1] / "localtune"
 MODULES = sorted(PACKAGE.rglob("*.py"))
@@ -42,7 +45,7 @@ def test_no_private_name_crosses_a_module():
 
 
 def test_every_registered_method_is_its_kind_and_its_keys_are_its_own():
-    for kind in methods.KINDS:
+    for kind in methods.kinds():
         method = methods.get(kind)
         assert method.kind == kind
         assert method.options is None or dataclasses.is_dataclass(method.options)
@@ -50,3 +53,74 @@ def test_every_registered_method_is_its_kind_and_its_keys_are_its_own():
     assert keys["beta"] == ("dpo",) and set(keys["max_new_tokens"]) == {"distill", "ppo"}
     common = {f.name for f in dataclasses.fields(__import__("localtune.recipe").recipe.Stage)}
     assert not common & set(keys), "a method's own key shadows a key every stage has"
+
+
+TOY = '''"""A toy method, as a new method's file would be: SFT with its loss scaled by a recipe key."""
+from dataclasses import dataclass
+
+from ..recipe import option
+from ..train.metrics import Metric
+from .base import Method
+from .sft import loss as sft_loss
+
+
+@dataclass(frozen=True)
+class Options:
+    scale: float = option(1.0, min=0.0, doc="toy: the loss is scaled by this")
+
+
+class Toy(Method):
+    kind = "toy"
+    options = Options
+    metrics = (Metric("sft_loss", "unscaled loss"),)
+
+    def validate(self, stage, before, fail):
+        if stage.options.scale == 0:
+            raise fail("scale", "scale = 0 trains nothing", "use scale = 0.5")
+
+    def loss(self, stage):
+        def scaled(model, batch):
+            value, weight, _ = sft_loss(model, batch)
+            return stage.options.scale * value, weight, {"sft_loss": value}
+
+        return scaled
+
+
+METHOD = Toy()
+'''
+
+
+def test_a_new_method_is_one_file_and_one_registry_line(tmp_path, monkeypatch, small_model_path):
+    """The toy file above plus its registry line: the recipe, its key checks, the stage loop, the report,
+    the TUI's metrics and the planner take it with no other change."""
+    import json
+    import sys
+    import types
+
+    from test_cli import invoke, only_run, write_recipe
+
+    module = types.ModuleType("localtune.methods.toy")
+    module.__package__ = "localtune.methods"
+    monkeypatch.setitem(sys.modules, "localtune.methods.toy", module)
+    exec(compile(TOY, "localtune/methods/toy.py", "exec"), module.__dict__)
+    monkeypatch.setitem(methods.REGISTRY, "toy", "toy")  # the one registry line
+
+    recipe = write_recipe(tmp_path, small_model_path, kind="toy", scale=0.5, steps=2)
+    result = invoke("run", recipe, "--no-tui", "--runs-dir", tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    run = only_run(tmp_path / "runs")
+    trained = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in trained if r.get("kind") == "train"]
+    assert steps and all(abs(r["loss"] - 0.5 * r["sft_loss"]) < 1e-5 for r in steps)
+    assert "| toy (toy) |" in (run / "report.md").read_text()
+    from localtune.train import metrics
+
+    assert [m.label for m, _ in metrics.method_metrics("toy", steps[-1])] == ["unscaled loss"]  # the TUI's panel
+    assert invoke("plan", recipe, "--no-calibrate").exit_code == 0
+
+    wrong = write_recipe(tmp_path, small_model_path, kind="sft", scale=0.5)
+    result = CliRunner().invoke(cli, ["run", str(wrong), "--no-tui"])
+    assert result.exit_code != 0 and 'scale only applies to kind = "toy" stages' in result.output
+    zero = write_recipe(tmp_path, small_model_path, kind="toy", scale=0)
+    result = CliRunner().invoke(cli, ["run", str(zero), "--no-tui"])
+    assert result.exit_code != 0 and "scale = 0 trains nothing" in result.output

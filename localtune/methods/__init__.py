@@ -8,7 +8,11 @@ from __future__ import annotations
 import importlib
 
 REGISTRY = {"sft": "sft", "dpo": "dpo", "distill": "distill", "reward": "reward", "ppo": "ppo"}  # kind -> module
-KINDS = tuple(REGISTRY)
+
+
+def kinds() -> tuple[str, ...]:
+    """The stage kinds a recipe may name."""
+    return tuple(REGISTRY)
 
 
 def get(kind: str):
@@ -21,7 +25,7 @@ def of(stage):
 
 
 def all_methods() -> list:
-    return [get(kind) for kind in KINDS]
+    return [get(kind) for kind in REGISTRY]
 
 
 def key_kinds() -> dict[str, tuple[str, ...]]:
