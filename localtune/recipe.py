@@ -375,7 +375,8 @@ def parse(text: str, source: str = "<recipe>", base_dir: str = ".") -> Recipe:
     for i, s in enumerate(recipe.stages):
         name = s.name or (s.kind if s.kind not in names else f"{s.kind}{i + 1}")
         if name in names:
-            raise builder.fail(f"stages[{i}].name", f'stage name "{name}" is used twice', "give each stage its own name")
+            raise builder.fail(f"stages[{i}].name", f'stage name "{name}" is used twice',
+                               "give each stage its own name")
         if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
             raise builder.fail(f"stages[{i}].name", f'stage name "{name}" must be letters, digits, - or _')
         names.append(name)
