@@ -300,18 +300,18 @@ def test_a_damaged_reference_cache_is_computed_again(tmp_path):
 
 def test_a_damaged_teacher_cache_is_not_trusted(tmp_path, small_model_path):
     from localtune import models
-    from localtune.methods import teacher
+    from localtune.methods.teacher import TeacherCache
     from localtune.train import data
 
     model, tokenizer, _, _ = models.load(str(small_model_path))
     dataset = data.encode([{"prompt": "1 plus 1?", "completion": "2"}] * 3, "completion", tokenizer, 32)
-    key = teacher.TeacherCache.key(dataset, "small", 8, 1.0)
-    teacher.TeacherCache.build(model, dataset, 8, 1.0).save(tmp_path / "c.safetensors", key)
+    key = TeacherCache.key(dataset, "small", 8, 1.0)
+    TeacherCache.build(model, dataset, 8, 1.0).save(tmp_path / "c.safetensors", key)
     for how in ("truncated", "random"):
         damage(tmp_path / "c.safetensors", how)
-        cache, problem = teacher.TeacherCache.load(tmp_path / "c.safetensors", key)
+        cache, problem = TeacherCache.load(tmp_path / "c.safetensors", key)
         assert cache is None and problem.startswith(("truncated", "not a safetensors file")), problem
-        teacher.TeacherCache.build(model, dataset, 8, 1.0).save(tmp_path / "c.safetensors", key)
+        TeacherCache.build(model, dataset, 8, 1.0).save(tmp_path / "c.safetensors", key)
 
 
 def test_a_damaged_rollout_batch_is_sampled_again(small_model_path, tmp_path):

@@ -8,7 +8,8 @@ import pytest
 from test_cli import invoke, kill_at, only_run, write_recipe
 
 from localtune import models
-from localtune.methods import distill, teacher
+from localtune.methods import distill
+from localtune.methods.teacher import TeacherCache
 from localtune.methods.base import StageContext
 from localtune.recipe import make_stage
 from localtune.train import data
@@ -74,18 +75,18 @@ def test_a_student_that_is_its_teacher_has_zero_loss_and_the_cache_round_trips(t
 
     model, tokenizer, dataset = tiny
     vocab = len(tokenizer.get_vocab())
-    cache = teacher.TeacherCache.build(model, dataset, vocab, 1.0)  # k = V: the whole distribution
+    cache = TeacherCache.build(model, dataset, vocab, 1.0)  # k = V: the whole distribution
     assert cache.values.shape == (int(sum(e.loss_mask[1:].sum() for e in dataset.examples)), vocab)
-    key = teacher.TeacherCache.key(dataset, "small", vocab, 1.0)
+    key = TeacherCache.key(dataset, "small", vocab, 1.0)
     cache.save(tmp_path / "c.safetensors", key)
-    assert teacher.TeacherCache.load(tmp_path / "c.safetensors", key + "x") == (None, None)  # other data or teacher
-    loaded, damage = teacher.TeacherCache.load(tmp_path / "c.safetensors", key)
+    assert TeacherCache.load(tmp_path / "c.safetensors", key + "x") == (None, None)  # other data or teacher
+    loaded, damage = TeacherCache.load(tmp_path / "c.safetensors", key)
     assert damage is None
     dataset.teacher_cache = loaded
     loss, batches, _ = setup(model, dataset, tmp_path)
     value, ntoks, metrics = loss(model, to_mx(next(batches)))
     assert ntoks.item() > 0 and abs(value.item()) < 1e-5 and abs(metrics["kl"].item()) < 1e-5
-    small_k = teacher.TeacherCache.build(model, dataset, 16, 1.0)  # top-16: the tail is approximated
+    small_k = TeacherCache.build(model, dataset, 16, 1.0)  # top-16: the tail is approximated
     assert small_k.nbytes * 30 < cache.nbytes
 
 
@@ -98,7 +99,7 @@ def test_distill_loss_trains_a_student_towards_the_teacher(tmp_path, tiny, small
     from localtune.train.trainer import to_mx
 
     teacher, tokenizer, dataset = tiny
-    dataset.teacher_cache = teacher.TeacherCache.build(teacher, dataset, 64, 2.0)
+    dataset.teacher_cache = TeacherCache.build(teacher, dataset, 64, 2.0)
     student, _ = models.load_model(small_model_path.parent / "smaller")
     loss, batches, _ = setup(student, dataset, tmp_path, temperature=2.0, loss=kind)
     batch = to_mx(next(batches))
