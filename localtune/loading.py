@@ -23,10 +23,6 @@ class Target:
     run: Path | None = None
     stage: str | None = None
 
-    @property
-    def name(self) -> str:
-        return self.run.name + (f"/{self.stage}" if self.stage else "") if self.run else Path(self.text).name
-
 
 def parse_target(text: str | Path) -> Target:
     """RUN, RUN/stage, or a model reference."""
