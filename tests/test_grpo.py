@@ -368,3 +368,22 @@ def test_a_killed_grpo_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_pa
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(np.array(a[k]), np.array(b[k]))
+
+
+def test_the_license_gate_and_the_forgetting_guard_cover_grpo_stages(tmp_path, small_model_path):
+    recipe = write_grpo(tmp_path, small_model_path, steps=4, learning_rate=0.05)
+    data = tmp_path / "train.jsonl"
+    clean = data.read_text()
+    data.write_text("".join(json.dumps({**json.loads(line), "model": "gpt-4-0613"}) + "\n"
+                            for line in clean.splitlines()))
+    blocked = invoke("run", recipe, "--no-tui", "--runs-dir", tmp_path / "blocked")
+    assert blocked.exit_code == 3 and f"data {data}: records name 'gpt-4-0613'" in blocked.output
+    data.write_text(clean)
+    text = recipe.read_text().replace("max = 3", "max = 8")  # rewards that differ within groups: updates
+    recipe.write_text(text.replace("[eval]\n", "[eval]\nmax_general_nll_increase = 0.0001\nguard_every = 2\n"
+                                              'on_forgetting = "stop"\n'))
+    result = invoke("run", recipe, "--no-tui", "--runs-dir", tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    assert "forgetting guard: general NLL" in result.output and "stopping the stage" in result.output
+    manifest = json.loads((only_run(tmp_path / "runs") / "manifest.json").read_text())
+    assert manifest["stage_results"]["grpo"]["stopped_at"] == 2
