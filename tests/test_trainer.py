@@ -115,6 +115,19 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path):
         np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), atol=1e-5)
 
 
+def test_gradient_accumulation_holds_one_micro_batch_at_a_time(tmp_path):
+    """Eight micro-batches of 4 rows peak near one of them, not near the 32-row batch they add up to."""
+    exs = examples(32, equal_length=True).examples
+    peaks = {}
+    for name, rows, accum in (("one", 32, 1), ("accumulated", 4, 8), ("micro", 4, 1)):
+        batches = ListBatches([data.collate_examples(exs[i:i + rows]) for i in range(0, 32, rows)])
+        model = make_tiny_model(vocab=4096, hidden=128)  # activations (the logits) dominate the peak
+        summary, _ = fit(model, batches, tmp_path, 1, name, grad_accum=accum, compile=False)
+        peaks[name] = summary["peak_memory_gb"]
+    assert peaks["accumulated"] < 0.5 * peaks["one"], peaks
+    assert peaks["accumulated"] < 1.3 * peaks["micro"], peaks
+
+
 def test_resume_after_a_crash_ends_with_the_same_adapter(tmp_path):
     ds = examples(24)
     straight = make_tiny_model()

@@ -287,6 +287,8 @@ def train(model, loss_fn, batches, args: TrainArgs, *, run, stage: str, stage_di
                 loss_sum = loss_sum + loss * weight
                 for k, v in metrics.items():
                     metric_sums[k] = metric_sums.get(k, 0.0) + v * weight
+                if args.grad_accum > 1:  # one micro-batch's graph at a time: accumulation bounds the peak
+                    mx.eval(grads, loss_sum, metric_sums)
             if world > 1:
                 grads = distributed.sum_gradients(grads)
             grad_norm = apply(grads)

@@ -19,7 +19,7 @@ CAPABILITIES = {  # matrix column -> what it means
     "qlora": "SFT QLoRA",
     "dora": "SFT DoRA",
     "dpo": "DPO",
-    "ppo": "reward and PPO heads",
+    "ppo": "reward, PPO and GRPO heads",
     "distill": "logits distillation",
     "fuse": "fuse",
     "gguf_export": "GGUF export, verified",

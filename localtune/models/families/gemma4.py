@@ -39,8 +39,8 @@ class Gemma4(Family):
         "gguf_import": _GGUF,
         "gguf_export": _GGUF,
         "gguf_lora": "the GGUF base it applies to cannot be exported yet (see GGUF export)",
-        "ppo": "logits are soft-capped (30 tanh(z / 30)); the reward and PPO heads read log-probs from "
-               "hidden states through a plain output head",
+        "ppo": "logits are soft-capped (30 tanh(z / 30)); the reward, PPO and GRPO heads read log-probs "
+               "from hidden states through a plain output head",
     }
 
 
