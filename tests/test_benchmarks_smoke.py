@@ -18,6 +18,7 @@ from run_all import number, parse  # noqa: E402
 # benchmark -> a column of its first table that must hold a number in every row
 FAST = {"bench_contamination": "check (13-grams)"}
 SLOW = {"bench_sft": "tok/s ratio", "bench_dpo": "pairs/s steady", "bench_ppo": "localtune rollouts tok/s",
+        "bench_grpo": "completions/s steady",
         "bench_plan": "peak ratio", "bench_distributed": "ratio", "bench_tui": "median tok/s",
         "bench_export": "llama.cpp tok/s", "bench_gguf_quants": "convert every tensor"}
 
