@@ -316,7 +316,7 @@ def main() -> None:
         ref, source, batch, group, max_new, steps = MODELS[name]
         folder = resolve(ref)
         data = work / name / "data"
-        write_prompts(data, source, batch * steps)
+        write_prompts(data, source, batch * group * steps)  # ppo takes batch x group prompts a step
         check_same_prompts(folder, data)
         shape = f"{batch} prompts x {group} completions x {max_new} tokens"
         jobs = {"mlx-lm-lora": lambda w: run_mlx_lm_lora(str(folder), data, batch, group, max_new, steps, w),
