@@ -17,11 +17,13 @@ from . import methods
 from .errors import RecipeError
 
 RULE_KEYS = {"regex": ("pattern",), "json": ("keys",), "length": ("min", "max"), "contains": ("text",),
-             "excludes": ("text",)}  # each rule kind's own keys
+             "excludes": ("text",), "python": ("function",)}  # each rule kind's own keys
 RULE_NEEDS = {  # the keys a rule kind needs (one of them), in words, and the fix
     "regex": (("pattern",), "pattern", "add pattern = '\\d{4}-\\d{2}-\\d{2}'"), "json": ((), "", ""),
     "length": (("min", "max"), "min, max or both (characters)", "add min = 1, max = 200"),
-    "contains": (("text",), "text", 'add text = "..."'), "excludes": (("text",), "text", 'add text = "..."')}
+    "contains": (("text",), "text", 'add text = "..."'), "excludes": (("text",), "text", 'add text = "..."'),
+    "python": (("function",), "function", 'add function = "rewards.py:exact_answer" (FILE.py:NAME, the file '
+               "relative to the recipe)")}
 RULE_KINDS = tuple(RULE_KEYS)
 
 
@@ -90,7 +92,8 @@ class Stage:
 
 @dataclass(frozen=True)
 class Rule:
-    """A rule reward: 1 when the response passes, else 0, times weight."""
+    """A rule reward: 1 when the response passes, else 0, times weight; a python rule's function
+    returns the reward itself, (prompt, completion, row) -> float."""
 
     kind: str = option("regex", choices=RULE_KINDS)
     pattern: Union[str, None] = option(None, doc="regex: the response (whitespace-normalised) must fully match")
@@ -98,6 +101,7 @@ class Rule:
     min: Union[int, None] = option(None, min=0, doc="length: fewest characters")
     max: Union[int, None] = option(None, min=0, doc="length: most characters")
     text: Union[str, None] = option(None, doc="contains / excludes: the text (case-insensitive)")
+    function: Union[str, None] = option(None, doc='python: "FILE.py:NAME", (prompt, completion, row) -> float')
     weight: float = option(1.0)
 
 
@@ -253,10 +257,10 @@ class _Builder:
                                         '"written agreement with the provider, ref. 2026-114"')
                 out.append(entry)
             return out
-        if name == "rules":
+        if name in ("rules", "rewards"):
             if not isinstance(raw, list) or not raw:
-                raise self.fail(path, "rules must be a non-empty list of tables: [[stages.rules]]",
-                                '[[stages.rules]]\n  kind = "regex"\n  pattern = \'\\d{4}-\\d{2}-\\d{2}\'')
+                raise self.fail(path, f"{name} must be a non-empty list of tables: [[stages.{name}]]",
+                                f'[[stages.{name}]]\n  kind = "regex"\n  pattern = \'\\d{{4}}-\\d{{2}}-\\d{{2}}\'')
             return [self.rule(r, f"{path}[{i}]") for i, r in enumerate(raw)]
         if name == "stages":
             if not isinstance(raw, list) or not raw:
@@ -300,7 +304,10 @@ class _Builder:
             except re.error as e:
                 raise self.fail(f"{path}.pattern", f"pattern is not a valid regular expression: {e}",
                                 "write it as a TOML literal string: pattern = '\\d{4}-\\d{2}'")
-        for key in ("pattern", "keys", "min", "max", "text"):
+        if rule.function and not re.fullmatch(r"[^:]+\.py:[A-Za-z_][A-Za-z0-9_]*", rule.function):
+            raise self.fail(f"{path}.function", f"function = {rule.function!r} is not FILE.py:NAME",
+                            'write function = "rewards.py:exact_answer" (the file relative to the recipe)')
+        for key in ("pattern", "keys", "min", "max", "text", "function"):
             if key in raw and key not in RULE_KEYS[rule.kind]:
                 raise self.fail(f"{path}.{key}", f'{key} does not apply to a "{rule.kind}" rule', f"remove {key}")
         return rule

@@ -118,6 +118,8 @@ CASES = {
                      "pref. accuracy", "80.0%"]),
     "ppo-running": (dict(stages=(("sft", "sft"), ("reward", "reward"), ("ppo", "ppo")), state="running", upto=30),
                     ["● ppo", "KL to reference", "clip fraction", "8.0%", "entropy"]),
+    "grpo-running": (dict(stages=(("sft", "sft"), ("grpo", "grpo")), state="running", upto=50),
+                     ["● grpo", "solved", "40.0%", "equal-reward groups", "25%", "completion length", "sampling s"]),
     "distill-done": (dict(stages=(("distill", "distill"),), state="done"),
                      ["✓ distill", "KL to teacher", "JSD to teacher", "student/teacher task"]),
     "crashed": (dict(state="running", upto=40, pid=DEAD_PID),

@@ -22,9 +22,9 @@ def progress_line(record: dict) -> str | None:
     kind = record.get("kind")
     if kind == "train":
         rl = ""
-        if "reward_mean" in record:  # ppo: the rollouts since the last report
-            rl = (f"  reward {record['reward_mean']:+.3f}±{record['reward_std']:.3f}  KL {record['kl']:.3f}  "
-                  f"clip {record.get('clip_frac', 0):.2f}")
+        if "reward_mean" in record:  # ppo, grpo: the samples since the last report
+            rl = (f"  reward {record['reward_mean']:+.3f}±{record['reward_std']:.3f}"
+                  + (f"  KL {record['kl']:.3f}" if "kl" in record else "") + f"  clip {record.get('clip_frac', 0):.2f}")
             if "rollout_sec" in record:  # the time split of this window: rollout / scoring / training
                 train = record["time_sec"] - record["rollout_sec"] - record["scoring_sec"]
                 rl += f"  time {record['rollout_sec']:.1f}/{record['scoring_sec']:.1f}/{train:.1f}s"
@@ -34,7 +34,9 @@ def progress_line(record: dict) -> str | None:
                 f"ETA {format_duration(record['eta_sec'])}")
     if kind == "eval" and "loss" not in record:
         return (f"{record['stage']:>8}  step {record['step']:>5}/{record['steps_total']}  held-out reward "
-                f"{record['reward_mean']:+.3f}±{record['reward_std']:.3f}  KL {record['kl']:.3f}")
+                f"{record['reward_mean']:+.3f}±{record['reward_std']:.3f}"
+                + (f"  KL {record['kl']:.3f}" if "kl" in record else "")
+                + (f"  pass@1 {record['pass1']:.1%}" if "pass1" in record else ""))
     if kind == "eval":
         return f"{record['stage']:>8}  step {record['step']:>5}/{record['steps_total']}  eval loss {record['loss']:.4f}"
     if kind == "guard":

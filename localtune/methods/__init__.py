@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import importlib
 
-REGISTRY = {"sft": "sft", "dpo": "dpo", "distill": "distill", "reward": "reward", "ppo": "ppo"}  # kind -> module
+REGISTRY = {"sft": "sft", "dpo": "dpo", "distill": "distill", "reward": "reward", "ppo": "ppo",  # kind -> module
+            "grpo": "grpo"}
 
 
 def kinds() -> tuple[str, ...]:

@@ -88,6 +88,10 @@ class Method:
         """A model reference the chain starts again from (a distill student), or None."""
         return None
 
+    def files(self, stage) -> tuple:
+        """Files besides the data whose content the stage depends on (a resume checks them)."""
+        return ()
+
     def references(self, stage) -> dict:
         """{key: model reference} this stage reads besides the chain (teacher, reward model)."""
         return {}

@@ -80,7 +80,7 @@ def collect(model, tokenizer, reward: Reward, prompts: list[Prompt], stage, kl_c
             ref_logp = hidden_logprobs(model, ref_hidden / T, targets)
         mx.eval(logp, values, entropy, ref_logp)
         texts = [tokenizer.decode(r[:-1] if s else r) for r, s in zip(responses, stopped)]
-        scores, parts = reward(model, [p.prompt for p in prompts], texts)
+        scores, parts = reward.score(model, prompts, texts)
     t2 = time.perf_counter()
     model.train()
     shape = batch.loss_mask.shape
@@ -329,6 +329,9 @@ class PPO(Method):
         return ('a ppo stage samples its own responses, so it needs prompts: {"prompt"} rows (or {"messages"} '
                 'or preference rows; their answers are ignored)\n  fix: write each row as {"prompt": "..."}')
 
+    def files(self, stage):
+        return rewards.files(stage.options.rules)
+
     def references(self, stage):
         return {"reward_model": stage.options.reward_model} if stage.options.reward_model else {}
 
@@ -336,9 +339,7 @@ class PPO(Method):
         return encode_prompts(rows, tokenizer, stage.max_seq_len, stage.options.max_new_tokens, source)
 
     def check(self, recipe, stage, tokenizer, folder):
-        ref = stage.options.reward_model
-        if ref and ref not in [x.name for x in recipe.stages]:
-            rewards.check_reward_model(recipe, stage, ref, tokenizer, folder)
+        rewards.check(recipe, stage, stage.options.rules, tokenizer, folder)
 
     def steps_per_batch(self, stage):
         return updates_per_rollout(stage)
@@ -435,16 +436,7 @@ def report_lines(s, r: dict) -> list[str]:
         rule = (o.rules or [])[int(key[11:]) - 1]
         lines.append(f"| rule {key[11:]} ({rule.kind}) pass rate | {b[key]:.1%} | {a[key]:.1%} | "
                      f"{(a[key] - b[key]) * 100:+.1f} points |")
-
-    def cell(t) -> str:
-        return str(t).replace("|", "\\|").replace("\n", " ")[:60]
-
-    lines += ["", "Samples (the same prompts and seed before and after):", "",
-              "| prompt | before | reward | after | reward |", "|---|---|---|---|---|"]
-    for x, y in zip(b["samples"], a["samples"]):
-        lines.append(f"| {cell(x['prompt'])} | {cell(x['got'])} | {x['reward']:+.2f} | {cell(y['got'])} | "
-                     f"{y['reward']:+.2f} |")
-    return lines
+    return lines + rewards.samples_table(b["samples"], a["samples"])
 
 
 METHOD = PPO()

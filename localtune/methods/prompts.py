@@ -13,6 +13,8 @@ from ..train import data
 @dataclass
 class Prompt(data.Example):
     prompt: object = None  # the row's prompt: a string or a message list
+    row: dict | None = None  # the whole row (python rewards read its other columns)
+    where: str = ""  # "row N of FILE", for errors about it
 
 
 def collate(prompts: list[Prompt]) -> list[Prompt]:
@@ -33,13 +35,13 @@ def encode_prompts(rows: list[dict], tokenizer, max_seq_len: int, max_new_tokens
     """Prompts as generation inputs; prompts leaving fewer than max_new_tokens of max_seq_len are dropped."""
     enc = data.Encoder(tokenizer)
     out, dropped = [], 0
-    for row in rows:
+    for n, row in enumerate(rows, 1):
         p = prompt_of(row)
         ids = enc.prompt_tokens(p) if isinstance(p, str) else enc.template(p, add_generation_prompt=True)
         if len(ids) + max_new_tokens > max_seq_len:
             dropped += 1
             continue
-        out.append(Prompt(np.array(ids, np.int32), np.ones(len(ids), bool), p))
+        out.append(Prompt(np.array(ids, np.int32), np.ones(len(ids), bool), p, row, f"row {n} of {source}"))
     if not out:
         from ..errors import DataError
 
@@ -67,6 +69,47 @@ def sample(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temp
                 stopped[r.uid] = r.finish_reason == "stop"
     gen.close()
     return [out[u] for u in uids], [stopped.get(u, False) for u in uids]
+
+
+def sample_groups(model, tokenizer, prompts: list[list[int]], group: int, max_new_tokens: int, temperature: float,
+                  top_p: float):
+    """`group` responses to each prompt, in one batch: each prompt's KV cache is filled once and shared
+    by its group (for the bundled model, 4 prompts x 8: 0.6 s against 1.9 s for 32 separate prefills).
+
+    Returns (responses, stopped, entropy): responses[i * group + j] is prompt i's j-th; entropy (N,)
+    is each response's mean next-token entropy (nats) at the sampling temperature, read off the
+    sampler's own log-probabilities (no extra forward pass).
+    """
+    from mlx_lm.generate import BatchGenerator
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.sample_utils import make_sampler
+
+    n = len(prompts) * group
+    gen = BatchGenerator(model, stop_tokens=[[t] for t in tokenizer.eos_token_ids],
+                         sampler=make_sampler(temp=temperature, top_p=top_p if top_p < 1 else 0.0),
+                         completion_batch_size=n, prefill_batch_size=n)
+    caches, inputs = [], []
+    for p in prompts:
+        cache = None
+        if len(p) > 1:  # the generator runs the last prompt token itself
+            cache = make_prompt_cache(model)
+            model(mx.array(p[:-1])[None], cache=cache)
+            mx.eval([c.state for c in cache])
+        caches += [cache] * group
+        inputs += [p[-1:] if cache is not None else p] * group
+    uids = gen.insert(inputs, [max_new_tokens] * n, caches=caches)
+    out, stopped, entropy = {u: [] for u in uids}, {}, {u: [] for u in uids}
+    while responses := gen.next_generated():
+        lp = mx.stack([r.logprobs for r in responses]).astype(mx.float32) / (temperature or 1.0)
+        h = mx.logsumexp(lp, axis=-1) - (mx.softmax(lp, axis=-1) * lp).sum(-1)  # H of softmax(z / T)
+        for r, e in zip(responses, h.tolist()):
+            out[r.uid].append(r.token)
+            entropy[r.uid].append(e)
+            if r.finish_reason is not None:
+                stopped[r.uid] = r.finish_reason == "stop"
+    gen.close()
+    return ([out[u] for u in uids], [stopped.get(u, False) for u in uids],
+            np.array([np.mean(entropy[u]) if entropy[u] else 0.0 for u in uids], np.float32))
 
 
 def prompt_text(p) -> str:

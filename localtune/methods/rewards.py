@@ -1,17 +1,21 @@
-"""Rewards for sampled responses: rules declared in the recipe and/or a trained reward model
-(a reward stage of this run, kept aside and swapped in to score, or of another run)."""
+"""Rewards for sampled responses: rules declared in the recipe (checks, or the user's own Python
+functions) and/or a trained reward model (a reward stage of this run, kept aside and swapped in to
+score, or of another run)."""
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
+import math
 import re
+import traceback
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..errors import RecipeError
+from ..errors import RecipeError, TrainingError
 from ..integrity.evaluate import normalize
 from ..run.damage import load_safetensors
 from ..train import data
@@ -39,23 +43,87 @@ def passes(rule, text: str) -> bool:
     return found if rule.kind == "contains" else not found
 
 
+def load_function(recipe, rule, where: str):
+    """The callable a python rule names ("FILE.py:NAME", the file relative to the recipe), imported once."""
+    file, name = rule.function.rsplit(":", 1)
+    path = Path(recipe.resolve(file))
+    key = f"{where} function = {rule.function!r}"
+    if not path.is_file():
+        raise RecipeError(f"{key}: no such file {path}\n  fix: give the file's path relative to the recipe "
+                          f"({recipe.source}), e.g. function = \"rewards.py:{name}\"")
+    spec = importlib.util.spec_from_file_location(f"localtune_rewards.{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # the user's file: any error is theirs to see, with its line
+        tb = traceback.extract_tb(e.__traceback__)[-1]
+        raise RecipeError(f"{key}: importing {path} failed at line {tb.lineno}: {type(e).__name__}: {e}\n"
+                          f"  fix: check that `python {path}` runs") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+        raise RecipeError(f"{key}: {path} has no function {name!r}"
+                          + (f'. Did you mean "{close[0]}"?' if close else "")
+                          + f"\n  fix: define def {name}(prompt, completion, row) -> float in {path.name}"
+                          + (f" (it has: {', '.join(names)})" if names else ""))
+    return fn
+
+
+def call_function(rule, fn, prompt, text: str, row: dict | None, where: str) -> float:
+    """A python rule's reward for one response; anything but a finite number stops the stage."""
+    try:
+        value = fn(prompt, text, row if row is not None else {})
+    except Exception as e:
+        raise TrainingError(f"reward function {rule.function} raised {type(e).__name__}: {e}\n  on {where}, "
+                            f"completion {text[:80]!r}\n  fix: make it return a number for every completion "
+                            "(0.0 for one it cannot judge)") from None
+    if isinstance(value, (bool, np.bool_)):
+        return float(value)
+    if not isinstance(value, (int, float, np.integer, np.floating)) or not math.isfinite(value):
+        raise TrainingError(f"reward function {rule.function} returned {value!r} ({type(value).__name__}) on "
+                            f"{where}, completion {text[:80]!r}; expected a finite number\n"
+                            "  fix: return a float, e.g. 1.0 for a correct answer and 0.0 otherwise")
+    return float(value)
+
+
+def load_functions(recipe, stage, rules) -> dict:
+    """{rule index: callable} for the python rules of a stage (imported at the gate, before weights)."""
+    return {i: load_function(recipe, r, f"{recipe.source}: [stages.{stage.name}]")
+            for i, r in enumerate(rules or ()) if r.kind == "python"}
+
+
+def files(rules) -> tuple:
+    """The files of a stage's python rules, as the recipe names them."""
+    return tuple(r.function.rsplit(":", 1)[0] for r in rules or () if r.kind == "python")
+
+
 class Reward:
-    """score(x, y) = r(x, y) of a reward model (when there is one) + sum_i weight_i * [y passes rule i].
+    """score(x, y) = r(x, y) of a reward model (when there is one) + sum_i weight_i * rule_i(x, y),
+    where a check rule gives 1 when y passes it and a python rule gives its function's value.
 
     The reward model is a reward stage's adapters and head on the policy's own base (`layers`,
-    `head`), or a separate model with its own `reward_head` (`model`).
+    `head`), or a separate model with its own `reward_head` (`model`). `functions` are the python
+    rules' callables by rule index.
     """
 
-    def __init__(self, tokenizer, rules=(), layers=None, head=None, model=None):
+    def __init__(self, tokenizer, rules=(), layers=None, head=None, model=None, functions=None):
         self.enc, self.rules = data.Encoder(tokenizer, mask_prompt=True), list(rules or ())
         self.layers, self.head, self.model = layers, head, model
+        self.functions = functions or {}
 
     @property
     def has_model(self) -> bool:
         return self.head is not None or self.model is not None
 
-    def __call__(self, policy, prompts: list, texts: list[str]) -> tuple[np.ndarray, dict]:
-        """(scores (B,), {"model": r (B,), "rule1": passed (B,), ...})."""
+    def score(self, policy, prompts: list, texts: list[str]) -> tuple[np.ndarray, dict]:
+        """__call__ for prompts.Prompt examples: their prompts, rows and where they came from."""
+        return self(policy, [p.prompt for p in prompts], texts, [p.row for p in prompts], [p.where for p in prompts])
+
+    def __call__(self, policy, prompts: list, texts: list[str], rows: list | None = None,
+                 where: list | None = None) -> tuple[np.ndarray, dict]:
+        """(scores (B,), {"model": r (B,), "rule1": value (B,), ...}); python rules read the rows,
+        and `where` names each one in their errors."""
         from .pairs import response_example
         from .reward import rewards, whole
 
@@ -70,9 +138,15 @@ class Reward:
                     r = rewards(policy, tokens, real, self.head)
             parts["model"] = np.array(r.astype(mx.float32))
             total += parts["model"]
-        for i, rule in enumerate(self.rules, 1):
-            parts[f"rule{i}"] = np.array([passes(rule, t) for t in texts], np.float32)
-            total += rule.weight * parts[f"rule{i}"]
+        rows, where = rows or [None] * len(texts), where or ["a sampled response"] * len(texts)
+        for i, rule in enumerate(self.rules):
+            if rule.kind == "python":
+                fn = self.functions[i]
+                values = [call_function(rule, fn, p, t, r, w) for p, t, r, w in zip(prompts, texts, rows, where)]
+            else:
+                values = [passes(rule, t) for t in texts]
+            parts[f"rule{i + 1}"] = np.array(values, np.float32)
+            total += rule.weight * parts[f"rule{i + 1}"]
         return total, parts
 
 
@@ -85,8 +159,6 @@ def load_reward_head(folder: Path, hidden: int) -> nn.Linear:
     return head
 
 
-
-
 def build(ctx, reward_model: str | None, rules) -> Reward:
     """A stage's reward: an earlier reward stage on this model's own base (its adapters kept aside,
     swapped in to score), a reward stage of another run (its own copy), and/or rules."""
@@ -94,18 +166,29 @@ def build(ctx, reward_model: str | None, rules) -> Reward:
     from ..train import adapters
 
     model, tokenizer, recipe = ctx.model, ctx.tokenizer, ctx.recipe
+    functions = load_functions(recipe, ctx.stage, rules)
     if reward_model is None:
-        return Reward(tokenizer, rules)
+        return Reward(tokenizer, rules, functions=functions)
     if ctx.planning:  # no reward stage exists yet: timed as the base plus a head (its LoRA costs little)
-        return Reward(tokenizer, rules, {}, nn.Linear(model.model.norm.weight.shape[0], 1))
+        return Reward(tokenizer, rules, {}, nn.Linear(model.model.norm.weight.shape[0], 1), functions=functions)
     if reward_model in [s.name for s in recipe.stages]:
         folder = ctx.run.stage_dir(reward_model)
         layers, _ = adapters.side_adapters(model, folder)
-        return Reward(tokenizer, rules, layers, load_reward_head(folder, model.model.norm.weight.shape[0]))
+        return Reward(tokenizer, rules, layers, load_reward_head(folder, model.model.norm.weight.shape[0]),
+                      functions=functions)
     path = Path(recipe.resolve(reward_model))
     separate, _ = loading.load_for_inference(str(path.parent), path.name)
     separate.freeze()
-    return Reward(tokenizer, rules, model=separate)
+    return Reward(tokenizer, rules, model=separate, functions=functions)
+
+
+def check(recipe, stage, rules, tokenizer, folder: Path) -> None:
+    """Gate-time checks of a stage's reward: its python rules import and name functions, and a reward
+    model given as a path is a finished reward stage on this base."""
+    load_functions(recipe, stage, rules)
+    ref = stage.options.reward_model
+    if ref and ref not in [x.name for x in recipe.stages]:
+        check_reward_model(recipe, stage, ref, tokenizer, folder)
 
 
 def check_reward_model(recipe, stage, ref: str, tokenizer, folder: Path) -> None:
@@ -136,7 +219,26 @@ def check_reward_model(recipe, stage, ref: str, tokenizer, folder: Path) -> None
 def describe(reward_model: str | None, rules) -> str:
     """The reward in words, for the report."""
     return " + ".join(([f"reward model `{reward_model}`"] if reward_model else []) +
-                      [f"{x.weight:g} x {x.kind}" + (f" `{x.pattern}`" if x.pattern else "") for x in rules or ()])
+                      [f"{x.weight:g} x {rule_name(x)}" for x in rules or ()])
+
+
+def samples_table(before: list[dict], after: list[dict]) -> list[str]:
+    """report.md's table of sampled answers to the same prompts before and after a stage."""
+    def cell(x) -> str:
+        return str(x).replace("|", "\\|").replace("\n", " ")[:60]
+
+    lines = ["", "Samples (the same prompts and seed before and after):", "",
+             "| prompt | before | reward | after | reward |", "|---|---|---|---|---|"]
+    for x, y in zip(before, after):
+        lines.append(f"| {cell(x['prompt'])} | {cell(x['got'])} | {x['reward']:+.2f} | {cell(y['got'])} | "
+                     f"{y['reward']:+.2f} |")
+    return lines
+
+
+def rule_name(rule) -> str:
+    """A rule in a few words: `python rewards.py:exact`, `regex \\d+`, `length`."""
+    detail = rule.function or rule.pattern or rule.text
+    return f"{rule.kind} `{detail}`" if detail else rule.kind
 
 
 def validate_reward_model(stage, before: list, fail) -> None:

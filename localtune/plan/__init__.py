@@ -265,7 +265,7 @@ def plan(recipe: Recipe, prepared, calibrate_steps: bool = True, note=lambda m: 
         p = plan_with_adapters(model, recipe, stage, dataset, steps)
         if calibrate_steps and p.peak < 0.9 * limit:
             note(f"{stage.name}: calibrating ({p.kind}) ...")
-            calibrate(model, prepared.tokenizer, stage, dataset, p, limit)
+            calibrate(model, prepared.tokenizer, stage, dataset, p, limit, recipe)
         elif calibrate_steps:
             p.notes.append("not calibrated: the formula's estimate is already over 90% of the limit")
         p.suggestions = suggestions(model, recipe, stage, dataset, steps, p, limit) if p.peak > limit else []

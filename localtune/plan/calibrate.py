@@ -31,7 +31,7 @@ def _subset(dataset, stage: Stage, rows: int):
     return sub
 
 
-def _measure(model, tokenizer, stage: Stage, dataset, rows: int, steps: int, folder: Path) -> dict:
+def _measure(model, tokenizer, stage: Stage, dataset, rows: int, steps: int, folder: Path, recipe) -> dict:
     """Run `steps` real steps of the stage on `rows` rows, built as training builds them:
     {"peak", "times", "step_sec", and the method's own timings (Method.plan_calibrate)}."""
     from ..methods.base import StageContext
@@ -49,7 +49,7 @@ def _measure(model, tokenizer, stage: Stage, dataset, rows: int, steps: int, fol
         small = dataclasses.replace(small, batch_size=units)
         sub = _subset(dataset, stage, units)
     run = Run.create(folder, "calibration", "")
-    ctx = StageContext(None, dataclasses.replace(small, seed=0), model, tokenizer, sub, None, folder / stage.name,
+    ctx = StageContext(recipe, dataclasses.replace(small, seed=0), model, tokenizer, sub, None, folder / stage.name,
                        run=run, steps=steps, planning=True)
     own = set(model.keys())
     config = attach(ctx, method, "adapter")  # as training builds the stage
@@ -69,7 +69,7 @@ def _measure(model, tokenizer, stage: Stage, dataset, rows: int, steps: int, fol
     return out | method.plan_calibrate(model, stage, sub, folder, len(dataset))
 
 
-def calibrate(model, tokenizer, stage: Stage, dataset, p: StagePlan, limit: int) -> None:
+def calibrate(model, tokenizer, stage: Stage, dataset, p: StagePlan, limit: int, recipe) -> None:
     """Refine p's peak and time from real steps on the widest rows: at 1/2 and all of the batch when the
     formula puts it under 80% of the limit (the peak is then measured), else at 1/4 and 1/2 (the peak:
     the half batch's plus the formula's growth). A ppo stage: two whole rollout batches."""
@@ -83,7 +83,7 @@ def calibrate(model, tokenizer, stage: Stage, dataset, p: StagePlan, limit: int)
                 p.notes.append("not calibrated: a rollout batch at full size might not fit")
                 return
             updates = method.steps_per_batch(stage)
-            m = _measure(model, tokenizer, stage, dataset, p.rows, 2 * updates, Path(tmp))
+            m = _measure(model, tokenizer, stage, dataset, p.rows, 2 * updates, Path(tmp), recipe)
             p.peak = int(m["peak"])
             p.parts["activations"] = max(0, p.peak - static_bytes(p))
             p.step_sec = sum(m["times"][updates:]) / updates  # the second rollout batch: compiled, rollout included
@@ -93,8 +93,8 @@ def calibrate(model, tokenizer, stage: Stage, dataset, p: StagePlan, limit: int)
             full = p.rows // unit
             safe = p.peak < 0.8 * limit  # the formula's word that the full batch can run
             r1, r2 = (max(1, full // 2), full) if safe else (max(1, full // 4), max(1, full // 2))
-            a = _measure(model, tokenizer, stage, dataset, r1 * unit, 4, Path(tmp) / "a")
-            b = _measure(model, tokenizer, stage, dataset, r2 * unit, 4, Path(tmp) / "b") if r2 > r1 else a
+            a = _measure(model, tokenizer, stage, dataset, r1 * unit, 4, Path(tmp) / "a", recipe)
+            b = _measure(model, tokenizer, stage, dataset, r2 * unit, 4, Path(tmp) / "b", recipe) if r2 > r1 else a
             if r2 == full:
                 p.peak = int(b["peak"])
             else:  # half the batch, plus the formula's growth to the full batch

@@ -227,7 +227,8 @@ def split(rows: list, fraction: float, seed: int) -> tuple[list, list]:
 class Batch:
     """inputs/targets (B, T) int32 · loss_mask (B, T) float32 · real (B, T) bool: not padding ·
     segments (B, T) int32: packed example index per token, -1 on padding (None unless packing) ·
-    extras: a method's own per-batch arrays · pairs: preference pairs in the batch (0: not pairs)."""
+    extras: a method's own per-batch arrays · pairs: preference pairs in the batch (0: not pairs) ·
+    units: what the loss averages over when it is neither tokens nor pairs (GRPO: completions)."""
 
     inputs: np.ndarray
     targets: np.ndarray
@@ -236,6 +237,7 @@ class Batch:
     segments: np.ndarray | None = None
     extras: dict = field(default_factory=dict)
     pairs: int = 0
+    units: int = 0
 
     @property
     def n_tokens(self) -> int:
@@ -243,8 +245,8 @@ class Batch:
 
     @property
     def weight(self) -> int:
-        """What the loss averages over: pairs for preference batches, else target tokens."""
-        return self.pairs or self.n_tokens
+        """What the loss averages over: a method's units, pairs for preference batches, else target tokens."""
+        return self.units or self.pairs or self.n_tokens
 
     @property
     def n_real_tokens(self) -> int:

@@ -26,10 +26,11 @@ def train_args(stage: Stage, steps: int):
 
 
 def fingerprint(recipe: Recipe, stage: Stage) -> str:
-    """The stage's settings and the content of its data files: a checkpoint is only resumed under the same."""
+    """The stage's settings and the content of its data files (and of files its method reads, such as
+    reward functions): a checkpoint is only resumed under the same."""
     h = hashlib.sha256(repr(dataclasses.asdict(stage)).encode())
-    for name in (stage.data, stage.valid):
-        if name:
+    for name in (stage.data, stage.valid, *methods.of(stage).files(stage)):
+        if name and Path(recipe.resolve(name)).is_file():
             h.update(sha256(recipe.resolve(name)).encode())
     return h.hexdigest()
 
