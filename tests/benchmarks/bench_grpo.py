@@ -13,10 +13,24 @@ samples with top-k 20 (fixed in its GRPO trainer), stops at "</answer>" too, and
 copy of the model as its reference even when beta is 0; localtune switches its adapters off instead.
 Prompts: data/months (month-number questions) for the small model, arithmetic questions for SmolLM2.
 
+localtune's prompt rows are {"prompt": [system, user], "answer"}: a message list, templated with the
+generation prompt.
+
+localtune runs with its defaults, so it samples each generation batch's completions in one batch
+(prompts x group size at once) and trains on all of them in one minibatch; a quantized base
+(SmolLM2 Q4_1) is sampled from an fp32 copy of its weights (dequantize_rollouts = true), which the
+peak counts. mlx-lm-lora samples `prompts per step` completions at a time and differentiates in
+chunks of that many, accumulating the gradient. Two more localtune runs show what that costs:
+"minibatch = prompts" (minibatch_size = prompts per step, grad_accum = group size: still one
+update per generation batch, the same gradient), and, on a quantized model, that plus
+dequantize_rollouts = false ("4-bit rollouts").
+
 Completions/s count every sampled completion over the training steps, each step being generation,
 rewards and the update (model loading and held-out sampling excluded). Steady: the median over
 the steps after the first; stage: all the steps. Tokens/completion: the mean completion length,
-which sets the generation cost (it depends on what each model samples). Peak: mx.get_peak_memory().
+which sets the generation cost (it depends on what each model samples). Peak: mx.get_peak_memory()
+of each process: localtune resets it when the stage starts (model loading is outside), mlx-lm-lora
+never does (its peak includes loading the model and its reference copy).
 A second table runs localtune's PPO on the same prompts with the same completions per update
 (batch_size = prompts x group size, one epoch, one minibatch): seconds per update and peak memory.
 Writes tests/benchmarks/results/bench_grpo.md. mlx-lm-lora 5.10 stops on the CPU backend (it reads
@@ -28,6 +42,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -43,6 +58,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "bench_grpo.md"
 LEARNING_RATE, RANK, ALPHA, EPSILON, BETA = 1e-5, 8, 16.0, 0.2, 0.0
 TEMPERATURE, TOP_P = 1.0, 0.95
 SYSTEM = "Answer with the number only."
+SPLIT = "localtune grpo, minibatch = prompts"  # minibatch_size = batch_size, grad_accum = group_size
+LEAN = SPLIT + ", 4-bit rollouts"  # and dequantize_rollouts = false (quantized models only)
 
 MODELS = {  # reference, prompts, prompts per step, group size, max new tokens, steps
     "small": (str(ROOT / "models" / "small"), "months", 4, 8, 32, 8),
@@ -93,14 +110,14 @@ def question_rows(source: str, n: int) -> list[dict]:
 
 
 def write_prompts(folder: Path, source: str, n: int) -> None:
-    """ours/{train,valid}.jsonl ({"messages", "answer"}; the prompt is the turns before the assistant's)
-    and theirs/train.jsonl ({"prompt", "system", "answer"}): both render to the same chat-template
-    tokens. No valid file for mlx-lm-lora: it would sample it inside the timed steps."""
+    """ours/{train,valid}.jsonl ({"prompt": [system, user], "answer"}: a message list, templated with the
+    generation prompt) and theirs/train.jsonl ({"prompt", "system", "answer"}): both render to the same
+    chat-template tokens. No valid file for mlx-lm-lora: it would sample it inside the timed steps."""
     rows = question_rows(source, n + 4)
     (folder / "ours").mkdir(parents=True)
     (folder / "theirs").mkdir(parents=True)
-    ours = [{"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": r["prompt"]},
-                          {"role": "assistant", "content": r["answer"]}], "answer": r["answer"]} for r in rows]
+    ours = [{"prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": r["prompt"]}],
+             "answer": r["answer"]} for r in rows]
     theirs = [{"prompt": r["prompt"], "system": SYSTEM, "answer": r["answer"]} for r in rows[:n]]
     (folder / "ours" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ours[:n]))
     (folder / "ours" / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ours[n:]))
@@ -162,17 +179,23 @@ layers = -1
 """
 
 
-def grpo_recipe(model: str, data: Path, batch: int, group: int, max_new: int, steps: int) -> str:
+def grpo_recipe(model: str, data: Path, batch: int, group: int, max_new: int, steps: int, split: bool = False,
+                dequantize: bool = True) -> str:
+    """split: minibatches of `batch` completions (mlx-lm-lora's chunk: its prompts per step), accumulated
+    over `group` of them (grad_accum): still one optimizer update per generation batch, the same gradient.
+    dequantize: dequantize_rollouts (the default: a quantized base samples from an fp32 copy)."""
     stage = f"""kind = "grpo"
 steps = {steps}
 batch_size = {batch}
 group_size = {group}
-minibatch_size = 0
+minibatch_size = {batch if split else 0}
+grad_accum = {group if split else 1}
 mu = 1
 loss_type = "grpo"
 epsilon = {EPSILON}
 beta = {BETA}
-heldout_samples = 2"""
+heldout_samples = 2
+dequantize_rollouts = {str(dequantize).lower()}"""
     return _recipe(model, data, stage, max_new, steps) + f"""
 [[stages.rewards]]
 kind = "python"
@@ -211,8 +234,8 @@ def run_localtune(recipe_text: str, completions_per_step: int, work: Path) -> Re
     length = next((k for k in ("completion_length", "response_length") if k in train[0]), None)
     reward = next((k for k in ("reward_mean", "reward") if k in train[0]), None)
     seconds = sum(r["time_sec"] for r in train)
-    per_step = completions_per_step
-    return Result([per_step / r["time_sec"] for r in train[1:]], per_step * len(train) / seconds, seconds / len(train),
+    done = [r.get("completions", completions_per_step) for r in train]  # grpo logs its count; ppo: one a prompt
+    return Result([n / r["time_sec"] for n, r in zip(done[1:], train[1:])], sum(done) / seconds, seconds / len(train),
                   statistics.mean(r[length] for r in train) if length else float("nan"),
                   max(r["peak_memory_gb"] for r in train), wall,
                   statistics.mean(r[reward] for r in train) if reward else float("nan"))
@@ -242,12 +265,6 @@ def run_mlx_lm_lora(folder: str, data: Path, batch: int, group: int, max_new: in
                   statistics.mean(r["train_total_rewards_mean"] for r in train))
 
 
-def has_grpo() -> bool:
-    from localtune.methods import REGISTRY
-
-    return "grpo" in REGISTRY
-
-
 # Report ----------------------------------------------------------------------------------------
 
 
@@ -269,15 +286,11 @@ def versus_table(rows: list) -> list[str]:
            "completions/s steady | completions/s stage | tokens/completion | peak GiB | steady ratio | stage ratio | "
            "memory ratio |",
            "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for name, shape, a, theirs, b in rows:
-        if not a:
-            out.append(f"| {name} ({shape}) | localtune grpo (not run) |" + " — |" * 4 + f" {theirs} | {_cells(b)} |"
-                       + " — |" * 3)
-            continue
+    for name, shape, ours, a, theirs, b in rows:
         ratios = (_med(a, _steady) / _med(b, _steady),
                   _med(a, lambda r: r.stage_completions_per_sec) / _med(b, lambda r: r.stage_completions_per_sec),
                   max(r.peak_gib for r in a) / max(r.peak_gib for r in b))
-        out.append(f"| {name} ({shape}) | localtune grpo | {_cells(a)} | {theirs} | {_cells(b)} | "
+        out.append(f"| {name} ({shape}) | {ours} | {_cells(a)} | {theirs} | {_cells(b)} | "
                    + " | ".join(f"{x:.2f}x" for x in ratios) + " |")
     return out
 
@@ -287,13 +300,52 @@ def ppo_table(rows: list) -> list[str]:
            "PPO peak GiB | GRPO / PPO memory |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, shape, grpo, ppo in rows:
         p_sec, p_peak = _med(ppo, lambda r: r.sec_per_update), max(r.peak_gib for r in ppo)
-        if not grpo:
-            out.append(f"| {name} | {shape} | — | {p_sec:.2f} | — | — | {p_peak:.3f} | — |")
-            continue
         g_sec, g_peak = _med(grpo, lambda r: r.sec_per_update), max(r.peak_gib for r in grpo)
         out.append(f"| {name} | {shape} | {g_sec:.2f} | {p_sec:.2f} | {g_sec / p_sec:.2f}x | {g_peak:.3f} | "
                    f"{p_peak:.3f} | {g_peak / p_peak:.2f}x |")
     return out
+
+
+def bench_model(name: str, work: Path, repeats: int) -> tuple[list, tuple]:
+    """Every job on one model, the order rotating between repeats: (versus rows, the ppo row)."""
+    from localtune.models import resolve
+
+    ref, source, batch, group, max_new, steps = MODELS[name]
+    folder = resolve(ref)
+    data = work / name / "data"
+    write_prompts(data, source, batch * group * steps)  # ppo takes batch x group prompts a step
+    check_same_prompts(folder, data)
+    shape = f"{batch} prompts x {group} completions x {max_new} tokens"
+    jobs = {"mlx-lm-lora": lambda w: run_mlx_lm_lora(str(folder), data, batch, group, max_new, steps, w),
+            "localtune grpo": lambda w: run_localtune(grpo_recipe(ref, data, batch, group, max_new, steps),
+                                                      batch * group, w),
+            SPLIT: lambda w: run_localtune(grpo_recipe(ref, data, batch, group, max_new, steps, split=True),
+                                           batch * group, w),
+            "localtune ppo": lambda w: run_localtune(ppo_recipe(ref, data, batch, group, max_new, steps),
+                                                     batch * group, w)}
+    if "quantization" in json.loads((Path(folder) / "config.json").read_text()):
+        jobs[LEAN] = lambda w: run_localtune(grpo_recipe(ref, data, batch, group, max_new, steps, split=True,
+                                                         dequantize=False), batch * group, w)
+    if name == "small":  # mlx-lm computes in the stored fp16 on CPU; localtune in fp32
+        fp32 = str(fp32_copy(Path(folder), work / name / "fp32"))
+        jobs["mlx-lm-lora, fp32 copy"] = lambda w: run_mlx_lm_lora(fp32, data, batch, group, max_new, steps, w)
+    results = {k: [] for k in jobs}
+    print(f"## {name}: {shape}, {steps} steps", flush=True)
+    for r in range(repeats):
+        for label in list(jobs)[r % len(jobs):] + list(jobs)[:r % len(jobs)]:  # the order rotates
+            w = work / name / f"{label.replace(' ', '_').replace(',', '').replace('=', '')}-{r}"
+            w.mkdir(parents=True)
+            res = jobs[label](w)
+            results[label].append(res)
+            print(f"  {label:<34} {_steady(res):7.2f} completions/s steady, {res.stage_completions_per_sec:7.2f} "
+                  f"over the stage, {res.sec_per_update:6.2f} s/update, {res.tokens_per_completion:5.1f} "
+                  f"tokens/completion, peak {res.peak_gib:.3f} GiB, wall {res.wall_sec:4.0f}s, "
+                  f"reward {res.reward_mean:.3f}", flush=True)
+    ours_all = [k for k in jobs if k.startswith("localtune grpo")]
+    versus = [(name, shape, ours, results[ours], theirs, results[theirs])
+              for theirs in jobs if theirs.startswith("mlx-lm-lora") for ours in ours_all]
+    return versus, (name, f"{batch * group} ({batch} x {group} grpo, {batch * group} x 1 ppo)",
+                    results["localtune grpo"], results["localtune ppo"])
 
 
 def main() -> None:
@@ -304,47 +356,19 @@ def main() -> None:
         raise SystemExit("mlx-lm-lora is not installed: pip install mlx-lm-lora")
 
     import localtune  # noqa: F401  (MKL before mlx)
-    from localtune.models import resolve
 
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="bench_grpo-"))
-    ours_ready = has_grpo()
-    if not ours_ready:
-        print("localtune has no grpo stage yet: its runs are skipped", flush=True)
     versus, against_ppo = [], []
-    for name in args.models.split(","):
-        ref, source, batch, group, max_new, steps = MODELS[name]
-        folder = resolve(ref)
-        data = work / name / "data"
-        write_prompts(data, source, batch * group * steps)  # ppo takes batch x group prompts a step
-        check_same_prompts(folder, data)
-        shape = f"{batch} prompts x {group} completions x {max_new} tokens"
-        jobs = {"mlx-lm-lora": lambda w: run_mlx_lm_lora(str(folder), data, batch, group, max_new, steps, w),
-                "localtune ppo": lambda w: run_localtune(ppo_recipe(ref, data, batch, group, max_new, steps),
-                                                         batch * group, w)}
-        if ours_ready:
-            jobs["localtune grpo"] = lambda w: run_localtune(grpo_recipe(ref, data, batch, group, max_new, steps),
-                                                             batch * group, w)
-        if name == "small":  # mlx-lm computes in the stored fp16 on CPU; localtune in fp32
-            fp32 = str(fp32_copy(Path(folder), work / name / "fp32"))
-            jobs["mlx-lm-lora, fp32 copy"] = lambda w: run_mlx_lm_lora(fp32, data, batch, group, max_new, steps, w)
-        results = {k: [] for k in jobs}
-        print(f"## {name}: {shape}, {steps} steps", flush=True)
-        for r in range(args.repeats):
-            for label in list(jobs)[r % len(jobs):] + list(jobs)[:r % len(jobs)]:  # the order rotates
-                w = work / name / f"{label.replace(' ', '_').replace(',', '')}-{r}"
-                w.mkdir(parents=True)
-                res = jobs[label](w)
-                results[label].append(res)
-                print(f"  {label:<24} {_steady(res):7.2f} completions/s steady, {res.stage_completions_per_sec:7.2f} "
-                      f"over the stage, {res.sec_per_update:6.2f} s/update, {res.tokens_per_completion:5.1f} "
-                      f"tokens/completion, peak {res.peak_gib:.3f} GiB, wall {res.wall_sec:4.0f}s, "
-                      f"reward {res.reward_mean:.3f}", flush=True)
-        grpo = results.get("localtune grpo", [])
-        for theirs in [k for k in jobs if k.startswith("mlx-lm-lora")]:
-            versus.append((name, shape, grpo, theirs, results[theirs]))
-        against_ppo.append((name, f"{batch * group} ({batch} x {group} grpo, {batch * group} x 1 ppo)", grpo,
-                            results["localtune ppo"]))
+    try:
+        for name in args.models.split(","):
+            rows, ppo_row = bench_model(name, work, args.repeats)
+            versus += rows
+            against_ppo.append(ppo_row)
+    except BaseException:
+        print(f"work folder kept (the tools' logs are there): {work}", flush=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
 
     class A:  # machine_header reads these
         models, repeats, steps, scenarios, blas_check = args.models, args.repeats, 0, "equal,variable,fp32", False
@@ -364,6 +388,13 @@ def main() -> None:
         "Ratios are localtune / mlx-lm-lora (targets: completions/s at least 1.5x, memory at most 1.0x). Steady: the "
         "median step after the first; stage: every step, the first one's compilation included. A step is one "
         "generation batch, its rewards and one optimizer update; model loading and held-out sampling are outside.",
+        "", "\"localtune grpo\" is the recipe's defaults: a generation batch's completions sampled at once and trained "
+        "in one minibatch, and a quantized base (SmolLM2 Q4_1) sampled from an fp32 copy of its weights "
+        "(dequantize_rollouts = true, counted in the peak). mlx-lm-lora samples and differentiates prompts-per-step "
+        "completions at a time. \"minibatch = prompts\": minibatch_size = prompts per step with grad_accum = group "
+        "size (the same single update per generation batch); \"4-bit rollouts\": that and dequantize_rollouts = "
+        "false. localtune's peak is reset when the stage starts; mlx-lm-lora's includes loading its model and a "
+        "reference copy (loaded even at beta 0).",
         "", "## localtune: GRPO vs PPO on the same prompts", "", *ppo_table(against_ppo), "",
         "PPO samples one completion per prompt, so it gets prompts x group size prompts per rollout batch; it "
         "also scores the reference and the value head in every rollout (kl_coef 0.05, its default) and rewards "
