@@ -1,8 +1,10 @@
 """Every benchmark still runs: each script's --smoke mode (tiny sizes, 1-4 steps, nothing written), and the
-numbers it prints. Only bench_contamination is cheap enough for the default suite (about 2 s of CPU); the others
-train, export or convert real models (20-60 s of CPU each on 2 cores), so they run in the slow suite."""
+numbers it prints. bench_contamination (about 2 s of CPU) and bench_grpo (about 20 s: four 2-step runs on
+models/smaller) are cheap enough for the default suite; the others train, export or convert real models (20-60 s
+of CPU each on 2 cores), so they run in the slow suite."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -16,13 +18,19 @@ sys.path.insert(0, str(BENCH))
 from run_all import number, parse  # noqa: E402
 
 # benchmark -> a column of its first table that must hold a number in every row
-FAST = {"bench_contamination": "check (13-grams)"}
+FAST = {"bench_contamination": "check (13-grams)", "bench_grpo": "completions/s steady"}
 SLOW = {"bench_sft": "tok/s ratio", "bench_dpo": "pairs/s steady", "bench_ppo": "localtune rollouts tok/s",
         "bench_plan": "peak ratio", "bench_distributed": "ratio", "bench_tui": "median tok/s",
         "bench_export": "llama.cpp tok/s", "bench_gguf_quants": "convert every tensor"}
 
 
+# benchmark -> the reference tool it needs that is not a localtune dependency (not installed by .[dev])
+NEEDS = {"bench_dpo": "mlx_lm_lora", "bench_grpo": "mlx_lm_lora"}
+
+
 def smoke(name: str, column: str) -> None:
+    if name in NEEDS and importlib.util.find_spec(NEEDS[name]) is None:
+        pytest.skip(f"{name} compares against {NEEDS[name]}, which is not installed (pip install mlx-lm-lora)")
     results = {p: p.stat().st_mtime for p in (BENCH / "results").glob("*")}
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the checkout under test, in every subprocess too
     proc = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--smoke"], capture_output=True, text=True,

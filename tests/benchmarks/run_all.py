@@ -166,6 +166,22 @@ def ppo(sections: list[Section]) -> list[Row]:
     return rows
 
 
+def grpo(sections: list[Section]) -> list[Row]:
+    """Completions/s over the training steps and peak memory of localtune's grpo at its defaults against each
+    mlx-lm-lora setup (the results file also has lower-memory settings); then grpo over ppo, per update."""
+    rows = []
+    for s, r in table_rows(sections, "stage ratio"):
+        if r["localtune"] == "localtune grpo":
+            model = r["model"].split(" (")[0]
+            rows += [Row(f"{model}: completions/s", r["vs"], r["stage ratio"], "≥ 1.5x", s),
+                     Row(f"{model}: peak memory", r["vs"], r["memory ratio"], "≤ 1x", s)]
+    for s, r in table_rows(sections, "GRPO / PPO time"):
+        n = r["completions per update"].split(" (")[0]
+        rows += [Row(f"{r['model']}: s/update ({n} completions)", "localtune ppo", r["GRPO / PPO time"], "—", s),
+                 Row(f"{r['model']}: peak memory", "localtune ppo", r["GRPO / PPO memory"], "—", s)]
+    return rows
+
+
 # The export's own gates on top-1 (localtune/export/verify.py TOLERANCE, REFERENCE_SLACK).
 TOP1_GATE = {"f16": "≥ 98%", "q4_k_m": "≥ 80%", **dict.fromkeys(("q8_0", "q4_0"), "≥ llama.cpp's own − 4 pts")}
 
@@ -254,6 +270,7 @@ BENCHES = {b.name: b for b in [
     Bench("bench_dpo", ("--models", "small,smollm2", "--repeats", "2"), ("--models", "small", "--repeats", "1"), dpo),
     Bench("bench_ppo", ("--models", "small,smollm2", "--repeats", "5", "--also-4bit-rollouts"),
           ("--models", "small", "--repeats", "1"), ppo),
+    Bench("bench_grpo", ("--models", "small,smollm2"), ("--models", "small"), grpo),
     Bench("bench_export", ("--repeats", "2"), ("--repeats", "1"), export),  # SmolLM2 only: it has no small model
     Bench("bench_tui", ("--steps", "200", "--repeats", "2"), ("--repeats", "1"), tui),
     Bench("bench_plan", ("--models", "small,smollm2"), ("--models", "small"), plan),
