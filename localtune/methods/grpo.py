@@ -101,11 +101,11 @@ def heldout(model, tokenizer, reward, prompts: list[Prompt], stage, seed: int = 
     for i in range(0, len(prompts), per_chunk):
         groups += sample_and_score(model, tokenizer, reward, prompts[i:i + per_chunk], stage, k)
     solved = np.array([(g["scores"] >= o.pass_threshold).sum() for g in groups])
-    share = solved / k
-    scores = np.concatenate([g["scores"] for g in groups])
-    result = {"pass1": float(share.mean()), "pass1_se": float(share.std(ddof=1) / np.sqrt(len(share)))
-              if len(share) > 1 else 0.0, "passk": float(np.mean([grpo_math.pass_at_k(k, int(c), k) for c in solved])),
-              "k": k, "reward_mean": float(scores.mean()), "reward_std": float(scores.std()),
+    share, scores = solved / k, np.concatenate([g["scores"] for g in groups])
+    se = float(share.std(ddof=1) / np.sqrt(len(share))) if len(share) > 1 else 0.0
+    result = {"pass1": float(share.mean()), "pass1_se": se, "k": k,
+              "passk": float(np.mean([grpo_math.pass_at_k(k, int(c), k) for c in solved])),
+              "reward_mean": float(scores.mean()), "reward_std": float(scores.std()),
               "completion_length": float(np.mean([len(r) for g in groups for r in g["responses"]])),
               "n": len(groups), "samples": [{"prompt": prompt_text(g["prompt"].prompt), "got": g["texts"][0],
                                             "reward": float(g["scores"][0])} for g in groups[:5]]}

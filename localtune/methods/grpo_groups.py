@@ -62,7 +62,7 @@ def sample_and_score(model, tokenizer, reward, prompts: list[Prompt], stage, gro
     return out
 
 
-def reference_logps(model, batch: data.Batch, chunk: int, T: float, old: bool, ref: bool) -> dict:
+def kept_logps(model, batch: data.Batch, chunk: int, T: float, old: bool, ref: bool) -> dict:
     """Log-probs (N, T) of the sampled tokens under the policy as it sampled them ("old_logp") and
     with this stage's adapters off ("ref_logp"), `chunk` rows at a time."""
     from ..train.trainer import to_mx
@@ -108,7 +108,7 @@ def buffer_of(model, groups: list[dict], stage, old: bool) -> dict:
            "advantages": advantages}
     if old or o.beta:
         chunk = o.minibatch_size or len(batch.inputs)
-        out.update(reference_logps(model, batch, chunk, o.temperature, old, bool(o.beta)))
+        out.update(kept_logps(model, batch, chunk, o.temperature, old, bool(o.beta)))
     return out
 
 
@@ -218,12 +218,16 @@ class Groups:
         self.end = self.prompts.state()
         kept = choose(groups, stage.batch_size, o.dynamic_sampling)
         self.count += 1
+        t0 = time.perf_counter()
         self.buffer = buffer_of(self.model, kept, stage, self.old)
+        passes = time.perf_counter() - t0  # the old and reference log-prob passes, when they run
         self.stage_dir.mkdir(parents=True, exist_ok=True)
         save_arrays(self._path(self.count), {k: mx.array(v) for k, v in self.buffer.items()})
         self._path(self.count - 2).unlink(missing_ok=True)  # a checkpoint may still point at count - 1
         self.position = 0
-        self.window.append(statistics(groups, len(kept), o.pass_threshold))
+        stats = statistics(groups, len(kept), o.pass_threshold)
+        stats["scoring_sec"] += passes
+        self.window.append(stats)
         for g in groups[:2]:
             self.log("sample", when=f"generation {self.count}", prompt=prompt_text(g["prompt"].prompt),
                      got=g["texts"][0], reward=float(g["scores"][0]))
