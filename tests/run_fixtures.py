@@ -22,7 +22,8 @@ METHOD_FIELDS = {
                       "explained_variance": 0.4, "response_length": 11.0, "rollout_sec": 0.3, "scoring_sec": 0.5},
     "grpo": lambda s: {"reward_mean": 0.2 + s / 250, "reward_std": 0.4, "solved": 0.2 + s / 250, "zero_variance": 0.25,
                        "entropy": 1.8 - s / 200, "clip_frac": 0.0, "ratio": 1.0, "completion_length": 3.5,
-                       "rollout_sec": 0.4, "scoring_sec": 0.01, "completions": 32},
+                       "rollout_sec": 0.4, "scoring_sec": 0.01, "completions": 32,
+                       "reward_rule1": 0.2 + s / 250, "reward_rule2": 0.5},
     "distill": lambda s: {"kl": 1.5 * math.exp(-s / 40), "jsd": 0.3 * math.exp(-s / 40), "task_ratio": 0.8},
     "mystery": lambda s: {"widgets_per_sec": 10.0 + s, "wobble": 0.5},
 }

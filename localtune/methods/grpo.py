@@ -131,7 +131,10 @@ class GRPO(Method):
                Metric("kl", "KL to reference", "{:.4f}"), Metric("entropy", "entropy", "{:.3f}"),
                Metric("clip_frac", "clip fraction", "{:.1%}"),
                Metric("completion_length", "completion length", "{:.1f}"),
-               Metric("rollout_sec", "sampling s", "{:.1f}"), Metric("scoring_sec", "scoring s", "{:.1f}"))
+               Metric("rollout_sec", "sampling s", "{:.1f}"), Metric("scoring_sec", "scoring s", "{:.1f}"),
+               # each reward's mean, in [[stages.rewards]] order (the first three), and a reward model's
+               *(Metric(f"reward_rule{i}", f"reward {i}", "{:+.3f}") for i in (1, 2, 3)),
+               Metric("reward_model", "reward model", "{:+.3f}"))
 
     def validate(self, stage, before, fail):
         from .dpo import refuse_full, refuse_packing

@@ -87,7 +87,8 @@ def calibrate(model, tokenizer, stage: Stage, dataset, p: StagePlan, limit: int,
             p.peak = int(m["peak"])
             p.parts["activations"] = max(0, p.peak - static_bytes(p))
             p.step_sec = sum(m["times"][updates:]) / updates  # the second rollout batch: compiled, rollout included
-            p.how = f"calibrated: two rollout batches of {stage.batch_size} prompts ({updates} updates each)"
+            each = f"{updates} update" + ("s" if updates != 1 else "")
+            p.how = f"calibrated: two rollout batches of {stage.batch_size} prompts ({each} each)"
         else:
             unit = 2 if method.pairs else 1
             full = p.rows // unit
