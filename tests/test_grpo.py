@@ -117,6 +117,14 @@ def test_python_rewards_get_the_prompt_the_completion_and_the_row(tmp_path):
     assert parts["rule1"].tolist() == [1.0, 0.0] and scores.tolist() == [1.5, 0.5]
 
 
+def test_a_reward_file_imports_its_own_helpers_beside_it(tmp_path):
+    (tmp_path / "checks.py").write_text("def same(a, b):\n    return float(a.strip() == b)\n")
+    recipe = _recipe_with(tmp_path, "from checks import same\n\ndef exact(prompt, completion, row):\n"
+                                    "    return same(completion, row['answer'])\n")
+    fn = rewards.load_functions(recipe, recipe.stages[0], recipe.stages[0].options.rewards)[0]
+    assert fn("p", " 7", {"answer": "7"}) == 1.0
+
+
 @pytest.mark.parametrize("body, words", [
     ("    raise KeyError('answer')", ["rw.py:exact raised KeyError", "row 7 of d.jsonl", "'12'"]),
     ("    return 'yes'", ["rw.py:exact returned 'yes' (str)", "row 7 of d.jsonl", "expected a finite number"]),

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import re
+import sys
 import traceback
 from pathlib import Path
 
@@ -53,12 +54,15 @@ def load_function(recipe, rule, where: str):
                           f"({recipe.source}), e.g. function = \"rewards.py:{name}\"")
     spec = importlib.util.spec_from_file_location(f"localtune_rewards.{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent.resolve()))  # its own helper modules beside it import as with `python`
     try:
         spec.loader.exec_module(module)
     except Exception as e:  # the user's file: any error is theirs to see, with its line
         tb = traceback.extract_tb(e.__traceback__)[-1]
         raise RecipeError(f"{key}: importing {path} failed at line {tb.lineno}: {type(e).__name__}: {e}\n"
                           f"  fix: check that `python {path}` runs") from None
+    finally:
+        sys.path.remove(str(path.parent.resolve()))
     fn = getattr(module, name, None)
     if not callable(fn):
         names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
