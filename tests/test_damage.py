@@ -317,12 +317,12 @@ def test_a_damaged_teacher_cache_is_not_trusted(tmp_path, small_model_path):
 def test_a_damaged_rollout_batch_is_sampled_again(small_model_path, tmp_path):
     from test_ppo import PPO, _policy, _prompts
 
-    from localtune.methods import ppo, rewards
+    from localtune.methods import ppo, prompts, rewards
     from localtune.train import data
 
     model, tok, _ = _policy(small_model_path)
     events = []
-    rollouts = ppo.Rollouts(model, tok, data.Batches(_prompts(tok), PPO.batch_size, 0, collate=ppo.collate),
+    rollouts = ppo.Rollouts(model, tok, data.Batches(_prompts(tok), PPO.batch_size, 0, collate=prompts.collate),
                             rewards.Reward(tok, PPO.options.rules), PPO, tmp_path, lambda kind, **kw: events.append(kw))
     next(rollouts)
     state = rollouts.state()

@@ -11,7 +11,7 @@ from test_trainer import run_dir
 
 from localtune import models
 from localtune.errors import RecipeError, TrainingError
-from localtune.methods import grpo, grpo_groups, grpo_math, rewards
+from localtune.methods import grpo, grpo_groups, grpo_math, prompts, rewards
 from localtune.methods.prompts import encode_prompts, sample_groups
 from localtune.recipe import Adapter, Rule, make_stage, parse
 from localtune.train import adapters, data, trainer
@@ -187,7 +187,7 @@ def _policy(path, seed=1):
 
 
 def _train(model, tok, run, steps, stage=STAGE, report=lambda r: None, save_every=100):
-    groups = grpo_groups.Groups(model, tok, data.Batches(_prompts(tok), stage.batch_size, 0, collate=grpo.collate),
+    groups = grpo_groups.Groups(model, tok, data.Batches(_prompts(tok), stage.batch_size, 0, collate=prompts.collate),
                                 rewards.Reward(tok, stage.options.rewards), stage, run.path / "grpo",
                                 lambda kind, **kw: None)
     args = trainer.TrainArgs(steps=steps, learning_rate=1e-2, report_every=1, save_every=save_every, eval_every=0)
@@ -244,7 +244,7 @@ def test_dynamic_sampling_replaces_groups_that_teach_nothing(small_model_path):
     stage = make_stage("grpo", name="grpo", batch_size=2, group_size=4, max_new_tokens=5, seed=0,
                        dynamic_sampling=True, max_generation_rounds=3,
                        rewards=[Rule(kind="length", max=1000)], adapter=Adapter(rank=4, alpha=8))  # always 1
-    groups = grpo_groups.Groups(model, tok, data.Batches(_prompts(tok), 2, 0, collate=grpo.collate),
+    groups = grpo_groups.Groups(model, tok, data.Batches(_prompts(tok), 2, 0, collate=prompts.collate),
                                 rewards.Reward(tok, stage.options.rewards), stage, ROOT / "never-written",
                                 lambda kind, **kw: None)
     groups._generate = lambda: None  # nothing written: build the buffer by hand below

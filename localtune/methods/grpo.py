@@ -26,10 +26,9 @@ from .. import device
 from ..recipe import option
 from ..train.metrics import Metric
 from . import grpo_math, rewards
-from .base import Method
 from .grpo_groups import Groups, off_policy, per_generation, sample_and_score
-from .logprobs import hidden_logprobs, plain_head
-from .prompts import Prompt, at_positions, collate, encode_prompts, prompt_text, scored_positions
+from .logprobs import hidden_logprobs
+from .prompts import Prompt, Sampling, at_positions, prompt_text, scored_positions
 
 
 @dataclass(frozen=True)
@@ -118,14 +117,12 @@ def heldout(model, tokenizer, reward, prompts: list[Prompt], stage, seed: int = 
 # The method
 
 
-class GRPO(Method):
+class GRPO(Sampling):
     kind = "grpo"
     options = Options
-    formats = ("prompt", "messages", "completion", "preference")
+    rules_key = "rewards"
     capability = "ppo"  # the same needs as ppo: sampling, and log-probs through a plain head
     one_process = "each rank would sample its own groups"
-    collate = staticmethod(collate)
-    samples = True
     metrics = (Metric("reward_mean", "reward", "{:+.3f}"), Metric("reward_std", "reward std", "{:.3f}"),
                Metric("solved", "solved", "{:.1%}"), Metric("zero_variance", "equal-reward groups", "{:.0%}"),
                Metric("kl", "KL to reference", "{:.4f}"), Metric("entropy", "entropy", "{:.3f}"),
@@ -168,32 +165,13 @@ class GRPO(Method):
                 'columns such as "answer" reach python rewards)\n  fix: write each row as {"prompt": "...", '
                 '"answer": "..."}')
 
-    def files(self, stage):
-        return rewards.files(stage.options.rewards)
-
-    def references(self, stage):
-        return {"reward_model": stage.options.reward_model} if stage.options.reward_model else {}
-
-    def encode(self, stage, rows, fmt, tokenizer, source):
-        return encode_prompts(rows, tokenizer, stage.max_seq_len, stage.options.max_new_tokens, source)
-
-    def check(self, recipe, stage, tokenizer, folder):
-        rewards.check(recipe, stage, stage.options.rewards, tokenizer, folder)
-
     def steps_per_batch(self, stage):
         return per_generation(stage)
 
     def setup(self, ctx):
         """(loss, Groups, None) for the one loop; ctx.batches yields lists of prompts."""
         stage = ctx.stage
-        if not plain_head(ctx.model):
-            from ..errors import ModelError
-
-            raise ModelError(f"[stages.{stage.name}]: grpo reads log-probs from the hidden states through the "
-                             f"output head, which is not exact for {getattr(ctx.model, 'model_type', '?')!r} models "
-                             "(their logits are post-processed)\n  fix: use a model the support matrix marks "
-                             "for ppo/grpo (localtune models)")
-        reward = ctx.state["reward"] = rewards.build(ctx, stage.options.reward_model, stage.options.rewards)
+        reward = self.reward(ctx)
 
         def log(kind, **fields):
             return ctx.run.log(stage.name, 0, kind, **fields)
@@ -206,15 +184,6 @@ class GRPO(Method):
             return None
         prompts = ctx.valid.examples[:ctx.stage.options.heldout_prompts]
         return heldout(model, ctx.tokenizer, ctx.state["reward"], prompts, ctx.stage)
-
-    def evaluator(self, ctx, loss_fn, valid_batches):
-        if not ctx.valid:
-            return None
-
-        def evaluate(model):
-            return {k: v for k, v in self.heldout(ctx, model).items() if k != "samples"}
-
-        return evaluate
 
     def heldout_line(self, when, h):
         return (f"held-out prompts {when}: pass@1 {h['pass1']:.1%} ± {h['pass1_se']:.1%}, pass@{h['k']} "

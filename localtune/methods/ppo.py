@@ -33,10 +33,8 @@ from ..train import data
 from ..train.adapters import adapters_disabled, save_arrays
 from ..train.metrics import Metric
 from . import ppo_math, rewards
-from .base import Method
-from .logprobs import hidden_entropy, hidden_logprobs, plain_head
-from .prompts import (Prompt, at_positions, collate, dense, encode_prompts, prompt_text, response_rows, sample,
-                      scored_positions)
+from .logprobs import hidden_entropy, hidden_logprobs
+from .prompts import Prompt, Sampling, at_positions, dense, prompt_text, response_rows, sample, scored_positions
 from .rewards import Reward
 
 # ---------------------------------------------------------------------------------------------
@@ -293,14 +291,11 @@ def updates_per_rollout(stage) -> int:
     return o.ppo_epochs * (stage.batch_size // (o.minibatch_size or stage.batch_size))
 
 
-class PPO(Method):
+class PPO(Sampling):
     kind = "ppo"
     options = Options
-    formats = ("prompt", "messages", "completion", "preference")
     capability = "ppo"
     one_process = "each rank would sample its own rollouts and adapt its own KL coefficient"
-    collate = staticmethod(collate)
-    samples = True
     metrics = (Metric("reward_mean", "reward", "{:+.3f}"), Metric("reward_std", "reward std", "{:.3f}"),
                Metric("kl", "KL to reference", "{:.3f}"), Metric("kl_coef", "KL coefficient", "{:.4f}"),
                Metric("entropy", "entropy", "{:.3f}"), Metric("clip_frac", "clip fraction", "{:.1%}"),
@@ -329,18 +324,6 @@ class PPO(Method):
         return ('a ppo stage samples its own responses, so it needs prompts: {"prompt"} rows (or {"messages"} '
                 'or preference rows; their answers are ignored)\n  fix: write each row as {"prompt": "..."}')
 
-    def files(self, stage):
-        return rewards.files(stage.options.rules)
-
-    def references(self, stage):
-        return {"reward_model": stage.options.reward_model} if stage.options.reward_model else {}
-
-    def encode(self, stage, rows, fmt, tokenizer, source):
-        return encode_prompts(rows, tokenizer, stage.max_seq_len, stage.options.max_new_tokens, source)
-
-    def check(self, recipe, stage, tokenizer, folder):
-        rewards.check(recipe, stage, stage.options.rules, tokenizer, folder)
-
     def steps_per_batch(self, stage):
         return updates_per_rollout(stage)
 
@@ -351,16 +334,7 @@ class PPO(Method):
     def setup(self, ctx):
         """(loss, Rollouts, None) for the one loop; ctx.batches yields lists of prompts."""
         model, stage = ctx.model, ctx.stage
-        if not plain_head(model):
-            from ..errors import ModelError
-            from ..models import families
-
-            plain = [t for f in families.FAMILIES if f.plain_head for t in f.model_types]
-            raise ModelError(f"[stages.{stage.name}]: ppo reads log-probs from the hidden states through the output "
-                             f"head, which is exact for {', '.join(plain)} models; this one is "
-                             f"{getattr(model, 'model_type', '?')!r} (its logits are post-processed)\n"
-                             "  fix: use a model of one of those families for the ppo stage")
-        reward = ctx.state["reward"] = rewards.build(ctx, stage.options.reward_model, stage.options.rules)
+        reward = self.reward(ctx)
 
         def log(kind, **fields):
             return ctx.run.log(stage.name, 0, kind, **fields)
@@ -373,15 +347,6 @@ class PPO(Method):
             return None
         prompts = ctx.valid.examples[:ctx.stage.options.heldout_prompts]
         return heldout(model, ctx.tokenizer, ctx.state["reward"], prompts, ctx.stage)
-
-    def evaluator(self, ctx, loss_fn, valid_batches):
-        if not ctx.valid:
-            return None
-
-        def evaluate(model):
-            return {k: v for k, v in self.heldout(ctx, model).items() if k != "samples"}
-
-        return evaluate
 
     def heldout_line(self, when, h):
         rules = "".join(f", {k[7:]} pass rate {v:.0%}" for k, v in h.items() if k.startswith("reward_rule"))

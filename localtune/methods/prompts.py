@@ -1,5 +1,6 @@
 """Prompts for methods that sample their own responses (PPO, GRPO): encoding rows as generation
-inputs, batched sampling from the policy, and prompt + response rows with their scored positions."""
+inputs, batched sampling from the policy, prompt + response rows with their scored positions, and
+`Sampling`, the hooks such methods share."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,6 +9,8 @@ import mlx.core as mx
 import numpy as np
 
 from ..train import data
+from . import rewards
+from .base import Method
 
 
 @dataclass
@@ -152,3 +155,53 @@ def dense(values: mx.array, batch: dict, shape) -> np.ndarray:
     w = np.array(batch["target_weight"] if "target_index" in batch else batch["loss_mask"].reshape(-1))
     out[index[w > 0]] = np.array(values.astype(mx.float32))[w > 0]
     return out.reshape(shape)
+
+
+class Sampling(Method):
+    """A method that samples its own responses to prompts, scored by methods/rewards.py: the rule
+    rewards are in the option `rules_key`, a reward model in `reward_model`; `heldout` is its own."""
+
+    formats = ("prompt", "messages", "completion", "preference")
+    samples = True
+    collate = staticmethod(collate)
+    rules_key = "rules"
+
+    def rules(self, stage):
+        return getattr(stage.options, self.rules_key)
+
+    def files(self, stage):
+        return rewards.files(self.rules(stage))
+
+    def references(self, stage):
+        return {"reward_model": stage.options.reward_model} if stage.options.reward_model else {}
+
+    def encode(self, stage, rows, fmt, tokenizer, source):
+        return encode_prompts(rows, tokenizer, stage.max_seq_len, stage.options.max_new_tokens, source)
+
+    def check(self, recipe, stage, tokenizer, folder):
+        rewards.check(recipe, stage, self.rules(stage), tokenizer, folder)
+
+    def reward(self, ctx):
+        """The stage's reward, once the model it samples from can give exact log-probs."""
+        from .logprobs import plain_head
+
+        if not plain_head(ctx.model):
+            from ..errors import ModelError
+            from ..models import families
+
+            plain = [t for f in families.FAMILIES if f.plain_head for t in f.model_types]
+            raise ModelError(f"[stages.{ctx.stage.name}]: {self.kind} reads log-probs from the hidden states through "
+                             f"the output head, which is exact for {', '.join(plain)} models; this one is "
+                             f"{getattr(ctx.model, 'model_type', '?')!r} (its logits are post-processed)\n"
+                             f"  fix: use a model of one of those families for the {self.kind} stage")
+        reward = ctx.state["reward"] = rewards.build(ctx, ctx.stage.options.reward_model, self.rules(ctx.stage))
+        return reward
+
+    def evaluator(self, ctx, loss_fn, valid_batches):
+        if not ctx.valid:
+            return None
+
+        def evaluate(model):
+            return {k: v for k, v in self.heldout(ctx, model).items() if k != "samples"}
+
+        return evaluate

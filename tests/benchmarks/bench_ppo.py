@@ -46,7 +46,7 @@ TEMPERATURE, TOP_P = 0.7, 0.95
 
 
 def _prompt_ids(tokenizer, n: int) -> list[list[int]]:
-    from localtune.methods.ppo import encode_prompts
+    from localtune.methods.prompts import encode_prompts
 
     rows = [json.loads(x) for x in (ROOT / "data/date_prefs/valid.jsonl").read_text().splitlines()[:n]]
     return [p.tokens.tolist() for p in encode_prompts(rows, tokenizer, 512, 0).examples]
