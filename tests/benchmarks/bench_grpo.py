@@ -306,8 +306,9 @@ def ppo_table(rows: list) -> list[str]:
     return out
 
 
-def bench_model(name: str, work: Path, repeats: int) -> tuple[list, tuple]:
-    """Every job on one model, the order rotating between repeats: (versus rows, the ppo row)."""
+def bench_model(name: str, work: Path, repeats: int, reference_missing: bool = False) -> tuple[list, tuple]:
+    """Every job on one model, the order rotating between repeats: (versus rows, the ppo row). Without
+    mlx-lm-lora (--smoke only) localtune's runs are still made, each row set against itself."""
     from localtune.models import resolve
 
     ref, source, batch, group, max_new, steps = MODELS[name]
@@ -326,7 +327,10 @@ def bench_model(name: str, work: Path, repeats: int) -> tuple[list, tuple]:
     if "quantization" in json.loads((Path(folder) / "config.json").read_text()):
         jobs[LEAN] = lambda w: run_localtune(grpo_recipe(ref, data, batch, group, max_new, steps, split=True,
                                                          dequantize=False), batch * group, w)
-    if name == "small":  # mlx-lm computes in the stored fp16 on CPU; localtune in fp32
+    if reference_missing:
+        del jobs["mlx-lm-lora"]
+        print("mlx-lm-lora is not installed: its runs are skipped", flush=True)
+    elif name == "small":  # mlx-lm computes in the stored fp16 on CPU; localtune in fp32
         fp32 = str(fp32_copy(Path(folder), work / name / "fp32"))
         jobs["mlx-lm-lora, fp32 copy"] = lambda w: run_mlx_lm_lora(fp32, data, batch, group, max_new, steps, w)
     results = {k: [] for k in jobs}
@@ -342,8 +346,8 @@ def bench_model(name: str, work: Path, repeats: int) -> tuple[list, tuple]:
                   f"tokens/completion, peak {res.peak_gib:.3f} GiB, wall {res.wall_sec:4.0f}s, "
                   f"reward {res.reward_mean:.3f}", flush=True)
     ours_all = [k for k in jobs if k.startswith("localtune grpo")]
-    versus = [(name, shape, ours, results[ours], theirs, results[theirs])
-              for theirs in jobs if theirs.startswith("mlx-lm-lora") for ours in ours_all]
+    theirs_all = [k for k in jobs if k.startswith("mlx-lm-lora")] or ["localtune grpo"]
+    versus = [(name, shape, ours, results[ours], theirs, results[theirs]) for theirs in theirs_all for ours in ours_all]
     return versus, (name, f"{batch * group} ({batch} x {group} grpo, {batch * group} x 1 ppo)",
                     results["localtune grpo"], results["localtune ppo"])
 
@@ -352,8 +356,9 @@ def main() -> None:
     args = standard_args(__doc__, 1, RESULTS)
     if args.smoke:
         args.models, args.repeats = "smoke", 1
-    if importlib.util.find_spec("mlx_lm_lora") is None:
-        raise SystemExit("mlx-lm-lora is not installed: pip install mlx-lm-lora")
+    reference_missing = importlib.util.find_spec("mlx_lm_lora") is None
+    if reference_missing and not args.smoke:
+        raise SystemExit("mlx-lm-lora is not installed: pip install mlx-lm-lora (or run with --smoke)")
 
     import localtune  # noqa: F401  (MKL before mlx)
 
@@ -362,7 +367,7 @@ def main() -> None:
     versus, against_ppo = [], []
     try:
         for name in args.models.split(","):
-            rows, ppo_row = bench_model(name, work, args.repeats)
+            rows, ppo_row = bench_model(name, work, args.repeats, reference_missing)
             versus += rows
             against_ppo.append(ppo_row)
     except BaseException:
