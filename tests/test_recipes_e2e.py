@@ -105,14 +105,16 @@ def test_distill_recipe_student_closes_half_its_gap_and_decodes_faster(in_repo, 
     task = manifest["task"]
     teacher, before, after = task["teacher"]["value"], task["student_before"]["value"], task["after"]["value"]
     assert teacher >= 0.8 and after - before >= 0.5 * (teacher - before), (teacher, before, after)
-    # decoding speed, timed back to back (the run times the teacher and the student minutes apart, and
-    # under a parallel test's load one of them can be 3x off: seen in CI)
+    # decoding speed, timed back to back in pairs (the run times the teacher and the student minutes apart,
+    # and under a parallel test's load one timing can be 5x off: seen in CI, where best-of-3 still failed once)
+    import statistics
+
     from localtune.integrity.evaluate import decode_speed
     from localtune.loading import load_for_inference
 
     models = [load_for_inference(str(run), "teacher"), load_for_inference(str(run))]
-    speeds = [[decode_speed(m, tok, "Date: 5 March 2021") for m, tok in models] for _ in range(3)]
-    assert max(s for _, s in speeds) > max(t for t, _ in speeds), speeds
+    speeds = [[decode_speed(m, tok, "Date: 5 March 2021") for m, tok in models] for _ in range(5)]
+    assert statistics.median(s / t for t, s in speeds) > 1, speeds
     distill = manifest["stage_results"]["distill"]
     assert distill["heldout_after"]["kl"] < 0.5 * distill["heldout_before"]["kl"]
     report = (run / "report.md").read_text()
