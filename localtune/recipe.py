@@ -80,6 +80,8 @@ class Stage:
     steps: int = option(0, min=0, doc="optimizer steps; 0 = derive from epochs")
     epochs: float = option(0.0, min=0.0)
     mask_prompt: bool = option(True, doc="loss only on completion / assistant tokens")
+    thinking: str = option("keep", choices=("keep", "strip"), doc="<think> blocks in assistant turns: trained "
+                           '("keep") or removed before rendering ("strip"); templates get enable_thinking to match')
     group_by_length: bool = option(True)
     packing: bool = option(False)
     eval_every: int = option(50, min=0)

@@ -105,3 +105,60 @@ def test_a_template_that_refuses_a_row_names_it(tmp_path):
     with pytest.raises(DataError, match=r"train.jsonl: row 2: the chat template cannot render this row: "
                                         r"no tool role here"):
         data.encode([{"messages": CHAT[:1] + CHAT[3:]}, {"messages": CHAT}], "messages", tok, 512, source="train.jsonl")
+
+
+THOUGHT = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"}]
+
+
+def test_thinking_keep_trains_the_think_block(qwen3_tokenizer):
+    enc = data.Encoder(qwen3_tokenizer, thinking="keep")
+    assert enc.template_kwargs == {"enable_thinking": True}  # the template reads enable_thinking
+    ex = enc.messages(THOUGHT)
+    assert trained_spans(qwen3_tokenizer, ex) == ["<think>\nadd them\n</think>\n\n4<|im_end|>\n"]
+
+
+def test_thinking_strip_removes_the_block_and_disables_thinking(qwen3_tokenizer):
+    enc = data.Encoder(qwen3_tokenizer, thinking="strip")
+    assert enc.template_kwargs == {"enable_thinking": False}
+    ex = enc.messages(THOUGHT)
+    text = qwen3_tokenizer.decode(ex.tokens.tolist())
+    assert "add them" not in text
+    # Qwen3 without thinking: the empty block belongs to the prompt, only the answer is learned.
+    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n4<|im_end|>\n")
+    assert trained_spans(qwen3_tokenizer, ex) == ["4<|im_end|>\n"]
+
+
+def test_a_reasoning_content_field_is_kept_or_stripped(qwen3_tokenizer):
+    chat = [THOUGHT[0], {"role": "assistant", "content": "4", "reasoning_content": "add them"}]
+    kept = trained_spans(qwen3_tokenizer, data.Encoder(qwen3_tokenizer, thinking="keep").messages(chat))
+    stripped = trained_spans(qwen3_tokenizer, data.Encoder(qwen3_tokenizer, thinking="strip").messages(chat))
+    assert kept == ["<think>\nadd them\n</think>\n\n4<|im_end|>\n"] and stripped == ["4<|im_end|>\n"]
+
+
+def test_a_template_that_rewrites_earlier_turns_trains_only_the_last(qwen3_tokenizer):
+    chat = THOUGHT + [{"role": "user", "content": "and 3+3?"},
+                      {"role": "assistant", "content": "<think>\nadd again\n</think>\n\n6"}]
+    ex = data.Encoder(qwen3_tokenizer).messages(chat)
+    # Qwen3 drops reasoning before the last user turn: rendering turn 1 alone would not be a prefix.
+    assert ex.skipped_turns == 1
+    assert trained_spans(qwen3_tokenizer, ex) == ["<think>\nadd again\n</think>\n\n6<|im_end|>\n"]
+
+
+def test_strip_applies_to_templates_without_enable_thinking(tool_tokenizer):
+    enc = data.Encoder(tool_tokenizer, thinking="strip")
+    assert enc.template_kwargs == {}
+    assert trained_spans(tool_tokenizer, enc.messages(THOUGHT)) == ["4<|im_end|>\n"]
+    assert trained_spans(tool_tokenizer, data.Encoder(tool_tokenizer).messages(THOUGHT)) == [
+        "<think>\nadd them\n</think>\n\n4<|im_end|>\n"]
+
+
+def test_the_thinking_stage_key(tmp_path):
+    from localtune.errors import RecipeError
+    from localtune.recipe import load as load_recipe
+
+    base = '[model]\npath = "m"\n[[stages]]\nkind = "sft"\ndata = "d.jsonl"\nsteps = 1\n'
+    (tmp_path / "ok.toml").write_text(base + 'thinking = "strip"\n')
+    assert load_recipe(tmp_path / "ok.toml").stages[0].thinking == "strip"
+    (tmp_path / "bad.toml").write_text(base + 'thinking = "drop"\n')
+    with pytest.raises(RecipeError, match="thinking"):
+        load_recipe(tmp_path / "bad.toml")

@@ -105,7 +105,7 @@ class Method:
             from .pairs import encode_pairs
 
             return encode_pairs(rows, tokenizer, stage.max_seq_len, source)
-        return data.encode(rows, fmt, tokenizer, stage.max_seq_len, stage.mask_prompt, source)
+        return data.encode(rows, fmt, tokenizer, stage.max_seq_len, stage.mask_prompt, source, stage.thinking)
 
     def check(self, recipe, stage, tokenizer, folder: Path) -> None:
         """Gate-time checks with the tokenizer loaded (no weights yet)."""

@@ -197,8 +197,10 @@ class Dataset:
     truncated: int = 0  # rows cut to max_seq_len
     dropped: int = 0  # rows left with no target tokens after truncation
     source: str = ""
-    dropped_rows: list = field(default_factory=list)  # their row indices
-    where: list | None = None  # per-row locations ("file:line"), when the reader knows them
+    # keyword-only, so subclasses' positional fields (methods/pairs.PairSet) keep their places
+    dropped_rows: list = field(default_factory=list, kw_only=True)  # their row indices
+    truncated_rows: list = field(default_factory=list, kw_only=True)
+    where: list | None = field(default=None, kw_only=True)  # per-row locations ("file:line"), when known
 
     def __len__(self):
         return len(self.examples)
@@ -242,12 +244,13 @@ def encode(rows: list[dict], fmt: str, tokenizer, max_seq_len: int, mask_prompt=
     ds = Dataset([], source=source, where=where)
     for i, row in enumerate(rows):
         ex = encode_row(enc, row, fmt, max_seq_len, i, ds.where_of(i))
-        ds.truncated += ex.truncated
+        if ex.truncated:
+            ds.truncated_rows.append(i)
         if not ex.loss_mask[1:].any():
             ds.dropped_rows.append(i)
             continue
         ds.examples.append(ex)
-    ds.dropped = len(ds.dropped_rows)
+    ds.dropped, ds.truncated = len(ds.dropped_rows), len(ds.truncated_rows)
     if not ds.examples:
         why = f"lost its target tokens at max_seq_len={max_seq_len}" if ds.truncated else "has no token to train"
         raise DataError(f"{source}: every row {why} ({len(rows)} rows)\n"
