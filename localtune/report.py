@@ -98,6 +98,16 @@ def _distillation(task: dict, recipe, manifest: dict) -> list[str]:
     return lines
 
 
+def _data_lints(found: dict) -> list[str]:
+    """The data lints' warnings, per stage (their errors stop a run before it starts)."""
+    if not found:
+        return []
+    lines = ["", "## Data lints", "", "What `localtune data preview` warns about in the training rows:", ""]
+    for stage, findings in found.items():
+        lines += [f"- {stage}: `{f['lint']}` {f['where']}: {f['message']} (fix: {f['fix']})" for f in findings]
+    return lines
+
+
 def write_report(run, recipe, manifest: dict) -> str:
     lines = [f"# {recipe.name}", "",
              f"- model: `{manifest['model']['path']}` ({manifest['model'].get('parameters', 0) / 1e6:.1f}M "
@@ -116,6 +126,7 @@ def write_report(run, recipe, manifest: dict) -> str:
                      f"{r.get('trainable', 0):,} |")
         if r.get("truncated"):
             lines.append(f"\n{r['truncated']} of {r['examples']} training rows were truncated to max_seq_len.\n")
+    lines += _data_lints(manifest.get("data_lints", {}))
     task = manifest.get("task", {})
     if "before" in task:
         before, after = task["before"], task.get("after", {})

@@ -210,7 +210,9 @@ class Dataset:
         return sum(len(e.tokens) for e in self.examples)
 
     def where_of(self, row: int) -> str:
-        return self.where[row] if self.where and 0 <= row < len(self.where) else f"{self.source}: row {row + 1}"
+        if self.where and 0 <= row < len(self.where):
+            return self.where[row]
+        return f"{self.source}: row {row + 1}" if self.source else f"row {row + 1}"
 
 
 def encode_row(enc: Encoder, row: dict, fmt: str, max_seq_len: int, index: int = -1, where: str = "") -> Example:

@@ -139,6 +139,11 @@ class Chain:
                 stages=[{"name": s.name, "kind": s.kind} for s in recipe.stages], stages_done=[],
                 started=time.time())
         run.set_status(state="running", stage="load", step=0)
+        if prepared.lints:  # data-lint warnings (errors stopped the run in prepare)
+            run.update_manifest(data_lints=prepared.lints)
+            for name, found in prepared.lints.items():
+                for f in found:
+                    self.log("load", f"[stages.{name}] data lint {f['lint']}: {f['where']}: {f['message']}", "warning")
         if c := prepared.contamination:
             run.update_manifest(contamination={k: v for k, v in c.items() if k != "overlaps"} | {
                 "overlaps": c["overlaps"][:50]})

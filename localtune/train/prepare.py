@@ -36,6 +36,7 @@ class Prepared:
     eval_rows: list | None
     contamination: dict | None = None  # the firewall's report, when there is a golden set
     general: list | None = None  # general-ability texts (the forgetting check)
+    lints: dict = dataclasses.field(default_factory=dict)  # stage name -> data-lint warnings (dicts)
 
 
 def batches(stage: Stage, dataset, collate=None) -> data.Batches:
@@ -113,15 +114,30 @@ def prepare(recipe: Recipe) -> Prepared:
     tokenizer = models.load_tokenizer(folder)
     for s in recipe.stages:
         methods.of(s).check(recipe, s, tokenizer, folder)
-    train, valid = {}, {}
+    train, valid, data_lints = {}, {}, {}
     for s in recipe.stages:
         rows, valid_rows, fmt = raw[s.name]
         method = methods.of(s)
         train[s.name] = method.encode(s, rows, fmt, tokenizer, recipe.resolve(s.data))
         valid[s.name] = method.encode(s, valid_rows, fmt, tokenizer, s.valid or "valid split") if valid_rows else None
         if isinstance(train[s.name], data.Dataset):
+            found = lint_stage(s, train[s.name], rows, fmt, tokenizer)
+            if found:
+                data_lints[s.name] = found
             batches(s, train[s.name])  # batching errors (a batch larger than the data, ...) now, not mid-run
-    return Prepared(folder, tokenizer, train, valid, eval_rows, contamination, general_texts(recipe))
+    return Prepared(folder, tokenizer, train, valid, eval_rows, contamination, general_texts(recipe), data_lints)
+
+
+def lint_stage(s: Stage, dataset: data.Dataset, rows: list, fmt: str, tokenizer) -> list[dict]:
+    """The data lints on a stage's encoded rows: an error stops the run here, warnings go to the report."""
+    from . import lints
+
+    found = lints.lint(dataset, tokenizer, rows, fmt, s.max_seq_len, s.mask_prompt, s.thinking)
+    errors = [f for f in found if f.level == "error"]
+    if errors:
+        more = f"\n  ({len(errors) - 1} more: `localtune data preview` lists them)" if len(errors) > 1 else ""
+        raise DataError(f"[stages.{s.name}] data lint {errors[0].line()}{more}")
+    return [f.to_dict() for f in found]
 
 
 def general_texts(recipe: Recipe) -> list[str] | None:
