@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .data import Dataset, Encoder, encode_row
+from .data import Dataset, Encoder, Example, encode_row
 
 SYSTEM_PROBE = "Sentinel system text 7f3a"
 TOOL_PROBE = "localtune_probe_tool"
@@ -130,6 +130,12 @@ def _double_bos_rows(ds: Dataset, tokenizer) -> list[int]:
     if bos is None:
         return []
     return [e.row for e in ds.examples if len(e.tokens) > 1 and e.tokens[0] == e.tokens[1] == bos]
+
+
+def applies(ds, fmt: str) -> bool:
+    """Lints read rows encoded by data.encode (SFT-like stages), not pairs or prompts."""
+    return (fmt in ("messages", "completion", "text") and type(ds) is Dataset
+            and all(type(e) is Example for e in ds.examples[:1]))
 
 
 def lint(ds: Dataset, tokenizer, rows: list[dict], fmt: str, max_seq_len: int, mask_prompt: bool = True,
