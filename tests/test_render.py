@@ -62,7 +62,7 @@ def test_a_tools_row_reads_and_encodes(tool_tokenizer, tmp_path):
     path.write_text(json.dumps({"messages": CHAT, "tools": TOOLS}) + "\n")
     rows, fmt = data.read_jsonl(path)
     ds = data.encode(rows, fmt, tool_tokenizer, 512)
-    assert fmt == "messages" and len(ds) == 1 and ds.examples[0].row == 0
+    assert fmt == "messages" and len(ds) == 1 and ds.examples[0].source_row == 0
 
 
 def test_the_evaluation_prompt_of_a_golden_tool_row(tool_tokenizer):

@@ -65,9 +65,10 @@ def read_jsonl(path: str | Path) -> tuple[list[dict], str]:
 class Example:
     tokens: np.ndarray  # (T,) int32
     loss_mask: np.ndarray  # (T,) bool: position t is a target to learn
-    skipped_turns: int = 0  # earlier assistant turns left untrained (a template that is not prefix-stable)
-    row: int = -1  # index of the row it came from (encode sets it; lints name the row)
-    truncated: bool = False  # cut to max_seq_len
+    # keyword-only, so subclasses' positional fields (methods/prompts.Prompt) keep their places
+    skipped_turns: int = field(default=0, kw_only=True)  # earlier assistant turns left untrained (see messages)
+    source_row: int = field(default=-1, kw_only=True)  # index of the row it came from (lints name the row)
+    truncated: bool = field(default=False, kw_only=True)  # cut to max_seq_len
 
 
 class Encoder:
@@ -190,9 +191,10 @@ def encode_row(enc: Encoder, row: dict, fmt: str, max_seq_len: int, index: int =
         raise DataError(f"{where or f'row {index + 1}'}: the chat template cannot render this row: {e}\n"
                         "  fix: reshape the row the way this model's template expects (roles, tool calls), "
                         "or use a model whose template supports it") from None
-    ex.row = index
+    ex.source_row = index
     if len(ex.tokens) > max_seq_len:
-        ex = Example(ex.tokens[:max_seq_len], ex.loss_mask[:max_seq_len], ex.skipped_turns, index, True)
+        ex = Example(ex.tokens[:max_seq_len], ex.loss_mask[:max_seq_len], skipped_turns=ex.skipped_turns,
+                     source_row=index, truncated=True)
     return ex
 
 

@@ -108,7 +108,7 @@ def _where(ds: Dataset, rows: list[int]) -> str:
 
 
 def _header_rows(ds: Dataset, tokenizer, header: str) -> list[int]:
-    return [e.row for e in ds.examples
+    return [e.source_row for e in ds.examples
             if any(tokenizer.decode(e.tokens[a:b].tolist()).lstrip().startswith(header) for a, b in spans(e.loss_mask))]
 
 
@@ -120,7 +120,7 @@ def _no_eos_rows(ds: Dataset, tokenizer, end_ids: set[int]) -> list[int]:
                 continue  # cut by max_seq_len: reported as truncated
             tail = [int(t) for t in e.tokens[a:b] if tokenizer.decode([int(t)]).strip() or int(t) in end_ids]
             if tail and tail[-1] not in end_ids:
-                bad.append(e.row)
+                bad.append(e.source_row)
                 break
     return bad
 
@@ -129,7 +129,7 @@ def _double_bos_rows(ds: Dataset, tokenizer) -> list[int]:
     bos = tokenizer.bos_token_id
     if bos is None:
         return []
-    return [e.row for e in ds.examples if len(e.tokens) > 1 and e.tokens[0] == e.tokens[1] == bos]
+    return [e.source_row for e in ds.examples if len(e.tokens) > 1 and e.tokens[0] == e.tokens[1] == bos]
 
 
 def applies(ds, fmt: str) -> bool:
@@ -161,7 +161,7 @@ def lint(ds: Dataset, tokenizer, rows: list[dict], fmt: str, max_seq_len: int, m
     end_ids = probe.end_ids()
     eos = f"EOS {tokenizer.eos_token!r}" + (f" or {sorted(end_ids)}" if len(end_ids) > 1 else "")
     if _no_eos_rows(sample, tokenizer, end_ids):
-        add("error", "no_eos", [e.row for e in ds.examples],
+        add("error", "no_eos", [e.source_row for e in ds.examples],
             f"the trained turns end without an end-of-turn token ({eos}): the model never learns to stop",
             "use a chat template that closes each assistant turn with its end-of-turn token (or EOS)")
     else:
@@ -170,7 +170,7 @@ def lint(ds: Dataset, tokenizer, rows: list[dict], fmt: str, max_seq_len: int, m
             f"end-of-turn token ({eos}): on those the model does not learn to stop",
             "check how those rows' answers end (text after the answer, a stray role marker)")
     if _double_bos_rows(sample, tokenizer):
-        add("error", "double_bos", [e.row for e in ds.examples], f"every row starts with two BOS tokens "
+        add("error", "double_bos", [e.source_row for e in ds.examples], f"every row starts with two BOS tokens "
             f"({tokenizer.bos_token!r} twice): the chat template writes the BOS token more than once",
             "remove the extra bos_token from the chat template")
     else:
@@ -189,7 +189,7 @@ def lint(ds: Dataset, tokenizer, rows: list[dict], fmt: str, max_seq_len: int, m
             "raise max_seq_len if the prompts are long, or drop those rows")
     add("warn", "truncated", ds.truncated_rows, f"{len(ds.truncated_rows)} of {n} rows are longer than "
         f"max_seq_len={max_seq_len} and are cut", f"raise max_seq_len above {max_seq_len}, or shorten those rows")
-    add("warn", "skipped_turns", [e.row for e in ds.examples if e.skipped_turns],
+    add("warn", "skipped_turns", [e.source_row for e in ds.examples if e.skipped_turns],
         "earlier assistant turns of these rows are not trained: the template renders a turn differently once "
         "later turns follow (e.g. it drops their reasoning), or the chat opens with an assistant turn",
         "split multi-turn rows into one row per assistant turn to train every turn")
