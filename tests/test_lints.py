@@ -2,28 +2,11 @@
 import json
 
 import pytest
-from chat_templates import load, model_folder, template
+from chat_templates import BAD, GOOD, ROWS, load, template, write_recipe
 from click.testing import CliRunner
 
 from localtune.cli import cli
 from localtune.train import data, lints
-
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + END }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-GOOD = CHATML.replace("END", "'<|im_end|>\\n'")
-BAD = {
-    "header_in_loss": GOOD.split("{% if add_generation_prompt %}")[0],  # ignores add_generation_prompt
-    "no_eos": CHATML.replace("END", "'\\n'"),
-    "double_bos": "{{ bos_token }}{{ bos_token }}" + GOOD,
-    "drops_system": GOOD.replace("for m in messages", "for m in messages if m.role != 'system'"),
-    "drops_tools": GOOD,  # renders neither tools nor tool_calls
-}
-TOOLS = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
-ROWS = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
-                      {"role": "assistant", "content": "Paris."}]},
-        {"messages": [{"role": "user", "content": "Time?"}, {"role": "assistant", "content": None, "tool_calls": [
-            {"type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
-            {"role": "tool", "content": "12:00"}, {"role": "assistant", "content": "Noon."}], "tools": TOOLS}]
 
 
 def run_lints(tokenizer, rows, max_seq_len=1024, fmt="messages"):
@@ -64,15 +47,6 @@ def test_qwen3_multi_turn_rows_warn_that_earlier_turns_are_not_trained(tmp_path)
             {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
     found = run_lints(tok, [{"messages": chat}])
     assert list(found) == ["skipped_turns"] and found["skipped_turns"].level == "warn"
-
-
-def write_recipe(tmp_path, chat_template, rows, max_seq_len=64):
-    folder = model_folder(tmp_path / "model", chat_template)
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "recipe.toml").write_text(
-        f'[model]\npath = "{folder}"\n[[stages]]\nkind = "sft"\ndata = "train.jsonl"\nsteps = 1\nbatch_size = 2\n'
-        f'max_seq_len = {max_seq_len}\neval_every = 0\n[stages.adapter]\nrank = 4\n[eval]\ngeneral = "none"\n')
-    return tmp_path / "recipe.toml"
 
 
 def test_run_stops_on_a_lint_error_before_weights_load(tmp_path):

@@ -65,6 +65,26 @@ def data_split(path, fraction, seed, ngram, near, out):
                + (f" ({moved} rows that duplicate a test row moved to the test side)" if moved else ""))
 
 
+@data_.command("preview")
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.option("--stage", "stage_name", default=None, help="The stage whose data to show (default: the first).")
+@click.option("-n", "n", default=3, show_default=True, type=click.IntRange(min=0), help="Rows to show.")
+@click.pass_context
+def data_preview(ctx, recipe, stage_name, n):
+    """A stage's rows as the model will see them: the rendered text with the trained tokens marked
+    (colour on a terminal, [[...]] otherwise), token counts, truncation, and the data lints over every
+    row. Loads the tokenizer only. Exit 0 clean or warnings, 1 when a lint error fires."""
+    import sys
+
+    from .. import recipe as recipe_mod
+    from ..train import preview
+
+    parsed = recipe_mod.load(recipe)
+    p = preview.build(parsed, preview.stage_of(parsed, stage_name), n)
+    click.echo("\n".join(preview.lines(p, color=sys.stdout.isatty())))
+    ctx.exit(1 if p.errors else 0)
+
+
 @cli.group(name="license")
 def license_():
     """The license and provenance gate, on its own."""

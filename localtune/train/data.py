@@ -199,7 +199,9 @@ def encode_row(enc: Encoder, row: dict, fmt: str, max_seq_len: int, index: int =
 
 
 def encode(rows: list[dict], fmt: str, tokenizer, max_seq_len: int, mask_prompt=True, source="",
-           thinking="keep", where: list | None = None) -> Dataset:
+           thinking="keep", where: list | None = None, strict: bool = True) -> Dataset:
+    """Rows -> examples cut to max_seq_len; rows left with nothing to train are counted and skipped.
+    strict: no trainable row at all is an error (`data preview` lints it instead)."""
     if fmt == "messages" and getattr(tokenizer, "chat_template", None) is None:
         raise DataError(f"{source}: chat data (\"messages\") needs a chat template, and this model's tokenizer "
                         "has none.\n  fix: use a model with a chat template, add \"chat_template\" to its "
@@ -215,7 +217,7 @@ def encode(rows: list[dict], fmt: str, tokenizer, max_seq_len: int, mask_prompt=
             continue
         ds.examples.append(ex)
     ds.dropped, ds.truncated = len(ds.dropped_rows), len(ds.truncated_rows)
-    if not ds.examples:
+    if not ds.examples and strict:
         why = f"lost its target tokens at max_seq_len={max_seq_len}" if ds.truncated else "has no token to train"
         raise DataError(f"{source}: every row {why} ({len(rows)} rows)\n"
                         "  fix: " + ("raise max_seq_len or shorten the prompts" if ds.truncated else

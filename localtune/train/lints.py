@@ -102,6 +102,10 @@ def spans(mask) -> list[tuple[int, int]]:
     return out
 
 
+def rows_n(n: int) -> str:
+    return f"{n} row" + ("s" if n != 1 else "")
+
+
 def _where(ds: Dataset, rows: list[int]) -> str:
     shown = ", ".join(ds.where_of(r) for r in rows[:SHOWN_ROWS])
     return shown + (f" and {len(rows) - SHOWN_ROWS} more rows" if len(rows) > SHOWN_ROWS else "")
@@ -159,14 +163,14 @@ def lint(ds: Dataset, tokenizer, rows: list[dict], fmt: str, max_seq_len: int, m
     # The probe row shows what the template does to every row (an error); otherwise the rows' own text (a warning).
     sample = probe.example(fmt, mask_prompt)
     end_ids = probe.end_ids()
-    eos = f"EOS {tokenizer.eos_token!r}" + (f" or {sorted(end_ids)}" if len(end_ids) > 1 else "")
+    eos = " or ".join(repr(tokenizer.convert_ids_to_tokens(i)) for i in sorted(end_ids))
     if _no_eos_rows(sample, tokenizer, end_ids):
         add("error", "no_eos", [e.source_row for e in ds.examples],
             f"the trained turns end without an end-of-turn token ({eos}): the model never learns to stop",
             "use a chat template that closes each assistant turn with its end-of-turn token (or EOS)")
     else:
         no_eos = _no_eos_rows(ds, tokenizer, end_ids)
-        add("warn", "no_eos", no_eos, f"{len(no_eos)} of {len(ds.examples)} rows end a trained turn without an "
+        add("warn", "no_eos", no_eos, f"{len(no_eos)} of {rows_n(len(ds.examples))} end a trained turn without an "
             f"end-of-turn token ({eos}): on those the model does not learn to stop",
             "check how those rows' answers end (text after the answer, a stray role marker)")
     if _double_bos_rows(sample, tokenizer):
@@ -175,7 +179,7 @@ def lint(ds: Dataset, tokenizer, rows: list[dict], fmt: str, max_seq_len: int, m
             "remove the extra bos_token from the chat template")
     else:
         double = _double_bos_rows(ds, tokenizer)
-        add("warn", "double_bos", double, f"{len(double)} rows start with two BOS tokens ({tokenizer.bos_token!r} "
+        add("warn", "double_bos", double, f"{rows_n(len(double))} start with two BOS tokens ({tokenizer.bos_token!r} "
             "twice): their text starts with the BOS token, and the tokenizer adds another",
             f"remove the leading {tokenizer.bos_token!r} from those rows")
     found += _template_findings(probe, ds, rows, fmt)
@@ -185,9 +189,9 @@ def lint(ds: Dataset, tokenizer, rows: list[dict], fmt: str, max_seq_len: int, m
                              "were cut", n))
     else:
         add("warn", "nothing_to_train", ds.dropped_rows,
-            f"{len(ds.dropped_rows)} of {n} rows have no token to train and are skipped",
+            f"{len(ds.dropped_rows)} of {rows_n(n)} have no token to train and are skipped",
             "raise max_seq_len if the prompts are long, or drop those rows")
-    add("warn", "truncated", ds.truncated_rows, f"{len(ds.truncated_rows)} of {n} rows are longer than "
+    add("warn", "truncated", ds.truncated_rows, f"{len(ds.truncated_rows)} of {rows_n(n)} are longer than "
         f"max_seq_len={max_seq_len} and are cut", f"raise max_seq_len above {max_seq_len}, or shorten those rows")
     add("warn", "skipped_turns", [e.source_row for e in ds.examples if e.skipped_turns],
         "earlier assistant turns of these rows are not trained: the template renders a turn differently once "
@@ -204,16 +208,17 @@ def _template_findings(probe: Probe, ds: Dataset, rows: list[dict], fmt: str) ->
     system_rows = [i for i, r in enumerate(rows) if any(m["role"] == "system" for m in r["messages"])]
     if system_rows and not probe.keeps_system():
         out.append(Finding("error", "drops_system", _where(ds, system_rows),
-                           f"the chat template drops the system prompt: the system messages of {len(system_rows)} "
-                           "rows never reach the model", "use a chat template that renders system messages, or "
-                           "move the system text into the first user message", len(system_rows)))
+                           "the chat template drops the system prompt: the system messages of "
+                           f"{rows_n(len(system_rows))} never reach the model",
+                           "use a chat template that renders system messages, or move the system text into the "
+                           "first user message", len(system_rows)))
     tool_rows = [i for i, r in enumerate(rows) if r.get("tools") or any(m.get("tool_calls") for m in r["messages"])]
     if tool_rows:
         schemas, calls = probe.keeps_tools()
         dropped = [what for what, kept in (("tool schemas", schemas), ("tool calls", calls)) if not kept]
         if dropped:
             out.append(Finding("error", "drops_tools", _where(ds, tool_rows),
-                               f"the chat template drops the {' and the '.join(dropped)}: {len(tool_rows)} rows "
+                               f"the chat template drops the {' and the '.join(dropped)}: {rows_n(len(tool_rows))} "
                                "use tools and would train without them", "use a model (or a chat template) that "
                                "renders tools and tool_calls, as tool-calling models' templates do", len(tool_rows)))
     return out
