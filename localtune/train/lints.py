@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from ..errors import DataError
 from .data import Dataset, Encoder, Example, encode_row
 
 SYSTEM_PROBE = "Sentinel system text 7f3a"
@@ -49,10 +50,15 @@ class Probe:
 
     def answer_parts(self) -> tuple[str, str]:
         """(the text before a probe answer that is not the user turn, the text after it)."""
+        from jinja2 import TemplateError
+
         user = [{"role": "user", "content": "Hi"}]
-        full = self.text(user + [{"role": "assistant", "content": ANSWER_PROBE}])
+        try:
+            full = self.text(user + [{"role": "assistant", "content": ANSWER_PROBE}])
+            prompt = self.text(user)
+        except (TemplateError, TypeError, ValueError):  # a template with its own rules: the rows' lints still run
+            return "", ""
         before, _, after = full.partition(ANSWER_PROBE)
-        prompt = self.text(user)
         return (before[len(prompt):] if before.startswith(prompt) else ""), after
 
     def header(self) -> str:
@@ -72,22 +78,37 @@ class Probe:
     def example(self, fmt: str, mask_prompt: bool) -> Dataset:
         """A one-row dataset of a probe question and answer, encoded as the stage's rows are."""
         row = {"text": ANSWER_PROBE} if fmt == "text" else {"prompt": "Hi", "completion": ANSWER_PROBE}
-        ex = encode_row(Encoder(self.tokenizer, mask_prompt, self.enc.thinking), row,
-                        "text" if fmt == "text" else "completion", 1 << 16, 0)
+        try:
+            ex = encode_row(Encoder(self.tokenizer, mask_prompt, self.enc.thinking), row,
+                            "text" if fmt == "text" else "completion", 1 << 16, 0)
+        except DataError:  # the template refuses the probe chat: judge the rows alone
+            return Dataset([], source="probe")
         return Dataset([ex], source="probe")
 
-    def keeps_system(self) -> bool:
-        return SYSTEM_PROBE in self.text([{"role": "system", "content": SYSTEM_PROBE},
-                                          {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Ok"}])
+    def shows(self, sentinel: str, msgs: list[dict], tools=None) -> bool | None:
+        """Whether the sentinel survives rendering; None when the template refuses the chat (then the rows that
+        need it failed already, naming themselves, in data.encode)."""
+        from jinja2 import TemplateError
 
-    def keeps_tools(self) -> tuple[bool, bool]:
-        """(the tool schemas appear, an assistant tool call appears)."""
+        try:
+            return sentinel in self.text(msgs, tools=tools)
+        except (TemplateError, TypeError, ValueError):
+            return None
+
+    def keeps_system(self) -> bool | None:
+        return self.shows(SYSTEM_PROBE, [{"role": "system", "content": SYSTEM_PROBE},
+                                         {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Ok"}])
+
+    def keeps_tool_schemas(self) -> bool | None:
         tools = [{"type": "function", "function": {"name": TOOL_PROBE, "description": "probe",
                                                    "parameters": {"type": "object", "properties": {}}}}]
+        return self.shows(TOOL_PROBE, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Ok"}],
+                          tools)
+
+    def keeps_tool_calls(self) -> bool | None:
         call = {"type": "function", "function": {"name": CALL_PROBE, "arguments": {}}}
-        text = self.text([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "", "tool_calls": [call]},
-                          {"role": "tool", "content": "ok"}, {"role": "assistant", "content": "Done"}], tools=tools)
-        return TOOL_PROBE in text, CALL_PROBE in text
+        return self.shows(CALL_PROBE, [{"role": "user", "content": "Hi"},
+                                       {"role": "assistant", "content": "", "tool_calls": [call]}])
 
 
 def spans(mask) -> list[tuple[int, int]]:
@@ -206,19 +227,20 @@ def _template_findings(probe: Probe, ds: Dataset, rows: list[dict], fmt: str) ->
         return []
     out = []
     system_rows = [i for i, r in enumerate(rows) if any(m["role"] == "system" for m in r["messages"])]
-    if system_rows and not probe.keeps_system():
+    if system_rows and probe.keeps_system() is False:
         out.append(Finding("error", "drops_system", _where(ds, system_rows),
                            "the chat template drops the system prompt: the system messages of "
                            f"{rows_n(len(system_rows))} never reach the model",
                            "use a chat template that renders system messages, or move the system text into the "
                            "first user message", len(system_rows)))
-    tool_rows = [i for i, r in enumerate(rows) if r.get("tools") or any(m.get("tool_calls") for m in r["messages"])]
-    if tool_rows:
-        schemas, calls = probe.keeps_tools()
-        dropped = [what for what, kept in (("tool schemas", schemas), ("tool calls", calls)) if not kept]
-        if dropped:
-            out.append(Finding("error", "drops_tools", _where(ds, tool_rows),
-                               f"the chat template drops the {' and the '.join(dropped)}: {rows_n(len(tool_rows))} "
-                               "use tools and would train without them", "use a model (or a chat template) that "
-                               "renders tools and tool_calls, as tool-calling models' templates do", len(tool_rows)))
+    schema_rows = [i for i, r in enumerate(rows) if r.get("tools")]
+    call_rows = [i for i, r in enumerate(rows) if any(m.get("tool_calls") for m in r["messages"])]
+    dropped = [what for what, bad in (("tool schemas", schema_rows and probe.keeps_tool_schemas() is False),
+                                      ("tool calls", call_rows and probe.keeps_tool_calls() is False)) if bad]
+    if dropped:
+        tool_rows = sorted(set(schema_rows) | set(call_rows))
+        out.append(Finding("error", "drops_tools", _where(ds, tool_rows),
+                           f"the chat template drops the {' and the '.join(dropped)}: {rows_n(len(tool_rows))} "
+                           "use tools and would train without them", "use a model (or a chat template) that "
+                           "renders tools and tool_calls, as tool-calling models' templates do", len(tool_rows)))
     return out
