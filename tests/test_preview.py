@@ -97,3 +97,13 @@ def test_preview_does_not_load_weights(tmp_path, monkeypatch):
     result = preview(write_recipe(tmp_path, GOOD, [CHAT]))
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "train.jsonl").read_text()) == CHAT
+
+
+def test_a_sampling_stage_shows_only_the_prompts(tmp_path):
+    recipe = write_recipe(tmp_path, GOOD, [CHAT] * 2, kind="grpo")
+    recipe.write_text(recipe.read_text() + '[[stages.rewards]]\nkind = "contains"\ntext = "Yo"\n')
+    result = preview(recipe, "-n", 1)
+    assert result.exit_code == 0, result.output
+    assert "row 1, prompt" in result.output and "[[" not in result.output
+    assert "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant" in result.output and "Yo" not in result.output
+    assert "nothing is trained on them as written" in result.output

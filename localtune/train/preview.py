@@ -75,7 +75,7 @@ def build(recipe, stage, n: int) -> Preview:
     p = Preview(stage, table.detected, table.source.ref, len(rows), fmt, str(folder))
     enc = data.Encoder(tokenizer, stage.mask_prompt, stage.thinking)
     L = stage.max_seq_len
-    if fmt in ("messages", "completion", "text"):
+    if fmt in ("messages", "completion", "text") and not _samples(stage):
         ds = data.encode(rows, fmt, tokenizer, L, stage.mask_prompt, table.source.ref, stage.thinking,
                          where=table.where, strict=False)
         p.findings = lints.lint(ds, tokenizer, rows, fmt, L, stage.mask_prompt, stage.thinking)
@@ -85,8 +85,16 @@ def build(recipe, stage, n: int) -> Preview:
             ex = data.encode_row(enc, row, fmt, 1 << 30, i, _where(table, i, p.source))
             p.shown.append(_show(tokenizer, f"row {i + 1}", _where(table, i, p.source), ex, L))
         return p
-    p.note = _other_formats(p, enc, table, rows, fmt, n, L)
+    p.note = _other_formats(p, enc, table, rows, "prompt" if _samples(stage) else fmt, n, L)
     return p
+
+
+def _samples(stage) -> bool:
+    """A stage that trains on its own samples (ppo, grpo): only the rows' prompts reach the model."""
+    from .. import methods
+    from ..methods.prompts import Sampling
+
+    return isinstance(methods.of(stage), Sampling)
 
 
 def _other_formats(p: Preview, enc, table, rows, fmt: str, n: int, L: int) -> str:
@@ -103,8 +111,9 @@ def _other_formats(p: Preview, enc, table, rows, fmt: str, n: int, L: int) -> st
             ex = response_example(enc, row["prompt"], row["completion"], where)
             p.shown.append(_show(enc.tokenizer, f"row {i + 1}, label {row['label']}", where, ex, L))
         else:
-            prompt = row["prompt"] if "prompt" in row else row["messages"]
-            ids = enc.prompt_tokens(prompt)
+            from ..methods.prompts import prompt_of
+
+            ids = enc.prompt_tokens(prompt_of(row), row.get("tools"))
             ex = data.Example(np.array(ids, np.int32), np.zeros(len(ids), bool))
             p.shown.append(_show(enc.tokenizer, f"row {i + 1}, prompt", where, ex, L))
     if fmt == "prompt":
