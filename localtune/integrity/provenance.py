@@ -310,10 +310,20 @@ def check_recipe(recipe) -> Report:
         for p in (stage.data, stage.valid):
             if p and ("data", recipe.resolve(p)) not in seen:
                 seen.add(("data", recipe.resolve(p)))
-                sources.append(check_data(recipe.resolve(p)))
+                sources.append(check_data(_data_path(recipe, stage, p)))
     report = Report(sources)
     attest(report, [{"source": a.source, "reason": a.reason} for a in recipe.provenance.attest], recipe.resolve)
     return report
+
+
+def _data_path(recipe, stage, ref: str):
+    """A stage's data as a path the gate reads: an hf: dataset is its cached snapshot (card included)."""
+    if not ref.startswith("hf:"):
+        return recipe.resolve(ref)
+    from .. import datasets
+
+    source = datasets.resolve(datasets.spec_of(recipe, stage, valid=ref != stage.data))
+    return source.card.parent if source.card else source.files[0]
 
 
 def blocked_message(report: Report, where: str) -> str:
