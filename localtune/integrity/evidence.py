@@ -97,9 +97,22 @@ class Card:
     body: str
     body_line: int  # line number of the body's first line
     lines: dict  # top-level key -> line number
+    front: list = field(default_factory=list)  # the front matter's lines, from line 2
 
     def where(self, key: str) -> str:
         return f"{self.path}:{self.lines.get(key, 1)}"
+
+    def where_item(self, key: str, item) -> str:
+        """The line of one item of a list value (`- meta-llama/Llama-2-7b-hf`), else the key's."""
+        start = self.lines.get(key)
+        if start is None:
+            return self.where(key)
+        for n, text in enumerate(self.front[start - 1:], start + 1):  # the lines after the key's
+            if re.match(r"^[A-Za-z_][\w-]*\s*:", text):
+                break  # the next top-level key
+            if str(item) in text:
+                return f"{self.path}:{n}"
+        return self.where(key)
 
 
 def read_card(path: Path) -> Card | None:
@@ -134,7 +147,7 @@ def read_card(path: Path) -> Card | None:
         m = re.match(r"^([A-Za-z_][\w-]*)\s*:", lines[i])
         if m:
             where.setdefault(m.group(1), i + 1)
-    return Card(path, meta, "\n".join(lines[end + 1:]), end + 2, where)
+    return Card(path, meta, "\n".join(lines[end + 1:]), end + 2, where, lines[1:end])
 
 
 def as_list(value) -> list:
@@ -181,3 +194,16 @@ def card_text_findings(card: Card) -> list[Finding]:
                     findings.append(closed_finding(api, [ev], "the dataset card says the data came from"))
                 break
     return findings
+
+
+def cached_card(repo_id: str, repo_type: str = "model") -> Path | None:
+    """The card (README.md) of a Hugging Face repo in the local cache; never downloads."""
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "README.md", repo_type=repo_type)
+    except Exception:  # noqa: BLE001 - a cache lookup must never break the gate
+        return None
+    return Path(found) if isinstance(found, str) else None
