@@ -52,6 +52,116 @@ pipeline_tag: text-generation
 
 
 # ---------------------------------------------------------------------------------------------
+# 1. The base_model chain
+
+
+def test_a_llama3_finetune_labelled_apache_is_blocked_by_its_base(tmp_path, hf_cache):
+    folder = _card(tmp_path / "teacher", LLAMA3_FINETUNE, "# My assistant\n\nFine-tuned on our own data.\n")
+    source = provenance.check_teacher(str(folder))
+    assert source.verdict == "block"
+    assert [f.rule for f in source.findings] == ["license:apache-2.0", "license:llama3"]
+    base = source.findings[1]
+    assert "its base model meta-llama/Meta-Llama-3-8B-Instruct is under llama3" in base.reason
+    assert "judged from the base's name, as its card is not on this machine" in base.reason
+    assert "the card's own license (apache-2.0) cannot lift its base's terms" in base.reason
+    assert base.evidence == [f"{folder}/README.md:3: base_model: meta-llama/Meta-Llama-3-8B-Instruct",
+                             "meta-llama/Meta-Llama-3-8B-Instruct: no card on this machine; the llama3 family by "
+                             "its name"]
+    assert "§1.b.v" in base.citation
+    assert source.license == "llama3"  # the strictest along the chain decides the bill of materials
+
+
+def test_a_cached_base_card_decides_over_its_name(tmp_path, hf_cache):
+    cached = hf_cache("acme/llama-3.1-helper", "---\nlicense: llama3.1\nbase_model: meta-llama/Llama-3.1-8B\n---\n")
+    folder = _card(tmp_path / "t", "license: mit\nbase_model: acme/llama-3.1-helper\n")
+    source = provenance.check_teacher(str(folder))
+    assert source.verdict == "warn" and source.license == "llama3.1"
+    assert [f.rule for f in source.findings] == ["license:mit", "license:llama3.1", "license:llama3.1"]
+    assert source.findings[1].evidence == [f"{folder}/README.md:3: base_model: acme/llama-3.1-helper",
+                                           f"{cached}:2: license: llama3.1"]
+    assert source.findings[2].evidence[-2:] == [f"{cached}:3: base_model: meta-llama/Llama-3.1-8B",
+                                                "meta-llama/Llama-3.1-8B: no card on this machine; the llama3.1 "
+                                                "family by its name"]
+    assert 'name must begin with "Llama" (applied at export)' in source.conditions
+
+
+def test_the_chain_reaches_a_llama2_grandparent_through_the_cache(tmp_path, hf_cache):
+    hf_cache("acme/chat-7b", "---\nlicense: mit\nbase_model:\n- meta-llama/Llama-2-7b-hf\n---\n")
+    hf_cache("someone/chat-7b-dpo", "---\nlicense: apache-2.0\nbase_model: acme/chat-7b\n---\n# DPO on chat-7b\n")
+    source = provenance.check_teacher("someone/chat-7b-dpo")  # a repo id: its card comes from the cache
+    assert source.verdict == "block" and source.license == "llama2"
+    llama2 = next(f for f in source.findings if f.rule == "license:llama2")
+    assert len(llama2.evidence) == 3 and llama2.evidence[1].endswith("base_model: meta-llama/Llama-2-7b-hf")
+
+
+def test_a_permissive_base_judged_by_name_is_allowed_and_says_so(tmp_path, hf_cache):
+    folder = _card(tmp_path / "t", "license: apache-2.0\nbase_model: Qwen/Qwen3-8B\n")
+    source = provenance.check_teacher(str(folder))
+    assert source.verdict == "allow" and source.license == "apache-2.0"
+    assert "judged from the base's name" in source.findings[1].reason
+
+
+def test_an_unknown_uncached_base_is_a_warning_with_the_condition(tmp_path, hf_cache):
+    folder = _card(tmp_path / "t", "license: apache-2.0\nbase_model:\n- mistralai/Mistral-7B-v0.1\n- acme/secret-13b\n")
+    source = provenance.check_teacher(str(folder))
+    assert source.verdict == "warn"
+    assert [f.rule for f in source.findings] == ["license:apache-2.0", "license:apache-2.0",
+                                                 "provenance:unknown-base"]
+    unknown = source.findings[2]
+    assert unknown.evidence == [f"{folder}/README.md:5: base_model: acme/secret-13b"]  # the item's own line
+    assert unknown.conditions == ["check that acme/secret-13b's license allows what this model's own license "
+                                  "(apache-2.0) claims, and training other models on its outputs (or cache its card: "
+                                  "hf download acme/secret-13b README.md)"]
+
+
+def test_a_base_model_cycle_ends_and_a_deep_chain_is_capped(tmp_path, hf_cache):
+    hf_cache("a/x", "---\nlicense: mit\nbase_model: a/y\n---\n")
+    hf_cache("a/y", "---\nlicense: mit\nbase_model: a/x\n---\n")
+    source = provenance.check_teacher("a/x")
+    assert source.verdict == "allow" and [f.rule for f in source.findings] == ["license:mit"] * 2
+
+    for i in range(12):
+        hf_cache(f"deep/m{i}", f"---\nlicense: mit\nbase_model: deep/m{i + 1}\n---\n")
+    source = provenance.check_teacher("deep/m0")
+    assert source.findings[-1].rule == "provenance:base-chain-depth" and source.verdict == "warn"
+    assert "deeper than 8 models; localtune stopped at 'deep/m9'" in source.findings[-1].reason
+
+
+def test_a_local_base_folder_is_followed(tmp_path, hf_cache):
+    _card(tmp_path / "base", "license: llama2\n")
+    folder = _card(tmp_path / "tuned", "license: apache-2.0\nbase_model: ../base\n")
+    source = provenance.check_teacher(str(folder))
+    assert source.verdict == "block" and source.findings[1].evidence[-1].endswith("README.md:2: license: llama2")
+
+
+def test_a_gguf_names_its_base_by_repo_url(tmp_path, hf_cache):
+    import gguf
+
+    path = tmp_path / "tuned.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("Helper 8B")
+    w.add_license("apache-2.0")
+    w.add_base_model_count(1)
+    w.add_base_model_name(0, "Meta Llama 3 8B Instruct")
+    w.add_base_model_repo_url(0, "https://huggingface.co/meta-llama/Meta-Llama-3-8B-Instruct")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    source = provenance.check_teacher(str(path))
+    assert source.verdict == "block" and source.license == "llama3"
+    assert source.findings[1].evidence[0] == (f"{path} general.base_model.0.repo_url = "
+                                              "'https://huggingface.co/meta-llama/Meta-Llama-3-8B-Instruct'")
+
+
+def test_license_check_cli_blocks_a_relabelled_finetune(tmp_path, hf_cache):
+    folder = _card(tmp_path / "teacher", LLAMA3_FINETUNE)
+    result = invoke("license", "check", "--teacher", folder)
+    assert result.exit_code == 3, result.output
+    assert "cannot lift its base's terms" in result.output and "verdict: block" in result.output
+
+
+# ---------------------------------------------------------------------------------------------
 # 2. Upstream datasets: the table of generated datasets, and cards on this machine
 
 

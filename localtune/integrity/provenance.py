@@ -6,12 +6,13 @@ verdict is its worst finding. Unknown provenance is a warning, never a silent al
 the user's reason; there is no global switch.
 
 The policy tables (CLOSED_APIS, LICENSES) are in `policy.py`, each row with the clause it rests on;
-the generated datasets in `known_datasets.py`. Datasets are judged in `data_provenance.py`.
-What travels with adapters and exports is in `bom.py`.
+the generated datasets in `known_datasets.py`. Datasets are judged in `data_provenance.py`, a
+model's `base_model` chain in `lineage.py`. What travels with adapters and exports is in `bom.py`.
 """
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,6 @@ from .evidence import (
     ORDER,
     Finding,
     Source,
-    as_list,
     cached_card,
     closed_api,
     closed_finding,
@@ -30,6 +30,7 @@ from .evidence import (
     open_family,
     read_card,
 )
+from .lineage import card_bases, chain_findings, strictest
 
 
 class Blocked(LocaltuneError):
@@ -126,6 +127,26 @@ def _gguf_teacher(source: Source, path: Path) -> None:
                                         f"{path} general.license = {source.license!r}", "teacher")
     if not source.license and meta.get("general.name"):
         _family(source, meta["general.name"], f"{path} general.name = {meta['general.name']!r}")
+    chain = chain_findings(_gguf_bases(reader, path), path.parent, source.license)
+    source.findings += chain
+    source.license = strictest(source.license, chain)
+
+
+def _gguf_bases(reader, path: Path) -> list[tuple[str, str]]:
+    """The base models a GGUF names (general.base_model.N.*), as repo ids where a repo URL says."""
+    def field(key):
+        f = reader.fields.get(key)
+        return f.contents() if f is not None else None
+
+    bases = []
+    for i in range(int(field("general.base_model.count") or 0)):
+        url, name = field(f"general.base_model.{i}.repo_url"), field(f"general.base_model.{i}.name")
+        if url:
+            ref = re.sub(r"^https?://(www\.)?huggingface\.co/", "", str(url)).strip("/")
+            bases.append((ref, f"{path} general.base_model.{i}.repo_url = {url!r}"))
+        elif name:
+            bases.append((str(name), f"{path} general.base_model.{i}.name = {name!r}"))
+    return bases
 
 
 def _folder_teacher(source: Source, folder: Path) -> None:
@@ -143,11 +164,10 @@ def _folder_teacher(source: Source, folder: Path) -> None:
         name = json.loads(config.read_text()).get("_name_or_path", "") if config.exists() else ""
         if not _family(source, name or folder.name, f"{config}: _name_or_path = {name!r}" if name else str(folder)):
             source.findings += license_findings(None, None, where, "teacher")
-    for base in as_list(meta.get("base_model")):
-        api = closed_api(str(base))
-        if api:
-            source.findings.append(closed_finding(api, [f"{card.where('base_model')}: base_model: {base}"],
-                                                  "the card names as its base"))
+    if card:  # the strictest license along the base_model chain decides
+        chain = chain_findings(card_bases(card), folder, source.license, {str(card.path.resolve())})
+        source.findings += chain
+        source.license = strictest(source.license, chain)
 
 
 def _named_teacher(source: Source, ref: str) -> None:
