@@ -332,3 +332,56 @@ def test_license_check_cli_on_a_card_naming_magpie(tmp_path):
             in result.output)
 
 
+# ---------------------------------------------------------------------------------------------
+# 3. Conversations shared from a closed chat product
+
+
+@pytest.mark.parametrize("sentence, rule", [
+    ("This dataset contains ~90K conversations shared by users from ShareGPT.", "closed-api:openai"),
+    ("The conversations were collected from ChatGPT share links (chatgpt.com/share).", "closed-api:openai"),
+    ("Chats exported from chat.openai.com by volunteers, then deduplicated.", "closed-api:openai"),
+    ("WildChat is a collection of 1 million conversations between human users and ChatGPT.", "closed-api:openai"),
+    ("We release 50K user conversations with Claude, donated by their authors.", "closed-api:anthropic"),
+    ("Transcripts were scraped from public Gemini share pages (g.co/gemini/share).", "closed-api:google"),
+    ("Conversations from the ShareGPT dataset, cleaned of HTML.", "closed-api:openai"),
+])
+def test_a_card_saying_conversations_were_shared_from_a_chat_product_blocks(tmp_path, sentence, rule):
+    path = _dataset(tmp_path / "d", "license: apache-2.0\n", f"# Chats\n\n{sentence}\n")
+    source = provenance.check_data(path)
+    assert source.verdict == "block", source.to_dict()
+    finding = source.findings[1]
+    assert finding.rule == rule and "conversations shared from" in finding.reason
+    assert finding.evidence == [f"{tmp_path / 'd/README.md'}:6: {sentence}"] and finding.citation
+
+
+@pytest.mark.parametrize("sentence", [
+    "The data is in ShareGPT format (a conversations list of from/value turns).",
+    "Each row follows the ShareGPT-style conversation schema.",
+    "Prompts are collected based on mostly user-contributed ShareGPT prompts.",  # HelpSteer2: only the user side
+    "Our model's responses are compared with ChatGPT on MT-Bench.",
+    "Unlike ChatGPT, our assistant answers in French.",
+    "Annotators wrote answers that were preferred over ChatGPT's in 62% of cases.",
+    "We did not use any ChatGPT conversations.",
+])
+def test_cards_that_only_mention_a_chat_product_are_not_blocked(tmp_path, sentence):
+    path = _dataset(tmp_path / "d", "license: apache-2.0\n", f"# Data\n\n{sentence}\n")
+    assert provenance.check_data(path).verdict == "allow"
+
+
+@pytest.mark.parametrize("row", [
+    {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+    {"conversation": [{"role": "USER", "text": "hi"}, {"role": "CHATBOT", "text": "hello"}]},
+])
+def test_shared_conversations_block_whatever_the_role_labels(tmp_path, row):
+    card = ("---\nlicense: apache-2.0\ntask_categories:\n- text-generation\nlanguage:\n- en\ntags:\n- conversational\n"
+            "---\n# ShareGPT 90K cleaned\n\nThis dataset contains ~90K conversations shared by users on "
+            "sharegpt.com, cleaned and deduplicated. Roles are normalised.\n")
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "README.md").write_text(card)
+    (folder / "train.jsonl").write_text(json.dumps(row) + "\n")
+    source = provenance.check_data(folder)
+    assert source.verdict == "block" and source.findings[-1].rule == "closed-api:openai"
+    result = invoke("license", "check", "--data", folder)
+    assert result.exit_code == 3 and "conversations shared from OpenAI's chat product" in result.output
