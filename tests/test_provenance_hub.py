@@ -134,6 +134,14 @@ def test_a_local_base_folder_is_followed(tmp_path, hf_cache):
     assert source.verdict == "block" and source.findings[1].evidence[-1].endswith("README.md:2: license: llama2")
 
 
+def test_a_malformed_base_card_in_the_cache_is_a_warning_not_a_crash(tmp_path, hf_cache):
+    hf_cache("acme/broken", "---\nlicense: mit\ntags: [a, b\n---\n")
+    folder = _card(tmp_path / "t", "license: apache-2.0\nbase_model: acme/broken\n")
+    source = provenance.check_teacher(str(folder))
+    assert source.verdict == "warn" and source.findings[1].rule == "provenance:unreadable-card"
+    assert "malformed YAML front matter" in source.findings[1].evidence[-1]
+
+
 def test_a_gguf_names_its_base_by_repo_url(tmp_path, hf_cache):
     import gguf
 
@@ -276,6 +284,29 @@ def test_a_local_upstream_folder_is_read_and_a_cycle_ends(tmp_path):
     source = provenance.check_data(path)
     assert source.verdict == "block"
     assert [f.rule for f in source.findings] == ["license:mit", "license:mit", "closed-api:openai"]
+
+
+def test_a_malformed_upstream_card_is_a_warning_naming_it(tmp_path, hf_cache):
+    hf_cache("acme/broken", "---\nlicense: [mit\n---\n", repo_type="dataset")
+    path = _dataset(tmp_path / "d", "license: mit\nsource_datasets: [acme/broken]\n")
+    finding = provenance.check_data(path).findings[1]
+    assert finding.rule == "provenance:unreadable-card" and finding.verdict == "warn"
+    assert finding.reason == "the card of acme/broken cannot be read, so localtune cannot judge it"
+
+
+@pytest.mark.parametrize("front, rules", [
+    ("license: mit\nlanguage_creators:\n- machine-generated\n", ["license:mit", "provenance:machine-generated"]),
+    ("license: mit\nannotations_creators: [crowdsourced, machine-generated]\n",
+     ["license:mit", "provenance:machine-generated"]),
+    ("license: mit\nlanguage_creators: [machine-generated]\nsource_datasets: [meta-math/MetaMathQA]\n",
+     ["license:mit", "closed-api:openai", "license:mit"]),  # the generator is known: nothing more to say
+    ("license: mit\nlanguage_creators: [found]\n", ["license:mit"]),
+])
+def test_a_card_saying_machine_generated_without_a_generator_warns(tmp_path, front, rules):
+    source = provenance.check_data(_dataset(tmp_path / "d", front))
+    assert [f.rule for f in source.findings] == rules
+    if rules[-1] == "provenance:machine-generated":
+        assert source.findings[-1].evidence[0].endswith("machine-generated") and source.verdict == "warn"
 
 
 def test_an_hf_reference_in_the_table_is_judged_itself(tmp_path):

@@ -25,6 +25,7 @@ from .evidence import (
     license_findings,
     open_family,
     read_card,
+    read_other_card,
 )
 from .known_datasets import KnownDataset, known_dataset
 from .policy import CLOSED_APIS
@@ -85,6 +86,20 @@ def card_findings(source: Source, card: Card, seen: set, depth: int) -> None:
                                                   "the card tags the data as from"))
     source.findings += upstream_findings(card, seen, depth)
     source.findings += card_text_findings(card)
+    machine = [k for k in ("language_creators", "annotations_creators")
+               if "machine-generated" in [str(v).lower() for v in as_list(meta.get(k))]]
+    if machine and not any(_names_generator(f) for f in source.findings):
+        source.findings.append(Finding(
+            "warn", "provenance:machine-generated", "the card says the data are machine-generated but names no "
+            "model that generated them", [f"{card.where_item(k, 'machine-generated')}: {k}: machine-generated"
+                                          for k in machine],
+            conditions=["find which model generated the data and check that its terms allow training other models"]))
+
+
+def _names_generator(f: Finding) -> bool:
+    """Whether a finding already says which model (or upstream) produced the data."""
+    return (f.rule.startswith("closed-api:") or f.rule.startswith("provenance:unknown-")
+            or f.reason.startswith(("records ", "upstream ", "the dataset was written")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,7 +123,8 @@ def upstream_findings(card: Card, seen: set, depth: int) -> list[Finding]:
             unknown.append((name, where))
         elif str(up_card.resolve()) not in seen:  # a dataset reached twice, or a cycle
             seen.add(str(up_card.resolve()))
-            findings += _from_upstream_card(name, where, read_card(up_card), seen, depth)
+            parsed, unreadable = read_other_card(up_card, name, [where])
+            findings += [unreadable] if unreadable else _from_upstream_card(name, where, parsed, seen, depth)
     if unknown:
         names = ", ".join(n for n, _ in unknown)
         findings.append(Finding(

@@ -150,6 +150,18 @@ def read_card(path: Path) -> Card | None:
     return Card(path, meta, "\n".join(lines[end + 1:]), end + 2, where, lines[1:end])
 
 
+def read_other_card(path: Path, name: str, trail: list[str]) -> tuple[Card | None, Finding | None]:
+    """A card the user did not point at (a base model's, an upstream dataset's): a malformed one is
+    a warning about that source, not an error that stops the gate."""
+    try:
+        return read_card(path), None
+    except LocaltuneError as e:
+        problem = str(e).splitlines()[0]
+        return None, Finding("warn", "provenance:unreadable-card", f"the card of {name} cannot be read, so "
+                             "localtune cannot judge it", list(trail) + [problem],
+                             conditions=[f"check {name}'s license and origin yourself"])
+
+
 def as_list(value) -> list:
     """A card value that may be one item or a list of them, as a list."""
     if value is None:

@@ -21,7 +21,7 @@ from .evidence import (
     closed_finding,
     license_findings,
     open_family,
-    read_card,
+    read_other_card,
 )
 
 MAX_DEPTH = 8  # fine-tunes of fine-tunes rarely go past three or four
@@ -56,8 +56,10 @@ def chain_findings(bases: list[tuple[str, str]], folder: Path, own: str | None, 
                                     f"{MAX_DEPTH} models; localtune stopped at {base!r}", trail[-3:],
                                     conditions=[f"check the licenses of {base} and the models it derives from"]))
             continue
-        card = read_card(card_path) if card_path else None
-        if card is not None:
+        card, unreadable = read_other_card(card_path, base, trail) if card_path else (None, None)
+        if unreadable:
+            findings.append(unreadable)
+        elif card is not None:
             findings += _card_license(base, card, trail, own)
             queue += [(b, trail + [e], card.path.parent, depth + 1) for b, e in card_bases(card)]
         else:
