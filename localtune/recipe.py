@@ -62,8 +62,16 @@ class Adapter:
 class Stage:
     kind: str = option("sft", doc="the method: a kind in methods.REGISTRY (checked by _Builder.stage)")
     name: str = option("")
-    data: str = option("")
+    data: str = option("", doc="a .jsonl/.json/.jsonl.gz/.csv/.parquet file, a folder of them, or hf:owner/name")
+    split: Union[str, None] = option(None, doc="the split to read (hf: datasets and folders); default train")
+    config: Union[str, None] = option(None, doc="the dataset config (hf: datasets with several)")
+    revision: Union[str, None] = option(None, doc="hf: datasets: a branch, tag or commit")
+    files: Union[str, None] = option(None, doc="a glob choosing the dataset's files, e.g. data/train-*.parquet")
+    limit: int = option(0, min=0, doc="rows to read; 0 = all")
+    shuffle_seed: Union[int, None] = option(None, doc="shuffle the rows with this seed before limit")
+    columns: Union[dict, None] = option(None, doc='format columns -> the data\'s columns, e.g. { prompt = "question" }')
     valid: Union[str, None] = option(None)
+    valid_split: Union[str, None] = option(None, doc="the split `valid` reads (hf: datasets and folders)")
     valid_fraction: float = option(0.0, min=0.0, max=0.5)
     adapter: Adapter = option(None)
     optimizer: str = option("adamw", choices=("adamw", "adam", "sgd"))
@@ -335,7 +343,22 @@ class _Builder:
         options = self.build(method.options, {k: raw[k] for k in raw if k in own}, path) if method.options else None
         if not stage.data:
             raise self.fail(path, f"[{_display(path)}] has no data file", 'add data = "train.jsonl"')
+        self.columns(stage.columns, f"{path}.columns")
         return dataclasses.replace(stage, adapter=stage.adapter or Adapter(), options=options)
+
+
+    def columns(self, columns, path):
+        from .datasets.formats import TARGETS
+
+        for target, column in (columns or {}).items():
+            if target not in TARGETS:
+                close = difflib.get_close_matches(target, TARGETS, n=1)
+                raise self.fail(path, f'columns: "{target}" is not a format column.'
+                                + (f' Did you mean "{close[0]}"?' if close else ""),
+                                f"map one of {', '.join(TARGETS)} to a column of the data")
+            if not isinstance(column, str) or not column:
+                raise self.fail(path, f"columns: {target} must name a column (a string), got {column!r}",
+                                f'write {target} = "the_column"')
 
 
 class StageFail:

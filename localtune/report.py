@@ -116,6 +116,8 @@ def write_report(run, recipe, manifest: dict) -> str:
                      f"{r.get('trainable', 0):,} |")
         if r.get("truncated"):
             lines.append(f"\n{r['truncated']} of {r['examples']} training rows were truncated to max_seq_len.\n")
+    if data := {name: d for name, d in manifest.get("data", {}).items() if d.get("format")}:
+        lines += ["", "## Data", ""] + [f"- {name}: `{d['path']}`: {d['format']}" for name, d in data.items()]
     task = manifest.get("task", {})
     if "before" in task:
         before, after = task["before"], task.get("after", {})

@@ -12,8 +12,8 @@ BAD = Path(__file__).parent / "bad_data"
 
 @pytest.mark.parametrize("name,where,expected", [
     ("bad_json", ":2", "not valid JSON"),
-    ("unknown_format", ":3", 'expected "messages", "prompt" + "completion", "text", or'),
-    ("mixed_formats", ":2", "one file holds one format"),
+    ("unknown_format", ":3", "no known format in columns ['answer', 'question']"),
+    ("mixed_formats", ":2", "one dataset holds one format"),
     ("bad_role", ":1", "messages[1] must be"),
     ("no_assistant", ":1", 'no "assistant" message'),
     ("completion_not_string", ":1", '"completion" must be a string'),

@@ -18,14 +18,16 @@ def data_():
 @data_.command("check")
 @click.argument("train", nargs=-1, required=True, type=click.Path())
 @click.option("--against", "golden", multiple=True, required=True, type=click.Path(),
-              help="The golden (test) set: a JSONL file or folder. Repeatable.")
+              help="The golden (test) set: a data file, folder or hf:owner/name. Repeatable.")
 @click.option("--ngram", default=13, show_default=True, help="Words per n-gram for near duplicates.")
 @click.option("--near", default=0.5, show_default=True,
               help="Share of a golden row's n-grams that makes a near duplicate.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report, every overlap, as JSON.")
 @click.pass_context
 def data_check(ctx, train, golden, ngram, near, as_json):
-    """Exact and near duplicates between TRAIN and the golden set. Exit 0 clean, 1 overlap."""
+    """Exact and near duplicates between TRAIN and the golden set. Exit 0 clean, 1 overlap.
+
+    TRAIN and --against: data files in any format localtune reads, folders, or hf:owner/name ids."""
     from ..integrity.contamination import check_files
 
     report = check_files(train, golden, ngram, near)
@@ -34,14 +36,17 @@ def data_check(ctx, train, golden, ngram, near, as_json):
 
 
 @data_.command("split")
-@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("path")
 @click.option("--test", "fraction", default=0.1, show_default=True, help="Share of rows for the test side.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--ngram", default=13, show_default=True)
 @click.option("--near", default=0.5, show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for train.jsonl and test.jsonl.")
 def data_split(path, fraction, seed, ngram, near, out):
-    """Split PATH into train and test with no exact or near duplicate across them."""
+    """Split PATH into train and test with no exact or near duplicate across them.
+
+    PATH: a data file in any format localtune reads, a folder, or hf:owner/name. The two sides are
+    written as JSON Lines in localtune's canonical format (messages, prompt/completion, ...)."""
     from ..integrity.contamination import clean_split
     from ..run import atomic_write
 

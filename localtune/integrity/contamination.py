@@ -8,12 +8,10 @@ one hash table, so training rows are each read once: O(train + golden) n-grams, 
 """
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from ..errors import DataError
 
@@ -32,7 +30,7 @@ def row_text(row: dict) -> str:
         if isinstance(value, str):
             parts.append(value)
         elif isinstance(value, list):
-            parts += [m.get("content", "") for m in value if isinstance(m, dict)]
+            parts += [m.get("content") or "" for m in value if isinstance(m, dict)]
     return " ".join(parts)
 
 
@@ -46,22 +44,14 @@ def ngrams(ws: list[str], n: int) -> set[int]:
     return {hash(" ".join(ws[i:i + n])) for i in range(len(ws) - n + 1)}
 
 
-def read_rows(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, row) for every JSON object line of a JSONL file, or of every file in a folder."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file or folder\n  fix: check the path")
-    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
-    out = []
-    for f in files:
-        for n, line in enumerate(f.open(encoding="utf-8"), 1):
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue  # the data reader reports malformed rows
-            if isinstance(row, dict):
-                out.append((f"{f}:{n}", row))
-    return out
+def read_rows(ref) -> list[tuple[str, dict]]:
+    """(where, canonical row) for every row of a data source: a file or folder in any format
+    localtune reads, an hf: dataset, or a datasets.Spec (a stage's columns and row selection)."""
+    from .. import datasets
+
+    spec = ref if isinstance(ref, datasets.Spec) else datasets.Spec(str(ref))
+    table = datasets.read(spec)
+    return list(zip(table.where, table.rows))
 
 
 @dataclass
@@ -137,6 +127,7 @@ def check(train: list[tuple[str, dict]], golden: list[tuple[str, dict]], n: int 
 
 
 def check_files(train_paths, golden_paths, n: int = 13, near: float = 0.5) -> Report:
+    """Sources (paths, hf: ids or datasets.Spec) against sources."""
     train = [r for p in train_paths for r in read_rows(p)]
     golden = [r for p in golden_paths for r in read_rows(p)]
     return check(train, golden, n, near)

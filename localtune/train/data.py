@@ -1,7 +1,7 @@
-"""JSONL readers, chat templating with loss masks, and resumable batching.
+"""Canonical rows -> tokens with loss masks (the chat template), and resumable batching.
 
-Formats (one object per line): {"messages": [...]}, {"prompt", "completion"}, {"text"}.
-A bad row is reported as `file:line: what is wrong`.
+Rows arrive in localtune.datasets' canonical formats: {"messages": [...]}, {"prompt", "completion"},
+{"text"}, preference and prompt rows. A bad row is reported as `file:line: what is wrong`.
 """
 from __future__ import annotations
 
@@ -14,20 +14,6 @@ import numpy as np
 from ..errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
-
-
-def _format_of(row: dict) -> str | None:
-    if "chosen" in row or "rejected" in row:
-        return "preference"
-    if "messages" in row:
-        return "messages"
-    if "prompt" in row and "completion" in row:
-        return "completion"
-    if "text" in row:
-        return "text"
-    if "prompt" in row:
-        return "prompt"  # prompts only: the teacher answers them (distill, mode = "sequence")
-    return None
 
 
 def _check_row(row, where: str, fmt: str) -> None:
@@ -60,6 +46,10 @@ def _check_row(row, where: str, fmt: str) -> None:
     elif fmt == "prompt":
         if not isinstance(row["prompt"], (str, list)) or not row["prompt"]:
             raise DataError(f'{where}: "prompt" must be a non-empty string or a list of messages')
+    elif fmt == "labelled":
+        for key in ("prompt", "completion"):
+            if not isinstance(row[key], (str, list)) or not row[key]:
+                raise DataError(f'{where}: "{key}" must be a non-empty string or a list of messages')
     elif fmt == "completion":
         for key in ("prompt", "completion"):
             if not isinstance(row[key], str):
@@ -69,42 +59,12 @@ def _check_row(row, where: str, fmt: str) -> None:
 
 
 def read_jsonl(path: str | Path) -> tuple[list[dict], str]:
-    """Rows of a JSONL file and their common format; errors name file:line."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such data file\n  fix: check the stage's data = ... path "
-                        "(relative paths are resolved from the recipe's folder)")
-    rows, fmt = [], None
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            where = f"{path}:{n}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line)\n"
-                                "  fix: save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            row_fmt = _format_of(row)
-            if row_fmt is None:
-                raise DataError(f'{where}: expected "messages", "prompt" + "completion", "text", or '
-                                f'"prompt" + "chosen" + "rejected"; got keys {sorted(row)}')
-            if fmt is None:
-                fmt = row_fmt
-            elif row_fmt != fmt:
-                raise DataError(f"{where}: this row is {row_fmt!r} but earlier rows are {fmt!r}; "
-                                "one file holds one format")
-            _check_row(row, where, fmt)
-            rows.append(row)
-    if not rows:
-        raise DataError(f"{path}: the dataset is empty\n  fix: add at least one JSON object per line")
-    return rows, fmt
+    """Rows of a data file (any format localtune reads, see localtune.datasets) and their canonical
+    format; errors name file:line."""
+    from .. import datasets
+
+    table = datasets.read(datasets.Spec(str(path)))
+    return table.rows, table.fmt
 
 
 @dataclass

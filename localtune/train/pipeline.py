@@ -9,7 +9,7 @@ import platform
 import time
 from pathlib import Path
 
-from .. import __version__, device, loading, methods
+from .. import __version__, datasets, device, loading, methods
 from ..methods.base import StageContext
 from ..recipe import Recipe, Stage
 from ..run import Run
@@ -29,7 +29,10 @@ def fingerprint(recipe: Recipe, stage: Stage) -> str:
     """The stage's settings and the content of its data files (and of files its method reads, such as
     reward functions): a checkpoint is only resumed under the same."""
     h = hashlib.sha256(repr(dataclasses.asdict(stage)).encode())
-    for name in (stage.data, stage.valid, *methods.of(stage).files(stage)):
+    h.update(datasets.fingerprint(datasets.spec_of(recipe, stage)).encode())
+    if stage.valid:
+        h.update(datasets.fingerprint(datasets.spec_of(recipe, stage, valid=True)).encode())
+    for name in methods.of(stage).files(stage):
         if name and Path(recipe.resolve(name)).is_file():
             h.update(sha256(recipe.resolve(name)).encode())
     return h.hexdigest()
@@ -135,7 +138,8 @@ class Chain:
                 localtune=__version__, mlx=mx.__version__, python=platform.python_version(),
                 device=device.describe(), processes=distributed.size(), recipe=recipe.source,
                 base_dir=str(Path(recipe.base_dir).resolve()),
-                data={s.name: {"path": s.data, "sha256": sha256(recipe.resolve(s.data))} for s in recipe.stages},
+                data={s.name: {"path": s.data, "sha256": datasets.fingerprint(datasets.spec_of(recipe, s)),
+                               "format": prepared.detected.get(s.name, "")} for s in recipe.stages},
                 stages=[{"name": s.name, "kind": s.kind} for s in recipe.stages], stages_done=[],
                 started=time.time())
         run.set_status(state="running", stage="load", step=0)
@@ -188,6 +192,8 @@ class Chain:
         model = ctx.model
         self.save()
         train_set = ctx.train
+        if detected := prepared.detected.get(stage.name):
+            self.log(stage.name, f"data {stage.data}: {detected}")
         if train_set.truncated or train_set.dropped:
             self.log(stage.name, f"{train_set.truncated} of {len(train_set) + train_set.dropped} rows truncated to "
                      f"max_seq_len={stage.max_seq_len}; {train_set.dropped} dropped (no target tokens left)", "warning")

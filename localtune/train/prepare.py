@@ -6,14 +6,15 @@ import dataclasses
 import hashlib
 from pathlib import Path
 
-from .. import methods
+from .. import datasets, methods
 from ..errors import DataError, RecipeError
 from ..models import families
 from ..recipe import Recipe, Stage
 from . import data, distributed
 
 WANT = {"preference": '{"prompt", "chosen", "rejected"}', "prompt": '{"prompt"}', "messages": '{"messages"}',
-        "completion": '{"prompt", "completion"}', "text": '{"text"}'}
+        "completion": '{"prompt", "completion"}', "text": '{"text"}',
+        "labelled": '{"prompt", "completion", "label"}'}
 GENERAL = Path(__file__).parent.parent / "resources" / "general.jsonl"  # the bundled general-ability texts
 
 
@@ -35,6 +36,7 @@ class Prepared:
     valid: dict  # stage name -> the same, or None
     eval_rows: list | None
     contamination: dict | None = None  # the firewall's report, when there is a golden set
+    detected: dict = dataclasses.field(default_factory=dict)  # stage name -> the data format found, in words
     general: list | None = None  # general-ability texts (the forgetting check)
 
 
@@ -47,27 +49,28 @@ def batches(stage: Stage, dataset, collate=None) -> data.Batches:
 def _read_stage(recipe: Recipe, s: Stage):
     method = methods.of(s)
     try:
-        rows, fmt = data.read_jsonl(recipe.resolve(s.data))
+        table = datasets.read_stage(recipe, s)
     except DataError as e:
         hint = method.data_hint(s)
         if hint is None or "expected" not in e.message:
             raise
         raise DataError(f"{e.message}\n  [stages.{s.name}] data: {hint}") from None
-    formats = method.data_formats(s)
+    rows, fmt, formats = table.rows, table.fmt, method.data_formats(s)
     if fmt not in formats:
         hint = {"preference": ', or set kind = "dpo" for preference pairs',
                 "prompt": ' (prompts alone are for kind = "distill" with mode = "sequence", or "ppo")'}.get(fmt, "")
-        raise RecipeError(f"{recipe.resolve(s.data)}: {method.describe(s)} needs "
-                          f"{' or '.join(WANT[f] for f in formats)} rows, but this file has {WANT[fmt]} rows\n"
-                          f"  fix: point [stages.{s.name}] data at the right file{hint}")
+        raise RecipeError(f"{table.source.ref}: {method.describe(s)} needs "
+                          f"{' or '.join(WANT[f] for f in formats)} rows, but this data has {WANT[fmt]} rows "
+                          f"({table.detected})\n  fix: point [stages.{s.name}] data at the right data{hint}")
     valid = None
     if s.valid:
-        valid, vfmt = data.read_jsonl(recipe.resolve(s.valid))
+        vtable = datasets.read_stage(recipe, s, valid=True)
+        valid, vfmt = vtable.rows, vtable.fmt
         if vfmt != fmt:
-            raise RecipeError(f"{s.valid}: validation rows are {vfmt!r} but training rows are {fmt!r}")
+            raise RecipeError(f"{vtable.source.ref}: validation rows are {vfmt!r} but training rows are {fmt!r}")
     elif s.valid_fraction:
         rows, valid = data.split(rows, s.valid_fraction, s.seed)
-    return rows, valid, fmt
+    return rows, valid, fmt, table.detected
 
 
 def _check_model(recipe: Recipe, folder: Path) -> None:
@@ -115,13 +118,14 @@ def prepare(recipe: Recipe) -> Prepared:
         methods.of(s).check(recipe, s, tokenizer, folder)
     train, valid = {}, {}
     for s in recipe.stages:
-        rows, valid_rows, fmt = raw[s.name]
+        rows, valid_rows, fmt, _ = raw[s.name]
         method = methods.of(s)
         train[s.name] = method.encode(s, rows, fmt, tokenizer, recipe.resolve(s.data))
         valid[s.name] = method.encode(s, valid_rows, fmt, tokenizer, s.valid or "valid split") if valid_rows else None
         if isinstance(train[s.name], data.Dataset):
             batches(s, train[s.name])  # batching errors (a batch larger than the data, ...) now, not mid-run
-    return Prepared(folder, tokenizer, train, valid, eval_rows, contamination, general_texts(recipe))
+    return Prepared(folder, tokenizer, train, valid, eval_rows, contamination, general_texts(recipe),
+                    {name: r[3] for name, r in raw.items()})
 
 
 def general_texts(recipe: Recipe) -> list[str] | None:
@@ -146,7 +150,7 @@ def firewall(recipe: Recipe) -> dict | None:
         golden.append(GENERAL if spec.general == "bundled" else recipe.resolve(spec.general))
     if not golden:
         return None
-    report = cont.check_files([recipe.resolve(s.data) for s in recipe.stages], golden, spec.ngram,
+    report = cont.check_files([datasets.spec_of(recipe, s) for s in recipe.stages], golden, spec.ngram,
                               spec.near_duplicate)
     if report.share > spec.max_contamination:
         raise cont.Contaminated(

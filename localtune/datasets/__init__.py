@@ -1,0 +1,197 @@
+"""Data as users have it: local files and folders in the common formats, and Hugging Face datasets,
+read into the canonical rows localtune's methods encode (see formats.py).
+
+    table = read(Spec("hf:HuggingFaceH4/ultrafeedback_binarized", split="train_prefs", limit=2000),
+                 accept=("preference",))
+    table.rows, table.fmt, table.where[i], table.detected
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+from . import files as data_files
+from . import formats, hub
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Where a stage's rows come from and which of them it takes (the recipe's data keys)."""
+
+    ref: str  # a file or folder (relative to base_dir), or hf:owner/name
+    split: str | None = None
+    config: str | None = None
+    revision: str | None = None
+    files: str | None = None  # a glob over the dataset's files
+    limit: int = 0  # 0: every row
+    shuffle_seed: int | None = None  # shuffle before `limit`
+    columns: dict | None = None  # canonical column -> the source's column
+    base_dir: str = "."
+
+    @property
+    def is_hub(self) -> bool:
+        return self.ref.startswith("hf:")
+
+    def path(self) -> Path:
+        p = Path(self.ref).expanduser()
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+
+def spec_of(recipe, stage, valid: bool = False) -> Spec:
+    """A stage's training data (or its `valid` data, which takes `valid_split` and no row selection)."""
+    if valid:
+        return Spec(stage.valid, stage.valid_split, stage.config, stage.revision, None, 0, None, stage.columns,
+                    recipe.base_dir)
+    return Spec(stage.data, stage.split, stage.config, stage.revision, stage.files, stage.limit, stage.shuffle_seed,
+                stage.columns, recipe.base_dir)
+
+
+@dataclass
+class Source:
+    ref: str
+    files: list[Path]
+    card: Path | None  # the dataset card (README.md) beside the data, or the Hub snapshot's
+
+
+@dataclass
+class Table:
+    rows: list[dict]
+    fmt: str  # the canonical format
+    where: list[str]  # each row's file:line (or Parquet row group and row)
+    detected: str  # what was found, in words: "ShareGPT conversations (conversations: from/value), 2 files"
+    source: Source
+    shape: str = ""
+    read: int = 0  # rows read before `limit`
+    notes: list = field(default_factory=list)
+
+
+def resolve(spec: Spec) -> Source:
+    """The data files a spec names."""
+    if spec.is_hub:
+        _, found, card = hub.snapshot(spec.ref, spec.split, spec.config, spec.revision, spec.files)
+        return Source(spec.ref, found, card)
+    path = spec.path()
+    if not path.exists():
+        raise DataError(f"{path}: no such data file or folder\n  fix: check the stage's data = ... path "
+                        "(relative paths are resolved from the recipe's folder), or use hf:owner/name for a "
+                        "Hugging Face dataset")
+    if path.is_file():
+        if data_files.kind(path) is None:
+            raise DataError(f"{path}: localtune reads {', '.join(data_files.SUFFIXES)} files, not "
+                            f"{path.suffix or 'files without a suffix'}\n  fix: convert the file, or rename it")
+        return Source(str(path), [path], _card(path.parent))
+    found = [p for p in sorted(path.rglob("*")) if p.is_file() and data_files.kind(p)
+             and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+    rel = [p.relative_to(path).as_posix() for p in found]
+    if spec.files or spec.split or any(hub.split_of(r) for r in rel) or spec.config:
+        rel = hub.select(rel, _meta(path), spec.split, spec.config, spec.files, str(path))
+        found = [path / r for r in rel]
+    if not found:
+        raise DataError(f"{path}: the folder holds no data files ({', '.join(data_files.SUFFIXES)})\n"
+                        "  fix: point data at a file, or put the data files in this folder")
+    return Source(str(path), found, _card(path))
+
+
+def _card(folder: Path) -> Path | None:
+    return folder / "README.md" if (folder / "README.md").is_file() else None
+
+
+def _meta(folder: Path) -> dict:
+    return hub._card_meta(folder / "README.md")
+
+
+def iter_rows(source: Source):
+    """(where, raw row) over every file of a source, in order."""
+    for f in source.files:
+        yield from data_files.rows(f)
+
+
+def read(spec: Spec, accept: tuple | None = None) -> Table:
+    """Every row of a spec in its canonical format; the format is detected, or mapped by `columns`.
+    `accept`: the canonical formats the reader can use (a stage's method), which settles rows that fit
+    several; None takes the most specific."""
+    source = resolve(spec)
+    raw, where = _select(source, spec)
+    if not raw:
+        raise DataError(f"{source.ref}: the dataset is empty\n  fix: add at least one row")
+    if spec.columns:
+        raw = [formats.map_columns(r, spec.columns, w) for r, w in zip(raw, where)]
+    shape, found = _detect(raw, where, accept)
+    fmt = formats.CANONICAL[shape]
+    from ..train.data import _check_row
+
+    rows = []
+    for r, w in zip(raw, where):
+        row = formats.canonical(r, shape, w)
+        _check_row(row, w, fmt)
+        rows.append(row)
+    n_files = len(source.files)
+    detected = (f"{formats.DESCRIBE[shape]}" + (" via columns" if spec.columns else "")
+                + f", {len(rows)} rows from {n_files} file{'s' * (n_files != 1)}")
+    if len(found) > 1:
+        detected += f" (also fits: {', '.join(formats.DESCRIBE[s] for s in found if s != shape)})"
+    return Table(rows, fmt, where, detected, source, shape)
+
+
+def _select(source: Source, spec: Spec) -> tuple[list[dict], list[str]]:
+    """The rows `limit` and `shuffle_seed` choose: the first `limit`, or `limit` of a seeded shuffle."""
+    raw, where = [], []
+    for w, row in iter_rows(source):
+        raw.append(row)
+        where.append(w)
+        if spec.limit and spec.shuffle_seed is None and len(raw) >= spec.limit:
+            break
+    if spec.shuffle_seed is not None:
+        order = np.random.default_rng(spec.shuffle_seed).permutation(len(raw))[: spec.limit or None]
+        raw, where = [raw[i] for i in order], [where[i] for i in order]
+    return raw, where
+
+
+def _detect(raw: list[dict], where: list[str], accept) -> tuple[str, list[str]]:
+    """The one shape every row fits; the first row that fits none of the earlier ones stops it."""
+    common = None
+    for r, w in zip(raw, where):
+        found = formats.shapes(r)
+        if not found:
+            raise DataError(f"{w}: no known format in columns {sorted(r)[:12]}; expected messages, "
+                            "conversations (ShareGPT), instruction/output (Alpaca), prompt/completion, text, "
+                            "prompt/chosen/rejected or prompt/completion/label\n"
+                            '  fix: map the columns, e.g. columns = { prompt = "question", completion = "answer" }')
+        now = [s for s in (common or found) if s in found]
+        if not now:
+            raise DataError(f"{w}: this row is {formats.DESCRIBE[found[0]]}, but the rows before it are "
+                            f"{formats.DESCRIBE[common[0]]}; one dataset holds one format\n"
+                            "  fix: split the data into one file per format")
+        common = now
+    return formats.choose(common, accept, where[0]), common
+
+
+def fingerprint(spec: Spec) -> str:
+    """The content of a spec's files and the selection: what a resumed run must see again."""
+    source = resolve(spec)
+    if len(source.files) == 1 and not (spec.limit or spec.columns or spec.shuffle_seed is not None):
+        return _sha256(source.files[0])  # one plain file: its hash, as manifests have always recorded
+    h = hashlib.sha256(repr((spec.split, spec.config, spec.revision, spec.files, spec.limit, spec.shuffle_seed,
+                             sorted((spec.columns or {}).items()))).encode())
+    for f in source.files:
+        h.update(f.name.encode() + _sha256(f).encode())
+    return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_stage(recipe, stage, valid: bool = False) -> Table:
+    """A stage's training (or `valid`) rows, in a format its method reads when the rows allow one."""
+    from .. import methods
+
+    return read(spec_of(recipe, stage, valid), methods.of(stage).data_formats(stage))
