@@ -190,7 +190,7 @@ def test_license_check_cli_allows_clean_data_and_warns_on_unknown(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [([], "give at least one --teacher REF or --data PATH"),
-                                           (["--data", "missing.jsonl"], "missing.jsonl: no such file")])
+                                           (["--data", "missing.jsonl"], "missing.jsonl: no such data file or folder")])
 def test_license_check_usage_errors(args, message):
     result = invoke("license", "check", *args)
     assert result.exit_code in (1, 2) and message in result.output

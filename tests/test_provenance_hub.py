@@ -343,6 +343,62 @@ def test_rows_from_any_reader_are_scanned_for_generators(tmp_path):
         f"{jsonl}:1: generator = 'claude-3-opus'"]
 
 
+def _hub_dataset(hf_cache, repo: str, card: str, rows: list[dict]):
+    """A Hub dataset laid out as a real cache snapshot: a card and a Parquet file under data/."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    snapshot = hf_cache(repo, card, repo_type="dataset").parent
+    (snapshot / "data").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), snapshot / "data/train-00000-of-00001.parquet")
+    return snapshot
+
+
+CHATS_CARD = """---
+license: apache-2.0
+task_categories:
+- text-generation
+language:
+- en
+size_categories:
+- 1K<n<10K
+---
+# Chats
+
+Multi-turn conversations shared by users from ShareGPT, with HTML stripped.
+"""
+
+
+def test_license_check_reads_an_hf_dataset_from_the_cache(hf_cache):
+    _hub_dataset(hf_cache, "acme/chats", CHATS_CARD, [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+         "model": "gpt-3.5-turbo"}])
+    result = invoke("license", "check", "--data", "hf:acme/chats", "--json")
+    assert result.exit_code == 3, result.output
+    findings = json.loads(result.output)["findings"][0]["findings"]
+    assert [f["rule"] for f in findings] == ["closed-api:openai", "license:apache-2.0", "closed-api:openai"]
+    assert findings[0]["evidence"][0].endswith("data/train-00000-of-00001.parquet: row group 0, row 0: "
+                                               "model = 'gpt-3.5-turbo'")
+    assert "conversations shared from OpenAI's chat product" in findings[2]["reason"]
+
+
+def test_a_recipe_with_an_hf_dataset_is_gated(tmp_path, small_model_path, hf_cache):
+    from test_cli import write_recipe
+
+    from localtune import recipe as recipes
+
+    _hub_dataset(hf_cache, "HuggingFaceH4/ultrafeedback_binarized", "---\nlicense: mit\n---\n# UltraFeedback\n",
+                 [{"prompt": "2+2?", "chosen": "4", "rejected": "5"}])
+    path = write_recipe(tmp_path, small_model_path)
+    path.write_text(path.read_text().replace('data = "train.jsonl"',
+                                             'data = "hf:HuggingFaceH4/ultrafeedback_binarized"'))
+    report = provenance.check_recipe(recipes.load(path))
+    data = next(s for s in report.sources if s.kind == "data")
+    assert data.ref == "hf:HuggingFaceH4/ultrafeedback_binarized" and data.verdict == "block"
+    assert data.findings[0].evidence[0].startswith("hf:HuggingFaceH4/ultrafeedback_binarized: "
+                                                   "huggingfaceh4/ultrafeedback_binarized in localtune's table")
+
+
 def test_the_table_is_consistent():
     closed = {a.key for a in CLOSED_APIS}
     for entry in TABLE:

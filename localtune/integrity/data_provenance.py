@@ -2,9 +2,10 @@
 `source_datasets`, text), and the table of widely used generated datasets.
 
 `check_dataset` takes what any reader produces (a reference, its files, its card, and rows as
-(where, dict) pairs from JSONL, Parquet or anything else); `check_data` resolves a local path
-to those. An upstream dataset is judged by the table, or by its own card when one is on this
-machine; one that neither can judge is a warning naming it, never a silent allow.
+(where, dict) pairs from JSONL, Parquet or anything else); `check_data` resolves a data source
+(a path or hf:owner/name) with localtune.datasets and reads its rows. An upstream dataset is
+judged by the table, or by its own card when one is on this machine; one that neither can judge
+is a warning naming it, never a silent allow.
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..errors import LocaltuneError
 from .evidence import (
     Card,
     Finding,
@@ -36,15 +36,15 @@ RECORDS_SCANNED = 100_000  # rows read for generator fields
 UPSTREAM_DEPTH = 4  # datasets built from datasets built from ... (cards on this machine only)
 
 
-def check_data(path: str | Path) -> Source:
-    """A JSONL file, or a folder of them, with an optional dataset card (README.md) beside it."""
-    path = Path(path)
-    if not path.exists():
-        raise LocaltuneError(f"{path}: no such file or folder\n  fix: check the data path")
-    folder = path if path.is_dir() else path.parent
-    files = sorted(folder.glob("*.jsonl")) if path.is_dir() else [path]
-    card = folder / "README.md"
-    return check_dataset(str(path), files, card if card.is_file() else None)
+def check_data(ref: str | Path, spec=None) -> Source:
+    """A data source as the user names it: a file or folder in any format localtune reads, or
+    hf:owner/name (a snapshot in the HF cache). `spec` (a datasets.Spec) carries a stage's split,
+    config and file glob; rows are read raw, before any `columns` mapping, for their generator fields."""
+    from .. import datasets
+
+    spec = spec or datasets.Spec(str(ref))
+    found = datasets.resolve(spec)
+    return check_dataset(str(ref), found.files, found.card, datasets.iter_rows(found))
 
 
 def check_dataset(ref: str, files: list[Path], card: Path | None,

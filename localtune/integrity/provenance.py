@@ -11,12 +11,13 @@ model's `base_model` chain in `lineage.py`. What travels with adapters and expor
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import methods
+from .. import datasets, methods
 from ..errors import LocaltuneError
 from .data_provenance import GENERATOR_KEYS, RECORDS_SCANNED, check_data, check_dataset  # noqa: F401
 from .evidence import (
@@ -231,10 +232,16 @@ def check_recipe(recipe) -> Report:
             if ("teacher", recipe.model.path) not in seen:
                 seen.add(("teacher", recipe.model.path))
                 sources.append(check_teacher(recipe.model.path, recipe.base_dir))
-        for p in (stage.data, stage.valid):
-            if p and ("data", recipe.resolve(p)) not in seen:
-                seen.add(("data", recipe.resolve(p)))
-                sources.append(check_data(recipe.resolve(p)))
+        for p, valid in ((stage.data, False), (stage.valid, True)):
+            if not p:
+                continue
+            spec = datasets.spec_of(recipe, stage, valid)
+            ref = p if spec.is_hub else recipe.resolve(p)
+            key = ("data", ref, spec.split, spec.config, spec.files)
+            if key not in seen:
+                seen.add(key)
+                local = dataclasses.replace(spec, ref=str(Path(ref).resolve()))  # as resolve() found it
+                sources.append(check_data(ref, spec if spec.is_hub else local))
     report = Report(sources)
     attest(report, [{"source": a.source, "reason": a.reason} for a in recipe.provenance.attest], recipe.resolve)
     return report
