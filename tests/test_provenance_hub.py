@@ -449,10 +449,20 @@ def test_a_card_saying_conversations_were_shared_from_a_chat_product_blocks(tmp_
     "Unlike ChatGPT, our assistant answers in French.",
     "Annotators wrote answers that were preferred over ChatGPT's in 62% of cases.",
     "We did not use any ChatGPT conversations.",
+    "Our conversations were shared with the OpenAI team for review.",
+    "We compare conversations users had with our bot and with ChatGPT.",
+    "Claude Shannon's information theory is covered in chapter 3.",
 ])
 def test_cards_that_only_mention_a_chat_product_are_not_blocked(tmp_path, sentence):
     path = _dataset(tmp_path / "d", "license: apache-2.0\n", f"# Data\n\n{sentence}\n")
     assert provenance.check_data(path).verdict == "allow"
+
+
+def test_a_sentence_naming_two_chat_products_blocks_on_both(tmp_path):
+    sentence = "Chatbot Arena conversations with GPT-4 and Claude were collected from users."
+    path = _dataset(tmp_path / "d", "license: apache-2.0\n", f"{sentence}\n")
+    assert [f.rule for f in provenance.check_data(path).findings] == ["license:apache-2.0", "closed-api:openai",
+                                                                      "closed-api:anthropic"]
 
 
 @pytest.mark.parametrize("row", [

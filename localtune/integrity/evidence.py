@@ -200,7 +200,7 @@ ATTRIBUTED = re.compile(r"\b(by|with|using|from|via|of)\s+(?:[\w'-]+\s+){0,2}$",
 # "ShareGPT format" names a JSON layout, not the site, and says nothing about who wrote the data.
 _SHAREGPT = r"\bsharegpt(?![-_ ]?(?:format|style|schema|template|json|structure|layout|like|compatible))"
 CHAT_PRODUCTS = {  # the product's name; a sentence naming it must also speak of shared conversations
-    "openai": re.compile(_SHAREGPT + r"|\bchatgpt\b|\bchat\.openai\.com|\bchatgpt\.com", re.I),
+    "openai": re.compile(_SHAREGPT + r"|\bchatgpt\b|\bchat\.openai\.com|\bchatgpt\.com|\bgpt-?(4o?|3\.5)\b", re.I),
     "anthropic": re.compile(r"\bclaude(?:\.ai)?\b", re.I),
     "google": re.compile(r"\b(?:gemini|bard)\b", re.I),
     "xai": re.compile(r"\bgrok\b", re.I),
@@ -227,10 +227,10 @@ def card_text_findings(card: Card) -> list[Finding]:
                 continue
             ev = f"{card.path}:{card.body_line + offset}: {sentence.strip()[:160]}"
             shared = shared_chat(sentence)
+            findings += [Finding("block", f"closed-api:{api.key}", "the dataset card says the data are "
+                                 f"conversations shared from {api.provider}'s chat product; its terms forbid using "
+                                 "outputs to develop competing models", [ev], api.citation) for api in shared]
             if shared:
-                findings.append(Finding("block", f"closed-api:{shared.key}", "the dataset card says the data are "
-                                        f"conversations shared from {shared.provider}'s chat product; its terms forbid "
-                                        "using outputs to develop competing models", [ev], shared.citation))
                 continue
             for api in CLOSED_APIS:
                 mention = api.mention.search(sentence)
@@ -251,22 +251,25 @@ def says_generated(sentence: str, at: int) -> bool:
     return bool(GENERATION.search(sentence) and ATTRIBUTED.search(sentence[:at]))
 
 
-def shared_chat(sentence: str) -> ClosedApi | None:
-    """The provider whose chat product a sentence says the conversations were shared from: a share
-    site or export with conversations or sharing words, the ShareGPT name with conversations, or a
-    product's name with both ("user conversations with Claude")."""
+def shared_chat(sentence: str) -> list[ClosedApi]:
+    """The providers whose chat products a sentence says the conversations were shared from: a
+    share site or export with conversations or sharing words, the ShareGPT name with
+    conversations, or a product's name with both ("user conversations with Claude")."""
     if PROMPTS.search(sentence) and not REPLIES.search(sentence):
-        return None
+        return []
     conversation, sharing = CONVERSATION.search(sentence), SHARING.search(sentence)
-    for key, product in CHAT_PRODUCTS.items():
-        name = product.search(sentence)
+    site = SHARE_SITES.search(sentence)
+    if COMPARISON.search(sentence) and not site:
+        return []  # "conversations users had with our bot and with ChatGPT are compared"
+    found = []
+    for api in CLOSED_APIS:
+        name = CHAT_PRODUCTS[api.key].search(sentence) if api.key in CHAT_PRODUCTS else None
         if not name:
             continue
-        site = SHARE_SITES.search(sentence)
         sharegpt = name.group(0).lower().startswith("sharegpt")
         if (site and (conversation or sharing)) or (sharegpt and conversation) or (conversation and sharing):
-            return next(a for a in CLOSED_APIS if a.key == key)
-    return None
+            found.append(api)
+    return found
 
 
 def cached_card(repo_id: str, repo_type: str = "model") -> Path | None:
