@@ -62,11 +62,10 @@ def test_a_llama3_finetune_labelled_apache_is_blocked_by_its_base(tmp_path, hf_c
     assert [f.rule for f in source.findings] == ["license:apache-2.0", "license:llama3"]
     base = source.findings[1]
     assert "its base model meta-llama/Meta-Llama-3-8B-Instruct is under llama3" in base.reason
-    assert "judged from the base's name, as its card is not on this machine" in base.reason
+    assert "judged from the base's name, with no card on this machine" in base.reason
     assert "the card's own license (apache-2.0) cannot lift its base's terms" in base.reason
     assert base.evidence == [f"{folder}/README.md:3: base_model: meta-llama/Meta-Llama-3-8B-Instruct",
-                             "meta-llama/Meta-Llama-3-8B-Instruct: no card on this machine; the llama3 family by "
-                             "its name"]
+                             "meta-llama/Meta-Llama-3-8B-Instruct: the llama3 family by its name"]
     assert "§1.b.v" in base.citation
     assert source.license == "llama3"  # the strictest along the chain decides the bill of materials
 
@@ -80,8 +79,7 @@ def test_a_cached_base_card_decides_over_its_name(tmp_path, hf_cache):
     assert source.findings[1].evidence == [f"{folder}/README.md:3: base_model: acme/llama-3.1-helper",
                                            f"{cached}:2: license: llama3.1"]
     assert source.findings[2].evidence[-2:] == [f"{cached}:3: base_model: meta-llama/Llama-3.1-8B",
-                                                "meta-llama/Llama-3.1-8B: no card on this machine; the llama3.1 "
-                                                "family by its name"]
+                                                "meta-llama/Llama-3.1-8B: the llama3.1 family by its name"]
     assert 'name must begin with "Llama" (applied at export)' in source.conditions
 
 
@@ -125,6 +123,17 @@ def test_a_base_model_cycle_ends_and_a_deep_chain_is_capped(tmp_path, hf_cache):
     source = provenance.check_teacher("deep/m0")
     assert source.findings[-1].rule == "provenance:base-chain-depth" and source.verdict == "warn"
     assert "deeper than 8 models; localtune stopped at 'deep/m9'" in source.findings[-1].reason
+
+
+def test_a_base_card_without_a_license_is_judged_by_its_name_and_says_why(tmp_path, hf_cache):
+    hf_cache("acme/mystery", "---\nlanguage: en\n---\n")
+    hf_cache("acme/llama-2-chat-ft", "---\nlanguage: en\n---\n")
+    folder = _card(tmp_path / "t", "license: mit\nbase_model: [acme/mystery, acme/llama-2-chat-ft]\n")
+    source = provenance.check_teacher(str(folder))
+    assert [f.rule for f in source.findings] == ["license:mit", "provenance:unknown-base", "license:llama2"]
+    assert source.findings[1].reason.startswith("the base model 'acme/mystery', whose card states no license, has a "
+                                                "name localtune cannot place")
+    assert "judged from the base's name, whose card states no license" in source.findings[2].reason
 
 
 def test_a_local_base_folder_is_followed(tmp_path, hf_cache):

@@ -78,26 +78,24 @@ def _base_card(base: str, here: Path) -> Path | None:
 def _card_license(base: str, card: Card, trail: list[str], own: str | None) -> list[Finding]:
     license_id, license_name = card.meta.get("license"), card.meta.get("license_name")
     if not (license_id or license_name):
-        found = _by_name(base, trail, own)
-        for f in found:
-            f.evidence.append(f"{card.path}: its card states no license")
-        return found
+        return _by_name(base, trail + [f"{card.path}: its card states no license"], own, "whose card states no license")
     shown = license_name if str(license_id).lower() == "other" and license_name else license_id
     evidence = trail + [f"{card.where('license')}: license: {shown}"]
     return _lifted(license_findings(license_id, license_name, evidence[-1], "base model"), base, evidence, own, "")
 
 
-def _by_name(base: str, trail: list[str], own: str | None) -> list[Finding]:
+def _by_name(base: str, trail: list[str], own: str | None, why: str = "with no card on this machine"
+             ) -> list[Finding]:
     license = open_family(base)
     if license is None:
-        return [Finding("warn", "provenance:unknown-base", f"the base model {base!r} has no card on this machine "
-                        "and localtune cannot place its name; a fine-tune inherits its base's license", list(trail),
+        return [Finding("warn", "provenance:unknown-base", f"the base model {base!r}, {why}, has a name localtune "
+                        "cannot place; a fine-tune inherits its base's license", list(trail),
                         conditions=[f"check that {base}'s license allows what this model's own license "
                                     f"({own or 'none'}) claims, and training other models on its outputs (or cache "
                                     f"its card: hf download {base} README.md)"])]
-    evidence = trail + [f"{base}: no card on this machine; the {license} family by its name"]
+    evidence = trail + [f"{base}: the {license} family by its name"]
     return _lifted(license_findings(license, None, evidence[-1], "base model"), base, evidence, own,
-                   "; judged from the base's name, as its card is not on this machine")
+                   f"; judged from the base's name, {why}")
 
 
 def _lifted(found: list[Finding], base: str, evidence: list[str], own: str | None, note: str) -> list[Finding]:
