@@ -318,6 +318,14 @@ def test_a_card_saying_machine_generated_without_a_generator_warns(tmp_path, fro
         assert source.findings[-1].evidence[0].endswith("machine-generated") and source.verdict == "warn"
 
 
+def test_a_deep_upstream_chain_is_capped(tmp_path, hf_cache):
+    for i in range(6):
+        hf_cache(f"deep/d{i}", f"---\nlicense: mit\nsource_datasets: [deep/d{i + 1}]\n---\n", repo_type="dataset")
+    source = provenance.check_data(_dataset(tmp_path / "d", "license: mit\nsource_datasets: [deep/d0]\n"))
+    assert source.verdict == "warn" and source.findings[-1].rule == "provenance:upstream-depth"
+    assert source.findings[-1].reason.endswith("upstream deep/d4 is more than 4 datasets deep; localtune stopped there")
+
+
 def test_an_hf_reference_in_the_table_is_judged_itself(tmp_path):
     """The lead's `hf:` sources: the dataset's own id, its snapshot's card, rows from Parquet."""
     import pyarrow as pa

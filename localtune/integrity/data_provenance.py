@@ -119,8 +119,12 @@ def upstream_findings(card: Card, seen: set, depth: int) -> list[Finding]:
             findings += known_findings(known, [where, f"{known.name}: {known.cite}"], f"upstream {name}")
             continue
         up_card = _upstream_card(name, card.path.parent)
-        if up_card is None or depth >= UPSTREAM_DEPTH:
+        if up_card is None:
             unknown.append((name, where))
+        elif depth >= UPSTREAM_DEPTH:
+            findings.append(Finding("warn", "provenance:upstream-depth", f"upstream {name} is more than "
+                                    f"{UPSTREAM_DEPTH} datasets deep; localtune stopped there", [where],
+                                    conditions=[f"check how {name} and the datasets it was built from were made"]))
         elif str(up_card.resolve()) not in seen:  # a dataset reached twice, or a cycle
             seen.add(str(up_card.resolve()))
             parsed, unreadable = read_other_card(up_card, name, [where])
