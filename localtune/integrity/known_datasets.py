@@ -1,6 +1,6 @@
 """Widely used datasets whose text a model wrote (or, for a few, people wrote), with their
 generators and the license their cards declare, for the provenance gate's `source_datasets` check
-and for `hf:` sources.
+and for `hf:` sources (per config where a mixture's configs differ).
 
 Each row says which models wrote the data and where that is said (the dataset's card, or its
 paper), as read in November 2026. A generator is a closed API's key in CLOSED_APIS ("openai"),
@@ -121,6 +121,21 @@ TABLE = (
        "Llama 3.1 405B (smol-magpie-ultra), Qwen2.5-72B (rewrite, summarize, constraints), GPT-4 and GPT-3.5 "
        "(the openhermes-100k and metamathqa-50k subsets)",
        "its card: new synthetic subsets plus public ones, among them OpenHermes-2.5 and MetaMathQA", "apache-2.0"),
+    # smoltalk's configs, for a recipe that takes one (`config = "..."`); others fall back to the whole
+    _T(("huggingfacetb/smoltalk:smol-magpie-ultra",), ("llama3.1",), "Llama 3.1 405B Instruct",
+       "smoltalk's card and the SmolLM2 paper (Allal et al. 2025): Smol-Magpie-Ultra generated with "
+       "Llama-3.1-405B-Instruct", "apache-2.0"),
+    _T(("huggingfacetb/smoltalk:smol-constraints", "huggingfacetb/smoltalk:smol-rewrite",
+        "huggingfacetb/smoltalk:smol-summarize"), ("qwen",), "Qwen2.5-72B-Instruct",
+       "the SmolLM2 paper: the constraints, rewriting and summarization sets were generated with "
+       "Qwen2.5-72B-Instruct", "apache-2.0"),
+    _T(("huggingfacetb/smoltalk:everyday-conversations",), ("llama3.1",), "Llama 3.1 70B Instruct",
+       "smoltalk's card: the everyday conversations of SmolLM v1's post-training, "
+       "HuggingFaceTB/everyday-conversations-llama3.1-2k, named for the model that wrote them (not checked "
+       "against a stored copy)", "apache-2.0"),
+    _T(("huggingfacetb/smoltalk:openhermes-100k", "huggingfacetb/smoltalk:metamathqa-50k"), ("openai",),
+       "GPT-4 (OpenHermes-2.5) and gpt-3.5-turbo (MetaMathQA)", "smoltalk's card: subsets of OpenHermes-2.5 and "
+       "MetaMathQA", "apache-2.0"),
     _T(("nvidia/openmathinstruct-2", "openmathinstruct-2"), ("llama3.1",), "Llama 3.1 405B Instruct",
        "its card: solutions and augmented problems synthesized with Llama3.1-405B-Instruct", "cc-by-4.0"),
     _T(("nvidia/openmathinstruct-1", "openmathinstruct-1"), ("apache-2.0",), "Mixtral-8x7B",
@@ -162,8 +177,11 @@ TABLE = (
 KNOWN_DATASETS = {alias.lower(): entry for entry in TABLE for alias in entry.ids}
 
 
-def known_dataset(name: str) -> KnownDataset | None:
-    """The table's row for a dataset id or alias (`hf:` prefix and case ignored)."""
+def known_dataset(name: str, config: str | None = None) -> KnownDataset | None:
+    """The table's row for a dataset id or alias (`hf:` prefix and case ignored); with a config
+    the table knows separately (`huggingfacetb/smoltalk:smol-magpie-ultra`), that config's row."""
     key = str(name).strip().lower()
     key = key[3:] if key.startswith("hf:") else key
+    if config and f"{key}:{str(config).lower()}" in KNOWN_DATASETS:
+        return KNOWN_DATASETS[f"{key}:{str(config).lower()}"]
     return KNOWN_DATASETS.get(key)
