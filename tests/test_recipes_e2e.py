@@ -220,7 +220,8 @@ def test_smollm2_smoltalk_recipe_reads_a_hub_dataset_from_the_cache(in_repo, tmp
     run, manifest = run_recipe(ROOT / "recipes/smollm2-smoltalk.toml", tmp_path)
     data = manifest["data"]["sft"]
     assert data["format"] == "OpenAI messages (messages: role/content), 512 rows from 1 file"
-    assert manifest["provenance"]["verdict"] == "allow"
+    bom = manifest["provenance"]  # the gate knows this config was written by Llama 3.1 70B: its terms apply
+    assert bom["verdict"] == "warn" and "Llama 3.1" in json.dumps(bom), bom
     assert manifest["task"]["before"]["n"] == 64
     before, after = manifest["task"]["before"]["value"], manifest["task"]["after"]["value"]
     assert after > before + 0.2, (before, after)  # nats per answer token, on the test split
