@@ -117,7 +117,10 @@ class Rule:
 
 @dataclass(frozen=True)
 class EvalSpec:
-    data: Union[str, None] = option(None, doc="held-out JSONL with prompt/completion or messages")
+    data: Union[str, None] = option(None, doc="the golden set: prompt/completion or messages rows, in any data "
+                                              "file, folder or hf:owner/name")
+    split: Union[str, None] = option(None, doc="the golden set's split (hf: datasets default to test)")
+    config: Union[str, None] = option(None, doc="the golden set's config (hf: datasets with several)")
     metric: str = option("exact_match", choices=("exact_match", "contains", "regex", "json", "loglik", "preference"))
     format: Union[str, None] = option(None, doc="regex a well-formed answer must fully match (reported too; "
                                               'the pattern of metric = "regex")')

@@ -108,6 +108,16 @@ def _data_lints(found: dict) -> list[str]:
     return lines
 
 
+def _task_row(before: dict, after: dict) -> str:
+    """The task metric's row: a share in points, or log-likelihood in nats per answer token."""
+    if before["metric"] == "loglik":
+        change = f"{after['value'] - before['value']:+.3f}" if after else "—"
+        return (f"| log-likelihood (nats per answer token; higher is better) | {before['value']:.3f} | "
+                f"{_fmt(after.get('value'), '.3f')} | {change} |")
+    change = f"{(after['value'] - before['value']) * 100:+.1f} points" if after else "—"
+    return f"| {before['metric']} | {before['value']:.1%} | {_fmt(after.get('value'), '.1%')} | {change} |"
+
+
 def write_report(run, recipe, manifest: dict) -> str:
     lines = [f"# {recipe.name}", "",
              f"- model: `{manifest['model']['path']}` ({manifest['model'].get('parameters', 0) / 1e6:.1f}M "
@@ -134,16 +144,13 @@ def write_report(run, recipe, manifest: dict) -> str:
         before, after = task["before"], task.get("after", {})
         lines += ["", "## Task metric (held-out)", "",
                   f"{before['metric']} on {before['n']} held-out rows of `{recipe.eval.data}`:", "",
-                  "| | before | after | change |", "|---|---|---|---|",
-                  f"| {before['metric']} | {before['value']:.1%} | {_fmt(after.get('value'), '.1%')} | "
-                  f"{(after['value'] - before['value']) * 100:+.1f} points |" if after else
-                  f"| {before['metric']} | {before['value']:.1%} | — | — |"]
+                  "| | before | after | change |", "|---|---|---|---|", _task_row(before, after)]
         if "well_formed" in before:
             lines.append(f"| well-formed (`{before['format']}`) | {before['well_formed']:.1%} | "
                          f"{_fmt(after.get('well_formed'), '.1%')} | " + (
                              f"{(after['well_formed'] - before['well_formed']) * 100:+.1f} points |"
                              if after else "— |"))
-        if after:
+        if after and before.get("samples"):
             lines += ["", "Samples (greedy):", "", "| prompt | expected | before | after |", "|---|---|---|---|"]
             for b, a in zip(before["samples"], after["samples"]):
                 cell = lambda t: t.replace("|", "\\|").replace("\n", " ")[:60]  # noqa: E731

@@ -141,9 +141,10 @@ SHAREGPT = [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt",
     (PLAIN, "license: apache-2.0\n", "No OpenAI or Anthropic models were used to write this data.\n", "allow",
      ["license:apache-2.0"]),  # a card that names a provider only to deny it
     (PLAIN, "license: apache-2.0\n", "Our model beats Claude on this benchmark.\n", "allow", ["license:apache-2.0"]),
-    (PLAIN, "license: apache-2.0\ntags: [synthetic, gpt-4]\n", "", "block", ["license:apache-2.0", "closed-api:openai"]),
+    (PLAIN, "license: apache-2.0\ntags: [synthetic, gpt-4]\n", "", "block",
+     ["license:apache-2.0", "closed-api:openai"]),
     (PLAIN, "license: cc-by-nc-4.0\nsource_datasets: [tatsu-lab/alpaca]\n", "", "block",
-     ["license:cc-by-nc-4.0", "closed-api:openai"]),
+     ["license:cc-by-nc-4.0", "closed-api:openai", "license:cc-by-nc-4.0"]),  # the upstream's own license too
     ([{"prompt": "x", "completion": "y", "source": "wikipedia"}], "license: cc-by-sa-4.0\n", "", "warn",
      ["license:cc-by-sa-4.0"]),  # a `source` naming a corpus, not a model
     ([{"prompt": "x", "completion": "y", "generator": "acme-internal-7b"}], "license: apache-2.0\n", "", "warn",
@@ -189,7 +190,7 @@ def test_license_check_cli_allows_clean_data_and_warns_on_unknown(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [([], "give at least one --teacher REF or --data PATH"),
-                                           (["--data", "missing.jsonl"], "missing.jsonl: no such file")])
+                                           (["--data", "missing.jsonl"], "missing.jsonl: no such data file or folder")])
 def test_license_check_usage_errors(args, message):
     result = invoke("license", "check", *args)
     assert result.exit_code in (1, 2) and message in result.output

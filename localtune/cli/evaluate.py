@@ -79,10 +79,9 @@ def eval_(target, golden, metric, pattern, general, limit, as_json):
     """Task metric on a golden set and general NLL of MODEL, RUN or RUN/stage."""
     import dataclasses
 
-    from .. import loading
+    from .. import datasets, loading
     from ..integrity import evaluate
     from ..recipe import EvalSpec, Recipe
-    from ..train import data
     from ..train.prepare import general_texts
 
     t = loading.parse_target(target)
@@ -90,7 +89,7 @@ def eval_(target, golden, metric, pattern, general, limit, as_json):
         parsed = loading.chain(t.run, t.stage)[0]
         spec = parsed.eval
         if golden is None and spec.data:
-            golden = parsed.resolve(spec.data)
+            golden = datasets.eval_spec(parsed)
     else:
         parsed, spec = Recipe(eval=EvalSpec()), EvalSpec()
     spec = dataclasses.replace(spec, **{k: v for k, v in (("metric", metric), ("format", pattern),
@@ -100,8 +99,9 @@ def eval_(target, golden, metric, pattern, general, limit, as_json):
     model, tokenizer = loading.load(t)
     result = {"target": target}
     if golden:
-        rows, _ = data.read_jsonl(golden)
-        result["task"] = evaluate.task(model, tokenizer, rows, spec) | {"golden": str(golden)}
+        golden = golden if isinstance(golden, datasets.Spec) else datasets.Spec(str(golden))
+        rows = datasets.read(golden, ("completion", "messages", "preference")).rows
+        result["task"] = evaluate.task(model, tokenizer, rows, spec) | {"golden": golden.ref}
     texts = general_texts(dataclasses.replace(parsed, eval=spec))
     if texts:
         result["general"] = evaluate.general_nll(model, tokenizer, texts)

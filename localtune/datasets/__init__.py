@@ -50,6 +50,14 @@ def spec_of(recipe, stage, valid: bool = False) -> Spec:
                 stage.columns, recipe.base_dir)
 
 
+def eval_spec(recipe) -> Spec | None:
+    """The recipe's golden set ([eval] data); an hf: golden set reads its test split unless told."""
+    e = recipe.eval
+    if not e.data:
+        return None
+    return Spec(e.data, e.split or ("test" if e.data.startswith("hf:") else None), e.config, base_dir=recipe.base_dir)
+
+
 @dataclass
 class Source:
     ref: str

@@ -123,9 +123,10 @@ def _csv(path: Path) -> Iterator[tuple[str, dict]]:
     try:
         for row in reader:
             where = f"{path}:{reader.line_num}"
-            if None in row:  # more cells than header names
-                raise DataError(f"{where}: {len(reader.fieldnames) + len(row[None])} cells but the header names "
-                                f"{len(reader.fieldnames)} columns\n  fix: quote cells that hold commas")
+            if None in row or None in row.values():  # more (or fewer) cells than header names
+                cells = len(reader.fieldnames) + len(row.get(None, ())) - sum(v is None for v in row.values())
+                raise DataError(f"{where}: {cells} cells but the header names {len(reader.fieldnames)} columns\n"
+                                "  fix: quote cells that hold commas or line breaks")
             yield where, {k: v for k, v in row.items() if k}
     except csv.Error as e:
         raise DataError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None

@@ -5,35 +5,33 @@ verdict is its worst finding. Unknown provenance is a warning, never a silent al
 `[[provenance.attest]]` entry in the recipe turns one source's block into an allow, recorded with
 the user's reason; there is no global switch.
 
-The policy tables (CLOSED_APIS, LICENSES, KNOWN_DATASETS) are in `policy.py`, each row with the
-clause it rests on. What travels with adapters and exports is in `bom.py`.
+The policy tables (CLOSED_APIS, LICENSES) are in `policy.py`, each row with the clause it rests on;
+the generated datasets in `known_datasets.py`. Datasets are judged in `data_provenance.py`, a
+model's `base_model` chain in `lineage.py`. What travels with adapters and exports is in `bom.py`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import methods
+from .. import datasets, methods
 from ..errors import LocaltuneError
+from .data_provenance import GENERATOR_KEYS, RECORDS_SCANNED, check_data, check_dataset  # noqa: F401
 from .evidence import (
     ORDER,
     Finding,
     Source,
-    as_list,
-    card_text_findings,
+    cached_card,
     closed_api,
     closed_finding,
     license_findings,
     open_family,
     read_card,
 )
-from .policy import CLOSED_APIS, KNOWN_DATASETS
-
-GENERATOR_KEYS = ("model", "generator", "source", "model_name", "generated_by", "teacher", "annotator",
-                  "chosen_model", "rejected_model")
-RECORDS_SCANNED = 100_000  # lines of a JSONL file read for generator fields
+from .lineage import card_bases, chain_findings, strictest
 
 
 class Blocked(LocaltuneError):
@@ -130,6 +128,26 @@ def _gguf_teacher(source: Source, path: Path) -> None:
                                         f"{path} general.license = {source.license!r}", "teacher")
     if not source.license and meta.get("general.name"):
         _family(source, meta["general.name"], f"{path} general.name = {meta['general.name']!r}")
+    chain = chain_findings(_gguf_bases(reader, path), path.parent, source.license)
+    source.findings += chain
+    source.license = strictest(source.license, chain)
+
+
+def _gguf_bases(reader, path: Path) -> list[tuple[str, str]]:
+    """The base models a GGUF names (general.base_model.N.*), as repo ids where a repo URL says."""
+    def field(key):
+        f = reader.fields.get(key)
+        return f.contents() if f is not None else None
+
+    bases = []
+    for i in range(int(field("general.base_model.count") or 0)):
+        url, name = field(f"general.base_model.{i}.repo_url"), field(f"general.base_model.{i}.name")
+        if url:
+            ref = re.sub(r"^https?://(www\.)?huggingface\.co/", "", str(url)).strip("/")
+            bases.append((ref, f"{path} general.base_model.{i}.repo_url = {url!r}"))
+        elif name:
+            bases.append((str(name), f"{path} general.base_model.{i}.name = {name!r}"))
+    return bases
 
 
 def _folder_teacher(source: Source, folder: Path) -> None:
@@ -147,11 +165,10 @@ def _folder_teacher(source: Source, folder: Path) -> None:
         name = json.loads(config.read_text()).get("_name_or_path", "") if config.exists() else ""
         if not _family(source, name or folder.name, f"{config}: _name_or_path = {name!r}" if name else str(folder)):
             source.findings += license_findings(None, None, where, "teacher")
-    for base in as_list(meta.get("base_model")):
-        api = closed_api(str(base))
-        if api:
-            source.findings.append(closed_finding(api, [f"{card.where('base_model')}: base_model: {base}"],
-                                                  "the card names as its base"))
+    if card:  # the strictest license along the base_model chain decides
+        chain = chain_findings(card_bases(card), folder, source.license, {str(card.path.resolve())})
+        source.findings += chain
+        source.license = strictest(source.license, chain)
 
 
 def _named_teacher(source: Source, ref: str) -> None:
@@ -172,15 +189,7 @@ def _named_teacher(source: Source, ref: str) -> None:
 
 def _cached_card(repo_id: str) -> Path | None:
     """The model card of a repo id in the Hugging Face cache (never downloads)."""
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
-        return None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(repo_id, "README.md")
-    except Exception:  # noqa: BLE001 - a cache lookup must never break the gate
-        return None
-    return Path(found) if isinstance(found, str) else None
+    return cached_card(repo_id)
 
 
 def _family(source: Source, name: str, evidence: str) -> bool:
@@ -195,90 +204,6 @@ def _family(source: Source, name: str, evidence: str) -> bool:
             f.verdict = "warn"  # a name is weaker evidence than a card
     source.findings += found
     return True
-
-
-# ---------------------------------------------------------------------------------------------
-# Datasets
-
-
-def check_data(path: str | Path) -> Source:
-    """A JSONL file, or a folder of them, with an optional dataset card (README.md) beside it."""
-    path = Path(path)
-    source = Source("data", str(path))
-    if not path.exists():
-        raise LocaltuneError(f"{path}: no such file or folder\n  fix: check the data path")
-    folder = path if path.is_dir() else path.parent
-    files = sorted(folder.glob("*.jsonl")) if path.is_dir() else [path]
-    card = read_card(folder / "README.md")
-    generated: dict[str, list[str]] = {}
-    named: set[str] = set()  # names seen under a key other than `source`
-    for f in files:
-        _scan_records(f, generated, named)
-    for name, where in generated.items():
-        api = closed_api(name)
-        if api:
-            source.findings.append(closed_finding(api, where, f"records name {name!r}, a model of"))
-        elif (license := open_family(name)) is not None:
-            source.license = source.license or license  # the outputs' license, until a card says more
-            for finding in license_findings(license, None, where[0], "generator"):
-                finding.reason = f"records were generated by {name!r}: {finding.reason}"
-                finding.evidence = where
-                source.findings.append(finding)
-        elif name in named:  # a `source` may name a corpus, not a model: only the other keys warn
-            source.findings.append(Finding("warn", "provenance:unknown-generator",
-                                           f"records name the generator {name!r}, which localtune cannot place",
-                                           where, conditions=[f"check {name}'s terms allow training on its outputs"]))
-    if card is None:
-        if not generated:
-            source.findings.append(Finding("warn", "provenance:unknown", "no dataset card (README.md) beside the "
-                                           "data and no generator fields in its records", [str(path)],
-                                           conditions=["add a README.md card with license and source_datasets, "
-                                                       "or check the data's origin yourself"]))
-        return source
-    meta = card.meta
-    source.license = (meta.get("license_name") if str(meta.get("license")).lower() == "other" else meta.get(
-        "license")) or source.license
-    source.findings += license_findings(meta.get("license"), meta.get("license_name"),
-                                        f"{card.where('license')}: license: {meta.get('license')}", "dataset")
-    for tag in as_list(meta.get("tags")):
-        api = closed_api(str(tag))
-        if api:
-            source.findings.append(closed_finding(api, [f"{card.where('tags')}: tags: {tag}"],
-                                                  "the card tags the data as from"))
-    for upstream in as_list(meta.get("source_datasets")):
-        known = KNOWN_DATASETS.get(str(upstream).lower())
-        if known:
-            api = next(a for a in CLOSED_APIS if a.key == known[0])
-            source.findings.append(closed_finding(api, [f"{card.where('source_datasets')}: source_datasets: "
-                                                        f"{upstream} ({known[1]})"], "an upstream dataset came from"))
-    source.findings += card_text_findings(card)
-    return source
-
-
-def _scan_records(path: Path, generated: dict, named: set) -> None:
-    """Collect generator names from per-record fields, nested ones included (completions[].model)."""
-    def walk(value, trail: str, line: int):
-        if isinstance(value, dict):
-            for k, v in value.items():
-                if k in GENERATOR_KEYS and isinstance(v, str) and v.strip():
-                    generated.setdefault(v.strip(), []).append(f"{path}:{line}: {trail}{k} = {v.strip()!r}")
-                    if k != "source":
-                        named.add(v.strip())
-                elif isinstance(v, (dict, list)):
-                    walk(v, f"{trail}{k}.", line)
-        elif isinstance(value, list):
-            for i, v in enumerate(value):
-                walk(v, f"{trail[:-1]}[{i}].", line)
-
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line_no, line in enumerate(f, 1):
-            if line_no > RECORDS_SCANNED:
-                break
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # the data reader reports malformed rows with their line
-            walk(record, "", line_no)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,10 +232,16 @@ def check_recipe(recipe) -> Report:
             if ("teacher", recipe.model.path) not in seen:
                 seen.add(("teacher", recipe.model.path))
                 sources.append(check_teacher(recipe.model.path, recipe.base_dir))
-        for p in (stage.data, stage.valid):
-            if p and ("data", recipe.resolve(p)) not in seen:
-                seen.add(("data", recipe.resolve(p)))
-                sources.append(check_data(recipe.resolve(p)))
+        for p, valid in ((stage.data, False), (stage.valid, True)):
+            if not p:
+                continue
+            spec = datasets.spec_of(recipe, stage, valid)
+            ref = p if spec.is_hub else recipe.resolve(p)
+            key = ("data", ref, spec.split, spec.config, spec.files)
+            if key not in seen:
+                seen.add(key)
+                local = dataclasses.replace(spec, ref=str(Path(ref).resolve()))  # as resolve() found it
+                sources.append(check_data(ref, spec if spec.is_hub else local))
     report = Report(sources)
     attest(report, [{"source": a.source, "reason": a.reason} for a in recipe.provenance.attest], recipe.resolve)
     return report

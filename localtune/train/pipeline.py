@@ -61,8 +61,9 @@ def build(ctx: StageContext, method) -> tuple:
 def log_task(run: Run, when: str, result: dict, report) -> None:
     """The task metric as an event, and its sample generations as "sample" records (the TUI shows them)."""
     formed = f", well-formed {result['well_formed']:.0%}" if "well_formed" in result else ""
+    value = f"{result['value']:.3f} nats/token" if result["metric"] == "loglik" else f"{result['value']:.0%}"
     report(run.log("eval", 0, "event", event="task_metric", when=when, value=result["value"],
-                   message=f"task metric {when}: {result['metric']} {result['value']:.0%} of {result['n']}{formed}"))
+                   message=f"task metric {when}: {result['metric']} {value} on {result['n']} rows{formed}"))
     for sample in result.get("samples", []):
         run.log("eval", 0, "sample", when=when, **sample)
 

@@ -36,8 +36,8 @@ class Prepared:
     valid: dict  # stage name -> the same, or None
     eval_rows: list | None
     contamination: dict | None = None  # the firewall's report, when there is a golden set
-    detected: dict = dataclasses.field(default_factory=dict)  # stage name -> the data format found, in words
     general: list | None = None  # general-ability texts (the forgetting check)
+    detected: dict = dataclasses.field(default_factory=dict)  # stage name -> the data format found, in words
     lints: dict = dataclasses.field(default_factory=dict)  # stage name -> data-lint warnings (dicts)
 
 
@@ -105,7 +105,8 @@ def prepare(recipe: Recipe) -> Prepared:
                           "  fix: run this recipe without mlx.launch")
     eval_rows = None
     if recipe.eval.data:
-        eval_rows, fmt = data.read_jsonl(recipe.resolve(recipe.eval.data))
+        table = datasets.read(datasets.eval_spec(recipe), ("completion", "messages", "preference"))
+        eval_rows, fmt = table.rows, table.fmt
         want = ("preference",) if recipe.eval.metric == "preference" else ("completion", "messages")
         if fmt not in want:
             raise RecipeError(f"{recipe.eval.data}: [eval] metric = {recipe.eval.metric!r} needs "
@@ -162,7 +163,7 @@ def firewall(recipe: Recipe) -> dict | None:
     from ..integrity import contamination as cont
 
     spec = recipe.eval
-    golden = [recipe.resolve(spec.data)] if spec.data else []
+    golden = [datasets.eval_spec(recipe)] if spec.data else []
     if spec.general != "none":  # trained-on general text would hide forgetting
         golden.append(GENERAL if spec.general == "bundled" else recipe.resolve(spec.general))
     if not golden:
