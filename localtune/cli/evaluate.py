@@ -68,7 +68,7 @@ def score(reward, data_path, as_json):
 
 @cli.command(name="eval")
 @click.argument("target")
-@click.option("--golden", type=click.Path(dir_okay=False), help="Golden JSONL (default: the run's [eval] data).")
+@click.option("--golden", help="The golden set: a data file, folder or hf:owner/name (default: the run's [eval] data).")
 @click.option("--metric", type=click.Choice(["exact_match", "contains", "regex", "json", "loglik", "preference"]),
               help="Task metric (default: the run's, else exact_match).")
 @click.option("--format", "pattern", help='Regex for --metric regex (and the well-formed share).')
@@ -101,7 +101,8 @@ def eval_(target, golden, metric, pattern, general, limit, as_json):
     if golden:
         golden = golden if isinstance(golden, datasets.Spec) else datasets.Spec(str(golden))
         rows = datasets.read(golden, ("completion", "messages", "preference")).rows
-        result["task"] = evaluate.task(model, tokenizer, rows, spec) | {"golden": golden.ref}
+        golden = golden.ref if golden.is_hub else str(golden.path())
+        result["task"] = evaluate.task(model, tokenizer, rows, spec) | {"golden": golden}
     texts = general_texts(dataclasses.replace(parsed, eval=spec))
     if texts:
         result["general"] = evaluate.general_nll(model, tokenizer, texts)

@@ -109,7 +109,7 @@ def _card(folder: Path) -> Path | None:
 
 
 def _meta(folder: Path) -> dict:
-    return hub._card_meta(folder / "README.md")
+    return hub.card_meta(folder / "README.md")
 
 
 def iter_rows(source: Source):
@@ -130,12 +130,12 @@ def read(spec: Spec, accept: tuple | None = None) -> Table:
         raw = [formats.map_columns(r, spec.columns, w) for r, w in zip(raw, where)]
     shape, found = _detect(raw, where, accept)
     fmt = formats.CANONICAL[shape]
-    from ..train.data import _check_row
+    from ..train.data import check_row
 
     rows = []
     for r, w in zip(raw, where):
         row = formats.canonical(r, shape, w)
-        _check_row(row, w, fmt)
+        check_row(row, w, fmt)
         rows.append(row)
     n_files = len(source.files)
     detected = (f"{formats.DESCRIBE[shape]}" + (" via columns" if spec.columns else "")
@@ -182,15 +182,15 @@ def fingerprint(spec: Spec) -> str:
     """The content of a spec's files and the selection: what a resumed run must see again."""
     source = resolve(spec)
     if len(source.files) == 1 and not (spec.limit or spec.columns or spec.shuffle_seed is not None):
-        return _sha256(source.files[0])  # one plain file: its hash, as manifests have always recorded
+        return sha256(source.files[0])  # one plain file: its hash, as manifests have always recorded
     h = hashlib.sha256(repr((spec.split, spec.config, spec.revision, spec.files, spec.limit, spec.shuffle_seed,
                              sorted((spec.columns or {}).items()))).encode())
     for f in source.files:
-        h.update(f.name.encode() + _sha256(f).encode())
+        h.update(f.name.encode() + sha256(f).encode())
     return h.hexdigest()
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):

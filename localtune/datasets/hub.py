@@ -31,7 +31,7 @@ def snapshot(ref: str, split: str | None, config: str | None, revision: str | No
     folder = _cached(repo, revision)
     if folder is not None:
         present = [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*")) if p.is_file()]
-        meta = _card_meta(folder / "README.md")
+        meta = card_meta(folder / "README.md")
         wanted = select(present, meta, split, config, glob, ref, partial=True)
         if wanted:
             return folder, [folder / p for p in wanted], _card(folder)
@@ -66,7 +66,7 @@ def _download(repo, revision, split, config, glob, ref):
         listing = HfApi().list_repo_files(repo, repo_type="dataset", revision=revision)
         meta = {}
         if "README.md" in listing:
-            meta = _card_meta(Path(hf_hub_download(repo, "README.md", repo_type="dataset", revision=revision)))
+            meta = card_meta(Path(hf_hub_download(repo, "README.md", repo_type="dataset", revision=revision)))
         wanted = select(listing, meta, split, config, glob, ref)
         folder = Path(snapshot_download(repo, repo_type="dataset", revision=revision,
                                         allow_patterns=wanted + ["README.md"]))
@@ -83,7 +83,7 @@ def _card(folder: Path) -> Path | None:
     return folder / "README.md" if (folder / "README.md").is_file() else None
 
 
-def _card_meta(path: Path) -> dict:
+def card_meta(path: Path) -> dict:
     from ..integrity.evidence import read_card
 
     card = read_card(path) if path.is_file() else None

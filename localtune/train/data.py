@@ -16,7 +16,7 @@ from . import render
 from .render import ROLES  # noqa: F401  (the roles a chat row may use)
 
 
-def _check_row(row, where: str, fmt: str) -> None:
+def check_row(row, where: str, fmt: str) -> None:
     if fmt == "messages":
         render.check_messages(row["messages"], where)
         if row.get("tools") is not None:
