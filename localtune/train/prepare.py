@@ -69,9 +69,11 @@ def _read_stage(recipe: Recipe, s: Stage):
         valid, vfmt = vtable.rows, vtable.fmt
         if vfmt != fmt:
             raise RecipeError(f"{vtable.source.ref}: validation rows are {vfmt!r} but training rows are {fmt!r}")
-    elif s.valid_fraction:
-        rows, valid = data.split(rows, s.valid_fraction, s.seed)
-    return rows, valid, fmt, table.detected
+    where = table.where
+    if not s.valid and s.valid_fraction:
+        pairs, valid_pairs = data.split(list(zip(rows, where)), s.valid_fraction, s.seed)
+        rows, where, valid = [r for r, _ in pairs], [w for _, w in pairs], [r for r, _ in valid_pairs]
+    return rows, valid, fmt, table.detected, where
 
 
 def _check_model(recipe: Recipe, folder: Path) -> None:
@@ -120,9 +122,11 @@ def prepare(recipe: Recipe) -> Prepared:
         methods.of(s).check(recipe, s, tokenizer, folder)
     train, valid, data_lints = {}, {}, {}
     for s in recipe.stages:
-        rows, valid_rows, fmt, _ = raw[s.name]
+        rows, valid_rows, fmt, _, where = raw[s.name]
         method = methods.of(s)
         train[s.name] = method.encode(s, rows, fmt, tokenizer, recipe.resolve(s.data))
+        if isinstance(train[s.name], data.Dataset) and train[s.name].where is None:
+            train[s.name].where = where  # lints and errors name file:line (or the Parquet row)
         valid[s.name] = method.encode(s, valid_rows, fmt, tokenizer, s.valid or "valid split") if valid_rows else None
         if isinstance(train[s.name], data.Dataset):
             if found := lint_stage(s, train[s.name], rows, fmt, tokenizer):
