@@ -190,7 +190,8 @@ def fingerprint(spec: Spec) -> str:
     return h.hexdigest()
 
 
-def sha256(path: Path) -> str:
+def sha256(path: str | Path) -> str:
+    """A file's SHA-256, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):

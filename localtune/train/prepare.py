@@ -3,10 +3,10 @@ against the model's family and the golden sets, before any weights load."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 
 from .. import datasets, methods
+from ..datasets import sha256  # noqa: F401 - the file hash the pipeline records
 from ..errors import DataError, RecipeError
 from ..models import families
 from ..recipe import Recipe, Stage
@@ -16,14 +16,6 @@ WANT = {"preference": '{"prompt", "chosen", "rejected"}', "prompt": '{"prompt"}'
         "completion": '{"prompt", "completion"}', "text": '{"text"}',
         "labelled": '{"prompt", "completion", "label"}'}
 GENERAL = Path(__file__).parent.parent / "resources" / "general.jsonl"  # the bundled general-ability texts
-
-
-def sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclasses.dataclass
