@@ -67,13 +67,19 @@ def smoltalk_rows(n: int, seed: int) -> list[dict]:
         name, thing, place, day = pick(names), pick(topics[topic]), pick(places), pick(days)
         other = pick([t for t in topics[topic] if t != thing])
         n1, n2 = int(rng.integers(2, 9)), int(rng.integers(10, 60))
+        first = pick([f"Hi {name}! {thing.capitalize()} in {place} sounds lovely. How was it on {day}?",
+                      f"Hello {name}, {n1} times already? {thing.capitalize()} must have won you over.",
+                      f"Nice to meet you, {name}! What made you pick {thing} on {day}?",
+                      f"{thing.capitalize()} in {place}, what a good way to spend a {day}, {name}."])
+        second = pick([f"{n2} minutes is worth it, {name}. Enjoy {other}, and tell me how it goes!",
+                       f"{other.capitalize()} sounds like a fine next step. Take your time with it.",
+                       f"Good plan, {name}. Many people in {place} like {other} too.",
+                       f"Then {other} it is! Let me know what you think of it."])
         messages = [
             {"content": f"Hi, I'm {name} from {place}. On {day} I tried {thing}, {n1} times so far.", "role": "user"},
-            {"content": f"Hi {name}! {thing.capitalize()} in {place} sounds lovely. How was it on {day}?",
-             "role": "assistant"},
+            {"content": first, "role": "assistant"},
             {"content": f"It took about {n2} minutes, and next time I want {other}.", "role": "user"},
-            {"content": f"{n2} minutes is worth it, {name}. Enjoy {other}, and tell me how it goes!",
-             "role": "assistant"}]
+            {"content": second, "role": "assistant"}]
         rows.append({"full_topic": f"Everyday talk/{topic.capitalize()}/{thing}", "messages": messages})
     return rows
 
