@@ -57,3 +57,27 @@ def in_repo(monkeypatch):
     """Run from the repo root, as the README's commands do."""
     monkeypatch.chdir(ROOT)
     return ROOT
+
+
+# Longest first, so that both workers finish together. The slow suite (`--dist loadgroup`: one test per unit,
+# dealt out in this order, each worker holding the next one) orders by each test's `slow(minutes=N)`, N being
+# its minutes in CI; a slow test without it counts as UNKNOWN_MINUTES (a SmolLM2 recipe), so it starts early
+# rather than running alone at the end. The default suite (`--dist loadfile --no-loadscope-reorder`: whole
+# files) starts with its longest files, which xdist would otherwise order by their number of tests.
+UNKNOWN_MINUTES = 10
+LONGEST_FILES = ("test_distributed.py", "test_distill.py", "test_tui_e2e.py", "test_cli.py", "test_export.py",
+                 "test_dpo.py", "test_grpo.py", "test_forgetting.py", "test_recipes_e2e.py", "test_device_policy.py")
+
+
+def _minutes(item) -> float:
+    mark = item.get_closest_marker("slow")
+    return mark.kwargs.get("minutes", UNKNOWN_MINUTES) if mark else 0
+
+
+def _file_rank(item) -> int:
+    name = item.path.name
+    return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: (-_minutes(item), _file_rank(item)))  # stable: a file's tests keep their order
