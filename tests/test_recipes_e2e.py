@@ -236,7 +236,7 @@ def test_gemma3_q4_k_m_recipe_gains_fuses_and_exports_a_verified_q8_0(in_repo, t
     assert "tokenizer: plain text, special parsing off | 8/8 identical" in result.output and out.exists()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=4)
 def test_smollm2_smoltalk_recipe_reads_a_hub_dataset_from_the_cache(in_repo, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
