@@ -11,8 +11,8 @@ from pathlib import Path
 
 from .. import __version__, device, loading, methods
 from ..methods.base import StageContext
-from ..recipe import Recipe, Stage
-from ..run import Run
+from ..recipe import RUN_TEMPLATE, Recipe, Stage
+from ..run import Run, atomic_write
 from . import distributed
 from .prepare import Prepared, batches, sha256
 
@@ -138,6 +138,10 @@ class Chain:
                 data={s.name: {"path": s.data, "sha256": sha256(recipe.resolve(s.data))} for s in recipe.stages},
                 stages=[{"name": s.name, "kind": s.kind} for s in recipe.stages], stages_done=[],
                 started=time.time())
+            if template := recipe.chat_template():  # the run keeps its own copy: loading, fuse and export read it
+                atomic_write(run.path / RUN_TEMPLATE, template)
+                run.update_manifest(chat_template={"path": recipe.model.chat_template,
+                                                   "sha256": hashlib.sha256(template.encode()).hexdigest()})
         run.set_status(state="running", stage="load", step=0)
         if c := prepared.contamination:
             run.update_manifest(contamination={k: v for k, v in c.items() if k != "overlaps"} | {

@@ -107,10 +107,11 @@ def prepare(recipe: Recipe) -> Prepared:
             raise RecipeError(f"{recipe.eval.data}: [eval] metric = {recipe.eval.metric!r} needs "
                               f"{' or '.join(WANT[f] for f in want)} rows, but this file has {WANT[fmt]} rows\n"
                               "  fix: point [eval] data at the golden set, or choose another metric")
+    template = recipe.chat_template()
     folder = models.resolve(recipe.resolve(recipe.model.path), recipe.model.revision)
     _check_model(recipe, folder)
     contamination = firewall(recipe)
-    tokenizer = models.load_tokenizer(folder)
+    tokenizer = models.load_tokenizer(folder, template)
     for s in recipe.stages:
         methods.of(s).check(recipe, s, tokenizer, folder)
     train, valid = {}, {}
