@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-
-ROLES = ("system", "user", "assistant", "tool")
+from . import render
+from .render import ROLES  # noqa: F401  (the roles a chat row may use)
 
 
 def _format_of(row: dict) -> str | None:
@@ -32,15 +32,9 @@ def _format_of(row: dict) -> str | None:
 
 def _check_row(row, where: str, fmt: str) -> None:
     if fmt == "messages":
-        msgs = row["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise DataError(f'{where}: "messages" must be a non-empty list of {{"role", "content"}} objects')
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
-                raise DataError(f"{where}: messages[{i}] must be {{\"role\": one of {', '.join(ROLES)}, "
-                                f"\"content\": string}}, got {json.dumps(m)[:80]}")
-        if not any(m["role"] == "assistant" for m in msgs):
-            raise DataError(f'{where}: no "assistant" message, so there is nothing to learn from this row')
+        render.check_messages(row["messages"], where)
+        if row.get("tools") is not None:
+            render.check_tools(row["tools"], where)
     elif fmt == "preference":
         for key in ("prompt", "chosen", "rejected"):
             if key not in row:
@@ -53,7 +47,7 @@ def _check_row(row, where: str, fmt: str) -> None:
         for key in ("chosen", "rejected"):
             value = row[key]
             if isinstance(value, list):
-                _check_row({"messages": value}, f'{where}: "{key}"', "messages")
+                render.check_messages(value, f'{where}: "{key}"')
             elif not isinstance(value, str) or not value:
                 raise DataError(f'{where}: "{key}" must be a non-empty string or a list of messages, '
                                 f"got {type(value).__name__}")
@@ -111,42 +105,64 @@ def read_jsonl(path: str | Path) -> tuple[list[dict], str]:
 class Example:
     tokens: np.ndarray  # (T,) int32
     loss_mask: np.ndarray  # (T,) bool: position t is a target to learn
+    skipped_turns: int = 0  # earlier assistant turns left untrained (a template that is not prefix-stable)
+    row: int = -1  # index of the row it came from (encode sets it; lints name the row)
+    truncated: bool = False  # cut to max_seq_len
 
 
 class Encoder:
-    """Turns rows into tokens + loss mask with the tokenizer's chat template."""
+    """Turns rows into tokens + loss mask with the tokenizer's chat template.
 
-    def __init__(self, tokenizer, mask_prompt: bool = True):
-        self.tokenizer, self.mask_prompt = tokenizer, mask_prompt
-        self.has_template = getattr(tokenizer, "chat_template", None) is not None
+    thinking: "keep" trains <think> blocks (and asks templates for enable_thinking=True); "strip" removes
+    them from assistant turns first (and asks for enable_thinking=False).
+    """
 
-    def template(self, messages, add_generation_prompt=False) -> list[int]:
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                 tokenize=True)
+    def __init__(self, tokenizer, mask_prompt: bool = True, thinking: str = "keep"):
+        self.tokenizer, self.mask_prompt, self.thinking = tokenizer, mask_prompt, thinking
+        template = getattr(tokenizer, "chat_template", None)
+        self.has_template = template is not None
+        # Only templates that read enable_thinking get it (mlx-lm's wrapper also passes its own default).
+        self.template_kwargs = {"enable_thinking": thinking == "keep"} \
+            if isinstance(template, str) and "enable_thinking" in template else {}
+
+    def template(self, messages, add_generation_prompt=False, tools=None) -> list[int]:
+        kwargs = dict(self.template_kwargs, **({"tools": tools} if tools else {}))
+        out = self.tokenizer.apply_chat_template(render.clean(messages, self.thinking),
+                                                 add_generation_prompt=add_generation_prompt, tokenize=True,
+                                                 **kwargs)
         return list(out["input_ids"] if isinstance(out, dict) else out)
 
-    def messages(self, msgs: list[dict]) -> Example:
-        tokens = self.template(msgs)
+    def messages(self, msgs: list[dict], tools=None) -> Example:
+        tokens = self.template(msgs, tools=tools)
         mask = np.zeros(len(tokens), bool)
         if not self.mask_prompt:
             mask[1:] = True
             return Example(np.array(tokens, np.int32), mask)
-        # Learn every assistant turn: its span lies between the prompt-so-far and the turn's end.
-        # Templates that rewrite earlier turns (e.g. dropping old reasoning) are not prefix-stable:
-        # for those only the last turn is learned, as mlx-lm does.
+        # Learn every assistant turn (tool calls included): its span lies between the prompt-so-far and the
+        # turn's end; tool results and user turns stay masked. Templates that rewrite earlier turns (e.g.
+        # dropping old reasoning) are not prefix-stable: for those only the last turn is learned, as mlx-lm does.
         turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
-        for i in reversed(turns):
-            prefix = self.template(msgs[:i], add_generation_prompt=True)
-            if tokens[: len(prefix)] != prefix:
+        skipped = 0
+        for k, i in enumerate(reversed(turns)):
+            if i == 0:  # an opening assistant turn has no prompt to render (templates refuse empty chats)
+                skipped = len(turns) - k
                 break
-            mask[len(prefix):len(self.template(msgs[: i + 1]))] = True
-        return Example(np.array(tokens, np.int32), mask)
+            prefix = self.template(msgs[:i], add_generation_prompt=True, tools=tools)
+            upto = tokens if i == turns[-1] and i == len(msgs) - 1 else self.template(msgs[: i + 1], tools=tools)
+            if tokens[: len(prefix)] != prefix or tokens[: len(upto)] != upto:
+                skipped = len(turns) - k
+                break
+            mask[len(prefix):len(upto)] = True
+        return Example(np.array(tokens, np.int32), mask, skipped_turns=skipped)
+
+    def _bos(self) -> list[int]:
+        return [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
 
     def completion(self, prompt: str, completion: str) -> Example:
         if self.has_template:
             return self.messages([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}])
         tok = self.tokenizer
-        head = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + tok.encode(prompt, add_special_tokens=False)
+        head = self._bos() + tok.encode(prompt, add_special_tokens=False)
         tail = tok.encode(completion, add_special_tokens=False) + [tok.eos_token_id]
         mask = np.zeros(len(head) + len(tail), bool)
         mask[len(head) if self.mask_prompt else 1:] = True
@@ -154,18 +170,25 @@ class Encoder:
 
     def text(self, text: str) -> Example:
         tok = self.tokenizer
-        tokens = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + \
-            tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+        tokens = self._bos() + tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
         mask = np.ones(len(tokens), bool)
         mask[0] = False
         return Example(np.array(tokens, np.int32), mask)
 
-    def prompt_tokens(self, prompt: str) -> list[int]:
-        """What generation is conditioned on for a prompt (used by task evaluation)."""
+    def prompt_tokens(self, prompt, tools=None) -> list[int]:
+        """What generation is conditioned on for a prompt string or a chat (used by task evaluation).
+
+        A chat that ends with an assistant turn (a golden row) is cut before it: the model writes that turn.
+        """
+        if not isinstance(prompt, str):
+            msgs = list(prompt)
+            if msgs and msgs[-1].get("role") == "assistant":
+                msgs = msgs[:-1]
+            return self.template(msgs, add_generation_prompt=True, tools=tools)
         if self.has_template:
-            return self.template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+            return self.template([{"role": "user", "content": prompt}], add_generation_prompt=True, tools=tools)
         tok = self.tokenizer
-        return ([tok.bos_token_id] if tok.bos_token_id is not None else []) + tok.encode(prompt, add_special_tokens=False)
+        return self._bos() + tok.encode(prompt, add_special_tokens=False)
 
 
 @dataclass
@@ -174,6 +197,8 @@ class Dataset:
     truncated: int = 0  # rows cut to max_seq_len
     dropped: int = 0  # rows left with no target tokens after truncation
     source: str = ""
+    dropped_rows: list = field(default_factory=list)  # their row indices
+    where: list | None = None  # per-row locations ("file:line"), when the reader knows them
 
     def __len__(self):
         return len(self.examples)
@@ -182,32 +207,54 @@ class Dataset:
     def n_tokens(self) -> int:
         return sum(len(e.tokens) for e in self.examples)
 
+    def where_of(self, row: int) -> str:
+        return self.where[row] if self.where and 0 <= row < len(self.where) else f"{self.source}: row {row + 1}"
 
-def encode(rows: list[dict], fmt: str, tokenizer, max_seq_len: int, mask_prompt=True, source="") -> Dataset:
-    if fmt == "messages" and getattr(tokenizer, "chat_template", None) is None:
-        raise DataError(f"{source}: chat data (\"messages\") needs a chat template, and this model's tokenizer "
-                        "has none.\n  fix: use a model with a chat template, add \"chat_template\" to its "
-                        "tokenizer_config.json, or write the data as {\"prompt\", \"completion\"} or {\"text\"}")
-    enc = Encoder(tokenizer, mask_prompt)
-    out, truncated, dropped = [], 0, 0
-    for row in rows:
+
+def encode_row(enc: Encoder, row: dict, fmt: str, max_seq_len: int, index: int = -1, where: str = "") -> Example:
+    """One row as an example, cut to max_seq_len; a template that cannot render the row names it."""
+    from jinja2 import TemplateError
+
+    try:
         if fmt == "messages":
-            ex = enc.messages(row["messages"])
+            ex = enc.messages(row["messages"], row.get("tools"))
         elif fmt == "completion":
             ex = enc.completion(row["prompt"], row["completion"])
         else:
             ex = enc.text(row["text"])
-        if len(ex.tokens) > max_seq_len:
-            truncated += 1
-            ex = Example(ex.tokens[:max_seq_len], ex.loss_mask[:max_seq_len])
+    except (TemplateError, TypeError) as e:
+        raise DataError(f"{where or f'row {index + 1}'}: the chat template cannot render this row: {e}\n"
+                        "  fix: reshape the row the way this model's template expects (roles, tool calls), "
+                        "or use a model whose template supports it") from None
+    ex.row = index
+    if len(ex.tokens) > max_seq_len:
+        ex = Example(ex.tokens[:max_seq_len], ex.loss_mask[:max_seq_len], ex.skipped_turns, index, True)
+    return ex
+
+
+def encode(rows: list[dict], fmt: str, tokenizer, max_seq_len: int, mask_prompt=True, source="",
+           thinking="keep", where: list | None = None) -> Dataset:
+    if fmt == "messages" and getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(f"{source}: chat data (\"messages\") needs a chat template, and this model's tokenizer "
+                        "has none.\n  fix: use a model with a chat template, add \"chat_template\" to its "
+                        "tokenizer_config.json, or write the data as {\"prompt\", \"completion\"} or {\"text\"}")
+    enc = Encoder(tokenizer, mask_prompt, thinking)
+    ds = Dataset([], source=source, where=where)
+    for i, row in enumerate(rows):
+        ex = encode_row(enc, row, fmt, max_seq_len, i, ds.where_of(i))
+        ds.truncated += ex.truncated
         if not ex.loss_mask[1:].any():
-            dropped += 1
+            ds.dropped_rows.append(i)
             continue
-        out.append(ex)
-    if not out:
-        raise DataError(f"{source}: every row lost its target tokens at max_seq_len={max_seq_len}\n"
-                        "  fix: raise max_seq_len or shorten the prompts")
-    return Dataset(out, truncated, dropped, source)
+        ds.examples.append(ex)
+    ds.dropped = len(ds.dropped_rows)
+    if not ds.examples:
+        why = f"lost its target tokens at max_seq_len={max_seq_len}" if ds.truncated else "has no token to train"
+        raise DataError(f"{source}: every row {why} ({len(rows)} rows)\n"
+                        "  fix: " + ("raise max_seq_len or shorten the prompts" if ds.truncated else
+                                     "check the rows have assistant turns or completions, and run "
+                                     "`localtune data preview` to see what the template renders"))
+    return ds
 
 
 def split(rows: list, fraction: float, seed: int) -> tuple[list, list]:
