@@ -111,7 +111,10 @@ class Rule:
 @dataclass(frozen=True)
 class EvalSpec:
     data: Union[str, None] = option(None, doc="held-out JSONL with prompt/completion or messages")
-    metric: str = option("exact_match", choices=("exact_match", "contains", "regex", "json", "loglik", "preference"))
+    metric: str = option("exact_match", choices=("exact_match", "contains", "regex", "json", "loglik", "preference",
+                                                 "tool_call"),
+                         doc="tool_call: golden chats end with the assistant's tool_calls, scored on the "
+                             "function names and arguments")
     format: Union[str, None] = option(None, doc="regex a well-formed answer must fully match (reported too; "
                                               'the pattern of metric = "regex")')
     required_keys: Union[list, None] = option(None, doc='metric = "json": keys the answer object must hold')

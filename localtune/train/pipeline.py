@@ -58,6 +58,7 @@ def build(ctx: StageContext, method) -> tuple:
 def log_task(run: Run, when: str, result: dict, report) -> None:
     """The task metric as an event, and its sample generations as "sample" records (the TUI shows them)."""
     formed = f", well-formed {result['well_formed']:.0%}" if "well_formed" in result else ""
+    formed += "".join(f", {key} {value:.0%}" for key, value in result.get("secondary", {}).items())
     report(run.log("eval", 0, "event", event="task_metric", when=when, value=result["value"],
                    message=f"task metric {when}: {result['metric']} {result['value']:.0%} of {result['n']}{formed}"))
     for sample in result.get("samples", []):
