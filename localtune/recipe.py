@@ -171,11 +171,8 @@ class Recipe:
         ref = self.model.chat_template if self.model else None
         if not ref:
             return None
-        own = Path(self.source).parent / RUN_TEMPLATE
-        if (own.parent / "manifest.json").is_file() and own.is_file():  # this recipe is a run's copy
-            path = own
-        else:
-            path = Path(self.resolve(ref))
+        own = Path(self.source).parent / RUN_TEMPLATE  # when this recipe is a run's copy, the run's template
+        path = own if own.is_file() and (own.parent / "manifest.json").is_file() else Path(self.resolve(ref))
         where = f"{self.source}: [model] chat_template = {ref!r}"
         if not path.is_file():
             looked = path if path.is_absolute() else Path(self.base_dir) / ref
