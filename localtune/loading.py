@@ -105,7 +105,8 @@ def starting_model(stages: list) -> str | None:
 
 
 def chain_base(parsed: Recipe, stages: list) -> tuple:
-    """(model, tokenizer, folder) the chain starts from: the recipe's base, or a distill student."""
+    """(model, tokenizer, folder) the chain starts from: the recipe's base (with the recipe's chat
+    template, when it sets one), or a distill student."""
     from . import models
 
     if (start := starting_model(stages)) is not None:
@@ -113,7 +114,7 @@ def chain_base(parsed: Recipe, stages: list) -> tuple:
         model, _ = models.load_model(folder)
         return model, models.load_tokenizer(folder), folder
     model, tokenizer, _, folder = models.load(parsed.resolve(parsed.model.path), parsed.model.revision,
-                                              parsed.model.quantize)
+                                              parsed.model.quantize, parsed.chat_template())
     return model, tokenizer, folder
 
 

@@ -46,6 +46,9 @@ class ModelSpec:
     path: str = option("", doc="a local folder, a Hugging Face repo id, or a .gguf file")
     quantize: Union[Quantize, None] = option(None, doc="QLoRA: quantize the frozen base")
     revision: Union[str, None] = option(None)
+    chat_template: Union[str, None] = option(None, doc="a Jinja chat template file (relative to the recipe) used "
+                                                       "instead of the model's own, e.g. one that renders tools; "
+                                                       "runs, fused folders and GGUF exports carry it")
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,10 @@ class EvalSpec:
                                               "file, folder or hf:owner/name")
     split: Union[str, None] = option(None, doc="the golden set's split (hf: datasets default to test)")
     config: Union[str, None] = option(None, doc="the golden set's config (hf: datasets with several)")
-    metric: str = option("exact_match", choices=("exact_match", "contains", "regex", "json", "loglik", "preference"))
+    metric: str = option("exact_match", choices=("exact_match", "contains", "regex", "json", "loglik", "preference",
+                                                 "tool_call"),
+                         doc="tool_call: golden chats end with the assistant's tool_calls, scored on the "
+                             "function names and arguments")
     format: Union[str, None] = option(None, doc="regex a well-formed answer must fully match (reported too; "
                                               'the pattern of metric = "regex")')
     required_keys: Union[list, None] = option(None, doc='metric = "json": keys the answer object must hold')
@@ -173,7 +179,30 @@ class Recipe:
         candidate = Path(self.base_dir) / p
         return str(candidate) if candidate.exists() else p
 
+    def chat_template(self) -> str | None:
+        """The text of [model] chat_template, checked as Jinja; in a run directory, the run's own copy."""
+        ref = self.model.chat_template if self.model else None
+        if not ref:
+            return None
+        own = Path(self.source).parent / RUN_TEMPLATE  # when this recipe is a run's copy, the run's template
+        path = own if own.is_file() and (own.parent / "manifest.json").is_file() else Path(self.resolve(ref))
+        where = f"{self.source}: [model] chat_template = {ref!r}"
+        if not path.is_file():
+            looked = path if path.is_absolute() else Path(self.base_dir) / ref
+            raise RecipeError(f"{where}: no such file (looked for {looked})\n  fix: give the path of a .jinja "
+                              "file, relative to the recipe's folder")
+        text = path.read_text(encoding="utf-8")
+        try:
+            import jinja2
 
+            jinja2.Environment().parse(text)
+        except jinja2.TemplateSyntaxError as e:
+            raise RecipeError(f"{where}: {path}:{e.lineno}: not a valid Jinja template: {e.message}\n"
+                              "  fix: correct the template (chat templates are Jinja, as in tokenizer_config.json)")
+        return text
+
+
+RUN_TEMPLATE = "chat_template.jinja"  # a run directory's copy of [model] chat_template, beside recipe.toml
 _NESTED = {"model": ModelSpec, "eval": EvalSpec, "adapter": Adapter, "quantize": Quantize,
            "provenance": Provenance}
 _INTERNAL = {Recipe: ("source", "base_dir"), Stage: ("options",)}

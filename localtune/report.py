@@ -20,6 +20,8 @@ def _per_stage(task: dict, recipe) -> list[str]:
     if "well_formed" in results[0]:
         lines.append(f"| well-formed (`{results[0]['format']}`) | "
                      + " | ".join(f"{r['well_formed']:.1%}" for r in results) + " |")
+    for key in results[0].get("secondary", {}):
+        lines.append(f"| {key} | " + " | ".join(f"{r.get('secondary', {}).get(key, 0):.1%}" for r in results) + " |")
     cell = lambda t: t.replace("|", "\\|").replace("\n", " ")[:40]  # noqa: E731
     lines += ["", "| prompt | expected | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]
     for i, sample in enumerate(results[0]["samples"]):
@@ -150,6 +152,10 @@ def write_report(run, recipe, manifest: dict) -> str:
                          f"{_fmt(after.get('well_formed'), '.1%')} | " + (
                              f"{(after['well_formed'] - before['well_formed']) * 100:+.1f} points |"
                              if after else "— |"))
+        for key, value in before.get("secondary", {}).items():  # e.g. tool_call: parses, right function
+            new = after.get("secondary", {}).get(key)
+            lines.append(f"| {key} | {value:.1%} | {_fmt(new, '.1%')} | " +
+                         (f"{(new - value) * 100:+.1f} points |" if new is not None else "— |"))
         if after and before.get("samples"):
             lines += ["", "Samples (greedy):", "", "| prompt | expected | before | after |", "|---|---|---|---|"]
             for b, a in zip(before["samples"], after["samples"]):

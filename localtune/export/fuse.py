@@ -58,6 +58,7 @@ class Source:
     license: str | None
     provenance: dict | None = None  # the run's data bill of materials
     unfinished: tuple = ()  # stages of RUN left out: they have not finished (pipeline.finished_chain)
+    chat_template: str | None = None  # the run's [model] chat_template, replacing the base's
 
     def metadata(self, report=print) -> tuple[str, dict]:
         """(general.name, extra GGUF keys): the bill of materials, and a name prefix its licenses require."""
@@ -80,7 +81,7 @@ def resolve(target: str) -> Source:
 
     parsed_target = parse_target(target)
     run, stage = parsed_target.run, parsed_target.stage
-    bom, unfinished = None, ()
+    bom, unfinished, template = None, (), None
     if run is not None:
         from ..integrity.bom import bill_of_materials
         from ..loading import finished_chain, folder_of, model_folder, starting_model
@@ -88,6 +89,7 @@ def resolve(target: str) -> Source:
         manifest = Run.open(run).manifest()
         bom = bill_of_materials(manifest["provenance"]) if "provenance" in manifest else None
         parsed, stages, unfinished = finished_chain(run, stage)  # before anything loads
+        template = parsed.chat_template()
         if (start := starting_model(stages)) is not None:  # the run's model is a distill student
             folder = folder_of(parsed, start, "student")
         else:
@@ -103,7 +105,7 @@ def resolve(target: str) -> Source:
     license = _record(folder / "localtune-import.json").get("license") or fuse_record.get("license")
     if run is None:
         bom = fuse_record.get("provenance")
-    return Source(run, stage, folder, name, license, bom, tuple(unfinished))
+    return Source(run, stage, folder, name, license, bom, tuple(unfinished), template)
 
 
 def _record(path: Path) -> dict:
@@ -198,6 +200,8 @@ def fuse(target: str, out: str | Path, *, quantize: int | None = None, report=pr
         tmp.chmod(0o755)  # mkdtemp makes it private
         save(tmp, str(source.folder), model, tokenizer, config, donate_model=False)
         carry_over(source.folder, tmp)
+        if source.chat_template:
+            set_chat_template(tmp, source.chat_template)
         (tmp / FUSE_RECORD).write_text(json.dumps({"source": str(target), **result.to_dict(),
                                                    "license": source.license,
                                                    "provenance": source.provenance}, indent=2))
@@ -245,3 +249,11 @@ def carry_over(base: Path, out: Path) -> list[str]:
     return sorted(carried)
 
 
+def set_chat_template(folder: Path, template: str) -> None:
+    """Make `template` the folder's one chat template: tokenizer_config.json's "chat_template", read by
+    transformers, mlx-lm and the GGUF writer (a chat_template.jinja or .json would take precedence)."""
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**config, "chat_template": template}, indent=2, ensure_ascii=False))
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (folder / name).unlink(missing_ok=True)

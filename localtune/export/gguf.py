@@ -123,7 +123,7 @@ def _bpe_pre(tokenizer_json: dict, where: str) -> str:
                      f"{splits}\n  fix: this tokenizer is not supported for GGUF export yet")
 
 
-def add_tokenizer(writer, folder: Path, config: dict) -> None:
+def add_tokenizer(writer, folder: Path, config: dict, template: str | None = None) -> None:
     import gguf
 
     tj_path = folder / "tokenizer.json"
@@ -174,7 +174,7 @@ def add_tokenizer(writer, folder: Path, config: dict) -> None:
             add(i)
     writer.add_add_bos_token(bool(tc.get("add_bos_token", False)))
     writer.add_add_eos_token(bool(tc.get("add_eos_token", False)))
-    if template := chat_template(folder, tc):
+    if template := template or chat_template(folder, tc):
         writer.add_chat_template(template)
 
 
@@ -191,8 +191,10 @@ def chat_template(folder: Path, tokenizer_config: dict) -> str | list | None:
 
 
 def write_gguf(model: nn.Module, config: dict, tokenizer_folder: Path, out: str | Path, quant: str,
-               name: str, license: str | None = None, extra: dict | None = None) -> dict:
-    """Write `out` atomically (temp file + rename). Returns {tensor type: count}."""
+               name: str, license: str | None = None, extra: dict | None = None,
+               chat_template: str | None = None) -> dict:
+    """Write `out` atomically (temp file + rename). Returns {tensor type: count}. `chat_template`
+    replaces the tokenizer folder's (a run's [model] chat_template)."""
     import gguf
 
     if quant not in QUANTS:
@@ -204,7 +206,7 @@ def write_gguf(model: nn.Module, config: dict, tokenizer_folder: Path, out: str 
         fd, f16 = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".f16.tmp")
         os.close(fd)
         try:
-            write_gguf(model, config, tokenizer_folder, f16, "f16", name, license, extra)
+            write_gguf(model, config, tokenizer_folder, f16, "f16", name, license, extra, chat_template)
             return quantize(Path(f16), out)
         finally:
             Path(f16).unlink(missing_ok=True)
@@ -237,7 +239,7 @@ def write_gguf(model: nn.Module, config: dict, tokenizer_folder: Path, out: str 
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)
         family.gguf_metadata(w, config)
-        add_tokenizer(w, Path(tokenizer_folder), config)
+        add_tokenizer(w, Path(tokenizer_folder), config, chat_template)
         for tname, array in gguf_tensors(model, config, family):
             kind = qtype
             if kind == gguf.GGMLQuantizationType.Q4_0 and tname in ("token_embd.weight", "output.weight"):
@@ -316,7 +318,8 @@ def export_gguf(target: str, out: str | Path, quant: str = "f16", verify: bool =
     if source.run is not None:
         report(f"fused vs adapters: {drift.row()}")
     name, extra = source.metadata(report)
-    counts = write_gguf(model, config, source.folder, out, quant, name, source.license, extra)
+    counts = write_gguf(model, config, source.folder, out, quant, name, source.license, extra,
+                        source.chat_template)
     result = ExportResult(Path(out), quant, counts, Path(out).stat().st_size, time.perf_counter() - t0,
                           drift if source.run is not None else None)
     report(f"{out}: {sum(counts.values())} tensors ({', '.join(f'{n} {k}' for k, n in counts.items())}), "

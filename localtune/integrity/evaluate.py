@@ -23,11 +23,10 @@ def prompt_and_answer(row: dict) -> tuple[str, str]:
     return row["prompt"], row["completion"]
 
 
-def generate(model, tokenizer, prompts: list, max_tokens: int, batch_size: int = 32) -> list[str]:
-    """Greedy completions; a prompt is a string or a message list."""
+def generate(model, tokenizer, prompts: list, max_tokens: int, batch_size: int = 32, tools=None) -> list[str]:
+    """Greedy completions; a prompt is a string or a message list (`tools`: each prompt's tools, or None)."""
     enc = Encoder(tokenizer)
-    ids = [enc.prompt_tokens(p) if isinstance(p, str) else enc.template(p, add_generation_prompt=True)
-           for p in prompts]
+    ids = [enc.prompt_tokens(p, t) for p, t in zip(prompts, tools or [None] * len(prompts))]
     model.eval()
     out = []
     with inference_weights(model):
@@ -66,6 +65,8 @@ def task(model, tokenizer, rows: list[dict], spec) -> dict:
         return loglik(model, tokenizer, rows[: spec.limit])
     if spec.metric == "preference":
         return preference_accuracy(model, tokenizer, rows[: spec.limit])
+    if spec.metric == "tool_call":
+        return tool_call_accuracy(model, tokenizer, rows[: spec.limit], spec.max_tokens)
     return exact_match(model, tokenizer, rows, spec.max_tokens, spec.limit, spec.format, spec.metric,
                        tuple(spec.required_keys or ()))
 
@@ -131,6 +132,22 @@ def exact_match(model, tokenizer, rows: list[dict], max_tokens: int, limit: int,
         result["format"] = format
         result["well_formed"] = sum(bool(pattern.fullmatch(normalize(a))) for a in answers) / len(answers)
     return result
+
+
+def tool_call_accuracy(model, tokenizer, rows: list[dict], max_tokens: int) -> dict:
+    """Share of golden chats whose greedy answer calls the expected functions with the expected arguments
+    (integrity/tool_calls.py); the shares that parse and that name the right functions come too."""
+    from . import tool_calls
+
+    tool_calls.check_golden(rows, "the golden set")
+    prompts = [r["messages"][:-1] for r in rows]
+    answers = generate(model, tokenizer, prompts, max_tokens, tools=[r.get("tools") for r in rows])
+    scores = [tool_calls.score(a, r) for a, r in zip(answers, rows)]
+    share = lambda k: sum(s[k] for s in scores) / max(len(scores), 1)  # noqa: E731
+    samples = [{"prompt": p[-1]["content"], "expected": tool_calls.show(tool_calls.expected_calls(r)), "got": a}
+               for p, r, a in zip(prompts[:5], rows[:5], answers[:5])]
+    return {"metric": "tool_call", "value": share(2), "n": len(rows), "samples": samples,
+            "secondary": {"parses": share(0), "right function": share(1)}}
 
 
 def decode_speed(model, tokenizer, prompt, tokens: int = 64) -> float:

@@ -217,11 +217,13 @@ def read_config(folder: Path) -> dict:
 
 
 
-def load_tokenizer(folder: Path):
+def load_tokenizer(folder: Path, chat_template: str | None = None):
+    """The folder's tokenizer; `chat_template` (Jinja text) replaces the folder's template."""
     from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
 
+    extra = {"chat_template": chat_template} if chat_template else None
     try:
-        return mlx_load_tokenizer(folder, eos_token_ids=read_config(folder).get("eos_token_id"))
+        return mlx_load_tokenizer(folder, extra, eos_token_ids=read_config(folder).get("eos_token_id"))
     except (ValueError, OSError, KeyError) as e:
         raise ModelError(f"{folder}: cannot load the tokenizer: {e}\n"
                          "  fix: the folder needs tokenizer.json (or tokenizer.model) and tokenizer_config.json")
@@ -252,11 +254,11 @@ def load_model(folder: Path, quantize=None, lazy=False):
     return model, config
 
 
-def load(path: str, revision: str | None = None, quantize=None):
+def load(path: str, revision: str | None = None, quantize=None, chat_template: str | None = None):
     """Returns (model, tokenizer, config, folder)."""
     folder = resolve(path, revision)
     model, config = load_model(folder, quantize)
-    return model, load_tokenizer(folder), config, folder
+    return model, load_tokenizer(folder, chat_template), config, folder
 
 
 def cast_floats(model: nn.Module, dtype) -> None:

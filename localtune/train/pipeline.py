@@ -11,8 +11,8 @@ from pathlib import Path
 
 from .. import __version__, datasets, device, loading, methods
 from ..methods.base import StageContext
-from ..recipe import Recipe, Stage
-from ..run import Run
+from ..recipe import RUN_TEMPLATE, Recipe, Stage
+from ..run import Run, atomic_write
 from . import distributed
 from .prepare import Prepared, batches, sha256
 
@@ -62,6 +62,7 @@ def log_task(run: Run, when: str, result: dict, report) -> None:
     """The task metric as an event, and its sample generations as "sample" records (the TUI shows them)."""
     formed = f", well-formed {result['well_formed']:.0%}" if "well_formed" in result else ""
     value = f"{result['value']:.3f} nats/token" if result["metric"] == "loglik" else f"{result['value']:.0%}"
+    formed += "".join(f", {key} {share:.0%}" for key, share in result.get("secondary", {}).items())
     report(run.log("eval", 0, "event", event="task_metric", when=when, value=result["value"],
                    message=f"task metric {when}: {result['metric']} {value} on {result['n']} rows{formed}"))
     for sample in result.get("samples", []):
@@ -143,6 +144,10 @@ class Chain:
                                "format": prepared.detected.get(s.name, "")} for s in recipe.stages},
                 stages=[{"name": s.name, "kind": s.kind} for s in recipe.stages], stages_done=[],
                 started=time.time())
+            if template := recipe.chat_template():  # the run keeps its own copy: loading, fuse and export read it
+                atomic_write(run.path / RUN_TEMPLATE, template)
+                run.update_manifest(chat_template={"path": recipe.model.chat_template,
+                                                   "sha256": hashlib.sha256(template.encode()).hexdigest()})
         run.set_status(state="running", stage="load", step=0)
         if prepared.lints:  # data-lint warnings (errors stopped the run in prepare)
             run.update_manifest(data_lints=prepared.lints)

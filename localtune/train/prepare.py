@@ -101,15 +101,21 @@ def prepare(recipe: Recipe) -> Prepared:
     if recipe.eval.data:
         table = datasets.read(datasets.eval_spec(recipe), ("completion", "messages", "preference"))
         eval_rows, fmt = table.rows, table.fmt
-        want = ("preference",) if recipe.eval.metric == "preference" else ("completion", "messages")
+        want = {"preference": ("preference",), "tool_call": ("messages",)}.get(recipe.eval.metric,
+                                                                             ("completion", "messages"))
         if fmt not in want:
             raise RecipeError(f"{recipe.eval.data}: [eval] metric = {recipe.eval.metric!r} needs "
                               f"{' or '.join(WANT[f] for f in want)} rows, but this file has {WANT[fmt]} rows\n"
                               "  fix: point [eval] data at the golden set, or choose another metric")
+        if recipe.eval.metric == "tool_call":
+            from ..integrity.tool_calls import check_golden
+
+            check_golden(eval_rows, recipe.resolve(recipe.eval.data))
+    template = recipe.chat_template()
     folder = models.resolve(recipe.resolve(recipe.model.path), recipe.model.revision)
     _check_model(recipe, folder)
     contamination = firewall(recipe)
-    tokenizer = models.load_tokenizer(folder)
+    tokenizer = models.load_tokenizer(folder, template)
     for s in recipe.stages:
         methods.of(s).check(recipe, s, tokenizer, folder)
     train, valid, data_lints = {}, {}, {}

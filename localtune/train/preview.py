@@ -71,7 +71,7 @@ def build(recipe, stage, n: int) -> Preview:
     table = datasets.read_stage(recipe, stage)
     rows, fmt = table.rows, table.fmt
     folder = models.resolve(recipe.resolve(recipe.model.path), recipe.model.revision)
-    tokenizer = models.load_tokenizer(folder)
+    tokenizer = models.load_tokenizer(folder, recipe.chat_template())
     p = Preview(stage, table.detected, table.source.ref, len(rows), fmt, str(folder))
     enc = data.Encoder(tokenizer, stage.mask_prompt, stage.thinking)
     L = stage.max_seq_len

@@ -171,6 +171,8 @@ class ReportPanel(Static):
                     text.append(f"{r['value']:6.1%}")
                     if "well_formed" in r:
                         text.append(f"  well-formed {r['well_formed']:.0%}", style="dim")
+                    for key, value in r.get("secondary", {}).items():
+                        text.append(f"  {key} {value:.0%}", style="dim")
                     text.append("\n")
         if state.status.get("error"):
             text.append("error\n", style="bold red")
