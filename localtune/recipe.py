@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from . import methods
+from .datasets.formats import check_columns
 from .errors import RecipeError
 
 RULE_KEYS = {"regex": ("pattern",), "json": ("keys",), "length": ("min", "max"), "contains": ("text",),
@@ -46,9 +47,8 @@ class ModelSpec:
     path: str = option("", doc="a local folder, a Hugging Face repo id, or a .gguf file")
     quantize: Union[Quantize, None] = option(None, doc="QLoRA: quantize the frozen base")
     revision: Union[str, None] = option(None)
-    chat_template: Union[str, None] = option(None, doc="a Jinja chat template file (relative to the recipe) used "
-                                                       "instead of the model's own, e.g. one that renders tools; "
-                                                       "runs, fused folders and GGUF exports carry it")
+    chat_template: Union[str, None] = option(None, doc="a Jinja chat template file used instead of the model's "
+                                                       "(one that renders tools); runs, fuse and GGUF carry it")
 
 
 @dataclass(frozen=True)
@@ -120,14 +120,11 @@ class Rule:
 
 @dataclass(frozen=True)
 class EvalSpec:
-    data: Union[str, None] = option(None, doc="the golden set: prompt/completion or messages rows, in any data "
-                                              "file, folder or hf:owner/name")
+    data: Union[str, None] = option(None, doc="the golden set: a data file, folder or hf:owner/name")
     split: Union[str, None] = option(None, doc="the golden set's split (hf: datasets default to test)")
     config: Union[str, None] = option(None, doc="the golden set's config (hf: datasets with several)")
     metric: str = option("exact_match", choices=("exact_match", "contains", "regex", "json", "loglik", "preference",
-                                                 "tool_call"),
-                         doc="tool_call: golden chats end with the assistant's tool_calls, scored on the "
-                             "function names and arguments")
+                                                 "tool_call"), doc="tool_call: golden chats end with tool_calls")
     format: Union[str, None] = option(None, doc="regex a well-formed answer must fully match (reported too; "
                                               'the pattern of metric = "regex")')
     required_keys: Union[list, None] = option(None, doc='metric = "json": keys the answer object must hold')
@@ -181,30 +178,18 @@ class Recipe:
 
     def chat_template(self) -> str | None:
         """The text of [model] chat_template, checked as Jinja; in a run directory, the run's own copy."""
-        ref = self.model.chat_template if self.model else None
-        if not ref:
+        from .models import read_chat_template
+
+        if not (ref := self.model.chat_template if self.model else None):
             return None
         own = Path(self.source).parent / RUN_TEMPLATE  # when this recipe is a run's copy, the run's template
         path = own if own.is_file() and (own.parent / "manifest.json").is_file() else Path(self.resolve(ref))
-        where = f"{self.source}: [model] chat_template = {ref!r}"
-        if not path.is_file():
-            looked = path if path.is_absolute() else Path(self.base_dir) / ref
-            raise RecipeError(f"{where}: no such file (looked for {looked})\n  fix: give the path of a .jinja "
-                              "file, relative to the recipe's folder")
-        text = path.read_text(encoding="utf-8")
-        try:
-            import jinja2
-
-            jinja2.Environment().parse(text)
-        except jinja2.TemplateSyntaxError as e:
-            raise RecipeError(f"{where}: {path}:{e.lineno}: not a valid Jinja template: {e.message}\n"
-                              "  fix: correct the template (chat templates are Jinja, as in tokenizer_config.json)")
-        return text
+        path = path if path.is_file() or path.is_absolute() else Path(self.base_dir) / ref  # named in the error
+        return read_chat_template(path, f"{self.source}: [model] chat_template = {ref!r}")
 
 
 RUN_TEMPLATE = "chat_template.jinja"  # a run directory's copy of [model] chat_template, beside recipe.toml
-_NESTED = {"model": ModelSpec, "eval": EvalSpec, "adapter": Adapter, "quantize": Quantize,
-           "provenance": Provenance}
+_NESTED = {"model": ModelSpec, "eval": EvalSpec, "adapter": Adapter, "quantize": Quantize, "provenance": Provenance}
 _INTERNAL = {Recipe: ("source", "base_dir"), Stage: ("options",)}
 
 
@@ -377,22 +362,9 @@ class _Builder:
         options = self.build(method.options, {k: raw[k] for k in raw if k in own}, path) if method.options else None
         if not stage.data:
             raise self.fail(path, f"[{_display(path)}] has no data file", 'add data = "train.jsonl"')
-        self.columns(stage.columns, f"{path}.columns")
+        if problem := check_columns(stage.columns):
+            raise self.fail(f"{path}.columns", *problem)
         return dataclasses.replace(stage, adapter=stage.adapter or Adapter(), options=options)
-
-
-    def columns(self, columns, path):
-        from .datasets.formats import TARGETS
-
-        for target, column in (columns or {}).items():
-            if target not in TARGETS:
-                close = difflib.get_close_matches(target, TARGETS, n=1)
-                raise self.fail(path, f'columns: "{target}" is not a format column.'
-                                + (f' Did you mean "{close[0]}"?' if close else ""),
-                                f"map one of {', '.join(TARGETS)} to a column of the data")
-            if not isinstance(column, str) or not column:
-                raise self.fail(path, f"columns: {target} must name a column (a string), got {column!r}",
-                                f'write {target} = "the_column"')
 
 
 class StageFail:

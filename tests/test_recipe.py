@@ -31,8 +31,11 @@ def test_bad_recipe_is_rejected_with_where_what_and_fix(path):
 def test_every_shipped_recipe_loads(path):
     r = recipe.load(path)
     assert r.stages and r.model.path
-    for stage in r.stages:
-        assert Path(r.resolve(stage.data)).exists(), f"{path}: {stage.data} missing"
+    for stage in r.stages:  # local data exists; an hf: dataset is an owner/name id (tested in test_datasets.py)
+        from localtune.datasets.hub import REPO
+
+        assert (REPO.fullmatch(stage.data[3:]) if stage.data.startswith("hf:")
+                else Path(r.resolve(stage.data)).exists()), f"{path}: {stage.data} missing"
 
 
 def test_defaults_and_derived_fields():

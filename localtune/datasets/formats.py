@@ -13,6 +13,7 @@ stage's method decides among them, and when it accepts more than one, the user d
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
 
@@ -95,6 +96,18 @@ def _mapping(shape: str) -> str:
             "labelled": ["prompt", "completion", "label"], "completion": ["prompt", "completion"],
             "chat-completion": ["prompt", "completion"], "text": ["text"], "prompt": ["prompt"]}[shape]
     return ", ".join(f'{k} = "{k}"' for k in keys)
+
+
+def check_columns(columns: dict | None) -> tuple[str, str] | None:
+    """A recipe's `columns` table: (message, fix) for its first fault, or None."""
+    for target, column in (columns or {}).items():
+        if target not in TARGETS:
+            close = difflib.get_close_matches(target, TARGETS, n=1)
+            return (f'columns: "{target}" is not a format column.' + (f' Did you mean "{close[0]}"?' if close else ""),
+                    f"map one of {', '.join(TARGETS)} to a column of the data")
+        if not isinstance(column, str) or not column:
+            return f"columns: {target} must name a column (a string), got {column!r}", f'write {target} = "the_column"'
+    return None
 
 
 def map_columns(row: dict, columns: dict, where: str) -> dict:

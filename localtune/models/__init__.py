@@ -17,7 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from .. import device
-from ..errors import ModelError
+from ..errors import ModelError, RecipeError
 from ..run.files import atomic_path
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -215,6 +215,22 @@ def read_config(folder: Path) -> dict:
         raise ModelError(f"{folder / 'config.json'}: not valid JSON ({e})")
 
 
+
+
+def read_chat_template(path: Path, where: str) -> str:
+    """A chat template file's text, checked as Jinja (errors name `where`, the file and the line)."""
+    if not path.is_file():
+        raise RecipeError(f"{where}: no such file (looked for {path})\n  fix: give the path of a .jinja "
+                          "file, relative to the recipe's folder")
+    text = path.read_text(encoding="utf-8")
+    try:
+        import jinja2
+
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise RecipeError(f"{where}: {path}:{e.lineno}: not a valid Jinja template: {e.message}\n"
+                          "  fix: correct the template (chat templates are Jinja, as in tokenizer_config.json)")
+    return text
 
 
 def load_tokenizer(folder: Path, chat_template: str | None = None):
