@@ -108,8 +108,24 @@ def test_each_format_is_detected_and_made_canonical(tmp_path, row, accept, fmt, 
 
 def test_ultrafeedback_conversations_for_dpo_find_the_shared_prompt(tmp_path):
     table = read(jsonl(tmp_path / "a.jsonl", [ULTRA]), accept=("preference",))
-    assert table.rows[0]["prompt"] == "Hi"  # its own prompt column wins; responses still whole conversations
-    assert "preference pairs" in table.detected and "also fits: OpenAI messages" in table.detected
+    row = table.rows[0]  # chosen and rejected hold the user's turn too: it becomes the prompt, once
+    assert row["prompt"] == [{"role": "user", "content": "Hi"}]
+    assert row["chosen"] == [{"role": "assistant", "content": "Hello!"}]
+    assert row["rejected"] == [{"role": "assistant", "content": "Go away."}]
+    assert "whole conversations" in table.detected and "also fits: OpenAI messages" in table.detected
+
+
+def test_columns_keep_a_rows_tools(tmp_path):
+    chat = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "Sunny."}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    path = jsonl(tmp_path / "a.jsonl", [{"conversation": chat, "tools": tools}])
+    assert read(path, columns={"messages": "conversation"}).rows[0]["tools"] == tools
+
+
+def test_split_keys_on_one_file_are_refused(tmp_path):
+    path = jsonl(tmp_path / "a.jsonl", ROWS)
+    with pytest.raises(DataError, match="split, config choose among a dataset's files, and this is one file"):
+        read(path, split="test", config="x")
 
 
 def test_detection_is_reported_in_words(tmp_path):
@@ -155,6 +171,8 @@ def test_a_file_that_mixes_formats_names_the_first_line_that_differs(tmp_path):
 @pytest.mark.parametrize("name,content,where,expected", [
     ("a.json", '[{"prompt": "a", "completion": "b"},\n {"prompt": "c" "completion": "d"}]', ":2", "not valid JSON"),
     ("a.jsonl.gz", b"\x1f\x8b\x08\x00garbage", "", "cannot be read"),
+    ("a.json.gz", gzip.compress(b'[{"prompt": "a", "completion": "b"}]')[:-12], "", "cannot be read"),
+    ("a.jsonl.gz", gzip.compress(b'{"text": "a"}\n')[:12] + b"\xff" * 20, "", "cannot be read"),
     ("a.csv", 'prompt,completion\na,b,c\n', ":2", "3 cells but the header names 2 columns"),
     ("a.csv", 'prompt,completion\na,b\nc\n', ":3", "1 cells but the header names 2 columns"),
     ("a.parquet", b"PAR1 not really parquet", "", "not a readable Parquet file"),
@@ -220,12 +238,45 @@ def test_hf_configs_and_splits_are_checked_against_the_card(hub, keys, expected)
         datasets.read(Spec(f"hf:{REPO}", **keys))
 
 
+def test_a_config_by_data_dir_and_split_files_by_dict(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    configs = ("configs:\n- config_name: a\n  data_dir: a\n- config_name: b\n  data_files:\n"
+               "    train: b/x.jsonl\n    test: [b/y.jsonl]\n- config_name: c\n")
+    lay_out(tmp_path, "o/d", {"README.md": card(configs=configs), "a/train.jsonl": '{"text": "a train"}\n',
+                              "a/test.jsonl": '{"text": "a test"}\n', "b/x.jsonl": '{"text": "b x"}\n',
+                              "b/y.jsonl": '{"text": "b y"}\n'})
+    assert datasets.read(Spec("hf:o/d", config="a", split="test")).rows == [{"text": "a test"}]
+    assert datasets.read(Spec("hf:o/d", config="b", split="test")).rows == [{"text": "b y"}]
+    with pytest.raises(DataError, match="config 'c' names no data_files and no data_dir"):
+        datasets.read(Spec("hf:o/d", config="c"))
+
+
+def test_golden_and_valid_sets_never_read_a_train_split_by_default(tmp_path):
+    from localtune import recipe
+
+    folder = tmp_path / "golden"
+    folder.mkdir()
+    jsonl(folder / "train.jsonl", ROWS[:3])
+    jsonl(folder / "test.jsonl", ROWS[3:])
+    text = ('[model]\npath = "m"\n[[stages]]\nkind = "sft"\ndata = "hf:o/d"\nvalid = "hf:o/d"\nsteps = 1\n'
+            '[eval]\ndata = "golden"\n')
+    r = recipe.parse(text, str(tmp_path / "r.toml"), str(tmp_path))
+    assert datasets.read(datasets.eval_spec(r)).rows == ROWS[3:]
+    with pytest.raises(DataError, match='names no split, so it would read the training split'):
+        datasets.spec_of(r, r.stages[0], valid=True)
+
+
 def test_offline_and_not_cached_names_the_download_command(hub):
     with pytest.raises(DataError) as err:
         datasets.read(Spec("hf:someone/elsewhere", split="train"))
     assert "not in the local Hugging Face cache, and HF_HUB_OFFLINE=1" in err.value.message
     assert ('`hf download someone/elsewhere --repo-type dataset --include "*train*" --include README.md`'
             in err.value.message)
+    with pytest.raises(DataError) as err:
+        datasets.read(Spec("hf:someone/elsewhere", config="chat", split="test"))
+    assert '--include "*chat/*test*"' in err.value.message  # matches data/chat/test-00000-of-00001.parquet
 
 
 def test_a_failed_download_caches_nothing(hub, monkeypatch):
@@ -276,3 +327,17 @@ def test_data_check_and_split_read_any_source(tmp_path, hub):
     test = [json.loads(x) for x in (tmp_path / "out/test.jsonl").read_text().splitlines()]
     assert len(train) + len(test) == 6 and len(test) == 2
     assert {"prompt", "completion"} <= set(train[0])  # written in the canonical format
+
+
+def test_rows_with_an_unmapped_answer_column_suggest_the_mapping(tmp_path, small_model_path):
+    from click.testing import CliRunner
+
+    from localtune.cli import cli
+
+    jsonl(tmp_path / "qa.jsonl", [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(8)])
+    (tmp_path / "r.toml").write_text(f'[model]\npath = "{small_model_path}"\n[[stages]]\nkind = "sft"\n'
+                                     'data = "qa.jsonl"\nsteps = 1\n')
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "r.toml"), "--no-tui", "--runs-dir",
+                                      str(tmp_path / "runs")])
+    assert result.exit_code == 2, result.output
+    assert 'columns = { completion = "response" } (the rows have prompt, response)' in result.output

@@ -60,7 +60,8 @@ def data_split(path, fraction, seed, ngram, near, out):
     train, test, moved = clean_split(read_rows(path), fraction, seed, ngram, near)
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", train), ("test", test)):
-        atomic_write(out / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for _, r in rows))
+        text = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for _, r in rows)  # dates as text
+        atomic_write(out / f"{name}.jsonl", text)
     click.echo(f"{out / 'train.jsonl'}: {len(train)} rows · {out / 'test.jsonl'}: {len(test)} rows"
                + (f" ({moved} rows that duplicate a test row moved to the test side)" if moved else ""))
 
@@ -94,7 +95,7 @@ def license_():
 @click.option("--teacher", "teachers", multiple=True, metavar="REF",
               help="A teacher: folder, .gguf, repo id or bare model name (gpt-4o). Repeatable.")
 @click.option("--data", "datasets", multiple=True, type=click.Path(), metavar="PATH",
-              help="A JSONL file or a folder of them, with its dataset card. Repeatable.")
+              help="A data file, a folder of them (with its dataset card), or hf:owner/name. Repeatable.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"verdict": ..., "findings": [...]}.')
 @click.pass_context
 def license_check(ctx, teachers, datasets, as_json):

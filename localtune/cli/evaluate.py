@@ -83,7 +83,7 @@ def eval_(target, golden, metric, pattern, general, limit, as_json):
     from .. import datasets, loading
     from ..integrity import evaluate
     from ..recipe import EvalSpec, Recipe
-    from ..train.prepare import general_texts
+    from ..train.prepare import general_texts, golden_formats
 
     t = loading.parse_target(target)
     if t.run:
@@ -101,7 +101,7 @@ def eval_(target, golden, metric, pattern, general, limit, as_json):
     result = {"target": target}
     if golden:
         golden = golden if isinstance(golden, datasets.Spec) else datasets.Spec(str(golden))
-        rows = datasets.read(golden, ("completion", "messages", "preference")).rows
+        rows = datasets.read(golden, golden_formats(spec.metric)).rows
         golden = golden.ref if golden.is_hub else str(golden.path())
         result["task"] = evaluate.task(model, tokenizer, rows, spec) | {"golden": golden}
     texts = general_texts(dataclasses.replace(parsed, eval=spec))

@@ -8,7 +8,7 @@ read into the canonical rows localtune's methods encode (see formats.py).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +44,13 @@ class Spec:
 def spec_of(recipe, stage, valid: bool = False) -> Spec:
     """A stage's training data (or its `valid` data, which takes `valid_split` and no row selection)."""
     if valid:
-        return Spec(stage.valid, stage.valid_split, stage.config, stage.revision, None, 0, None, stage.columns,
-                    recipe.base_dir)
+        hub_ = stage.valid.startswith("hf:")
+        if hub_ and not stage.valid_split:
+            raise DataError(f"{recipe.source}: [stages.{stage.name}] valid = {stage.valid!r} names no split, so "
+                            "it would read the training split\n  fix: add valid_split = \"validation\" (or "
+                            "\"test\", as the dataset names it)")
+        return Spec(stage.valid, stage.valid_split, stage.config if hub_ else None, stage.revision if hub_ else None,
+                    None, 0, None, stage.columns, recipe.base_dir)
     return Spec(stage.data, stage.split, stage.config, stage.revision, stage.files, stage.limit, stage.shuffle_seed,
                 stage.columns, recipe.base_dir)
 
@@ -55,7 +60,15 @@ def eval_spec(recipe) -> Spec | None:
     e = recipe.eval
     if not e.data:
         return None
-    return Spec(e.data, e.split or ("test" if e.data.startswith("hf:") else None), e.config, base_dir=recipe.base_dir)
+    spec = Spec(e.data, e.split, e.config, base_dir=recipe.base_dir)
+    if not e.split and (spec.is_hub or _names_splits(spec.path())):
+        spec = Spec(e.data, "test", e.config, base_dir=recipe.base_dir)  # never a golden set's train split
+    return spec
+
+
+def _names_splits(path: Path) -> bool:
+    return path.is_dir() and any(hub.split_of(p.relative_to(path).as_posix()) for p in path.rglob("*")
+                                 if p.is_file() and data_files.kind(p))
 
 
 @dataclass
@@ -72,9 +85,6 @@ class Table:
     where: list[str]  # each row's file:line (or Parquet row group and row)
     detected: str  # what was found, in words: "ShareGPT conversations (conversations: from/value), 2 files"
     source: Source
-    shape: str = ""
-    read: int = 0  # rows read before `limit`
-    notes: list = field(default_factory=list)
 
 
 def resolve(spec: Spec) -> Source:
@@ -88,10 +98,13 @@ def resolve(spec: Spec) -> Source:
                         "(relative paths are resolved from the recipe's folder), or use hf:owner/name for a "
                         "Hugging Face dataset")
     if path.is_file():
+        if keys := [k for k in ("split", "config", "revision", "files") if getattr(spec, k)]:
+            raise DataError(f"{path}: {', '.join(keys)} choose among a dataset's files, and this is one file\n"
+                            f"  fix: remove {', '.join(keys)}, or point data at the folder or hf: dataset")
         if data_files.kind(path) is None:
             raise DataError(f"{path}: localtune reads {', '.join(data_files.SUFFIXES)} files, not "
                             f"{path.suffix or 'files without a suffix'}\n  fix: convert the file, or rename it")
-        return Source(str(path), [path], _card(path.parent))
+        return Source(str(path), [path], hub.card_of(path.parent))
     found = [p for p in sorted(path.rglob("*")) if p.is_file() and data_files.kind(p)
              and not any(part.startswith(".") for part in p.relative_to(path).parts)]
     rel = [p.relative_to(path).as_posix() for p in found]
@@ -101,11 +114,7 @@ def resolve(spec: Spec) -> Source:
     if not found:
         raise DataError(f"{path}: the folder holds no data files ({', '.join(data_files.SUFFIXES)})\n"
                         "  fix: point data at a file, or put the data files in this folder")
-    return Source(str(path), found, _card(path))
-
-
-def _card(folder: Path) -> Path | None:
-    return folder / "README.md" if (folder / "README.md").is_file() else None
+    return Source(str(path), found, hub.card_of(path))
 
 
 def _meta(folder: Path) -> dict:
@@ -139,10 +148,10 @@ def read(spec: Spec, accept: tuple | None = None) -> Table:
         rows.append(row)
     n_files = len(source.files)
     detected = (f"{formats.DESCRIBE[shape]}" + (" via columns" if spec.columns else "")
-                + f", {len(rows)} rows from {n_files} file{'s' * (n_files != 1)}")
+                + f", {len(rows)} row{'s' * (len(rows) != 1)} from {n_files} file{'s' * (n_files != 1)}")
     if len(found) > 1:
         detected += f" (also fits: {', '.join(formats.DESCRIBE[s] for s in found if s != shape)})"
-    return Table(rows, fmt, where, detected, source, shape)
+    return Table(rows, fmt, where, detected, source)
 
 
 def _select(source: Source, spec: Spec) -> tuple[list[dict], list[str]]:

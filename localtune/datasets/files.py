@@ -9,6 +9,7 @@ import csv
 import gzip
 import io
 import json
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -42,6 +43,15 @@ def _open(path: Path):
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
+def _read_all(path: Path) -> str:
+    with _open(path) as f:
+        try:
+            raw = f.read()
+        except (OSError, EOFError, zlib.error) as e:  # a truncated or corrupt .gz
+            raise DataError(f"{path}: cannot be read ({e})\n  fix: download or compress the file again") from None
+    return _text(raw, str(path))
+
+
 def _jsonl(path: Path) -> Iterator[tuple[str, dict]]:
     with _open(path) as f:
         try:
@@ -56,7 +66,7 @@ def _jsonl(path: Path) -> Iterator[tuple[str, dict]]:
                     raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})\n"
                                     "  fix: one JSON object per line (JSON Lines)") from None
                 yield where, _object(row, where)
-        except (OSError, EOFError) as e:  # a truncated or corrupt .gz
+        except (OSError, EOFError, zlib.error) as e:  # a truncated or corrupt .gz
             raise DataError(f"{path}: cannot be read ({e})\n  fix: download or compress the file again") from None
 
 
@@ -77,8 +87,7 @@ def _object(row, where: str) -> dict:
 def _json(path: Path) -> Iterator[tuple[str, dict]]:
     """A JSON array of objects, or an object holding one (`{"data": [...]}`); the line of each
     object is found by the parser's offsets."""
-    with _open(path) as f:
-        text = _text(f.read(), str(path))
+    text = _read_all(path)
     try:
         doc = json.loads(text)
     except ValueError as e:
@@ -117,8 +126,7 @@ def _object_lines(text: str, count: int) -> list[int] | None:
 
 
 def _csv(path: Path) -> Iterator[tuple[str, dict]]:
-    with _open(path) as f:
-        text = _text(f.read(), str(path))
+    text = _read_all(path)
     reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
         for row in reader:

@@ -22,7 +22,8 @@ from ..errors import DataError
 PRECEDENCE = ("preference", "labelled", "messages", "completion", "text", "prompt")
 # columns a recipe's `columns` table may map; every other column is kept as it is (rewards read them)
 TARGETS = ("messages", "conversations", "prompt", "completion", "text", "chosen", "rejected", "label", "tools",
-           "system", "instruction", "input", "output")
+           "instruction", "input", "output")
+KEPT = ("tools",)  # format columns that do not decide the format: kept when `columns` maps others
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "model": "assistant", "system": "system", "tool": "tool"}
 DESCRIBE = {
@@ -53,8 +54,9 @@ def shapes(row: dict) -> list[str]:
     """Every shape the row fits, most specific first."""
     out = []
     if "chosen" in row or "rejected" in row:
-        if _is_chat(row.get("chosen")) and "prompt" not in row:
-            out.append("preference-conversations")
+        chosen = row.get("chosen")
+        if _is_chat(chosen) and ("prompt" not in row or chosen[0].get("role") in ("system", "user")):
+            out.append("preference-conversations")  # whole chats (UltraFeedback-binarized, prompt column or not)
         elif isinstance(row.get("chosen"), str) and "prompt" not in row:
             out.append("preference-text")
         else:
@@ -113,7 +115,7 @@ def check_columns(columns: dict | None) -> tuple[str, str] | None:
 def map_columns(row: dict, columns: dict, where: str) -> dict:
     """`columns = { prompt = "question" }`: the named columns become the format's columns. Columns not
     mapped keep their names, except format columns, which would make the format ambiguous again."""
-    out = {k: v for k, v in row.items() if k not in TARGETS}
+    out = {k: v for k, v in row.items() if k not in TARGETS or k in KEPT}
     for target, column in columns.items():
         if column not in row:
             raise DataError(f'{where}: no column "{column}" (columns = {{ {target} = "{column}" }}); this row has '
@@ -157,7 +159,7 @@ def _label(value, where: str) -> bool:
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):  # CSV cells are text
         return value.strip().lower() == "true"
     raise DataError(f'{where}: "label" must be true or false (thumbs up or down), got {json.dumps(value)}\n'
-                    "  fix: write the label as a JSON boolean")
+                    "  fix: write the label as true or false (a JSON boolean, or the text true/false in a CSV cell)")
 
 
 def _split_conversations(row: dict, where: str) -> dict:

@@ -34,8 +34,8 @@ def snapshot(ref: str, split: str | None, config: str | None, revision: str | No
         meta = card_meta(folder / "README.md")
         wanted = select(present, meta, split, config, glob, ref, partial=True)
         if wanted:
-            return folder, [folder / p for p in wanted], _card(folder)
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
+            return folder, [folder / p for p in wanted], card_of(folder)
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         what = "the split is not" if folder else "not"
         raise DataError(f"{ref}: {what} in the local Hugging Face cache, and HF_HUB_OFFLINE=1\n"
                         f"  fix: on a machine with network, run `{command(repo, revision, split, config, glob)}`")
@@ -44,7 +44,7 @@ def snapshot(ref: str, split: str | None, config: str | None, revision: str | No
 
 def command(repo: str, revision, split, config, glob) -> str:
     """The download command for exactly what a recipe reads (a superset when conventions decide)."""
-    include = glob or "/".join(x for x in (config, f"*{split or 'train'}*") if x)
+    include = glob or (f"*{config}/*{split or 'train'}*" if config else f"*{split or 'train'}*")  # fnmatch: * spans /
     rev = f" --revision {revision}" if revision else ""
     return f'hf download {repo} --repo-type dataset{rev} --include "{include}" --include README.md'
 
@@ -76,10 +76,11 @@ def _download(repo, revision, split, config, glob, ref):
         first = str(e).splitlines()[0][:160] if str(e) else ""
         raise DataError(f"{ref}: could not download from the Hugging Face hub ({type(e).__name__}: {first})\n"
                         + how) from None
-    return folder, [folder / p for p in wanted], _card(folder)
+    return folder, [folder / p for p in wanted], card_of(folder)
 
 
-def _card(folder: Path) -> Path | None:
+def card_of(folder: Path) -> Path | None:
+    """The dataset card beside data files (or in a Hub snapshot), if there is one."""
     return folder / "README.md" if (folder / "README.md").is_file() else None
 
 
@@ -151,6 +152,12 @@ def _from_configs(data, configs, split, config, ref, partial) -> list[str]:
             raise DataError(f"{ref}: no config {config!r}." + (f' Did you mean "{close[0]}"?' if close else "")
                             + f"\n  fix: use one of {', '.join(names)}")
     splits = _data_files(chosen.get("data_files"))
+    if not splits and chosen.get("data_dir"):  # a config by folder: the split conventions inside it
+        inside = [p for p in data if p.startswith(str(chosen["data_dir"]).rstrip("/") + "/")]
+        return select(inside, {}, split, None, None, ref, partial)
+    if not splits:
+        raise DataError(f"{ref}: the card's config {chosen.get('config_name', 'default')!r} names no data_files "
+                        "and no data_dir\n  fix: choose the files with files = \"data/*.parquet\" (a glob)")
     name = split or "train"
     if name not in splits:
         raise DataError(f"{ref}: config {chosen.get('config_name', 'default')!r} has no split {name!r}; it has "
@@ -166,6 +173,8 @@ def _data_files(value) -> dict[str, list[str]]:
     if isinstance(value, str):
         return {"train": [value]}
     out: dict[str, list[str]] = {}
+    if isinstance(value, dict):  # {split: pattern(s)}
+        return {str(k): [v] if isinstance(v, str) else list(v or []) for k, v in value.items()}
     for item in value or []:
         if isinstance(item, str):
             out.setdefault("train", []).append(item)

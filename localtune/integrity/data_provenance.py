@@ -57,7 +57,7 @@ def check_dataset(ref: str, files: list[Path], card: Path | None,
     named: set[str] = set()  # names seen under a key other than `source`
     scan_rows(_jsonl_rows(files) if rows is None else rows, generated, named)
     _generator_findings(source, generated, named)
-    known = known_dataset(ref, config)
+    known = known_dataset(ref, config) if ref.startswith("hf:") else None  # a local folder named "alpaca" is the user's
     if known:
         taken = f" (config {config})" if config else ""
         source.findings += known_findings(known, [f"{ref}{taken}: {known.name} in localtune's table ({known.cite})"],

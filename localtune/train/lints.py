@@ -143,8 +143,9 @@ def _no_eos_rows(ds: Dataset, tokenizer, end_ids: set[int]) -> list[int]:
         for a, b in spans(e.loss_mask):
             if e.truncated and b == len(e.tokens):
                 continue  # cut by max_seq_len: reported as truncated
-            tail = [int(t) for t in e.tokens[a:b] if tokenizer.decode([int(t)]).strip() or int(t) in end_ids]
-            if tail and tail[-1] not in end_ids:
+            last = next((int(t) for t in e.tokens[a:b][::-1]  # the last token that is not whitespace
+                         if int(t) in end_ids or tokenizer.decode([int(t)]).strip()), None)
+            if last is not None and last not in end_ids:
                 bad.append(e.source_row)
                 break
     return bad

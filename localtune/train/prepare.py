@@ -52,6 +52,9 @@ def _read_stage(recipe: Recipe, s: Stage):
     if fmt not in formats:
         hint = {"preference": ', or set kind = "dpo" for preference pairs',
                 "prompt": ' (prompts alone are for kind = "distill" with mode = "sequence", or "ppo")'}.get(fmt, "")
+        if fmt == "prompt" and (answers := sorted(set(rows[0]) - {"prompt"})):
+            hint += (f"; or, if a column holds the answers, map it: columns = {{ completion = \"{answers[0]}\" }} "
+                     f"(the rows have {', '.join(sorted(rows[0]))})")
         raise RecipeError(f"{table.source.ref}: {method.describe(s)} needs "
                           f"{' or '.join(WANT[f] for f in formats)} rows, but this data has {WANT[fmt]} rows "
                           f"({table.detected})\n  fix: point [stages.{s.name}] data at the right data{hint}")
@@ -99,10 +102,9 @@ def prepare(recipe: Recipe) -> Prepared:
                           "  fix: run this recipe without mlx.launch")
     eval_rows = None
     if recipe.eval.data:
-        table = datasets.read(datasets.eval_spec(recipe), ("completion", "messages", "preference"))
+        want = golden_formats(recipe.eval.metric)
+        table = datasets.read(datasets.eval_spec(recipe), want)
         eval_rows, fmt = table.rows, table.fmt
-        want = {"preference": ("preference",), "tool_call": ("messages",)}.get(recipe.eval.metric,
-                                                                             ("completion", "messages"))
         if fmt not in want:
             raise RecipeError(f"{recipe.eval.data}: [eval] metric = {recipe.eval.metric!r} needs "
                               f"{' or '.join(WANT[f] for f in want)} rows, but this file has {WANT[fmt]} rows\n"
@@ -132,6 +134,11 @@ def prepare(recipe: Recipe) -> Prepared:
             batches(s, train[s.name])  # batching errors (a batch larger than the data, ...) now, not mid-run
     return Prepared(folder, tokenizer, train, valid, eval_rows, contamination, general=general_texts(recipe),
                     detected={name: r[3] for name, r in raw.items()}, lints=data_lints)
+
+
+def golden_formats(metric: str) -> tuple:
+    """The row formats a golden set may have for an [eval] metric."""
+    return {"preference": ("preference",), "tool_call": ("messages",)}.get(metric, ("completion", "messages"))
 
 
 def lint_stage(s: Stage, dataset: data.Dataset, rows: list, fmt: str, tokenizer) -> list[dict]:
