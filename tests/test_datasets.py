@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+from hf_cache import card, lay_out, parquet_bytes
 
 from localtune import datasets
 from localtune.datasets import Spec
 from localtune.errors import DataError
-from tests.hf_cache import card, lay_out, parquet_bytes
 
 ROWS = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(6)]
 

