@@ -118,3 +118,13 @@ def test_training_on_the_general_texts_is_blocked_too(tmp_path, small_model_path
     recipe = write_recipe(tmp_path, small_model_path, rows=[{"text": first}] * 8)
     result = invoke("run", recipe, "--no-tui", "--runs-dir", tmp_path / "runs")
     assert result.exit_code == 2 and f"is an exact duplicate of golden {general}:2" in result.output
+
+
+def test_tool_calls_are_compared_too():
+    call = {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+        "name": "get_weather", "arguments": {"city": "Lisbon", "unit": "celsius", "days": 3}}}]}
+    row = {"messages": [{"role": "user", "content": "Weather?"}, call]}
+    text = contamination.row_text(row)
+    assert "get_weather" in text and '"city": "Lisbon"' in text
+    report = contamination.check([("t:1", row)], [("g:1", row)], n=13, near=0.5)
+    assert [o.kind for o in report.overlaps] == ["exact"]

@@ -8,6 +8,7 @@ one hash table, so training rows are each read once: O(train + golden) n-grams, 
 """
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from collections import Counter, defaultdict
@@ -30,7 +31,18 @@ def row_text(row: dict) -> str:
         if isinstance(value, str):
             parts.append(value)
         elif isinstance(value, list):
-            parts += [m.get("content") or "" for m in value if isinstance(m, dict)]
+            parts += [_message_text(m) for m in value if isinstance(m, dict)]
+    return " ".join(parts)
+
+
+def _message_text(m: dict) -> str:
+    """A message's content and its tool calls (name and arguments): a golden call is compared too."""
+    parts = [str(m.get("content") or "")]
+    for call in m.get("tool_calls") or []:
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if isinstance(fn, dict):
+            args = fn.get("arguments")
+            parts += [str(fn.get("name", "")), args if isinstance(args, str) else json.dumps(args)]
     return " ".join(parts)
 
 
