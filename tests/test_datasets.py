@@ -171,8 +171,8 @@ def test_a_file_that_mixes_formats_names_the_first_line_that_differs(tmp_path):
 @pytest.mark.parametrize("name,content,where,expected", [
     ("a.json", '[{"prompt": "a", "completion": "b"},\n {"prompt": "c" "completion": "d"}]', ":2", "not valid JSON"),
     ("a.jsonl.gz", b"\x1f\x8b\x08\x00garbage", "", "cannot be read"),
-    ("a.json.gz", gzip.compress(b'[{"prompt": "a", "completion": "b"}]')[:-12], "", "cannot be read"),
-    ("a.jsonl.gz", gzip.compress(b'{"text": "a"}\n')[:12] + b"\xff" * 20, "", "cannot be read"),
+    ("a.json.gz", gzip.compress(b'[{"prompt": "a", "completion": "b"}]', mtime=0)[:-12], "", "cannot be read"),
+    ("a.jsonl.gz", gzip.compress(b'{"text": "a"}\n', mtime=0)[:12] + b"\xff" * 20, "", "cannot be read"),
     ("a.csv", 'prompt,completion\na,b,c\n', ":2", "3 cells but the header names 2 columns"),
     ("a.csv", 'prompt,completion\na,b\nc\n', ":3", "1 cells but the header names 2 columns"),
     ("a.parquet", b"PAR1 not really parquet", "", "not a readable Parquet file"),
