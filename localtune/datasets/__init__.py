@@ -37,8 +37,9 @@ class Spec:
         return self.ref.startswith("hf:")
 
     def path(self) -> Path:
+        """As Recipe.resolve: relative to the recipe's folder, unless it exists from the current one."""
         p = Path(self.ref).expanduser()
-        return p if p.is_absolute() else Path(self.base_dir) / p
+        return p if p.is_absolute() or p.exists() else Path(self.base_dir) / p
 
 
 def spec_of(recipe, stage, valid: bool = False) -> Spec:
