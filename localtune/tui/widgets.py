@@ -168,7 +168,8 @@ class ReportPanel(Static):
                 r = task.get(when)
                 if r:
                     text.append(f"{when:>7} ", style="dim")
-                    text.append(f"{r['value']:6.1%}")
+                    loglik = r["metric"] == "loglik"  # nats per answer token, not a share
+                    text.append(f"{r['value']:6.3f} nats/token" if loglik else f"{r['value']:6.1%}")
                     if "well_formed" in r:
                         text.append(f"  well-formed {r['well_formed']:.0%}", style="dim")
                     for key, value in r.get("secondary", {}).items():
