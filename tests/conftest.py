@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,8 +8,13 @@ import pytest
 # two workers' OpenMP threads spin against each other. One BLAS thread per worker (cores // workers; set before
 # MKL loads, inherited by the CLI and mlx.launch subprocesses) measured, on tests/test_distributed.py with -n 0:
 # 97 s of CPU instead of 125 s; a SmolLM2 QLoRA run: 51 s instead of 74 s. A variable already set is kept.
+# Not for the slow suite (`-m slow`): the shipped recipes run there as a user runs them, with MKL's own thread
+# count, and RL recipes' sampled trajectories follow the BLAS reduction order (rlhf-rules.toml: 56% of answers
+# pass the ISO rule after PPO with 2 threads, 28% with 1, from the same 23%).
+if "-m" in sys.argv and sys.argv[sys.argv.index("-m") + 1:][:1] == ["slow"]:
+    os.environ["LOCALTUNE_TESTS_OWN_THREADS"] = "1"  # xdist workers inherit it
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if _WORKERS > 1:
+if _WORKERS > 1 and not os.environ.get("LOCALTUNE_TESTS_OWN_THREADS"):
     for _var in ("MKL_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ.setdefault(_var, str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
