@@ -1,5 +1,4 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -8,19 +7,37 @@ import pytest
 # two workers' OpenMP threads spin against each other. One BLAS thread per worker (cores // workers; set before
 # MKL loads, inherited by the CLI and mlx.launch subprocesses) measured, on tests/test_distributed.py with -n 0:
 # 97 s of CPU instead of 125 s; a SmolLM2 QLoRA run: 51 s instead of 74 s. A variable already set is kept.
-# Not for the slow suite (`-m slow`): the shipped recipes run there as a user runs them, with MKL's own thread
-# count, and RL recipes' sampled trajectories follow the BLAS reduction order (rlhf-rules.toml: 56% of answers
-# pass the ISO rule after PPO with 2 threads, 28% with 1, from the same 23%).
-if "-m" in sys.argv and sys.argv[sys.argv.index("-m") + 1:][:1] == ["slow"]:
-    os.environ["LOCALTUNE_TESTS_OWN_THREADS"] = "1"  # xdist workers inherit it
+# A test that reproduces numbers measured with MKL's own threads says so with `blas_threads(N)` (below).
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if _WORKERS > 1 and not os.environ.get("LOCALTUNE_TESTS_OWN_THREADS"):
+if _WORKERS > 1:
     for _var in ("MKL_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ.setdefault(_var, str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
-import localtune  # noqa: E402,F401  (preloads the fast BLAS before mlx)
+import localtune  # noqa: E402  (preloads the fast BLAS before mlx)
+import localtune.device  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def blas_threads(request):
+    """`@pytest.mark.blas_threads(N)`: MKL runs N threads for this test, set at run time (MKL_Set_Num_Threads).
+    RL recipes' sampled trajectories follow the BLAS reduction order: rlhf-rules.toml passes the ISO rule on 56%
+    of answers after PPO with 2 threads (the README's number, reproduced this way), 28% with 1."""
+    mark = request.node.get_closest_marker("blas_threads")
+    path = localtune.device.blas_in_use()
+    if mark is None or not path or "mkl" not in path:
+        yield
+        return
+    import ctypes
+
+    lib = ctypes.CDLL(path)
+    before = lib.MKL_Get_Max_Threads()
+    lib.MKL_Set_Num_Threads(mark.args[0])
+    try:
+        yield
+    finally:
+        lib.MKL_Set_Num_Threads(before)
 
 
 @pytest.fixture(autouse=True)

