@@ -64,6 +64,25 @@ def test_json_tokens_stream_pieces_that_make_the_answer(tuned_run):
         assert "".join(e["token"] for e in events if e.get("side") == side) == turn[side]
 
 
+def test_a_runs_own_chat_template_is_used(tmp_path, small_model_path):
+    """[model] chat_template (the run's chat_template.jinja copy) writes the prompt, not the tokenizer's."""
+    from localtune.cli.chat import Chatter, load_chat
+
+    template = ("{% for m in messages %}{{ m['role'] | upper }}>> {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}ASSISTANT>> {% endif %}")
+    (tmp_path / "t.jinja").write_text(template)
+    recipe = write_recipe(tmp_path, small_model_path, steps=2, save_every=2)
+    recipe.write_text(recipe.read_text().replace("[model]\n", '[model]\nchat_template = "t.jinja"\n', 1))
+    result = invoke("run", recipe, "--no-tui", "--runs-dir", tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    run = only_run(tmp_path / "runs")
+    model, tokenizer, _ = load_chat(str(run), True, False)
+    prompt = Chatter(model, tokenizer, 8, 0.0).encoder.prompt_tokens([{"role": "user", "content": "hi"}])
+    assert tokenizer.decode(prompt) == "USER>> hi\nASSISTANT>> "
+    answer = json.loads(chat(run, "--json", "--max-tokens", "8", stdin=f"{PROMPT}\n").output)["answer"]
+    assert answer == invoke("generate", run, "--prompt", PROMPT, "--max-tokens", "8").output.rstrip("\n")
+
+
 def test_chat_with_a_plain_model_answers_like_generate(small_model_path):
     result = chat(small_model_path, "--max-tokens", "8", stdin=f"{PROMPT}\n")
     assert result.exit_code == 0, result.output
