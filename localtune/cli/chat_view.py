@@ -3,6 +3,8 @@ two answers stream into one two-column table, base on the left, tuned on the rig
 written first, then the tuned one (one model in memory answers both, one after the other)."""
 from __future__ import annotations
 
+import contextlib
+
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -43,7 +45,7 @@ def interactive_session(chatter: Chatter, target: str, compare: bool, labels, sy
     def ask(first: bool) -> str:
         return console.input("[bold]you>[/bold] " if first else "[dim]...>[/dim] ")
 
-    with inference_weights(chatter.model):
+    with inference_weights(chatter.model), contextlib.suppress(KeyboardInterrupt):  # Ctrl-C leaves quietly
         for prompt in read_prompts(lines or [], None if lines is not None else ask):
             command = command_of(prompt, talks)
             if command == "quit":
@@ -68,7 +70,8 @@ def answer_one(chatter: Chatter, talk: Conversation, prompt: str, console: Conso
 
 def answer_both(chatter: Chatter, talks: dict, prompt: str, labels, console: Console) -> None:
     answers = ["", ""]
-    with Live(side_by_side(labels, answers), console=console, refresh_per_second=12) as live:
+    with Live(side_by_side(labels, answers), console=console, refresh_per_second=12,
+              vertical_overflow="visible") as live:
         for i, side in enumerate(("base", "tuned")):
             for piece in chatter.stream(talks[side].messages(prompt), adapters_enabled=side != "base"):
                 answers[i] += piece
