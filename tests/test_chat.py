@@ -145,6 +145,8 @@ def test_the_tui_chat_screen_streams_a_chat_subprocess_side_by_side(tuned_run):
             screen = app.screen
             assert isinstance(screen, ChatScreen) and screen.command[2:5] == ["localtune.cli", "chat", str(tuned_run)]
             await wait_for(pilot, lambda: not screen.busy, "the model to load")
+            await pilot.press(*"/help", "enter")  # not sent: nothing would answer it
+            assert not screen.busy and screen.turns["base"] == []
             await pilot.press(*PROMPT, "enter")
             assert screen.busy and screen.turns["base"] == [[PROMPT, ""]]
             await wait_for(pilot, lambda: not screen.busy, "both answers")

@@ -123,6 +123,9 @@ class ChatScreen(Screen):
             self.send(prompt)
             self.clear(prompt)
             return
+        if prompt.startswith("/"):  # /help, /quit: nothing would answer them here
+            self.notify("commands here: /reset, /system TEXT; escape closes the chat", severity="warning")
+            return
         for side in SIDES:
             self.turns[side].append([prompt, ""])
             self.redraw(side)
