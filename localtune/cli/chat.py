@@ -89,7 +89,7 @@ def read_prompts(lines, prompt=None):
 def load_chat(target: str, compare: bool, in_progress: bool):
     """(Chatter's model, tokenizer, labels) for a target; `compare` checks first that it is a run with adapters."""
     from .. import loading
-    from ..train.adapters import _stage_layers
+    from ..train.adapters import stage_layers
 
     t = loading.parse_target(target)
     if t.run is None and not Path(target).exists() and compare:
@@ -110,7 +110,7 @@ def load_chat(target: str, compare: bool, in_progress: bool):
                                  "adapters.safetensors (full fine-tuning, or nothing saved yet)\n  fix: chat with "
                                  "the run alone (`localtune chat RUN`), or compare a LoRA / QLoRA run")
     model, tokenizer = loading.load(t, in_progress)
-    if compare and not _stage_layers(model):
+    if compare and not stage_layers(model):
         raise LocaltuneError(f"{target}: the loaded model has no adapter layers to switch off\n"
                              "  fix: chat with the run alone (`localtune chat RUN`)")
     if not getattr(tokenizer, "chat_template", None):
