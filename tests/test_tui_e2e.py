@@ -109,25 +109,30 @@ def test_quit_stops_with_a_checkpoint_or_detaches(tmp_path, small_model_path, ch
 
 
 def generated_in_the_tui(run) -> str:
-    """`g` on the finished run: a prompt box, and the adapted model's answer."""
+    """`g` on the finished run: the chat screen, and the tuned model's answer (a `localtune chat` subprocess)."""
     import asyncio
 
     from localtune.tui.app import LocaltuneApp
-    from localtune.tui.screens import GenerateScreen
+    from localtune.tui.chat import ChatScreen
 
     async def main():
         app = LocaltuneApp(run, runs_dir=run.parent, poll_interval=60)
         async with app.run_test(size=(100, 30)) as pilot:
             await pilot.press("g")
-            assert isinstance(app.screen, GenerateScreen)
-            await pilot.press(*"Convert to ISO 8601: March 5, 2021", "enter")
-            output = app.screen.query_one("#output")
-            for _ in range(300):
+            screen = app.screen
+            assert isinstance(screen, ChatScreen)
+            for _ in range(600):  # the subprocess loads the model
                 await pilot.pause(0.1)
-                if "generating" not in str(output.content):
+                if not screen.busy or screen.exit_code is not None:
                     break
-            return str(output.content)
+            await pilot.press(*"Convert to ISO 8601: March 5, 2021", "enter")
+            for _ in range(600):
+                await pilot.pause(0.1)
+                if not screen.busy or screen.exit_code is not None:
+                    break
+            return screen.turns["tuned"][-1][1] if screen.turns["tuned"] else str(
+                screen.query_one("#chat-status").content)
 
     answer = asyncio.run(main())
-    assert answer and "Error" not in answer, answer
+    assert answer and "exit code" not in answer, answer
     return answer

@@ -115,7 +115,7 @@ def adapters_disabled(model: nn.Module):
     with earlier stages' adapters: fused into a float base, or stacked underneath, unfused, on
     a quantized one.
     """
-    names = _stage_layers(model)
+    names = stage_layers(model)
     layers = dict(model.named_modules())
     model.update_modules(tree_unflatten([(n, layers[n].linear) for n in names]))
     try:
@@ -151,14 +151,15 @@ def swapped(model: nn.Module, layers: dict):
         model.update_modules(tree_unflatten([(n, own[n]) for n in layers]))
 
 
-def _stage_layers(model: nn.Module) -> list[str]:
+def stage_layers(model: nn.Module) -> list[str]:
+    """Names of this stage's adapter layers (trainable LoRA / DoRA): what adapters_disabled takes off."""
     return [n for n, m in model.named_modules() if isinstance(m, LORA) and "lora_a" in m.trainable_parameters()]
 
 
 def detach(model: nn.Module) -> None:
     """Take this stage's adapters (and a reward head) off for good: a branch stage ends."""
     layers = dict(model.named_modules())
-    model.update_modules(tree_unflatten([(n, layers[n].linear) for n in _stage_layers(model)]))
+    model.update_modules(tree_unflatten([(n, layers[n].linear) for n in stage_layers(model)]))
     model.pop("reward_head", None)
     model.freeze()
 

@@ -1,4 +1,4 @@
-"""Screens: the runs list, the run view, and the quit, generate and help dialogs."""
+"""Screens: the runs list, the run view, and the quit and help dialogs (the chat screen: chat.py)."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from rich.text import Text
-from textual import on, work
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
@@ -15,6 +15,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, DataTable, Footer, Input, Label, ProgressBar, Static
 
 from ..run import LIVE_STATES, Run, list_runs, pid_alive
+from .chat import ChatScreen
 from .state import RunState
 from .widgets import STATE_STYLE, EventLog, LossChart, ReportPanel, SamplePanel, StageChain, StatsPanel, duration
 
@@ -26,7 +27,7 @@ class RunScreen(Screen):
         Binding("q", "quit_run", "quit/detach"),
         Binding("s", "checkpoint", "checkpoint"),
         Binding("p", "pause", "pause/resume"),
-        Binding("g", "generate", "generate"),
+        Binding("g", "chat", "chat"),
         Binding("left", "stage(-1)", "stage", key_display="←"),
         Binding("right", "stage(1)", "stage", key_display="→"),
         Binding("r", "runs", "runs"),
@@ -127,8 +128,10 @@ class RunScreen(Screen):
         Run(self.state.path).request(paused=not paused)
         self.notify("resuming" if paused else "pausing after the current step")
 
-    def action_generate(self) -> None:
-        self.app.push_screen(GenerateScreen(self.state.path, self.stage))
+    def action_chat(self) -> None:
+        """Base and tuned side by side, answered by a `localtune chat` subprocess (the adapters saved so far)."""
+        target = self.state.path / self.selected if self.selected else self.state.path
+        self.app.push_screen(ChatScreen(target))
 
     def action_help(self) -> None:
         self.app.push_screen(HelpScreen())
@@ -186,43 +189,6 @@ class QuitScreen(ModalScreen[str]):
         self.dismiss(None)
 
 
-class GenerateScreen(ModalScreen):
-    """A prompt box; generates greedily from the base plus the adapters saved so far."""
-
-    BINDINGS = [Binding("escape", "app.pop_screen", "close")]
-
-    def __init__(self, path: Path, stage: str | None):
-        super().__init__()
-        self.path, self.stage = path, stage
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="generate"):
-            yield Label(f"generate with the adapters saved so far ({self.stage or 'base'})")
-            yield Input(placeholder="a prompt, then Enter", id="prompt")
-            yield Static(id="output")
-
-    @on(Input.Submitted)
-    def submitted(self, event: Input.Submitted) -> None:
-        if event.value.strip():
-            self.query_one("#output", Static).update(Text("loading the model and generating…", style="dim"))
-            self.generate(event.value)
-
-    @work(thread=True, exclusive=True)
-    def generate(self, prompt: str) -> None:
-        try:
-            from ..integrity.evaluate import generate
-            from ..loading import load_for_inference
-
-            model, tokenizer = load_for_inference(str(self.path), self.stage, in_progress=True)  # a preview
-            result = Text(generate(model, tokenizer, [prompt], 64)[0] or "(an empty answer)")
-        except Exception as e:  # shown in the dialog: a failed generation must not close the TUI
-            result = Text(f"{type(e).__name__}: {e}", style="red")
-        self.app.call_from_thread(self.show_output, result)
-
-    def show_output(self, result: Text) -> None:
-        self.query_one("#output", Static).update(result)
-
-
 class HelpScreen(ModalScreen):
     BINDINGS = [Binding("escape,question_mark,q", "app.pop_screen", "close")]
 
@@ -230,7 +196,7 @@ class HelpScreen(ModalScreen):
   q      quit: asks to stop training (with a checkpoint) or detach
   s      write a checkpoint after the current step
   p      pause or resume training between steps
-  g      generate from the adapters saved so far
+  g      chat: base and tuned side by side (the adapters saved so far)
   ← →    show another stage
   r      all runs
   ?      this help

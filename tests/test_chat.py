@@ -1,0 +1,223 @@
+"""`localtune chat`: scripted stdin on a model and on a run (--compare), its commands and formats, bad input,
+the terminal view, and the TUI's chat screen (a `localtune chat` subprocess streamed into two columns)."""
+import asyncio
+import json
+import sys
+
+import pytest
+from click.testing import CliRunner
+from rich.console import Console
+from run_fixtures import make_run
+from test_cli import invoke, only_run, write_recipe
+
+from localtune.cli import cli
+from localtune.cli.chat import Conversation, command_of, read_prompts
+from localtune.tui.app import LocaltuneApp
+from localtune.tui.chat import ChatScreen
+
+PROMPT = "Convert to ISO 8601: 11.11.1950"
+
+
+@pytest.fixture(scope="module")
+def tuned_run(tmp_path_factory, small_model_path):
+    """A tiny SFT run on the dates task, trained enough that its answers differ from the base's."""
+    tmp = tmp_path_factory.mktemp("chat")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("LOCALTUNE_HOME", str(tmp / "home"))
+        recipe = write_recipe(tmp, small_model_path, steps=20, save_every=20, report_every=10)
+        result = invoke("run", recipe, "--no-tui", "--runs-dir", tmp / "runs")
+        assert result.exit_code == 0, result.output
+    return only_run(tmp / "runs")
+
+
+def chat(*args, stdin: str):
+    return CliRunner().invoke(cli, ["chat", *map(str, args)], input=stdin, catch_exceptions=False)
+
+
+def test_compare_prints_base_and_tuned_answers_and_they_differ(tuned_run):
+    result = chat(tuned_run, "--compare", "--max-tokens", "12", stdin=f"{PROMPT}\n")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert [line[:7] for line in lines] == ["base:  ", "tuned: "], result.output
+    base, tuned = lines[0][7:], lines[1][7:]
+    assert base and tuned and base != tuned  # the run learned something: its adapters change the answer
+
+
+def test_compare_json_keeps_each_sides_history_and_reset_clears_it(tuned_run):
+    stdin = f"{PROMPT}\n{PROMPT}\n/reset\n{PROMPT}\n/system Answer in French.\n{PROMPT}\n/quit\n{PROMPT}\n"
+    result = chat(tuned_run, "--compare", "--json", "--max-tokens", "8", stdin=stdin)
+    assert result.exit_code == 0, result.output
+    turns = [json.loads(line) for line in result.output.splitlines()]
+    assert len(turns) == 4 and all(set(t) == {"prompt", "base", "tuned"} for t in turns)  # /quit ends it
+    assert turns[2] == turns[0]  # greedy, and /reset forgot the first two turns
+    assert turns[0]["base"] != turns[0]["tuned"]
+
+
+def test_json_tokens_stream_pieces_that_make_the_answer(tuned_run):
+    result = chat(tuned_run, "--compare", "--json-tokens", "--max-tokens", "6", stdin=f"{PROMPT}\n")
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in result.output.splitlines()]
+    assert "ready" in events[0] and events[0]["labels"] == ["base", "tuned"]
+    turn = events[-1]
+    for side in ("base", "tuned"):
+        assert "".join(e["token"] for e in events if e.get("side") == side) == turn[side]
+
+
+def test_a_runs_own_chat_template_is_used(tmp_path, small_model_path):
+    """[model] chat_template (the run's chat_template.jinja copy) writes the prompt, not the tokenizer's."""
+    from localtune.cli.chat import Chatter, load_chat
+
+    template = ("{% for m in messages %}{{ m['role'] | upper }}>> {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}ASSISTANT>> {% endif %}")
+    (tmp_path / "t.jinja").write_text(template)
+    recipe = write_recipe(tmp_path, small_model_path, steps=2, save_every=2)
+    recipe.write_text(recipe.read_text().replace("[model]\n", '[model]\nchat_template = "t.jinja"\n', 1))
+    result = invoke("run", recipe, "--no-tui", "--runs-dir", tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    run = only_run(tmp_path / "runs")
+    model, tokenizer, _ = load_chat(str(run), True, False)
+    prompt = Chatter(model, tokenizer, 8, 0.0).encoder.prompt_tokens([{"role": "user", "content": "hi"}])
+    assert tokenizer.decode(prompt) == "USER>> hi\nASSISTANT>> "
+    answer = json.loads(chat(run, "--json", "--max-tokens", "8", stdin=f"{PROMPT}\n").output)["answer"]
+    assert answer == invoke("generate", run, "--prompt", PROMPT, "--max-tokens", "8").output.rstrip("\n")
+
+
+def test_chat_with_a_plain_model_answers_like_generate(small_model_path):
+    result = chat(small_model_path, "--max-tokens", "8", stdin=f"{PROMPT}\n")
+    assert result.exit_code == 0, result.output
+    generated = invoke("generate", small_model_path, "--prompt", PROMPT, "--max-tokens", "8")
+    assert result.output == generated.output  # the same chat template and greedy decoding
+
+
+def test_multi_line_prompts_commands_and_system_prompt():
+    assert list(read_prompts(["a \\\n", "b\n", "\n", "c\\"])) == ["a \nb", "c"]
+    talks = {"base": Conversation("old"), "tuned": Conversation("old")}
+    for talk in talks.values():
+        talk.add("hi", "hello")
+    assert command_of("/system Be brief.", talks) == "done"
+    assert talks["tuned"].messages("x") == [{"role": "system", "content": "Be brief."},
+                                            {"role": "user", "content": "x"}]
+    assert command_of("/quit", talks) == "quit" and command_of("plain", talks) is None
+    assert "unknown command '/frobnicate'" in command_of("/frobnicate", talks)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["no/such/run", "--compare"], ["no such run directory", "fix:"]),
+    (["models/small", "--compare"], ["--compare needs a run directory", "fix:"]),
+    (["no/such/model"], ["no/such/model", "fix:"]),
+])
+def test_bad_targets_say_what_to_do(in_repo, args, words):
+    result = chat(*args, stdin="hi\n")
+    assert result.exit_code == 1, result.output
+    for word in words:
+        assert word in result.output, result.output
+
+
+def test_compare_on_a_run_without_adapters_is_refused_before_loading(tmp_path):
+    run = make_run(tmp_path, "full")  # finished, but no adapters.safetensors
+    result = chat(run, "--compare", stdin="hi\n")
+    assert result.exit_code == 1
+    assert "has no adapters.safetensors" in result.output and "fix: chat with the run alone" in result.output
+
+
+def test_the_terminal_view_streams_both_answers_into_two_columns(tuned_run):
+    from localtune.cli.chat import Chatter, load_chat
+    from localtune.cli.chat_view import interactive_session
+
+    model, tokenizer, labels = load_chat(str(tuned_run), True, False)
+    console = Console(record=True, width=80, force_terminal=False)
+    interactive_session(Chatter(model, tokenizer, 8, 0.0), str(tuned_run), True, labels, None, console,
+                        lines=[PROMPT, "/reset", "/quit", PROMPT])
+    shown = console.export_text()
+    assert "end a line with \\ to continue" in shown and "(conversation reset)" in shown
+    header = next(line for line in shown.splitlines() if line.startswith("┃"))
+    assert header.index("base") < 40 < header.index("tuned")  # side by side, base on the left
+
+
+def test_the_tui_chat_screen_streams_a_chat_subprocess_side_by_side(tuned_run):
+    expected = json.loads(chat(tuned_run, "--compare", "--json", "--max-tokens", "64", stdin=f"{PROMPT}\n").output)
+    app = LocaltuneApp(tuned_run, runs_dir=tuned_run.parent, poll_interval=60)
+
+    async def main():
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.press("g")
+            screen = app.screen
+            assert isinstance(screen, ChatScreen) and screen.command[2:5] == ["localtune.cli", "chat", str(tuned_run)]
+            await wait_for(pilot, lambda: not screen.busy, "the model to load")
+            await pilot.press(*"/help", "enter")  # not sent: nothing would answer it
+            assert not screen.busy and screen.turns["base"] == []
+            await pilot.press(*PROMPT, "enter")
+            assert screen.busy and screen.turns["base"] == [[PROMPT, ""]]
+            await wait_for(pilot, lambda: not screen.busy, "both answers")
+            shown = {side: str(screen.query_one(f"#{side}-answers").content) for side in ("base", "tuned")}
+            await pilot.press("ctrl+r")
+            assert screen.turns == {"base": [], "tuned": []}
+            await pilot.press("escape")
+            assert not isinstance(app.screen, ChatScreen)
+            return screen, shown
+
+    screen, shown = asyncio.run(main())
+    assert screen.turns == {"base": [], "tuned": []}
+    for side in ("base", "tuned"):
+        assert shown[side].strip() == f"you: {PROMPT}\n{expected[side]}".strip()
+    assert screen.proc.wait(timeout=10) == 0  # closing the screen ends the subprocess
+
+
+def test_the_tui_chat_screen_shows_why_the_chat_process_failed(tmp_path):
+    run = make_run(tmp_path, "full")
+
+    async def main():
+        app = LocaltuneApp(run, runs_dir=tmp_path, poll_interval=60)
+        async with app.run_test(size=(100, 30)) as pilot:
+            screen = ChatScreen(run)
+            await app.push_screen(screen)
+            await wait_for(pilot, lambda: screen.exit_code is not None, "the chat process to fail")
+            await pilot.press(*"hi", "enter")  # refused: nothing answers
+            return screen, str(screen.query_one("#chat-status").content)
+
+    screen, status = asyncio.run(main())
+    assert screen.exit_code == 1 and "has no adapters.safetensors" in status and "exit code 1" in status
+    assert screen.turns == {"base": [], "tuned": []}
+
+
+async def wait_for(pilot, predicate, what: str, seconds: float = 60) -> None:
+    for _ in range(int(seconds * 10)):
+        if predicate():
+            return
+        await pilot.pause(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_chat_command_runs_this_python():
+    from localtune.tui.chat import chat_command
+
+    assert chat_command("runs/x")[:6] == [sys.executable, "-m", "localtune.cli", "chat", "runs/x", "--compare"]
+
+
+# Stands in for `localtune chat --json-tokens` in the snapshot: fixed answers, streamed a character at a time.
+FAKE_CHAT = """import json, sys
+print(json.dumps({"ready": "demo", "labels": ["base", "tuned"]}), flush=True)
+for line in sys.stdin:
+    answers = {"base": "199 19 19", "tuned": "1950-11-11"}
+    for side, answer in answers.items():
+        for piece in answer:
+            print(json.dumps({"side": side, "token": piece}), flush=True)
+    print(json.dumps({"prompt": line.strip(), **answers}), flush=True)
+"""
+
+
+def test_chat_screen_snapshot(tmp_path, monkeypatch, snap_compare):
+    make_run(tmp_path / "runs", "demo")
+    monkeypatch.chdir(tmp_path)  # the run's path is shown: the same on every machine
+    app = LocaltuneApp("runs/demo", runs_dir="runs", poll_interval=60)
+
+    async def chat_once(pilot):
+        screen = ChatScreen("runs/demo", command=[sys.executable, "-c", FAKE_CHAT])
+        await app.push_screen(screen)
+        await wait_for(pilot, lambda: not screen.busy, "the fake chat to start")
+        await pilot.press(*PROMPT, "enter")
+        await wait_for(pilot, lambda: not screen.busy, "the fake answers")
+        assert screen.turns == {"base": [[PROMPT, "199 19 19"]], "tuned": [[PROMPT, "1950-11-11"]]}
+
+    assert snap_compare(app, terminal_size=(100, 24), run_before=chat_once)
