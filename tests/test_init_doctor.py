@@ -129,7 +129,7 @@ def test_init_refuses_bad_input(tmp_path, small_model_path, case, words):
         path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p, _ in _pairs()))
     out = tmp_path / "r.toml"
     r = CliRunner().invoke(cli, ["init", str(path), "--model", str(small_model_path), "--out", str(out)])
-    assert r.exit_code != 0 and r.exception is None or isinstance(r.exception, SystemExit), r.output
+    assert r.exit_code in (1, 2) and isinstance(r.exception, SystemExit), r.output  # a ClickException, no traceback
     assert all(w in r.output for w in words), r.output
     assert str(path) in r.output
     assert not out.exists() and not (tmp_path / "r-data").exists()  # nothing partial
@@ -194,3 +194,20 @@ def test_doctor_fatal_memory_and_fixes(monkeypatch):
     assert found["hf"]["level"] == "warn" and "HF_HUB_OFFLINE" in found["hf"]["fix"]
     assert found["llama_cpp"]["level"] == "warn" and "llama-cpp-python" in found["llama_cpp"]["fix"]
     assert all(c.get("fix") for c in found.values() if c["level"] != "ok")
+
+
+def test_init_errors_name_the_split_not_a_temp_folder(tmp_path, small_model_path):
+    """A check that fails while init sizes the recipe (here: the small model's template drops tools)
+    names the data and the folder the split would go to; nothing is written."""
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    call = [{"type": "function", "function": {"name": "add", "arguments": {"a": 1}}}]
+    rows = [{"tools": tools, "messages": [{"role": "user", "content": p},
+                                          {"role": "assistant", "content": "", "tool_calls": call}]}
+            for p, _ in _pairs()]
+    data = tmp_path / "tools.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "t.toml"
+    r = CliRunner().invoke(cli, ["init", str(data), "--model", str(small_model_path), "--out", str(out)])
+    assert r.exit_code == 2, r.output
+    assert "drops the tool schemas" in r.output and str(tmp_path / "t-data") in r.output and str(data) in r.output
+    assert "localtune-init-" not in r.output and not (tmp_path / "t-data").exists()

@@ -54,6 +54,7 @@ class Draft:
     learning_rate: float = 1e-4
     metric: object = None
     max_tokens: int = 32
+    tmp: str = "\0"  # the folder the split is sized in (named in errors as the folder it will be written to)
 
 
 @cli.command()
@@ -88,7 +89,11 @@ def init(data, model_ref, out, force):
                              f"your files\n  fix: choose another --out, or pass --force to replace them")
     splits = split(list(zip(table.where, table.rows)), with_golden=kind != "text", source=data)
     draft = Draft(out.stem, model, "dpo" if kind == "preference" else "sft", table.detected, data, splits)
-    size(draft, table.fmt)
+    try:
+        size(draft, table.fmt)
+    except LocaltuneError as e:  # rows of the split not yet written: name where they will go, and the data
+        raise type(e)(e.message.replace(draft.tmp, str(folder)) + f"\n  (the rows of {data}, as `localtune init` "
+                      f"splits them into {folder}/; nothing was written)") from None
     text = render(draft, _model_path(model, out.parent), f"{folder.name}")
     _check(text, out)
     _write(draft, folder, text, out, table.source.card)
@@ -153,6 +158,7 @@ def size(draft: Draft, fmt: str) -> None:
     from ..train.prepare import prepare
 
     with tempfile.TemporaryDirectory(prefix="localtune-init-") as tmp:
+        draft.tmp = tmp
         for name, rows in draft.splits.items():
             (Path(tmp) / f"{name}.jsonl").write_text(_jsonl(rows))
         probe = _parse(render(dataclasses.replace(draft, max_seq_len=1 << 16, metric=None), draft.model, tmp), tmp)
@@ -165,14 +171,14 @@ def size(draft: Draft, fmt: str) -> None:
         draft.max_seq_len, draft.seq_why = choose.seq_len(lengths, config.get("max_position_embeddings"))
         epochs, draft.epochs_why = choose.epochs_for(len(draft.splits["train"]))
         draft.learning_rate = _learning_rate(config, draft.kind)
-        _fit(draft, tmp, prepared, config)
+        _fit(draft, tmp, config)
         per_step = draft.batch_size * draft.grad_accum
         draft.steps, draft.eval_every = choose.steps_for(len(draft.splits["train"]), per_step, epochs)
         if "golden" in draft.splits:
             _metric(draft, prepared.tokenizer, fmt)
 
 
-def _fit(draft: Draft, tmp: str, prepared, config: dict) -> None:
+def _fit(draft: Draft, tmp: str, config: dict) -> None:
     """The first of LoRA at batch 8, 4, 2, 1 (then QLoRA) whose worst case (every row at max_seq_len)
     stays under MEMORY_SHARE of the memory limit; grad_accum keeps 8 rows per step."""
     from .. import device, plan
@@ -183,13 +189,14 @@ def _fit(draft: Draft, tmp: str, prepared, config: dict) -> None:
     rows = len(draft.splits["train"])
     already = "quantization" in config
     tried = []
+    prepared = prepare(_parse(render(draft, draft.model, tmp), tmp))  # encoded at the chosen max_seq_len, once
     for quantize in (False,) if already else (False, True):
         for batch in (8, 4, 2, 1):
             if batch > rows:
                 continue
             trial = dataclasses.replace(draft, quantize=quantize, batch_size=batch, grad_accum=max(1, 8 // batch))
             recipe = _parse(render(trial, draft.model, tmp), tmp)
-            peak = max(p.worst_case_peak for p in plan.plan(recipe, prepare(recipe), calibrate_steps=False))
+            peak = max(p.worst_case_peak for p in plan.plan(recipe, prepared, calibrate_steps=False))
             tried.append(f"{'QLoRA' if quantize else 'LoRA'} batch {batch}: {plan.gib(peak)}")
             if peak <= MEMORY_SHARE * limit:
                 draft.quantize, draft.batch_size, draft.grad_accum = quantize, batch, trial.grad_accum
@@ -219,6 +226,10 @@ def _metric(draft: Draft, tokenizer, fmt: str) -> None:
     if fmt == "preference":
         draft.metric = choose.Metric("preference", "preference pairs: the share of golden pairs whose chosen "
                                      "answer the model finds more likely")
+        return
+    if any("tool_calls" in r["messages"][-1] for r in golden if "messages" in r):
+        draft.metric = choose.Metric("tool_call", "the golden chats end with tool calls: the share whose call "
+                                     "names the expected function with the expected arguments")
         return
     answers = choose.answers_of(golden)
     draft.metric = choose.choose_metric(answers)
@@ -304,7 +315,9 @@ def _eval_lines(d: Draft, data_dir: str) -> list[str]:
             out.append(f"format = {_toml_string(m.format)}")
         if m.required_keys:
             out.append(f"required_keys = {json.dumps(list(m.required_keys))}")
-    out += [f"max_tokens = {d.max_tokens}", f"limit = {len(d.splits['golden'])}"]
+    if m is not None and m.metric not in ("preference", "loglik"):  # those two generate nothing
+        out.append(f"max_tokens = {d.max_tokens}   # the longest golden answer's tokens + 8")
+    out.append(f"limit = {len(d.splits['golden'])}")
     return out
 
 
