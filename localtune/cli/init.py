@@ -301,12 +301,20 @@ def render(d: Draft, model: str, data_dir: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _guard_lines(d: Draft) -> list[str]:
+    """The forgetting guard: a tune that costs more than 10% of general ability keeps its last checkpoint
+    within that budget ("best" would also weigh the task metric, at a golden-set pass per check)."""
+    return ["# forgetting guard: general NLL may rise 10% over the base; past that the stage ends and keeps",
+            "# its last checkpoint within budget",
+            "max_general_nll_increase = 0.1", f"guard_every = {d.eval_every}", 'on_forgetting = "stop"']
+
+
 def _eval_lines(d: Draft, data_dir: str) -> list[str]:
     if "golden" not in d.splits:
         return ["# Plain text has no answers to score: no golden set. The report shows the valid loss and",
-                "# the general-ability check (forgetting).", "[eval]"]
+                "# the general-ability check (forgetting).", "[eval]", *_guard_lines(d)]
     m = d.metric
-    out = ["[eval]", f'data = "{data_dir}/golden.jsonl"']
+    out = ["[eval]", f'data = "{data_dir}/golden.jsonl"', *_guard_lines(d)]
     if m is None and d.kind == "dpo":  # the planner's probe: a golden set of pairs needs this metric to read
         out.append('metric = "preference"')
     if m is not None:
