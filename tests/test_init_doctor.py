@@ -114,6 +114,7 @@ def test_init_never_overwrites(tmp_path, small_model_path):
     ("few", ["too few to split", "at least"]),
     ("labelled", ["KTO", "issue 22"]),
     ("prompts", ["prompts without answers", "fix:"]),
+    ("model", ["no such model folder", "fix:"]),
 ])
 def test_init_refuses_bad_input(tmp_path, small_model_path, case, words):
     path = tmp_path / "d.jsonl"
@@ -127,11 +128,14 @@ def test_init_refuses_bad_input(tmp_path, small_model_path, case, words):
                                 for p, c in _pairs()))
     elif case == "prompts":
         path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p, _ in _pairs()))
+    elif case == "model":
+        path.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in _pairs()))
+        small_model_path = tmp_path / "no-model"
     out = tmp_path / "r.toml"
     r = CliRunner().invoke(cli, ["init", str(path), "--model", str(small_model_path), "--out", str(out)])
     assert r.exit_code in (1, 2) and isinstance(r.exception, SystemExit), r.output  # a ClickException, no traceback
     assert all(w in r.output for w in words), r.output
-    assert str(path) in r.output
+    assert str(small_model_path if case == "model" else path) in r.output
     assert not out.exists() and not (tmp_path / "r-data").exists()  # nothing partial
 
 

@@ -43,6 +43,7 @@ class Draft:
     splits: dict  # "train" | "valid" | "golden" -> rows (canonical)
     quantize: bool = False
     quantize_why: str = ""
+    base_quantized: bool = False  # a base quantized as it ships (a Q4 GGUF): QLoRA without quantize
     batch_size: int = 8
     grad_accum: int = 1
     batch_why: str = ""
@@ -92,6 +93,8 @@ def init(data, model_ref, out, force):
     try:
         size(draft, table.fmt)
     except LocaltuneError as e:  # rows of the split not yet written: name where they will go, and the data
+        if draft.tmp not in e.message:
+            raise
         raise type(e)(e.message.replace(draft.tmp, str(folder)) + f"\n  (the rows of {data}, as `localtune init` "
                       f"splits them into {folder}/; nothing was written)") from None
     text = render(draft, _model_path(model, out.parent), f"{folder.name}")
@@ -100,7 +103,8 @@ def init(data, model_ref, out, force):
     click.echo(f"{data}: {table.detected}")
     for n in names:
         click.echo(f"  {folder / (n + '.jsonl')}: {len(splits[n])} rows")
-    click.echo(f"{out}: [stages.{draft.kind}] {'QLoRA' if draft.quantize else 'LoRA'}, {draft.steps} steps, batch "
+    adapter = "QLoRA" if draft.quantize or draft.base_quantized else "LoRA"
+    click.echo(f"{out}: [stages.{draft.kind}] {adapter}, {draft.steps} steps, batch "
                f"{draft.batch_size}, max_seq_len {draft.max_seq_len}"
                + (f", metric {draft.metric.metric}" if draft.metric else ""))
     click.echo(f"run it: localtune run {out}")
@@ -200,6 +204,7 @@ def _fit(draft: Draft, tmp: str, config: dict) -> None:
             tried.append(f"{'QLoRA' if quantize else 'LoRA'} batch {batch}: {plan.gib(peak)}")
             if peak <= MEMORY_SHARE * limit:
                 draft.quantize, draft.batch_size, draft.grad_accum = quantize, batch, trial.grad_accum
+                draft.base_quantized = already
                 draft.batch_why = (f"the planner: worst case (every row at max_seq_len) {plan.gib(peak)} of "
                                    f"{plan.gib(limit)} memory ({peak / limit:.0%}; init keeps under "
                                    f"{MEMORY_SHARE:.0%})")
