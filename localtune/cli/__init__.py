@@ -1,7 +1,8 @@
 """localtune's command line: the `cli` group, `main`, and the record formatting its commands share.
 
 Each command lives in the module for what the user does: train (run, plan), runs (watch, runs, status),
-evaluate (generate, eval, score), chat (chat), export (fuse, export), data (data, license), models (models, doctor).
+evaluate (generate, eval, score), chat (chat), export (fuse, export), data (data, license), models (models),
+doctor (doctor), init (init).
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def main():
 
 
 # Each module registers its commands on `cli`, so it is imported once `cli` exists.
-from . import chat, data, evaluate, export, models, runs, train  # noqa: E402, F401
+from . import chat, data, doctor, evaluate, export, init, models, runs, train  # noqa: E402, F401
 
 if __name__ == "__main__":
     main()

@@ -1,26 +1,13 @@
-"""Models and the machine: the `models` group (import, check, list) and `doctor`."""
+"""Models: the `models` group (import, check, list); `doctor` is in doctor.py."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
-from .. import device
 from ..errors import LocaltuneError
 from . import cli
-
-
-@cli.command()
-def doctor():
-    """Report the device, the BLAS in use, measured matmul GFLOP/s and the memory limit."""
-    info = device.describe()
-    info["matmul_gflops"] = round(device.matmul_gflops(), 1)
-    for k, v in info.items():
-        click.echo(f"{k:>16}: {v}")
-    if sys.platform == "linux" and not device.blas_in_use():
-        click.echo("\nwarning: reference BLAS in use; training will be ~20x slower.\n  fix: pip install mkl")
 
 
 @cli.group()
