@@ -82,10 +82,13 @@ def test_qlora_on_the_smollm2_gguf_trains_and_loads_in_mlx_lm(smollm2_recipe, tm
 @pytest.mark.slow(minutes=2)
 def test_quickstart_recipe_learns_the_task(in_repo, tmp_path):
     run, manifest = run_recipe(ROOT / "recipes/quickstart.toml", tmp_path)
-    # the tiny model learns the answer's format; it cannot copy digits yet (models/small/README.md)
-    before, after = manifest["task"]["before"]["well_formed"], manifest["task"]["after"]["well_formed"]
-    assert before < 0.05 and after >= 0.9, (before, after)
-    assert "well-formed" in (run / "report.md").read_text()
+    # month number of a written date: the README quotes 0% -> 26.5% at general NLL +3.6% (budget +10%)
+    before, after = manifest["task"]["before"]["value"], manifest["task"]["after"]["value"]
+    assert before < 0.05 and after >= 0.2, (before, after)
+    general = manifest["general"]
+    increase = general["stages"]["sft"]["nll"] / general["before"]["nll"] - 1
+    assert increase <= 0.10, increase
+    assert "exact_match" in (run / "report.md").read_text()
 
 
 @pytest.mark.slow(minutes=8)

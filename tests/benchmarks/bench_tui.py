@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import pty
+import re
 import select
 import shutil
 import statistics
@@ -41,7 +42,7 @@ def write_recipe(folder: Path, steps: int, smoke: bool = False) -> Path:
     if smoke:  # models/smaller, a 4-row golden set, 8 general-ability texts, reports every step
         text = text.replace('"../models/small"', '"../models/smaller"').replace("limit = 200", "limit = 4\n"
                             "general_limit = 8").replace("report_every = 10", "report_every = 1")
-    text = text.replace('"../', f'"{ROOT}/').replace("steps = 200", f"steps = {steps}")
+    text = re.sub(r"(?m)^steps = \d+", f"steps = {steps}", text.replace('"../', f'"{ROOT}/'))
     text = text.replace("limit = 200", "limit = 16").replace("eval_every = 50", f"eval_every = {steps}")
     recipe = folder / "recipe.toml"
     recipe.write_text(text)
