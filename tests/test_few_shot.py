@@ -202,3 +202,11 @@ def test_loglik_with_examples_scores_only_the_golden_answers(tools_model):
     plain, shots = evaluate.loglik(model, tok, golden), few_shot.measure(model, tok, golden, plan, spec)
     assert shots["tokens"] == plain["tokens"] and shots["k"] == 3  # the same answer tokens, more context
     assert shots["value"] != plain["value"] and plain["row_sd"] > 0
+
+
+@pytest.mark.parametrize("name, stage", [("sft-dpo", "sft"), ("grpo", "sft"), ("distill", "teacher")])
+def test_shipped_chains_take_examples_from_the_first_stage_shaped_like_the_golden_set(name, stage):
+    from localtune.train.prepare import prepare
+
+    plan = prepare(recipe_mod.load(ROOT / "recipes" / f"{name}.toml")).few_shot
+    assert plan["stage"] == stage and plan["k"] == 3 and plan["note"] == ""

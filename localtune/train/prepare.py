@@ -101,14 +101,14 @@ def prepare(recipe: Recipe) -> Prepared:
         raise RecipeError(f"{recipe.source}: [stages.{s.name}] is a {s.kind} stage, and {s.kind} stages run in one "
                           f"process for now (this launch has {distributed.size()}): {methods.of(s).one_process}\n"
                           "  fix: run this recipe without mlx.launch")
-    eval_rows, fmt = None, None
+    eval_rows, golden_fmt = None, None
     if recipe.eval.data:
         want = golden_formats(recipe.eval.metric)
         table = datasets.read(datasets.eval_spec(recipe), want)
-        eval_rows, fmt = table.rows, table.fmt
-        if fmt not in want:
+        eval_rows, golden_fmt = table.rows, table.fmt
+        if golden_fmt not in want:
             raise RecipeError(f"{recipe.eval.data}: [eval] metric = {recipe.eval.metric!r} needs "
-                              f"{' or '.join(WANT[f] for f in want)} rows, but this file has {WANT[fmt]} rows\n"
+                              f"{' or '.join(WANT[f] for f in want)} rows, but this file has {WANT[golden_fmt]} rows\n"
                               "  fix: point [eval] data at the golden set, or choose another metric")
         if recipe.eval.metric == "tool_call":
             from ..integrity.tool_calls import check_golden
@@ -135,7 +135,7 @@ def prepare(recipe: Recipe) -> Prepared:
             batches(s, train[s.name])  # batching errors (a batch larger than the data, ...) now, not mid-run
     return Prepared(folder, tokenizer, train, valid, eval_rows, contamination, general=general_texts(recipe),
                     detected={name: r[3] for name, r in raw.items()}, lints=data_lints,
-                    few_shot=few_shot_plan(recipe, raw, eval_rows, fmt, tokenizer, folder))
+                    few_shot=few_shot_plan(recipe, raw, eval_rows, golden_fmt, tokenizer, folder))
 
 
 def few_shot_plan(recipe: Recipe, raw: dict, eval_rows, fmt, tokenizer, folder: Path) -> dict | None:
