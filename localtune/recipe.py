@@ -136,6 +136,8 @@ class EvalSpec:
     on_forgetting: str = option("warn", choices=("warn", "stop", "best"))
     max_tokens: int = option(32, min=1)
     limit: int = option(100, min=1)
+    prompt_baseline: int = option(3, min=0, doc="try prompting first: before training, the base model on the golden "
+                                                "set with this many training examples in its prompt; 0 = off")
     ngram: int = option(13, min=1, max=64, doc="contamination: words per n-gram for near duplicates")
     near_duplicate: float = option(0.5, min=0.01, max=1.0,
                                  doc="contamination: share of a golden row's n-grams that makes a near duplicate")

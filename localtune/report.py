@@ -120,6 +120,23 @@ def _task_row(before: dict, after: dict) -> str:
     return f"| {before['metric']} | {before['value']:.1%} | {_fmt(after.get('value'), '.1%')} | {change} |"
 
 
+def _prompt_baseline(few_shot: dict | None, after: dict) -> list[str]:
+    """Try prompting first: the base model with k training examples in its prompt, against the tune."""
+    if not few_shot:
+        return []
+    if not few_shot.get("k"):
+        return ["", f"Prompting baseline: {few_shot.get('note') or 'not measured'}."]
+    row = _task_row(few_shot, after).split(" | ", 1)[1]  # the metric's cells, against the tune
+    shots = f"{few_shot['k']} example{'s' if few_shot['k'] != 1 else ''}"
+    lines = [f"| prompting: the base with {shots} in its prompt (change: the tune against it) | {row}"]
+    if "well_formed" in few_shot:
+        after_formed = {"value": after["well_formed"]} if "well_formed" in after else {}
+        lines.append("| well-formed, prompting | " + _task_row(
+            {"metric": "", "value": few_shot["well_formed"]}, after_formed).split(" | ", 1)[1])
+    lines += ["", few_shot["against_tune"]["sentence"]] if "against_tune" in few_shot else []
+    return lines + (["", f"({few_shot['note']}.)"] if few_shot.get("note") else [])
+
+
 def write_report(run, recipe, manifest: dict) -> str:
     lines = [f"# {recipe.name}", "",
              f"- model: `{manifest['model']['path']}` ({manifest['model'].get('parameters', 0) / 1e6:.1f}M "
@@ -156,11 +173,17 @@ def write_report(run, recipe, manifest: dict) -> str:
             new = after.get("secondary", {}).get(key)
             lines.append(f"| {key} | {value:.1%} | {_fmt(new, '.1%')} | " +
                          (f"{(new - value) * 100:+.1f} points |" if new is not None else "— |"))
+        lines += _prompt_baseline(task.get("few_shot"), after)
         if after and before.get("samples"):
-            lines += ["", "Samples (greedy):", "", "| prompt | expected | before | after |", "|---|---|---|---|"]
-            for b, a in zip(before["samples"], after["samples"]):
+            shots = task.get("few_shot", {}).get("samples") or []  # the base with k examples in its prompt
+            shot = f"{task['few_shot']['k']}-shot | " if shots else ""
+            lines += ["", "Samples (greedy):", "", f"| prompt | expected | before | {shot}after |",
+                      "|---|---|---|" + "---|" * (2 if shots else 1)]
+            for i, (b, a) in enumerate(zip(before["samples"], after["samples"])):
                 cell = lambda t: t.replace("|", "\\|").replace("\n", " ")[:60]  # noqa: E731
-                lines.append(f"| {cell(b['prompt'])} | {cell(b['expected'])} | {cell(b['got'])} | {cell(a['got'])} |")
+                middle = f"{cell(shots[i]['got'] if i < len(shots) else '')} | " if shots else ""
+                lines.append(f"| {cell(b['prompt'])} | {cell(b['expected'])} | {cell(b['got'])} | {middle}"
+                             f"{cell(a['got'])} |")
     if len(task.get("stages", {})) > 1:
         lines += _per_stage(task, recipe)
     if manifest.get("general", {}).get("before"):

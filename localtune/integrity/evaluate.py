@@ -81,7 +81,11 @@ def loglik(model, tokenizer, rows: list[dict]) -> dict:
 
     fmt = "messages" if "messages" in rows[0] else "completion"
     examples = encode(rows, fmt, tokenizer, 1 << 16).examples
-    total, count = 0.0, 0
+    enc = Encoder(tokenizer)
+    for ex, row in zip(examples, rows):  # a few-shot row: its examples' answers are context, not scored
+        if row.get("_context"):
+            ex.loss_mask[: len(enc.template(row["messages"][: row["_context"]], tools=row.get("tools")))] = False
+    total, count, per_row = 0.0, 0, []
     model.eval()
     with inference_weights(model):
         for i in range(0, len(examples), 16):
@@ -90,7 +94,12 @@ def loglik(model, tokenizer, rows: list[dict]) -> dict:
                                               "loss_mask": mx.array(b.loss_mask)})
             total += (logp * w).sum().item()
             count += int(b.loss_mask.sum())
-    return {"metric": "loglik", "value": total / max(count, 1), "n": len(rows), "tokens": count, "samples": []}
+            rows_logp, rows_w = (logp * w).reshape(b.loss_mask.shape), w.reshape(b.loss_mask.shape)  # (B, T)
+            per_row += (rows_logp.sum(axis=1) / mx.maximum(rows_w.sum(axis=1), 1)).tolist()
+    mean = sum(per_row) / max(len(per_row), 1)
+    spread = (sum((x - mean) ** 2 for x in per_row) / max(len(per_row) - 1, 1)) ** 0.5  # for the noise margin
+    return {"metric": "loglik", "value": total / max(count, 1), "n": len(rows), "tokens": count, "row_sd": spread,
+            "samples": []}
 
 
 def preference_accuracy(model, tokenizer, rows: list[dict]) -> dict:

@@ -98,6 +98,21 @@ class Chain:
         log_task(self.run, when, result, self.report)
         return result
 
+    def few_shot_metric(self, plan: dict) -> dict:
+        """Try prompting first: the base model with k training examples before each golden prompt."""
+        from ..integrity import few_shot
+
+        if plan["k"] == 0:
+            self.log("eval", f"prompting baseline: {plan['note'] or 'not measured: no examples'}", "warning")
+            return {"k": 0, "asked": plan["asked"], "note": plan["note"]}
+        if plan["note"]:
+            self.log("eval", f"prompting baseline: {plan['note']}", "warning")
+        self.log("eval", f"task metric with {plan['k']} examples of [stages.{plan['stage']}] in the prompt...",
+                 "task_eval")
+        result = few_shot.measure(self.model, self.tokenizer, self.prepared.eval_rows, plan, self.recipe.eval)
+        log_task(self.run, f"with {plan['k']} examples in the prompt", result, self.report)
+        return result
+
     def general_metric(self, when: str) -> dict:
         from ..integrity import evaluate
 
@@ -174,6 +189,8 @@ class Chain:
                                    "model_type": config.get("model_type")})
         if prepared.eval_rows and "before" not in self.task:
             self.task["before"] = self.task_metric("before training")
+        if prepared.eval_rows and prepared.few_shot and "few_shot" not in self.task:
+            self.task["few_shot"] = self.few_shot_metric(prepared.few_shot)
         if prepared.general and "before" not in self.general:
             self.general["before"] = self.general_metric("before training")
         self.save()
@@ -274,6 +291,13 @@ class Chain:
         eval_rows, task = self.prepared.eval_rows, self.task
         if eval_rows:
             task["after"] = self.task_metric("after training")
+            if task.get("few_shot", {}).get("k"):
+                from ..integrity import few_shot
+
+                decision = few_shot.compare(task["few_shot"], task["after"])
+                task["few_shot"]["against_tune"] = decision | {
+                    "sentence": few_shot.sentence(task["few_shot"], task["after"], decision)}
+                self.log("eval", task["few_shot"]["against_tune"]["sentence"], "prompt_baseline")
             if len(self.recipe.stages) > 1:
                 task.setdefault("stages", {})[self.recipe.stages[-1].name] = task["after"]
             if "teacher" in task and "student_tokens_per_sec" not in task:

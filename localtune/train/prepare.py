@@ -31,6 +31,7 @@ class Prepared:
     general: list | None = None  # general-ability texts (the forgetting check)
     detected: dict = dataclasses.field(default_factory=dict)  # stage name -> the data format found, in words
     lints: dict = dataclasses.field(default_factory=dict)  # stage name -> data-lint warnings (dicts)
+    few_shot: dict | None = None  # the prompting baseline's examples (integrity/few_shot.py plan)
 
 
 def batches(stage: Stage, dataset, collate=None) -> data.Batches:
@@ -100,14 +101,14 @@ def prepare(recipe: Recipe) -> Prepared:
         raise RecipeError(f"{recipe.source}: [stages.{s.name}] is a {s.kind} stage, and {s.kind} stages run in one "
                           f"process for now (this launch has {distributed.size()}): {methods.of(s).one_process}\n"
                           "  fix: run this recipe without mlx.launch")
-    eval_rows = None
+    eval_rows, golden_fmt = None, None
     if recipe.eval.data:
         want = golden_formats(recipe.eval.metric)
         table = datasets.read(datasets.eval_spec(recipe), want)
-        eval_rows, fmt = table.rows, table.fmt
-        if fmt not in want:
+        eval_rows, golden_fmt = table.rows, table.fmt
+        if golden_fmt not in want:
             raise RecipeError(f"{recipe.eval.data}: [eval] metric = {recipe.eval.metric!r} needs "
-                              f"{' or '.join(WANT[f] for f in want)} rows, but this file has {WANT[fmt]} rows\n"
+                              f"{' or '.join(WANT[f] for f in want)} rows, but this file has {WANT[golden_fmt]} rows\n"
                               "  fix: point [eval] data at the golden set, or choose another metric")
         if recipe.eval.metric == "tool_call":
             from ..integrity.tool_calls import check_golden
@@ -133,7 +134,20 @@ def prepare(recipe: Recipe) -> Prepared:
                 data_lints[s.name] = found
             batches(s, train[s.name])  # batching errors (a batch larger than the data, ...) now, not mid-run
     return Prepared(folder, tokenizer, train, valid, eval_rows, contamination, general=general_texts(recipe),
-                    detected={name: r[3] for name, r in raw.items()}, lints=data_lints)
+                    detected={name: r[3] for name, r in raw.items()}, lints=data_lints,
+                    few_shot=few_shot_plan(recipe, raw, eval_rows, golden_fmt, tokenizer, folder))
+
+
+def few_shot_plan(recipe: Recipe, raw: dict, eval_rows, fmt, tokenizer, folder: Path) -> dict | None:
+    """The examples for [eval] prompt_baseline, chosen before any weights load (integrity/few_shot.py)."""
+    from .. import models
+    from ..integrity import few_shot
+
+    if not eval_rows:
+        return None
+    stages = [(s.name, raw[s.name][0], raw[s.name][2], s.max_seq_len) for s in recipe.stages]
+    context = models.read_config(folder).get("max_position_embeddings")
+    return few_shot.plan(eval_rows, fmt, stages, recipe.eval, recipe.seed, tokenizer, context)
 
 
 def golden_formats(metric: str) -> tuple:

@@ -164,10 +164,11 @@ class ReportPanel(Static):
         if task.get("before") or task.get("after"):
             first = task.get("before") or task.get("after")
             text.append(f"task metric: {first['metric'].replace('_', ' ')} of {first['n']}\n", style="bold")
-            for when in ("before", "after"):
+            for when in ("before", "few_shot", "after"):
                 r = task.get(when)
-                if r:
-                    text.append(f"{when:>7} ", style="dim")
+                if r and "value" in r:
+                    label = f"{r['k']}-shot" if when == "few_shot" else when  # the base, k examples in its prompt
+                    text.append(f"{label:>7} ", style="dim")
                     loglik = r["metric"] == "loglik"  # nats per answer token, not a share
                     text.append(f"{r['value']:6.3f} nats/token" if loglik else f"{r['value']:6.1%}")
                     if "well_formed" in r:
@@ -175,6 +176,9 @@ class ReportPanel(Static):
                     for key, value in r.get("secondary", {}).items():
                         text.append(f"  {key} {value:.0%}", style="dim")
                     text.append("\n")
+            if verdict := task.get("few_shot", {}).get("against_tune"):
+                style = "green" if verdict["verdict"] == "tune wins" else "yellow"
+                text.append(verdict["sentence"] + "\n", style=style)
         if state.status.get("error"):
             text.append("error\n", style="bold red")
             text.append(state.status["error"] + "\n")
