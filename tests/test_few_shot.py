@@ -79,6 +79,7 @@ def test_off_and_unmatched_shapes():
     (0.62, 0.70, 400, "tune wins"),        # 8 points, 2 s.e. = 6.6 points
     (0.80, 0.40, 100, "prompting wins"),
     (1.00, 1.00, 50, "within noise"),      # no spread, no difference
+    (0.00, 0.00, 50, "within noise"),      # neither works: no "try prompting first"
 ])
 def test_the_tune_must_beat_prompting_by_more_than_two_standard_errors(base, tuned, n, verdict):
     a, b = {"metric": "exact_match", "value": base, "n": n, "k": 3}, {"metric": "exact_match", "value": tuned, "n": n}
@@ -86,8 +87,9 @@ def test_the_tune_must_beat_prompting_by_more_than_two_standard_errors(base, tun
     assert decision["verdict"] == verdict
     words = few_shot.sentence(a, b, decision)
     assert words.startswith(f"Prompting with 3 examples scores {base:.1%}; the tune scores {tuned:.1%}")
-    assert ("Try prompting first." in words) == (verdict != "tune wins")
-    assert ("within noise" in words) == (verdict == "within noise")
+    assert ("Try prompting first." in words) == (verdict != "tune wins" and base + tuned > 0)
+    assert ("within noise" in words) == (verdict == "within noise" and base + tuned > 0)
+    assert ("neither does the task yet" in words) == (base + tuned == 0)
 
 
 def test_loglik_noise_is_the_per_row_spread():

@@ -165,4 +165,6 @@ def sentence(baseline: dict, tuned: dict, decision: dict) -> str:
     if decision["verdict"] == "prompting wins":
         return f"{head}: prompting does better, by more than the noise ({decision['sigmas']:g} s.e. = {margin}). " \
                "Try prompting first."
+    if not loglik and baseline["value"] == tuned["value"] == 0:  # no advice to give between two zeros
+        return f"{head}: neither does the task yet. Try more data or steps, or a larger model."
     return f"{head}: within noise ({decision['sigmas']:g} s.e. = {margin}). Try prompting first."
