@@ -81,12 +81,14 @@ def test_qlora_on_the_smollm2_gguf_trains_and_loads_in_mlx_lm(smollm2_recipe, tm
     np.testing.assert_allclose(np.array(a), np.array(b.astype(mx.float32)), atol=0.5)
 
 
-@pytest.mark.slow(minutes=2)
+@pytest.mark.slow(minutes=5)
 def test_quickstart_recipe_learns_the_task(in_repo, tmp_path):
     run, manifest = run_recipe(ROOT / "recipes/quickstart.toml", tmp_path)
-    # month number of a written date: the README quotes 0% -> 26.5% at general NLL +3.6% (budget +10%)
+    # month number of a written date: the README quotes 0% -> 97.0% at general NLL +5.3% (budget +10%), and 0%
+    # with 3 examples in the prompt
     before, after = manifest["task"]["before"]["value"], manifest["task"]["after"]["value"]
-    assert before < 0.05 and after >= 0.2, (before, after)
+    assert before < 0.05 and after >= 0.9, (before, after)
+    assert manifest["task"]["few_shot"]["against_tune"]["verdict"] == "tune wins"
     general = manifest["general"]
     increase = general["stages"]["sft"]["nll"] / general["before"]["nll"] - 1
     assert increase <= 0.10, increase
