@@ -36,8 +36,20 @@ def test_examples_are_seeded_and_never_golden():
     assert first == few_shot.choose(train, golden_as_chat, 3, seed=0) and len(first) == 3
     assert first != few_shot.choose(train, golden_as_chat, 3, seed=1)
     for seed in range(30):  # whatever the seed, a golden row (in either format) is never an example
-        chosen = few_shot.choose(train, golden, 8, seed)
-        assert not any(c in golden for c in chosen) and len(chosen) == 8
+        for gold in (golden, golden_as_chat):
+            chosen = few_shot.choose(train, gold, 8, seed)
+            assert not any(c in golden for c in chosen) and len(chosen) == 8
+
+
+def test_the_note_says_why_there_are_fewer_examples(tokenizer):
+    golden = rows_of("data/dates/test.jsonl", 5)
+    train = [dict(g) for g in golden] + rows_of("data/dates/train.jsonl", 2)  # 2 rows that are not golden
+    plan = few_shot.plan(golden, "completion", [("sft", train, "completion", 512)], EvalSpec(), 0, tokenizer, 1024)
+    assert plan["k"] == 2 and plan["note"] == "2 of the 3 examples asked for: [stages.sft] has only 2 rows that " \
+        "are not golden"
+    prefs = few_shot.plan(golden, "preference", [("dpo", [], "preference", 128)], EvalSpec(metric="preference"), 0,
+                          tokenizer, 1024)
+    assert prefs["k"] == 0 and prefs["applies"] is False and "metric \"preference\"" in prefs["note"]
 
 
 def test_examples_are_earlier_turns_and_only_the_golden_answer_is_scored(tokenizer):
@@ -93,13 +105,29 @@ def test_the_tune_must_beat_prompting_by_more_than_two_standard_errors(base, tun
 
 
 def test_loglik_noise_is_the_per_row_spread():
-    a = {"metric": "loglik", "value": -1.20, "n": 64, "row_sd": 0.40, "k": 3}
-    b = {"metric": "loglik", "value": -1.10, "n": 64, "row_sd": 0.40}
-    decision = few_shot.compare(a, b)  # 2 s.e. = 2 * sqrt(2 * 0.4^2 / 64) = 0.141
-    assert decision["se"] == pytest.approx(0.0707, abs=1e-4) and decision["verdict"] == "within noise"
-    assert "-1.200 nats/token; the tune scores -1.100 nats/token: within noise (2 s.e. = 0.141 nats/token)" in \
+    a = {"metric": "loglik", "value": -1.20, "n": 64, "k": 3, "row_logp": [-1.0, -1.4] * 32, "row_tokens": [1] * 64}
+    b = {"metric": "loglik", "value": -1.10, "n": 64, "row_logp": [-1.4, -0.8] * 32, "row_tokens": [1] * 64}
+    decision = few_shot.compare(a, b)  # differences -0.4, +0.6: mean 0.1, sd 0.504, s.e. 0.063, 2 s.e. = 0.126
+    assert decision["paired"] and decision["se"] == pytest.approx(0.0630, abs=1e-4)
+    assert decision["verdict"] == "within noise"
+    assert "-1.200 nats/token; the tune scores -1.100 nats/token: within noise (2 s.e. = 0.126 nats/token)" in \
         few_shot.sentence(a, b, decision)
-    assert few_shot.compare(a, {**b, "value": -0.9})["verdict"] == "tune wins"
+    shifted = [x + 0.3 for x in b["row_logp"]]  # every row gains 0.3 more: the same spread, a clear gain
+    assert few_shot.compare(a, {**b, "value": -0.8, "row_logp": shifted})["verdict"] == "tune wins"
+
+
+def test_the_margin_is_paired_on_the_same_golden_rows():
+    """0.90 -> 0.95 on 100 rows where the tune fixed 5 rows and broke none: unpaired, that is within noise
+    (2 s.e. = 7.4 points); paired, every difference is 0 or +1 (2 s.e. = 4.4 points), and the tune wins."""
+    hits_b = [1] * 90 + [0] * 10
+    hits_t = [1] * 95 + [0] * 5
+    a = {"metric": "exact_match", "value": 0.90, "n": 100, "k": 3, "hits": hits_b}
+    b = {"metric": "exact_match", "value": 0.95, "n": 100, "hits": hits_t}
+    decision = few_shot.compare(a, b)
+    assert decision["paired"] and decision["se"] == pytest.approx(0.0219, abs=1e-4)
+    assert decision["verdict"] == "tune wins"
+    swapped = hits_t[:85] + [0] * 5 + hits_t[90:]  # rows 85-89 broken, 90-94 fixed: 90% again
+    assert few_shot.compare(a, {**b, "value": 0.90, "hits": swapped})["verdict"] == "within noise"
 
 
 @pytest.mark.parametrize("line, words", [
@@ -203,7 +231,8 @@ def test_loglik_with_examples_scores_only_the_golden_answers(tools_model):
     plan = few_shot.plan(golden, "messages", [("sft", train, "messages", 128)], spec, 0, tok, 1024)
     plain, shots = evaluate.loglik(model, tok, golden), few_shot.measure(model, tok, golden, plan, spec)
     assert shots["tokens"] == plain["tokens"] and shots["k"] == 3  # the same answer tokens, more context
-    assert shots["value"] != plain["value"] and plain["row_sd"] > 0
+    assert shots["value"] != plain["value"] and len(plain["row_logp"]) == len(shots["row_logp"]) == 6
+    assert shots["row_tokens"] == plain["row_tokens"]  # row by row: the examples' answers are never scored
 
 
 @pytest.mark.parametrize("name, stage", [("sft-dpo", "sft"), ("grpo", "sft"), ("distill", "teacher")])

@@ -81,11 +81,14 @@ def loglik(model, tokenizer, rows: list[dict]) -> dict:
 
     fmt = "messages" if "messages" in rows[0] else "completion"
     examples = encode(rows, fmt, tokenizer, 1 << 16).examples
+    from .few_shot import CONTEXT
+
     enc = Encoder(tokenizer)
-    for ex, row in zip(examples, rows):  # a few-shot row: its examples' answers are context, not scored
-        if row.get("_context"):
-            ex.loss_mask[: len(enc.template(row["messages"][: row["_context"]], tools=row.get("tools")))] = False
-    total, count, per_row = 0.0, 0, []
+    for ex in examples:  # a few-shot row: its examples' answers are context, not scored (rows may be dropped)
+        row = rows[ex.source_row]
+        if row.get(CONTEXT):
+            ex.loss_mask[: len(enc.template(row["messages"][: row[CONTEXT]], tools=row.get("tools")))] = False
+    total, count, row_logp, row_tokens = 0.0, 0, [], []
     model.eval()
     with inference_weights(model):
         for i in range(0, len(examples), 16):
@@ -95,11 +98,11 @@ def loglik(model, tokenizer, rows: list[dict]) -> dict:
             total += (logp * w).sum().item()
             count += int(b.loss_mask.sum())
             rows_logp, rows_w = (logp * w).reshape(b.loss_mask.shape), w.reshape(b.loss_mask.shape)  # (B, T)
-            per_row += (rows_logp.sum(axis=1) / mx.maximum(rows_w.sum(axis=1), 1)).tolist()
-    mean = sum(per_row) / max(len(per_row), 1)
-    spread = (sum((x - mean) ** 2 for x in per_row) / max(len(per_row) - 1, 1)) ** 0.5  # for the noise margin
-    return {"metric": "loglik", "value": total / max(count, 1), "n": len(rows), "tokens": count, "row_sd": spread,
-            "samples": []}
+            row_logp += rows_logp.sum(axis=1).tolist()
+            row_tokens += [int(t) for t in rows_w.sum(axis=1).tolist()]
+    # per scored row: summed log-prob and answer tokens (few_shot.compare's paired noise margin)
+    return {"metric": "loglik", "value": total / max(count, 1), "n": len(examples), "tokens": count,
+            "row_logp": row_logp, "row_tokens": row_tokens, "samples": []}
 
 
 def preference_accuracy(model, tokenizer, rows: list[dict]) -> dict:
@@ -135,7 +138,8 @@ def exact_match(model, tokenizer, rows: list[dict], max_tokens: int, limit: int,
     hits = [score(metric, a, ref, format, keys) for a, (_, ref) in zip(answers, pairs)]
     samples = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "expected": ref, "got": a}
                for (p, ref), a in zip(pairs[:5], answers[:5])]
-    result = {"metric": metric, "value": sum(hits) / len(hits), "n": len(hits), "samples": samples}
+    result = {"metric": metric, "value": sum(hits) / len(hits), "n": len(hits), "hits": [int(h) for h in hits],
+              "samples": samples}
     if format:
         pattern = re.compile(format)
         result["format"] = format
@@ -155,7 +159,8 @@ def tool_call_accuracy(model, tokenizer, rows: list[dict], max_tokens: int) -> d
     share = lambda k: sum(s[k] for s in scores) / max(len(scores), 1)  # noqa: E731
     samples = [{"prompt": p[-1]["content"], "expected": tool_calls.show(tool_calls.expected_calls(r)), "got": a}
                for p, r, a in zip(prompts[:5], rows[:5], answers[:5])]
-    return {"metric": "tool_call", "value": share(2), "n": len(rows), "samples": samples,
+    return {"metric": "tool_call", "value": share(2), "n": len(rows), "hits": [int(s[2]) for s in scores],
+            "samples": samples,
             "secondary": {"parses": share(0), "right function": share(1)}}
 
 

@@ -69,13 +69,23 @@ def _length(enc, row: dict, generates: bool, max_tokens: int) -> int:
 
 def fit(shots: list[dict], golden: list[dict], tokenizer, metric: str, max_tokens: int, budget: int) -> list[dict]:
     """The first examples that let the longest golden row fit in `budget` tokens (maybe none)."""
+    from jinja2 import TemplateError
+
+    from ..errors import DataError
     from ..train.data import Encoder
 
     enc, generates = Encoder(tokenizer), metric in GENERATES
     chat = enc.has_template
     longest = max(golden, key=lambda r: _length(enc, r, generates, max_tokens))
-    while shots and _length(enc, with_examples(longest, shots, chat), generates, max_tokens) > budget:
-        shots = shots[:-1]
+    try:
+        while shots and _length(enc, with_examples(longest, shots, chat), generates, max_tokens) > budget:
+            shots = shots[:-1]
+    except (TemplateError, TypeError) as e:  # e.g. a template that wants strictly alternating roles
+        row = golden.index(longest) + 1
+        raise DataError(f"[eval] data, row {row}: the chat template cannot render it after {len(shots)} training "
+                        f"examples (the few-shot baseline): {e}\n"
+                        "  fix: set [eval] prompt_baseline = 0, or reshape the rows the way this model's template "
+                        "expects") from None
     return shots
 
 
@@ -96,7 +106,8 @@ def plan(golden: list[dict], golden_fmt: str, stages: list[tuple], spec, seed: i
     golden = golden[: spec.limit]
     out = {"asked": asked, "k": 0, "stage": None, "budget": None, "examples": [], "note": ""}
     if spec.metric == "preference":
-        return out | {"note": "not measured: metric \"preference\" compares the likelihoods of two answers; "
+        return out | {"applies": False,
+                      "note": "not measured: metric \"preference\" compares the likelihoods of two answers; "
                               "examples in the prompt do not apply"}
     chat = getattr(tokenizer, "chat_template", None) is not None
     source = next(((name, rows, limit) for name, rows, fmt, limit in stages if same_shape(fmt, golden_fmt, chat)),
@@ -105,11 +116,13 @@ def plan(golden: list[dict], golden_fmt: str, stages: list[tuple], spec, seed: i
         return out | {"note": f"not measured: no stage's training data has the golden set's shape ({golden_fmt})"}
     name, rows, max_seq_len = source
     budget = context or max_seq_len
-    shots = fit(choose(rows, golden, asked, seed), golden, tokenizer, spec.metric, spec.max_tokens, budget)
+    candidates = choose(rows, golden, asked, seed)
+    shots = fit(candidates, golden, tokenizer, spec.metric, spec.max_tokens, budget)
     note = "" if len(shots) == asked else (
-        f"{len(shots)} of the {asked} examples asked for: the longest golden row with {asked} would not fit the "
-        f"{budget}-token {'context' if context else 'max_seq_len'}" if len(rows) >= asked else
-        f"{len(shots)} of the {asked} examples asked for: [stages.{name}] has no more rows that are not golden")
+        f"{len(shots)} of the {asked} examples asked for: [stages.{name}] has only {len(candidates)} rows that "
+        "are not golden" if len(shots) == len(candidates) else
+        f"{len(shots)} of the {asked} examples asked for: the longest golden row with {len(candidates)} would not "
+        f"fit the {budget}-token {'context' if context else 'max_seq_len'}")
     return out | {"k": len(shots), "stage": name, "budget": budget, "examples": shots, "note": note,
                   "chat": chat}
 
@@ -127,24 +140,57 @@ def measure(model, tokenizer, golden: list[dict], few_shot: dict, spec) -> dict:
                      "note": few_shot["note"]}
 
 
-def standard_error(result: dict) -> float:
-    """The standard error of a metric value: sqrt(p (1 - p) / n) for a share; sd / sqrt(n) of the
-    per-row values for log-likelihood."""
-    n = max(result["n"], 1)
-    if result["metric"] == "loglik":
-        return result.get("row_sd", 0.0) / math.sqrt(n)
-    p = result["value"]
-    return math.sqrt(p * (1 - p) / n)
-
-
 def compare(baseline: dict, tuned: dict, sigmas: float = 2.0) -> dict:
-    """Does the tune beat the few-shot baseline by more than the noise? The difference against `sigmas`
-    standard errors of the difference of the two values: sqrt(se_baseline^2 + se_tuned^2)."""
+    """Does the tune beat the few-shot baseline by more than the noise? Both are scored on the same golden rows,
+    so the margin is paired: `sigmas` standard errors of the per-row differences.
+
+    share metrics: d_i = hit_i(tuned) - hit_i(baseline); difference = mean(d), se = sd(d) / sqrt(n).
+    loglik (a token-weighted mean): d_i = L_i(tuned) - L_i(baseline), row i's summed log-prob over its w_i answer
+    tokens; difference = sum(d) / sum(w), se = sqrt(sum((d_i - difference * w_i)^2) * n / (n - 1)) / sum(w)
+    (the ratio estimator's linearisation). Rows missing on either side fall back to the two unpaired errors.
+    """
     difference = tuned["value"] - baseline["value"]
-    se = math.sqrt(standard_error(baseline) ** 2 + standard_error(tuned) ** 2)
+    paired = _paired(baseline, tuned)
+    if paired is not None:
+        difference, se = paired
+    else:
+        se = math.sqrt(_unpaired_se(baseline) ** 2 + _unpaired_se(tuned) ** 2)
     verdict = "tune wins" if difference > sigmas * se else ("prompting wins" if -difference > sigmas * se
                                                              else "within noise")
-    return {"difference": difference, "se": se, "sigmas": sigmas, "verdict": verdict}
+    return {"difference": difference, "se": se, "sigmas": sigmas, "verdict": verdict, "paired": paired is not None}
+
+
+def _paired(baseline: dict, tuned: dict) -> tuple[float, float] | None:
+    if baseline["metric"] == "loglik":
+        b, t, w = baseline.get("row_logp"), tuned.get("row_logp"), tuned.get("row_tokens")
+        if not b or not t or len(b) != len(t) or w != baseline.get("row_tokens"):
+            return None
+        d, total = [y - x for x, y in zip(b, t)], sum(w)
+        difference = sum(d) / max(total, 1)
+        n = len(d)
+        spread = sum((di - difference * wi) ** 2 for di, wi in zip(d, w)) * n / max(n - 1, 1)
+        return difference, math.sqrt(spread) / max(total, 1)
+    b, t = baseline.get("hits"), tuned.get("hits")
+    if not b or not t or len(b) != len(t):
+        return None
+    d = [y - x for x, y in zip(b, t)]
+    n = len(d)
+    mean = sum(d) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / max(n - 1, 1))
+    return mean, sd / math.sqrt(n)
+
+
+def _unpaired_se(result: dict) -> float:
+    """sqrt(p (1 - p) / n) for a share; for log-likelihood, the spread of per-row means over sqrt(n)."""
+    n = max(result["n"], 1)
+    if result["metric"] == "loglik":
+        means = [x / max(w, 1) for x, w in zip(result.get("row_logp", []), result.get("row_tokens", []))]
+        if len(means) < 2:
+            return 0.0
+        mean = sum(means) / len(means)
+        return math.sqrt(sum((x - mean) ** 2 for x in means) / (len(means) - 1)) / math.sqrt(len(means))
+    p = result["value"]
+    return math.sqrt(p * (1 - p) / n)
 
 
 def show(result: dict) -> str:

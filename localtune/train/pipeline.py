@@ -102,8 +102,9 @@ class Chain:
         """Try prompting first: the base model with k training examples before each golden prompt."""
         from ..integrity import few_shot
 
-        if plan["k"] == 0:
-            self.log("eval", f"prompting baseline: {plan['note'] or 'not measured: no examples'}", "warning")
+        if plan["k"] == 0:  # a metric it does not apply to is said plainly; no examples to show is a warning
+            self.log("eval", f"prompting baseline: {plan['note'] or 'not measured: no examples'}",
+                     "info" if plan.get("applies", True) is False else "warning")
             return {"k": 0, "asked": plan["asked"], "note": plan["note"]}
         if plan["note"]:
             self.log("eval", f"prompting baseline: {plan['note']}", "warning")
