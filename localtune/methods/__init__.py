@@ -29,6 +29,11 @@ def all_methods() -> list:
     return [get(kind) for kind in REGISTRY]
 
 
+def for_init(fmt: str) -> str | None:
+    """The kind of stage `localtune init` writes for data of this canonical format, or None."""
+    return next((m.kind for m in all_methods() if fmt in m.init_for), None)
+
+
 def key_kinds() -> dict[str, tuple[str, ...]]:
     """Each method-only recipe key -> the kinds that take it (from the methods' options)."""
     import dataclasses

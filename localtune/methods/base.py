@@ -9,6 +9,7 @@ only what it changes. None of the shared code asks which method it runs.
     setup(ctx) -> (loss, batches, valid)                             evaluator, heldout(ctx, model) numbers around it
     after(ctx, summary)              detach heads, results           report(stage, result, run)     report.md section
     metrics, steps_per_batch, starts_from, references, plan_*        (the planner's shapes, extras and timings)
+    init_for, init_lr_factor, init_lines(draft)                      what `localtune init` writes for a stage
 
 The one registry is methods/__init__.py; recipe.py reaches validate through it.
 """
@@ -68,6 +69,12 @@ class Method:
     one_process = None  # why the method is refused under mlx.launch (None: it runs on every rank)
     metrics = ()  # train.metrics.Metric: what the TUI and `status` show for this method
     collate = None  # examples -> data.Batch, when the default does not fit
+    init_for = ()  # the canonical data formats `localtune init` makes a stage of this method for
+    init_lr_factor = 1.0  # init's learning rate: the size-based one (SFT's) times this
+
+    def init_lines(self, draft) -> list[str]:
+        """Stage lines (commented) this method wants in a recipe `localtune init` writes (cli/init.Draft)."""
+        return []
 
     # --- the recipe -------------------------------------------------------------------------
     def validate(self, stage, before: list, fail) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .base import Method
+from .base import TEXT_FORMATS, Method
 from .logprobs import target_logprobs
 
 
@@ -23,6 +23,7 @@ class SFT(Method):
     """Rows of text and the masked cross-entropy above: `Method`'s defaults do the rest."""
 
     kind = "sft"
+    init_for = TEXT_FORMATS  # chat, instruction, prompt/completion and text rows
 
     def loss(self, stage):
         return loss

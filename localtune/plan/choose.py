@@ -1,5 +1,7 @@
-"""Choices `localtune init` makes from the data and the machine: the stage kind, the task metric,
-the sequence length, the steps, and the adapter and batch size the planner says fit.
+"""Choices `localtune init` makes from the data: the task metric, the sequence length, the epochs and
+steps, the split sizes, and the share of memory a batch may take (init's planner loop, cli/init._fit, picks
+the adapter and batch size against it). The stage kind is not chosen here: the methods say which data
+they train on (Method.init_for, methods.for_init).
 
 Each choice comes with its reason in words, which init writes as a comment beside the key.
 """
@@ -12,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-KIND = {"messages": "sft", "completion": "sft", "text": "sft", "preference": "dpo"}
 SHORT_ANSWER = 64  # characters: a one-line answer this short is compared whole (exact match)
 SPECIAL = set(".^$*+?{}[]\\|()")  # regex metacharacters, escaped in a shape
 MEMORY_SHARE = 0.6  # of the device's limit: the rest stays for the system and the evaluation's cache
@@ -24,6 +25,10 @@ class Metric:
     why: str
     format: str | None = None  # [eval] format: the shape every answer has, when they share one
     required_keys: tuple = ()
+
+
+PREFERENCE = Metric("preference", "preference pairs: the share of golden pairs whose chosen answer the model "
+                    "finds more likely")
 
 
 def answers_of(rows: list[dict]) -> list[str]:
