@@ -1,17 +1,20 @@
 """`localtune chat`: scripted stdin on a model and on a run (--compare), its commands and formats, bad input,
 the terminal view, and the TUI's chat screen (a `localtune chat` subprocess streamed into two columns)."""
 import asyncio
+import copy
 import json
+import signal
 import sys
+import time
 
 import pytest
 from click.testing import CliRunner
 from rich.console import Console
 from run_fixtures import make_run
-from test_cli import invoke, only_run, write_recipe
+from test_cli import ROOT, invoke, only_run, write_recipe
 
 from localtune.cli import cli
-from localtune.cli.chat import Conversation, command_of, read_prompts
+from localtune.cli.chat import Conversation, chat_session, command_of, read_prompts
 from localtune.tui.app import LocaltuneApp
 from localtune.tui.chat import ChatScreen
 
@@ -31,6 +34,24 @@ def tuned_run(tmp_path_factory, small_model_path):
     return only_run(tmp / "runs")
 
 
+@pytest.fixture(scope="module")
+def two_stage_run(tmp_path_factory, small_model_path):
+    """A tiny sft -> dpo run (a few steps each): its base side is the model before dpo (the SFT adapters fused)."""
+    tmp = tmp_path_factory.mktemp("chat2")
+    (tmp / "prefs.jsonl").write_text("".join((ROOT / "data/date_prefs/train.jsonl").read_text().splitlines(True)[:16]))
+    dpo = ('[[stages]]\nkind = "dpo"\ndata = "prefs.jsonl"\nbeta = 0.1\nsteps = 2\nbatch_size = 4\n'
+           "max_seq_len = 64\nlearning_rate = 1e-4\nsave_every = 2\nreport_every = 1\neval_every = 0\n"
+           "[stages.adapter]\nrank = 4\nalpha = 8\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("LOCALTUNE_HOME", str(tmp / "home"))
+        recipe = write_recipe(tmp, small_model_path, steps=2, save_every=2, report_every=1)
+        recipe.write_text(recipe.read_text().replace("[eval]", dpo + "\n[eval]", 1))
+        result = invoke("run", recipe, "--no-tui", "--runs-dir", tmp / "runs")
+        assert result.exit_code == 0, result.output
+    return only_run(tmp / "runs")
+
+
 def chat(*args, stdin: str):
     return CliRunner().invoke(cli, ["chat", *map(str, args)], input=stdin, catch_exceptions=False)
 
@@ -45,13 +66,84 @@ def test_compare_prints_base_and_tuned_answers_and_they_differ(tuned_run):
 
 
 def test_compare_json_keeps_each_sides_history_and_reset_clears_it(tuned_run):
-    stdin = f"{PROMPT}\n{PROMPT}\n/reset\n{PROMPT}\n/system Answer in French.\n{PROMPT}\n/quit\n{PROMPT}\n"
+    stdin = f"{PROMPT}\n{PROMPT}\n/reset\n{PROMPT}\n/system Answer in French.\n{PROMPT}\n/quit\nnever answered\n"
     result = chat(tuned_run, "--compare", "--json", "--max-tokens", "8", stdin=stdin)
     assert result.exit_code == 0, result.output
     turns = [json.loads(line) for line in result.output.splitlines()]
-    assert len(turns) == 4 and all(set(t) == {"prompt", "base", "tuned"} for t in turns)  # /quit ends it
+    assert [t["prompt"] for t in turns] == [PROMPT] * 4  # /quit ended it: the last prompt went unanswered
+    assert all(set(t) == {"prompt", "base", "tuned", "labels"} and t["labels"] == ["base", "tuned"] for t in turns)
+    assert "never answered" not in result.output
     assert turns[2] == turns[0]  # greedy, and /reset forgot the first two turns
     assert turns[0]["base"] != turns[0]["tuned"]
+
+
+class RecordingChatter:
+    """Stands in for Chatter: records each message list it answers; answers "<side> <call number>" over two
+    lines, in pieces that split a line break from its text, as a tokenizer does."""
+
+    def __init__(self):
+        import mlx.nn as nn
+
+        self.model, self.calls = nn.Module(), []
+
+    def stream(self, messages, adapters_enabled=True):
+        side = "tuned" if adapters_enabled else "base"
+        self.calls.append((side, copy.deepcopy(messages)))
+        yield from [f"{side} ", f"{len(self.calls)}\nli", "ne 2", "\n"]
+
+
+def scripted(prompts, compare=True, fmt="json", system=None, labels=("base", "tuned")):
+    chatter, out = RecordingChatter(), []
+    chat_session(chatter, prompts, compare, system, fmt, lambda text, nl=True, err=False: out.append(
+        ("err: " if err else "") + text + ("\n" if nl else "")), labels)
+    return chatter.calls, "".join(out)
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def test_each_side_keeps_its_own_history_and_reset_and_system_change_exactly_what_they_should():
+    calls, out = scripted(["hi", "again", "/reset", "fresh", "/system Be brief.", "short?", "/quit", "unanswered"],
+                          system="Old.")
+    old, brief = {"role": "system", "content": "Old."}, {"role": "system", "content": "Be brief."}
+    assert calls == [
+        ("base", [old, user("hi")]), ("tuned", [old, user("hi")]),
+        ("base", [old, user("hi"), assistant("base 1\nline 2\n"), user("again")]),  # its own answer, not tuned's
+        ("tuned", [old, user("hi"), assistant("tuned 2\nline 2\n"), user("again")]),
+        ("base", [old, user("fresh")]), ("tuned", [old, user("fresh")]),  # /reset keeps the system prompt
+        ("base", [brief, user("short?")]), ("tuned", [brief, user("short?")]),  # /system replaces it, and resets
+    ]  # /quit: "unanswered" never reached the model
+    turns = [json.loads(line) for line in out.splitlines()]
+    assert [(t["prompt"], t["base"], t["tuned"]) for t in turns] == [
+        ("hi", "base 1\nline 2\n", "tuned 2\nline 2\n"), ("again", "base 3\nline 2\n", "tuned 4\nline 2\n"),
+        ("fresh", "base 5\nline 2\n", "tuned 6\nline 2\n"), ("short?", "base 7\nline 2\n", "tuned 8\nline 2\n")]
+
+
+def test_scripted_text_indents_continuation_lines_so_each_answer_is_one_block():
+    _, out = scripted(["a", "/help", "b"], compare=False, fmt="text")
+    assert out.startswith("tuned 1\n  line 2\nerr: commands:") and out.endswith("\ntuned 2\n  line 2\n")
+    _, out = scripted(["a"], fmt="text")
+    assert out == "base:  base 1\n       line 2\ntuned: tuned 2\n       line 2\n"
+    _, out = scripted(["a"], fmt="text", labels=("before dpo", "tuned"))
+    assert out == "before dpo: base 1\n            line 2\ntuned:      tuned 2\n            line 2\n"
+
+
+def test_a_two_stage_run_labels_its_base_as_the_model_before_the_last_stage(two_stage_run):
+    stdin = f"{PROMPT}\n"
+    text = chat(two_stage_run, "--compare", "--max-tokens", "4", stdin=stdin)
+    assert text.exit_code == 0, text.output
+    assert [line[:12] for line in text.output.splitlines()] == ["before dpo: ", "tuned:      "], text.output
+    turn = json.loads(chat(two_stage_run, "--compare", "--json", "--max-tokens", "4", stdin=stdin).output)
+    assert turn["labels"] == ["before dpo", "tuned"]
+    assert text.output.splitlines() == [f"before dpo: {turn['base']}", f"tuned:      {turn['tuned']}"]
+    ready = json.loads(chat(two_stage_run, "--compare", "--json-tokens", "--max-tokens", "4",
+                            stdin=stdin).output.splitlines()[0])
+    assert ready["labels"] == ["before dpo", "tuned"]
 
 
 def test_json_tokens_stream_pieces_that_make_the_answer(tuned_run):
@@ -205,6 +297,45 @@ for line in sys.stdin:
             print(json.dumps({"side": side, "token": piece}), flush=True)
     print(json.dumps({"prompt": line.strip(), **answers}), flush=True)
 """
+
+
+# Answers without end, and first writes more warnings to stderr than a pipe holds (64 KiB): a stderr pipe read
+# only at the end would stall it before it says it is ready.
+SLOW_CHAT = """import json, sys, time
+sys.stderr.write("a warning\\n" * 20000); sys.stderr.flush()
+print(json.dumps({"ready": "demo", "labels": ["before dpo", "tuned"]}), flush=True)
+for line in sys.stdin:
+    while True:
+        print(json.dumps({"side": "base", "token": "x"}), flush=True)
+        time.sleep(0.05)
+"""
+
+
+def test_closing_the_chat_screen_while_it_answers_ends_the_subprocess_at_once(tmp_path):
+    make_run(tmp_path, "demo")
+    app = LocaltuneApp(tmp_path / "demo", runs_dir=tmp_path, poll_interval=60)
+
+    async def main():
+        async with app.run_test(size=(100, 30)) as pilot:
+            screen = ChatScreen("runs/demo", command=[sys.executable, "-c", SLOW_CHAT])
+            await app.push_screen(screen)
+            await wait_for(pilot, lambda: not screen.busy, "the fake chat to start", seconds=20)
+            shown = (str(screen.query_one("#chat-title").content),
+                     [screen.query_one(f"#{side}-box").border_title for side in ("base", "tuned")])
+            await pilot.press(*"hi", "enter")
+            await wait_for(pilot, lambda: "xxx" in screen.turns["base"][-1][1], "the answer to stream")
+            started = time.monotonic()
+            await pilot.press("escape")  # busy: the subprocess is terminated, not waited for
+            closing = time.monotonic() - started
+            assert not isinstance(app.screen, ChatScreen)
+            await wait_for(pilot, lambda: screen.proc.returncode is not None, "the subprocess to be reaped", 10)
+            await pilot.pause(0.3)  # a late callback on the closed screen would raise here, and run_test re-raise
+            return screen, shown, closing
+
+    screen, (title, borders), closing = asyncio.run(main())
+    assert screen.proc.returncode == -signal.SIGTERM and closing < 1.0, (screen.proc.returncode, closing)
+    assert "before dpo (adapters off) | tuned" in title and borders == ["before dpo", "tuned"]
+    assert screen.exit_code is None  # `ended` did nothing on the closed screen
 
 
 def test_chat_screen_snapshot(tmp_path, monkeypatch, snap_compare):

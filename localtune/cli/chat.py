@@ -19,7 +19,7 @@ from . import cli
 
 HELP = """commands: /reset (forget the conversation)  /system TEXT (new system prompt, and reset)  /quit  /help
 multi-line: end a line with \\ to continue on the next one"""
-INDENT = " " * 7  # continuation lines of a scripted compare answer, under "base:  " / "tuned: "
+ANSWER_INDENT = "  "  # continuation lines of a scripted answer without --compare: one answer, not several
 
 
 @dataclass
@@ -136,8 +136,11 @@ def chat(target, compare, max_tokens, temp, system, as_json, json_tokens, in_pro
 
     In a terminal: type a prompt and Enter; a line ending in \\ continues on the next line; /reset, /system TEXT,
     /help, /quit. Scripted (stdin not a terminal): one prompt per line (\\ at the end continues it), the same
-    commands; each answer is printed alone, or as "base:  ..." / "tuned: ..." lines under --compare
-    (continuation lines indented by 7 spaces); --json prints {"prompt", "answer"} or {"prompt", "base", "tuned"}.
+    commands; each answer is printed alone (its continuation lines indented by 2 spaces), or under --compare as
+    "base:  ..." / "tuned: ..." lines (continuation lines indented under the answer's first line). On a run of
+    several stages the base is the model before the last stage, labelled so: "before dpo: ..." on an sft -> dpo
+    run. --json prints {"prompt", "answer"}, or {"prompt", "base", "tuned", "labels"} under --compare: the
+    exact answers, whatever their lines.
     """
     interactive = sys.stdin.isatty()
     if interactive and not (as_json or json_tokens):
@@ -152,16 +155,18 @@ def chat(target, compare, max_tokens, temp, system, as_json, json_tokens, in_pro
     if json_tokens:
         click.echo(json.dumps({"ready": target, "labels": labels}))  # loaded: the TUI takes prompts from now
     chat_session(chatter, read_prompts(sys.stdin), compare, system, "json-tokens" if json_tokens else
-                 "json" if as_json else "text", click.echo)
+                 "json" if as_json else "text", click.echo, labels)
 
 
-def chat_session(chatter: Chatter, prompts, compare: bool, system: str | None, fmt: str, echo) -> None:
+def chat_session(chatter: Chatter, prompts, compare: bool, system: str | None, fmt: str, echo,
+                 labels=("base", "tuned")) -> None:
     """Scripted chat: each prompt (or command) from `prompts`, answers written with `echo` in `fmt`
-    ("text", "json" or "json-tokens")."""
+    ("text", "json" or "json-tokens"); `labels` name the base and tuned sides (load_chat's)."""
     from ..models import inference_weights
 
     sides = ("base", "tuned") if compare else ("answer",)
     talks = {s: Conversation(system) for s in sides}
+    prefixes = line_prefixes(labels) if compare else {"answer": ""}
     with inference_weights(chatter.model):
         for prompt in prompts:
             command = command_of(prompt, talks)
@@ -173,23 +178,50 @@ def chat_session(chatter: Chatter, prompts, compare: bool, system: str | None, f
                 continue
             turn = {"prompt": prompt}
             for side in sides:
-                turn[side] = scripted_answer(chatter, talks[side], prompt, side, compare, fmt, echo)
+                turn[side] = scripted_answer(chatter, talks[side], prompt, side, fmt, echo, prefixes[side])
+            if compare:
+                turn["labels"] = list(labels)
             if fmt != "text":
                 echo(json.dumps(turn, ensure_ascii=False))
 
 
-def scripted_answer(chatter, talk: Conversation, prompt: str, side: str, compare: bool, fmt: str, echo) -> str:
+def line_prefixes(labels) -> dict[str, str]:
+    """Scripted --compare text: "base:  " / "tuned: ", or "before dpo: " / "tuned:      ", one width for both
+    so the answers line up."""
+    width = max(7, max(len(label) for label in labels) + 2)
+    return {side: f"{label + ':':<{width}}" for side, label in zip(("base", "tuned"), labels)}
+
+
+def indented(pieces, indent: str):
+    """The streamed text with `indent` after each line break, so every continuation line is indented; line
+    breaks at the very end are dropped (the answer's own line ends it)."""
+    breaks = 0
+    for piece in pieces:
+        for i, part in enumerate(piece.split("\n")):
+            breaks += i > 0
+            if part:
+                yield ("\n" + indent) * breaks + part
+                breaks = 0
+
+
+def scripted_answer(chatter, talk: Conversation, prompt: str, side: str, fmt: str, echo, prefix: str) -> str:
     pieces = []
-    if fmt == "text" and compare:
-        echo(f"{side + ':':<7}", nl=False)
-    for piece in chatter.stream(talk.messages(prompt), adapters_enabled=side != "base"):
-        pieces.append(piece)
-        if fmt == "text":
-            echo(piece.replace("\n", "\n" + INDENT) if compare else piece, nl=False)
-        elif fmt == "json-tokens":
-            echo(json.dumps({"side": side, "token": piece}, ensure_ascii=False))
+
+    def streamed():
+        for piece in chatter.stream(talk.messages(prompt), adapters_enabled=side != "base"):
+            pieces.append(piece)
+            if fmt == "json-tokens":
+                echo(json.dumps({"side": side, "token": piece}, ensure_ascii=False))
+            yield piece
+
     if fmt == "text":
+        echo(prefix, nl=False)
+        for text in indented(streamed(), " " * len(prefix) or ANSWER_INDENT):
+            echo(text, nl=False)
         echo("")
+    else:
+        for _ in streamed():
+            pass
     answer = "".join(pieces)
     talk.add(prompt, answer)
     return answer
