@@ -240,7 +240,8 @@ def test_the_tui_chat_screen_streams_a_chat_subprocess_side_by_side(tuned_run):
             await pilot.press(*"/help", "enter")  # not sent: nothing would answer it
             assert not screen.busy and screen.turns["base"] == []
             await pilot.press(*PROMPT, "enter")
-            assert screen.busy and screen.turns["base"] == [[PROMPT, ""]]
+            (asked, so_far), = screen.turns["base"]  # streaming: the answer so far (the tiny model may be quick)
+            assert asked == PROMPT and expected["base"].startswith(so_far), so_far
             await wait_for(pilot, lambda: not screen.busy, "both answers")
             shown = {side: str(screen.query_one(f"#{side}-answers").content) for side in ("base", "tuned")}
             await pilot.press("ctrl+r")
