@@ -241,3 +241,29 @@ def test_shipped_chains_take_examples_from_the_first_stage_shaped_like_the_golde
 
     plan = prepare(recipe_mod.load(ROOT / "recipes" / f"{name}.toml")).few_shot
     assert plan["stage"] == stage and plan["k"] == 3 and plan["note"] == ""
+
+
+def test_shared_prefix_leaves_every_prompt_a_token_of_its_own():
+    from localtune.integrity.evaluate import shared_prefix
+
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert shared_prefix([[1, 2, 3], [1, 2, 3]]) == 2  # identical prompts: the last token is still run per prompt
+    assert shared_prefix([[7, 1], [8, 1]]) == 0
+
+
+def test_the_examples_run_once_and_answers_do_not_change(tools_model, monkeypatch):
+    """The k examples every few-shot prompt starts with are prefilled once; each row then runs only its own
+    tokens, and greedy answers are those of prefilling every prompt in full."""
+    from localtune.integrity import evaluate
+
+    model, tok = tools_model
+    train, golden = rows_of("data/months/train.jsonl", 20), rows_of("data/months/test.jsonl", 12)
+    shots = few_shot.choose(train, golden, 3, 0)
+    prompts = [few_shot.with_examples(r, shots, True)["messages"][:-1] for r in golden]
+    prefilled = []
+    real = evaluate._prefill
+    monkeypatch.setattr(evaluate, "_prefill", lambda m, tokens: prefilled.append(len(tokens)) or real(m, tokens))
+    shared = evaluate.generate(model, tok, prompts, 4, batch_size=5)
+    assert len(prefilled) == 1 and prefilled[0] > 3 * 10  # one prefill of the three examples, for 3 batches
+    monkeypatch.setattr(evaluate, "SHARED_PREFIX", 10**9)
+    assert evaluate.generate(model, tok, prompts, 4, batch_size=5) == shared and len(prefilled) == 1

@@ -23,15 +23,55 @@ def prompt_and_answer(row: dict) -> tuple[str, str]:
     return row["prompt"], row["completion"]
 
 
+SHARED_PREFIX = 16  # prompts that share at least this many leading tokens prefill them once
+
+
+def shared_prefix(ids: list[list[int]]) -> int:
+    """How many leading tokens every prompt has in common, leaving each at least one of its own (the
+    generator runs a prompt's last token itself)."""
+    n = min(len(i) for i in ids) - 1
+    first = ids[0]
+    for other in ids[1:]:
+        k = 0
+        while k < n and other[k] == first[k]:
+            k += 1
+        n = k
+    return max(n, 0)
+
+
+def _prefill(model, tokens: list[int], step: int = 2048):
+    """A prompt cache holding `tokens`, or None when the model's cache cannot join a batch."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    if not all(hasattr(c, "merge") for c in cache):
+        return None
+    for i in range(0, len(tokens), step):
+        model(mx.array(tokens[i:i + step])[None], cache=cache)
+        mx.eval([c.state for c in cache])
+    return cache
+
+
 def generate(model, tokenizer, prompts: list, max_tokens: int, batch_size: int = 32, tools=None) -> list[str]:
-    """Greedy completions; a prompt is a string or a message list (`tools`: each prompt's tools, or None)."""
+    """Greedy completions; a prompt is a string or a message list (`tools`: each prompt's tools, or None).
+
+    Leading tokens every prompt shares (the few-shot examples of `[eval] prompt_baseline`, a system
+    prompt) run once: their KV cache starts every prompt, which then prefills only its own tokens
+    (SmolLM2, 3 examples before 100 date questions: see integrity/few_shot.py)."""
     enc = Encoder(tokenizer)
     ids = [enc.prompt_tokens(p, t) for p, t in zip(prompts, tools or [None] * len(prompts))]
     model.eval()
     out = []
     with inference_weights(model):
+        n = shared_prefix(ids) if len(ids) > 1 else 0
+        cache = _prefill(model, ids[0][:n]) if n >= SHARED_PREFIX else None
+        if cache is not None:
+            ids = [i[n:] for i in ids]
         for i in range(0, len(ids), batch_size):
-            out += batch_generate(model, tokenizer, ids[i:i + batch_size], max_tokens=max_tokens).texts
+            chunk = ids[i:i + batch_size]
+            caches = [cache] * len(chunk) if cache is not None else None
+            out += batch_generate(model, tokenizer, chunk, prompt_caches=caches, max_tokens=max_tokens).texts
     return out
 
 
