@@ -171,3 +171,13 @@ def test_the_readme_is_a_front_page():
         '(~4 min on 2 CPU cores)',
         'pip install -e ".[dev]" && pytest                              # install with test extras, then run the '
         'tests (what .ci/run runs)']
+
+
+def test_the_readmes_glance_at_the_matrix_names_the_families_that_do_everything():
+    from localtune.models import families
+
+    readme = (ref.ROOT / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.endswith("verified GGUF and GGUF LoRA export |"))
+    for family in families.FAMILIES:
+        everything = all(v is True for v in family.support().values())
+        assert (family.name in row) == everything, f"{family.name}: the README's glance at the matrix is stale"
