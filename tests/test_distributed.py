@@ -137,7 +137,7 @@ def test_the_two_mac_hostfile_example_is_what_mlx_launch_reads():
     hosts = Hostfile.from_file(str(ROOT / "docs/two-macs/hosts.json"))
     assert hosts.backend == "ring" and [h.rank for h in hosts.hosts] == [0, 1]
     assert all(h.ssh_hostname and len(h.ips) == 1 for h in hosts.hosts)  # the ring listens on IPs, not names
-    assert "mlx.launch --hostfile docs/two-macs/hosts.json -- " in (ROOT / "README.md").read_text()
+    assert "mlx.launch --hostfile docs/two-macs/hosts.json -- " in (ROOT / "docs" / "planning.md").read_text()
 
 
 def test_a_second_launch_on_a_held_run_is_refused_on_every_rank(tmp_path, small_model_path):

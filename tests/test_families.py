@@ -6,7 +6,7 @@ tokenizer is built here the way a GGUF import builds one, with the family's pre-
 special tokens and chat template. Every capability the registry claims is exercised: the whole
 chain of methods (QLoRA: SFT, DPO, reward, PPO; a float base: DoRA SFT, then logits distillation),
 fuse, GGUF export at q8_0 verified in llama.cpp, the GGUF LoRA adapter verified, and GGUF import
-of the exported file back to the same logits. The README's matrix must be the registry's.
+of the exported file back to the same logits. docs/models.md's matrix must be the registry's.
 """
 import importlib
 import json
@@ -338,9 +338,9 @@ def test_every_family_in_the_registry_is_tested_here():
         == sorted(CASES)
 
 
-def test_the_readme_matrix_is_the_registry():
-    readme = (ROOT / "README.md").read_text()
-    assert families.matrix_markdown() in readme
+def test_the_docs_matrix_is_the_registry():
+    page = (ROOT / "docs" / "models.md").read_text()
+    assert families.matrix_markdown() in page
 
 
 def test_models_check_prints_a_models_row_from_its_config_alone(tmp_path):

@@ -28,7 +28,7 @@ def test_every_result_row_keeps_its_own_date_and_command():
     table = [line for line in block.splitlines() if line.startswith("| ") and not line.startswith("| benchmark")][1:]
     assert all(line.rstrip(" |").rsplit("| ", 1)[1][:2] == "20" for line in table)  # the date column
     for name in WITH_EXTRACTOR:
-        assert f"[{name}](tests/benchmarks/results/{name}.md)" in block
+        assert f"[{name}](../tests/benchmarks/results/{name}.md)" in block  # docs/benchmarks.md's links
         for s in parse(BENCHES[name].results.read_text()):
             assert f"- {name}, {s.meta['date']}: {s.meta['command']}" in block
 

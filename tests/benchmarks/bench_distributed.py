@@ -138,7 +138,7 @@ def main() -> None:
     text = "\n".join([
         header.rstrip(),
         "- both processes share this machine's 2 cores: the ratio is the cost of data parallelism here, not the "
-        "speed-up between two Macs (see the README's two-Mac section)",
+        "speed-up between two Macs (see docs/planning.md, two Macs)",
         "- SFT, LoRA rank 8 on every block, max_seq_len 128, data/dates; tok/s = target tokens of every rank per "
         "second, report windows after the first, median of the repeats", "",
         "| model | threads | baseline | tok/s | vs | tok/s | ratio |", "| --- | --- | --- | ---: | --- | ---: | ---: |",

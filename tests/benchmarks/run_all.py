@@ -1,4 +1,4 @@
-"""Every side-by-side benchmark, one after another, and one table of their ratios in README.md.
+"""Every side-by-side benchmark, one after another, and one table of their ratios in docs/benchmarks.md.
 
     python tests/benchmarks/run_all.py [--only bench_sft,bench_dpo] [--quick] [--from-results] [--no-readme]
 
@@ -6,7 +6,7 @@ Runs each script in BENCHES as a subprocess (they take 2-30 min each and want th
 themselves, so never in parallel). Each writes tests/benchmarks/results/<name>.md: a title,
 `- date:`, `- machine:`, `- command:` bullets, then tables. One small extractor per benchmark picks
 the key ratios out of that file; a benchmark without one gets first_ratio_table. The rows go into
-README.md between the BEGIN and END marker lines, each with the date and command of the run it
+docs/benchmarks.md between the BEGIN and END marker lines, each with the date and command of the run it
 came from. --from-results runs nothing and rebuilds the table from the files on disk.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-README = ROOT / "README.md"
+README = ROOT / "docs" / "benchmarks.md"  # the page the table goes in (its links are relative to docs/)
 BEGIN, END = "<!-- run_all:begin -->", "<!-- run_all:end -->"
 
 # "- date: 2026-11-29 09:08", "- command: `python ...` (28.0 min)"; not "- LoRA rank 8, ..." or "- tok/s: ...".
@@ -309,7 +309,7 @@ def render(rows: list[tuple[Bench, Row]]) -> str:
              "| --- | --- | --- | ---: | --- | --- |"]
     previous = None
     for b, r in rows:
-        name = f"[{b.name}]({b.results.relative_to(ROOT)})" if b is not previous else ""
+        name = f"[{b.name}](../{b.results.relative_to(ROOT)})" if b is not previous else ""
         lines.append(f"| {name} | {_cell(r.what)} | {_cell(r.vs)} | {_cell(r.ratio)} | {_cell(r.target)} | "
                      f"{r.source.meta.get('date', '—')} |")
         previous = b
@@ -366,7 +366,7 @@ def main() -> None:
                                    f"`{' '.join(b.command())}`" for b in missing))
     failed = [f"{b.name} (exit {code})" for b in to_run if (code := run(b, args.quick))]
     if failed:
-        raise SystemExit(f"failed: {', '.join(failed)}; README.md left as it was. The others' results are "
+        raise SystemExit(f"failed: {', '.join(failed)}; docs/benchmarks.md left as it was. The others' results are "
                          "on disk: rebuild the table from them with --from-results")
 
     block = render([(b, r) for b in present for r in b.rows()])

@@ -133,11 +133,11 @@ def require(model_type: str | None, capability: str, where: str) -> Family:
         names = supported(capability)
         raise ModelError(f"{where}: architecture {model_type!r} is not supported for {CAPABILITIES[capability]}; "
                          f"supported: {', '.join(names)}{nearest(model_type, names)}\n"
-                         "  fix: see `localtune models check MODEL` and the support matrix in the README")
+                         "  fix: see `localtune models check MODEL` and the support matrix in docs/models.md")
     reason = fam.support()[capability]
     if reason is not True:
         raise ModelError(f"{where}: {CAPABILITIES[capability]} is not supported for {fam.name} ({model_type}): "
-                         f"{reason}\n  fix: see the support matrix in the README")
+                         f"{reason}\n  fix: see the support matrix in docs/models.md")
     return fam
 
 
@@ -156,7 +156,7 @@ def require_known(model_type: str | None, capability: str, where: str) -> None:
 
 
 def matrix_markdown() -> str:
-    """The README's support matrix: a row per family, a column per capability."""
+    """docs/models.md's support matrix: a row per family, a column per capability."""
     head = "| family (model_type) | " + " | ".join(CAPABILITIES.values()) + " |"
     rows = [head, "|" + "---|" * (len(CAPABILITIES) + 1)]
     notes: list[str] = []  # one note per distinct reason of a family
