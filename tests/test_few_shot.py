@@ -100,8 +100,21 @@ def test_the_tune_must_beat_prompting_by_more_than_two_standard_errors(base, tun
     words = few_shot.sentence(a, b, decision)
     assert words.startswith(f"Prompting with 3 examples scores {base:.1%}; the tune scores {tuned:.1%}")
     assert ("Try prompting first." in words) == (verdict != "tune wins" and base + tuned > 0)
-    assert ("within noise" in words) == (verdict == "within noise" and base + tuned > 0)
+    assert ("within noise" in words) == (verdict == "within noise" and base + tuned > 0 and base != tuned)
+    assert ("the same on every golden row" in words) == (base == tuned == 1.0)  # no spread on either side
     assert ("neither does the task yet" in words) == (base + tuned == 0)
+
+
+def test_a_tie_on_every_row_says_so_not_within_a_zero_noise():
+    """5 golden rows, both right on the same 3: the paired spread is 0, and "within noise (2 s.e. = 0.0
+    points)" would read as nonsense."""
+    hits = [True, True, False, True, False]
+    a = {"metric": "exact_match", "value": 0.6, "n": 5, "k": 3, "hits": hits}
+    b = {"metric": "exact_match", "value": 0.6, "n": 5, "hits": hits}
+    decision = few_shot.compare(a, b)
+    assert decision["se"] == 0 and decision["verdict"] == "within noise"
+    assert few_shot.sentence(a, b, decision) == ("Prompting with 3 examples scores 60.0%; the tune scores 60.0%: "
+                                                 "the same on every golden row. Try prompting first.")
 
 
 def test_loglik_noise_is_the_per_row_spread():

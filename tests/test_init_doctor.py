@@ -88,6 +88,7 @@ def test_init_then_run(tmp_path, small_model_path, fmt):
         train = {json.dumps(json.loads(x), sort_keys=True) for x in (tmp_path / "mine-data/train.jsonl").open()}
         assert golden and not golden & train
         assert parsed.eval.metric == ("preference" if fmt == "preference" else "exact_match")
+    assert parsed.stages[0].steps < 200 and parsed.eval.guard_every == 10  # not a general-NLL pass every step
     quick(out)
     r = CliRunner().invoke(cli, ["run", str(out), "--no-tui", "--runs-dir", str(tmp_path / "runs")])
     assert r.exit_code == 0, r.output

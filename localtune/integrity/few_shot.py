@@ -213,4 +213,6 @@ def sentence(baseline: dict, tuned: dict, decision: dict) -> str:
                "Try prompting first."
     if not loglik and baseline["value"] == tuned["value"] == 0:  # no advice to give between two zeros
         return f"{head}: neither does the task yet. Try more data or steps, or a larger model."
+    if decision["se"] == 0 and decision["difference"] == 0:  # paired, and every row scored alike
+        return f"{head}: the same on every golden row. Try prompting first."
     return f"{head}: within noise ({decision['sigmas']:g} s.e. = {margin}). Try prompting first."
