@@ -139,7 +139,7 @@ def run(tmp_path, recipe):
 ])
 def test_a_stage_logs_its_metrics_and_reports_held_out_preferences_before_and_after(tmp_path, small_model_path,
                                                                                       kind, keys, rows):
-    recipe = write_sft_dpo(tmp_path, small_model_path, kind=kind, beta=None, reference=None, **keys)
+    recipe = write_sft_dpo(tmp_path, small_model_path, **{"kind": kind, "beta": None, "reference": None, **keys})
     result = run(tmp_path, recipe)
     assert result.exit_code == 0, result.output
     assert f"held-out pairs before the stage: {kind} preference accuracy" in result.output
@@ -190,7 +190,7 @@ def test_rows_that_are_not_pairs_stop_before_any_weights_load_and_name_the_file_
     ("orpo", {"odds_ratio_weight": -1.0}, "odds_ratio_weight"),
 ])
 def test_bad_keys_are_refused_with_the_key(tmp_path, small_model_path, kind, keys, message):
-    recipe = write_sft_dpo(tmp_path, small_model_path, kind=kind, beta=None, reference=None, **keys)
+    recipe = write_sft_dpo(tmp_path, small_model_path, **{"kind": kind, "beta": None, "reference": None, **keys})
     result = run(tmp_path, recipe)
     assert result.exit_code == 2, result.output
     assert message in result.output
