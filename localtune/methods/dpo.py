@@ -23,45 +23,12 @@ from ..recipe import option
 from ..run.damage import DamagedFile, load_safetensors
 from ..train import data
 from ..train.adapters import adapters_disabled, save_arrays
-from ..train.metrics import Metric
 from .base import Method
-from .logprobs import SharedPrompt, hidden_logprobs, shares_prompts, target_logprobs
-from .pairs import Pair, PairSet, collate_pairs, encode_pairs  # noqa: F401  (Pair, PairSet: dpo's data)
+from .logprobs import check_shared_prompts, chosen_nll, sequence_logps
+from .pairs import PAIR_METRICS, Pair, PairSet, collate_pairs, encode_pairs, pair_metrics  # noqa: F401  (Pair)
 
 # ---------------------------------------------------------------------------------------------
 # Log-probabilities of whole responses.
-
-
-def sequence_logps(model, batch) -> tuple[mx.array, mx.array]:
-    """Summed log p(response) per row (R,) and the number of response tokens per row (R,).
-
-    log p(y | x) = sum_t mask_t * log p(y_t | x, y_<t) over the response tokens of each row.
-    """
-    if "prompt" in batch and shares_prompts(model):
-        return shared_logps(model, batch)
-    R, T = batch["inputs"].shape
-    logp, weight = target_logprobs(model, batch)  # (K,) flat positions
-    rows = batch["target_index"] // T if "target_index" in batch else mx.arange(R * T) // T
-    zeros = mx.zeros((R,), dtype=mx.float32)
-    return zeros.at[rows].add(logp * weight), zeros.at[rows].add(weight)
-
-
-def shared_logps(model, batch) -> tuple[mx.array, mx.array]:
-    """sequence_logps with each prompt run once for both of its responses.
-
-    Pass 1 runs the B prompts and keeps their keys and values; pass 2 runs the 2B responses on
-    top. Response token j is predicted from the response's hidden state j - 1, or, for j = 0,
-    from the prompt's last one. Tokens through the model: B P + 2B R instead of 2B (P + R).
-    """
-    cache = [SharedPrompt(batch["prompt_real"]) for _ in model.layers]
-    prompt_h = model.model(batch["prompt"], cache=cache)  # (B, P, H)
-    response_h = model.model(batch["response"], cache=cache)  # (2B, R, H)
-    last = mx.concatenate([prompt_h[:, -1:], prompt_h[:, -1:]])
-    hidden = mx.concatenate([last, response_h[:, :-1]], axis=1)
-    rows, R = batch["response"].shape
-    logp = hidden_logprobs(model, hidden.reshape(rows * R, -1), batch["response"].reshape(-1)).reshape(rows, R)
-    mask = batch["response_mask"]
-    return (logp * mask).sum(-1), mask.sum(-1)
 
 
 def reference_logps(model, batch) -> tuple[mx.array, mx.array]:
@@ -125,15 +92,10 @@ def make_loss(stage):
             losses = hinge_loss(h, beta)
         total = losses.mean()
         if sft_weight:
-            total = total + sft_weight * (-chosen.sum() / mx.maximum(ntoks[:B].sum(), 1))
-        rewards_chosen, rewards_rejected = beta * chosen_ratio, beta * rejected_ratio
-        metrics = {"rewards_chosen": rewards_chosen.mean(), "rewards_rejected": rewards_rejected.mean(),
-                   "reward_margin": (rewards_chosen - rewards_rejected).mean(),
-                   "preference_accuracy": (rewards_chosen > rewards_rejected).astype(mx.float32).mean(),
-                   "logps_chosen": chosen.mean(), "logps_rejected": rejected.mean(),
-                   # does the model itself (and did the reference) give chosen the higher likelihood?
-                   "policy_prefers_chosen": (chosen > rejected).astype(mx.float32).mean(),
-                   "reference_prefers_chosen": (ref_chosen > ref_rejected).astype(mx.float32).mean()}
+            total = total + sft_weight * chosen_nll(chosen, ntoks[:B])
+        metrics = pair_metrics(beta * chosen_ratio, beta * rejected_ratio, chosen, rejected)
+        # did the reference give chosen the higher likelihood? (the report's "before")
+        metrics["reference_prefers_chosen"] = (ref_chosen > ref_rejected).astype(mx.float32).mean()
         return total, mx.array(B, dtype=mx.float32), metrics
 
     return loss
@@ -280,37 +242,6 @@ CACHE_BATCH = 32
 collate = collate_pairs
 
 
-def check_shared_prompts(model, batches, note) -> None:
-    """Run two pairs both ways; share prompts only where that gives the same numbers."""
-    from ..models import CPUQuantizedLinear
-    from ..train.trainer import to_mx
-
-    if not shares_prompts(model):
-        return
-    if any(isinstance(m, CPUQuantizedLinear) for _, m in model.named_modules()):
-        # on CPU every pass over a quantized base dequantizes it again: two passes cost more than they save
-        model.share_prompts = False
-        note("prompts are run once per response: on CPU a second pass would dequantize the 4-bit base again")
-        return
-    b = batches.collate([batches.dataset.examples[i] for i in next(batches.upcoming())[:2]])  # 2 pairs: cheap
-    if "prompt" not in b.extras:
-        return
-    batch = to_mx(b)
-    plain = {k: v for k, v in batch.items() if k not in ("prompt", "prompt_real", "response", "response_mask")}
-    try:
-        shared, same = shared_logps(model, batch)[0], sequence_logps(model, plain)[0]
-        ok = bool(mx.allclose(shared, same, rtol=1e-3, atol=1e-2).item())
-    except (NotImplementedError, ValueError, TypeError):  # TypeError: a recurrent layer's cache is no KV cache
-        ok = False
-    if not ok:
-        model.share_prompts = False
-        note("prompts are run once per response: sharing them does not reproduce this model's numbers")
-        return
-    rows, T = b.inputs.shape
-    saved = 1 - (b.extras["prompt"].size + b.extras["response"].size) / (rows * T)
-    note(f"each prompt runs once for both of its responses ({saved:.0%} fewer tokens in the first two pairs)")
-
-
 @dataclass(frozen=True)
 class Options:
     beta: Union[float, None] = option(None, doc="DPO: strength of the pull towards the reference (required)")
@@ -331,13 +262,7 @@ class DPO(Method):
     shared_prompts = True  # the planner: a batch whose pairs share their prompt runs it once
     capability = "dpo"
     collate = staticmethod(collate_pairs)
-    metrics = (Metric("pairs_per_sec", "pairs/s", "{:,.1f}"),
-               Metric("reward_margin", "reward margin", "{:+.3f}"),
-               Metric("preference_accuracy", "pref. accuracy", "{:.1%}"),
-               Metric("rewards_chosen", "reward chosen", "{:+.3f}"),
-               Metric("rewards_rejected", "reward rejected", "{:+.3f}"),
-               Metric("logps_chosen", "logp chosen", "{:.2f}"),
-               Metric("logps_rejected", "logp rejected", "{:.2f}"))
+    metrics = PAIR_METRICS
 
     def init_lines(self, draft):
         return ["# No SFT stage first: the pairs are the only data. sft_weight (RPO) trains the chosen answers'",

@@ -244,3 +244,75 @@ def target_logprobs(model, batch) -> tuple[mx.array, mx.array]:
     if index is not None:
         hidden = hidden[index]
     return head_logprobs(hidden, head, targets), weight
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probabilities of whole responses (the preference methods' pairs).
+
+
+def sequence_logps(model, batch) -> tuple[mx.array, mx.array]:
+    """Summed log p(response) per row (R,) and the number of response tokens per row (R,).
+
+    log p(y | x) = sum_t mask_t * log p(y_t | x, y_<t) over the response tokens of each row.
+    """
+    if "prompt" in batch and shares_prompts(model):
+        return shared_logps(model, batch)
+    R, T = batch["inputs"].shape
+    logp, weight = target_logprobs(model, batch)  # (K,) flat positions
+    rows = batch["target_index"] // T if "target_index" in batch else mx.arange(R * T) // T
+    zeros = mx.zeros((R,), dtype=mx.float32)
+    return zeros.at[rows].add(logp * weight), zeros.at[rows].add(weight)
+
+
+def chosen_nll(chosen: mx.array, ntoks: mx.array) -> mx.array:
+    """NLL per token of the chosen answers: -sum_i log p(y_w,i | x_i) / sum_i |y_w,i| (summed log-probs (B,))."""
+    return -chosen.sum() / mx.maximum(ntoks.sum(), 1)
+
+
+def shared_logps(model, batch) -> tuple[mx.array, mx.array]:
+    """sequence_logps with each prompt run once for both of its responses.
+
+    Pass 1 runs the B prompts and keeps their keys and values; pass 2 runs the 2B responses on
+    top. Response token j is predicted from the response's hidden state j - 1, or, for j = 0,
+    from the prompt's last one. Tokens through the model: B P + 2B R instead of 2B (P + R).
+    """
+    cache = [SharedPrompt(batch["prompt_real"]) for _ in model.layers]
+    prompt_h = model.model(batch["prompt"], cache=cache)  # (B, P, H)
+    response_h = model.model(batch["response"], cache=cache)  # (2B, R, H)
+    last = mx.concatenate([prompt_h[:, -1:], prompt_h[:, -1:]])
+    hidden = mx.concatenate([last, response_h[:, :-1]], axis=1)
+    rows, R = batch["response"].shape
+    logp = hidden_logprobs(model, hidden.reshape(rows * R, -1), batch["response"].reshape(-1)).reshape(rows, R)
+    mask = batch["response_mask"]
+    return (logp * mask).sum(-1), mask.sum(-1)
+
+
+def check_shared_prompts(model, batches, note) -> None:
+    """Run two pairs both ways; share prompts only where that gives the same numbers."""
+    from ..models import CPUQuantizedLinear
+    from ..train.trainer import to_mx
+
+    if not shares_prompts(model):
+        return
+    if any(isinstance(m, CPUQuantizedLinear) for _, m in model.named_modules()):
+        # on CPU every pass over a quantized base dequantizes it again: two passes cost more than they save
+        model.share_prompts = False
+        note("prompts are run once per response: on CPU a second pass would dequantize the 4-bit base again")
+        return
+    b = batches.collate([batches.dataset.examples[i] for i in next(batches.upcoming())[:2]])  # 2 pairs: cheap
+    if "prompt" not in b.extras:
+        return
+    batch = to_mx(b)
+    plain = {k: v for k, v in batch.items() if k not in ("prompt", "prompt_real", "response", "response_mask")}
+    try:
+        shared, same = shared_logps(model, batch)[0], sequence_logps(model, plain)[0]
+        ok = bool(mx.allclose(shared, same, rtol=1e-3, atol=1e-2).item())
+    except (NotImplementedError, ValueError, TypeError):  # TypeError: a recurrent layer's cache is no KV cache
+        ok = False
+    if not ok:
+        model.share_prompts = False
+        note("prompts are run once per response: sharing them does not reproduce this model's numbers")
+        return
+    rows, T = b.inputs.shape
+    saved = 1 - (b.extras["prompt"].size + b.extras["response"].size) / (rows * T)
+    note(f"each prompt runs once for both of its responses ({saved:.0%} fewer tokens in the first two pairs)")

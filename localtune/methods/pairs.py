@@ -1,5 +1,6 @@
 """Preference pairs: {"prompt", "chosen", "rejected"} rows encoded as two responses to one prompt,
-and batched with the chosen rows first (the data of DPO, the reward model and the preference methods)."""
+and batched with the chosen rows first (the data of DPO, the reward model and the preference methods);
+the metrics every pair method logs, and what the reference-free ones (ORPO, SimPO) share."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,6 +9,8 @@ import numpy as np
 
 from ..errors import DataError
 from ..train import data
+from ..train.metrics import Metric
+from .base import Method
 
 # ---------------------------------------------------------------------------------------------
 # Data: {"prompt", "chosen", "rejected"}, each response a string or a list of messages.
@@ -110,3 +113,69 @@ def _shared_layout(pairs: list[Pair], starts: list[int], multiple: int = 8) -> d
     return {"prompt": prompt, "prompt_real": real, "response": response, "response_mask": mask}
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics of a batch of pairs, and the methods that learn from pairs without a reference.
+
+PAIR_METRICS = (Metric("pairs_per_sec", "pairs/s", "{:,.1f}"),
+                Metric("reward_margin", "reward margin", "{:+.3f}"),
+                Metric("preference_accuracy", "pref. accuracy", "{:.1%}"),
+                Metric("rewards_chosen", "reward chosen", "{:+.3f}"),
+                Metric("rewards_rejected", "reward rejected", "{:+.3f}"),
+                Metric("logps_chosen", "logp chosen", "{:.2f}"),
+                Metric("logps_rejected", "logp rejected", "{:.2f}"))
+
+
+def pair_metrics(rewards_chosen, rewards_rejected, chosen, rejected) -> dict:
+    """Means over the B pairs: each method's implicit rewards (B,) of both answers, their margin and how
+    often chosen's is higher, and the summed log-probs (B,) of the answers under the model."""
+    import mlx.core as mx
+
+    return {"rewards_chosen": rewards_chosen.mean(), "rewards_rejected": rewards_rejected.mean(),
+            "reward_margin": (rewards_chosen - rewards_rejected).mean(),
+            "preference_accuracy": (rewards_chosen > rewards_rejected).astype(mx.float32).mean(),
+            "logps_chosen": chosen.mean(), "logps_rejected": rejected.mean(),
+            # does the model itself give chosen the higher likelihood?
+            "policy_prefers_chosen": (chosen > rejected).astype(mx.float32).mean()}
+
+
+class ReferenceFree(Method):
+    """A pair method with no reference model: its loss reads the policy's log-probs alone, so any
+    adapter type (full too) works. Held-out pairs are scored with the same loss before and after the
+    stage; `heldout_rows` are the (label, metric) rows its report.md section shows."""
+
+    formats = ("preference",)
+    pairs = True
+    shared_prompts = True  # the planner: a batch whose pairs share their prompt runs it once
+    capability = "dpo"  # the support-matrix column of methods that score pairs' log-probs
+    collate = staticmethod(collate_pairs)
+    heldout_rows: tuple = ()
+
+    def validate(self, stage, before, fail):
+        from .dpo import refuse_packing
+
+        refuse_packing(self.kind, stage, fail, "(pairs are batched together)")
+
+    def setup(self, ctx):
+        from .logprobs import check_shared_prompts
+
+        check_shared_prompts(ctx.model, ctx.batches, ctx.note)
+        return super().setup(ctx)
+
+    def heldout(self, ctx, model):
+        return ctx.evaluate(model) if ctx.evaluate else None
+
+    def heldout_line(self, when, h):
+        return (f"held-out pairs {when} the stage: {self.kind} preference accuracy {h['preference_accuracy']:.1%}, "
+                f"chosen answer more likely {h['policy_prefers_chosen']:.1%}")
+
+    def report(self, stage, r, run_path):
+        if "heldout_before" not in r:
+            return []
+        before, after = r["heldout_before"], r["heldout_after"]
+        rows = (("the model gives the chosen answer the higher likelihood", "policy_prefers_chosen", "{:.1%}"),
+                *self.heldout_rows)
+        return ["", f"## Preferences ({stage.name}, held-out pairs of `{stage.valid or 'the valid split'}`)", "",
+                "| | before the stage | after |", "|---|---|---|",
+                *(f"| {label} | {fmt.format(before[key])} | {fmt.format(after[key])} |" for label, key, fmt in rows)]

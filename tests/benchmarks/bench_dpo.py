@@ -1,6 +1,6 @@
-"""localtune DPO vs mlx-lm-lora's DPO mode (`mlx_lm_lora.train --train-mode dpo`), side by side.
+"""localtune DPO and ORPO vs mlx-lm-lora's (`mlx_lm_lora.train --train-mode dpo|orpo`), side by side.
 
-    python tests/benchmarks/bench_dpo.py [--models small,smollm2] [--repeats R] [--smoke]
+    python tests/benchmarks/bench_dpo.py [--models small,smollm2] [--repeats R] [--skip-dpo] [--smoke]
 
 Needs `pip install mlx-lm-lora` (not a localtune dependency). Identical on both sides: the
 model, the pairs (data/date_prefs/train.jsonl), LoRA rank 8 / scale 2 on every linear layer of
@@ -10,9 +10,11 @@ model; localtune switches this stage's adapters off instead, and either caches t
 log-probs in no-gradient passes as training reaches the pairs ("auto", the default) or runs the
 reference inside every step ("live"). Pairs/s steady is the median over report windows after the
 first; pairs/s over the stage counts everything from the stage's start to its last step; peak
-is mx.get_peak_memory().
-Writes tests/benchmarks/results/bench_dpo.md. mlx-lm-lora 5.10 stops on the CPU backend (it reads
-a Metal-only device key); the wrapper supplies that key, and changes nothing else.
+is mx.get_peak_memory(). ORPO has no reference on either side: the same settings, lambda = beta
+(mlx-lm-lora's --beta), kind = "orpo" against --train-mode orpo.
+Writes tests/benchmarks/results/bench_dpo.md (--skip-dpo: the ORPO rows alone, to bench_orpo.md).
+mlx-lm-lora 5.10 stops on the CPU backend (it reads a Metal-only device key); the wrapper supplies
+that key, and changes nothing else.
 --smoke: models/smaller, 2 steps of 2 pairs, no fp32 copy, nothing written; mlx-lm-lora runs only if installed.
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_sft import ROOT, VENV_BIN, _env, _spawn, fp32_copy, machine_header, publish, standard_args  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_dpo.md"
+RESULTS_ORPO = RESULTS.with_name("bench_orpo.md")
 BETA, LEARNING_RATE, RANK, ALPHA = 0.1, 1e-5, 8, 16.0
 
 MODELS = {  # reference, batch size, steps, report every
@@ -83,17 +86,19 @@ def write_pairs(folder: Path, n: int) -> None:
     (folder / "valid.jsonl").write_text("\n".join(valid) + "\n")
 
 
-def run_localtune(model: str, data: Path, batch: int, steps: int, report: int, reference: str, work: Path) -> Result:
+def run_localtune(model: str, data: Path, batch: int, steps: int, report: int, reference: str | None,
+                  work: Path) -> Result:
+    """A dpo stage with this reference mode; reference None: an orpo stage (lambda = BETA)."""
     recipe = work / "recipe.toml"
+    method = (f'kind = "dpo"\nbeta = {BETA}\nreference = "{reference}"' if reference
+              else f'kind = "orpo"\nodds_ratio_weight = {BETA}')
     recipe.write_text(f"""name = "bench"
 [model]
 path = {json.dumps(model)}
 
 [[stages]]
-kind = "dpo"
+{method}
 data = {json.dumps(str(data / "train.jsonl"))}
-beta = {BETA}
-reference = "{reference}"
 steps = {steps}
 batch_size = {batch}
 learning_rate = {LEARNING_RATE}
@@ -120,17 +125,19 @@ layers = -1
                   max(r["peak_memory_gb"] for r in train), wall, train[0]["loss"])
 
 
-def run_mlx_lm_lora(folder: str, data: Path, batch: int, steps: int, report: int, work: Path) -> Result:
+def run_mlx_lm_lora(folder: str, data: Path, batch: int, steps: int, report: int, work: Path,
+                    mode: str = "dpo") -> Result:
     from localtune.device import blas_library_path
 
     (work / "config.yaml").write_text(f"lora_parameters:\n  rank: {RANK}\n  scale: {ALPHA / RANK}\n  dropout: 0.0\n")
     (work / "wrapper.py").write_text(WRAPPER)
     env = _env(BENCH_METRICS=str(work / "metrics.jsonl"), LD_PRELOAD=blas_library_path() or "")
-    cmd = [sys.executable, str(work / "wrapper.py"), "--model", folder, "--train", "--train-mode", "dpo",
+    cmd = [sys.executable, str(work / "wrapper.py"), "--model", folder, "--train", "--train-mode", mode,
            "--data", str(data), "--iters", str(steps), "--batch-size", str(batch), "--num-layers", "-1",
            "--max-seq-length", "256", "--steps-per-report", str(report), "--steps-per-eval", "100000",
            "--val-batches", "1", "--save-every", "100000", "--learning-rate", str(LEARNING_RATE),
-           "--optimizer", "adam", "--beta", str(BETA), "--dpo-cpo-loss-type", "sigmoid", "--seed", "0",
+           "--optimizer", "adam", "--beta", str(BETA), "--seed", "0",
+           *(["--dpo-cpo-loss-type", "sigmoid"] if mode == "dpo" else []),
            "--adapter-path", str(work / "adapters"), "-c", str(work / "config.yaml")]
     wall, _ = _spawn(cmd, env, work / "log.txt")
     train = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
@@ -140,7 +147,9 @@ def run_mlx_lm_lora(folder: str, data: Path, batch: int, steps: int, report: int
 
 
 def main() -> None:
-    args = standard_args(__doc__, 1, RESULTS)
+    args = standard_args(__doc__, 1, RESULTS, skip_dpo=False)
+    if args.skip_dpo and args.output == str(RESULTS):
+        args.output = str(RESULTS_ORPO)
     if args.smoke:
         args.models, args.repeats = "smoke", 1
     reference_missing = importlib.util.find_spec("mlx_lm_lora") is None
@@ -158,15 +167,22 @@ def main() -> None:
         folder = str(resolve(ref))
         data = work / name / "data"
         write_pairs(data, batch * steps if args.smoke else max(256, batch * steps))
-        jobs = {"localtune (reference auto)": lambda w: run_localtune(folder, data, batch, steps, report, "auto", w),
-                "localtune, reference live": lambda w: run_localtune(folder, data, batch, steps, report, "live", w),
-                "mlx-lm-lora": lambda w: run_mlx_lm_lora(folder, data, batch, steps, report, w)}
-        if reference_missing:  # --smoke without the reference tool: localtune's rows alone
-            del jobs["mlx-lm-lora"]
-            print("mlx-lm-lora is not installed: its runs are skipped", flush=True)
+        dpo = {"localtune (reference auto)": lambda w: run_localtune(folder, data, batch, steps, report, "auto", w),
+               "localtune, reference live": lambda w: run_localtune(folder, data, batch, steps, report, "live", w),
+               "mlx-lm-lora": lambda w: run_mlx_lm_lora(folder, data, batch, steps, report, w)}
+        orpo = {"localtune ORPO": lambda w: run_localtune(folder, data, batch, steps, report, None, w),
+                "mlx-lm-lora ORPO": lambda w: run_mlx_lm_lora(folder, data, batch, steps, report, w, "orpo")}
         if name == "small":
             fp32 = str(fp32_copy(Path(folder), work / name / "fp32"))
-            jobs["mlx-lm-lora, fp32 copy"] = lambda w: run_mlx_lm_lora(fp32, data, batch, steps, report, w)
+            dpo["mlx-lm-lora, fp32 copy"] = lambda w: run_mlx_lm_lora(fp32, data, batch, steps, report, w)
+            orpo["mlx-lm-lora ORPO, fp32 copy"] = lambda w: run_mlx_lm_lora(fp32, data, batch, steps, report, w, "orpo")
+        groups = ([dpo] if not args.skip_dpo else []) + [orpo]
+        if reference_missing:  # --smoke without the reference tool: localtune's rows alone
+            for group in groups:
+                for label in [k for k in group if k.startswith("mlx-lm-lora")]:
+                    del group[label]
+            print("mlx-lm-lora is not installed: its runs are skipped", flush=True)
+        jobs = {k: v for group in groups for k, v in group.items()}
         results = {k: [] for k in jobs}
         print(f"## {name}: batch {batch} pairs, {steps} steps", flush=True)
         for r in range(args.repeats):
@@ -179,9 +195,10 @@ def main() -> None:
                 print(f"  {label:<34} {statistics.median(res.pairs_per_sec):7.2f} pairs/s steady, "
                       f"{res.stage_pairs_per_sec:7.2f} over the stage  peak {res.peak_gib:.3f} GiB"
                       f"  wall {res.wall_sec:5.0f}s  first loss {res.first_loss:.4f}", flush=True)
-        for theirs in [k for k in jobs if k.startswith("mlx-lm-lora")] or [None]:
-            for ours in [k for k in jobs if k.startswith("localtune")]:
-                rows.append((name, ours, theirs, results[ours], results[theirs] if theirs else None))
+        for group in groups:
+            for theirs in [k for k in group if k.startswith("mlx-lm-lora")] or [None]:
+                for ours in [k for k in group if k.startswith("localtune")]:
+                    rows.append((name, ours, theirs, results[ours], results[theirs] if theirs else None))
 
     def med(rs, f):
         return statistics.median(f(r) for r in rs)
@@ -205,15 +222,16 @@ def main() -> None:
         models, repeats, steps, scenarios, blas_check = args.models, args.repeats, 0, "equal,variable,fp32", False
 
     header = machine_header(A, time.perf_counter() - t0, {"MKL"}).replace(
-        "# localtune SFT vs mlx_lm.lora", "# localtune DPO vs mlx-lm-lora (--train-mode dpo)").replace(
+        "# localtune SFT vs mlx_lm.lora", "# localtune ORPO vs mlx-lm-lora (--train-mode orpo)" if args.skip_dpo
+        else "# localtune DPO and ORPO vs mlx-lm-lora (--train-mode dpo, orpo)").replace(
         "bench_sft.py", "bench_dpo.py").replace("mlx_lm.lora through LD_PRELOAD", "mlx-lm-lora through LD_PRELOAD")
     text = (header.split("- LoRA rank")[0]
             + f"- LoRA rank {RANK}, alpha {ALPHA:g} on every linear layer; Adam, constant lr {LEARNING_RATE:g}, "
-              f"beta {BETA}, sigmoid loss; pairs from data/date_prefs/train.jsonl\n\n"
+              f"beta {BETA}, sigmoid loss (DPO); ORPO lambda {BETA}; pairs from data/date_prefs/train.jsonl\n\n"
             + "\n".join(table) + "\n\nRatios are localtune / mlx-lm-lora. Steady: the median report window after "
               "the first. Stage: every pair over the whole stage, first step's compile and every reference pass "
               "included (localtune: stage start to last step; mlx-lm-lora: the sum of its report windows, "
-              "its reference forward being part of each step).\n")
+              "its reference forward being part of each step). ORPO has no reference pass on either side.\n")
     publish(args, text)
 
 
