@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 
 REGISTRY = {"sft": "sft", "dpo": "dpo", "distill": "distill", "reward": "reward", "ppo": "ppo",  # kind -> module
-            "grpo": "grpo"}
+            "grpo": "grpo", "kto": "kto"}
 
 
 def kinds() -> tuple[str, ...]:

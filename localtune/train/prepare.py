@@ -56,9 +56,12 @@ def _read_stage(recipe: Recipe, s: Stage):
         if fmt == "prompt" and (answers := sorted(set(rows[0]) - {"prompt"})):
             hint += (f"; or, if a column holds the answers, map it: columns = {{ completion = \"{answers[0]}\" }} "
                      f"(the rows have {', '.join(sorted(rows[0]))})")
+        if own := method.data_hint(s):
+            hint += f"\n  [stages.{s.name}] data: {own}"
+        first = f", the first at {table.where[0]}" if table.where else ""
         raise RecipeError(f"{table.source.ref}: {method.describe(s)} needs "
                           f"{' or '.join(WANT[f] for f in formats)} rows, but this data has {WANT[fmt]} rows "
-                          f"({table.detected})\n  fix: point [stages.{s.name}] data at the right data{hint}")
+                          f"({table.detected}{first})\n  fix: point [stages.{s.name}] data at the right data{hint}")
     valid = None
     if s.valid:
         vtable = datasets.read_stage(recipe, s, valid=True)
