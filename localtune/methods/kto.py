@@ -268,6 +268,10 @@ class KTO(Method):
             out.append((b.inputs.shape[0], b.inputs.shape[1], int(b.loss_mask.sum())))
         return out
 
+    def plan_step_flops(self, stage, params, mean_width):
+        """The reference's no-gradient forward pass over the step's 2B rows."""
+        return 2 * params * 2 * stage.batch_size * mean_width * stage.grad_accum
+
     def setup(self, ctx):
         """(loss, batches carrying the reference's log-probs, fixed validation batches): the reference runs
         on each batch (no cache: the KL rows pair each completion with whichever prompt follows it)."""
