@@ -120,9 +120,9 @@ def _kind(table, data: str) -> str:
 
     if table.fmt == "labelled":
         raise LocaltuneError(f"{data}: {table.detected}: thumbs-up/thumbs-down rows train with KTO, which init "
-                             "does not write yet (KTO comes with issue 22)\n  fix: pair the rows into "
-                             "prompt/chosen/rejected for DPO, or keep the good completions as prompt/completion "
-                             "for SFT")
+                             'does not write yet\n  fix: write a kind = "kto" stage by hand (recipes/kto.toml is '
+                             "an example), pair the rows into prompt/chosen/rejected for DPO, or keep the good "
+                             "completions as prompt/completion for SFT")
     if table.fmt == "prompt":
         raise LocaltuneError(f"{data}: {table.detected}: prompts without answers, so there is nothing to imitate "
                              "and nothing to score\n  fix: add the answers (a completion column), or write a "
