@@ -113,7 +113,7 @@ def test_init_never_overwrites(tmp_path, small_model_path):
     ("missing", ["no such data file"]),
     ("suffix", ["localtune reads", "fix:"]),
     ("few", ["too few to split", "at least"]),
-    ("labelled", ["KTO", "issue 22"]),
+    ("labelled", ["KTO", 'kind = "kto"', "recipes/kto.toml"]),
     ("prompts", ["prompts without answers", "fix:"]),
     ("model", ["no such model folder", "fix:"]),
 ])

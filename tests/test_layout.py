@@ -50,7 +50,8 @@ def test_every_registered_method_is_its_kind_and_its_keys_are_its_own():
         assert method.kind == kind
         assert method.options is None or dataclasses.is_dataclass(method.options)
     keys = methods.key_kinds()
-    assert {"dpo", "grpo", "simpo"} <= set(keys["beta"]) and set(keys["max_new_tokens"]) == {"distill", "ppo", "grpo"}
+    assert set(keys["beta"]) == {"dpo", "grpo", "simpo", "kto"}
+    assert set(keys["max_new_tokens"]) == {"distill", "ppo", "grpo"}
     common = {f.name for f in dataclasses.fields(__import__("localtune.recipe").recipe.Stage)}
     assert not common & set(keys), "a method's own key shadows a key every stage has"
 

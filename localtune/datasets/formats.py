@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 
 from ..errors import DataError
 
@@ -156,10 +157,12 @@ def _turn(m, shape: str, where: str, i: int) -> dict:
 def _label(value, where: str) -> bool:
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):  # CSV cells are text
+    text_cells = re.search(r"\.csv:\d+$", where) is not None  # every CSV cell is text; JSON has booleans
+    if text_cells and isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
     raise DataError(f'{where}: "label" must be true or false (thumbs up or down), got {json.dumps(value)}\n'
-                    "  fix: write the label as true or false (a JSON boolean, or the text true/false in a CSV cell)")
+                    "  fix: write the label as true or false (a JSON boolean without quotes, or the text "
+                    "true/false in a CSV cell)")
 
 
 def _split_conversations(row: dict, where: str) -> dict:

@@ -8,9 +8,7 @@ from __future__ import annotations
 import importlib
 
 REGISTRY = {"sft": "sft", "dpo": "dpo", "distill": "distill", "reward": "reward", "ppo": "ppo",  # kind -> module
-            "grpo": "grpo",
-            "orpo": "orpo",
-            "simpo": "simpo"}
+            "grpo": "grpo", "orpo": "orpo", "simpo": "simpo", "kto": "kto"}
 
 
 def kinds() -> tuple[str, ...]:

@@ -56,6 +56,8 @@ def _read_stage(recipe: Recipe, s: Stage):
         if fmt == "prompt" and (answers := sorted(set(rows[0]) - {"prompt"})):
             hint += (f"; or, if a column holds the answers, map it: columns = {{ completion = \"{answers[0]}\" }} "
                      f"(the rows have {', '.join(sorted(rows[0]))})")
+        if own := method.data_hint(s):
+            hint += f"\n  [stages.{s.name}] data: {own}"
         first = table.where[0] if table.where else table.source.ref  # the file and line of the first such row
         raise RecipeError(f"{first}: {method.describe(s)} needs "
                           f"{' or '.join(WANT[f] for f in formats)} rows, but this data has {WANT[fmt]} rows "

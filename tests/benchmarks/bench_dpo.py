@@ -212,7 +212,8 @@ def main() -> None:
             table.append(f"| {name} | {ours} | {pa:.3g} | {sa:.3g} | {max(r.peak_gib for r in a):.3f} | "
                          "mlx-lm-lora (not installed) |" + " — |" * 6)
             continue
-        pa, pb = med(a, lambda r: statistics.median(r.pairs_per_sec)), med(b, lambda r: statistics.median(r.pairs_per_sec))
+        steady = lambda r: statistics.median(r.pairs_per_sec)  # noqa: E731
+        pa, pb = med(a, steady), med(b, steady)
         sa, sb = med(a, lambda r: r.stage_pairs_per_sec), med(b, lambda r: r.stage_pairs_per_sec)
         ma, mb = max(r.peak_gib for r in a), max(r.peak_gib for r in b)
         table.append(f"| {name} | {ours} | {pa:.3g} | {sa:.3g} | {ma:.3f} | {theirs} | {pb:.3g} | {sb:.3g} | "
