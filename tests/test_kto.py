@@ -67,6 +67,16 @@ def labelled(n=8, vocab=100, seed=0, max_len=64) -> kto.LabelledSet:
     return kto.LabelledSet(out, source="mem", desirable=sum(e.desirable for e in out))
 
 
+def test_a_completion_is_never_scored_after_its_own_prompt_in_the_kl_rows():
+    """A prompt's two rows sit side by side in length-sorted batches (date_kto's valid set: 200 of 400
+    "mismatched" rows were each completion after its own prompt); the partner is the next other prompt."""
+    rows = labelled(3).examples
+    twins = [rows[0], kto.Labelled(9, rows[0].prompt, rows[1].completion, rows[1].loss_mask, False, 64), rows[2]]
+    assert kto.partners(twins) == [2, 2, 0]  # row 0's next row shares its prompt: row 2's prompt instead
+    assert kto.partners(rows) == [1, 2, 0]
+    assert kto.partners(twins[:2]) == [0, 1]  # one prompt only: no other to take
+
+
 def stage(**kw):
     return make_stage("kto", data="x", adapter=Adapter(rank=4, alpha=8), batch_size=4, **kw)
 
@@ -102,7 +112,7 @@ def test_the_loss_is_the_paper_s_formula_on_the_model_s_own_log_probs():
     """With the adapters moved, every term is checked against numpy from separately computed log-probs."""
     model = make_tiny_model(seed=2)
     adapters.attach(model, Adapter(rank=4, alpha=8))
-    rng = np.random.default_rng(5)
+    rng = np.random.default_rng(6)  # adapters whose mismatched rows' mean log-ratio is positive: z_ref > 0
     model.update(tree_unflatten([(k, mx.array(rng.normal(scale=0.3, size=v.shape).astype(np.float32)))
                                  for k, v in adapters.trainable_weights(model).items()]))
     rows = labelled(seed=1)
@@ -113,13 +123,14 @@ def test_the_loss_is_the_paper_s_formula_on_the_model_s_own_log_probs():
     r, kl_rows = logps[:4] - ref[:4], logps[4:] - ref[4:]
     assert np.abs(r).min() > 0  # the adapters changed the model
     z = max(0.0, kl_rows.mean())
+    assert z > 0.5  # the reference point is in play (with z = 0 a loss that ignored it would pass)
     desirable = np.array([e.desirable for e in rows.examples[:4]])
     beta, wd, wu = 0.3, 1.2, 0.8
     expected = np.where(desirable, wd * (1 - 1 / (1 + np.exp(-beta * (r - z)))),
                         wu * (1 - 1 / (1 + np.exp(-beta * (z - r))))).mean()
     loss, _, m = kto.make_loss(stage(beta=beta, desirable_weight=wd, undesirable_weight=wu))(model, b)
     assert math.isclose(loss.item(), expected, rel_tol=1e-4)
-    assert math.isclose(m["kl"].item(), z, rel_tol=1e-4, abs_tol=1e-6)
+    assert math.isclose(m["kl"].item(), z, rel_tol=1e-4)
     assert math.isclose(m["rewards_desirable"].item(), beta * r[desirable].mean(), rel_tol=1e-4)
     assert math.isclose(m["rewards_undesirable"].item(), beta * r[~desirable].mean(), rel_tol=1e-4)
     side = np.where(desirable, r > z, r < z).mean()
@@ -216,7 +227,7 @@ def test_a_label_that_is_not_a_boolean_names_its_line(tmp_path, small_model_path
     rows = [{"prompt": f"Date: {d} May 2001", "completion": f"2001-05-{d:02d}", "label": True} for d in range(1, 9)]
     rows[5]["label"] = label
     result = run(write_sft_kto(tmp_path, small_model_path, rows=rows), tmp_path)
-    assert result.exit_code != 0
+    assert result.exit_code == 2, result.output
     assert f'prefs.jsonl:6: "label" must be true or false (thumbs up or down), got {json.dumps(label)}' \
         in result.output
     assert "a JSON boolean without quotes" in result.output

@@ -41,6 +41,11 @@ def test_orpo_loss_by_hand():
     assert m["rewards_chosen"].item() == pytest.approx(0.1 * (math.log(0.5) + math.log(0.2)) / 2, rel=1e-6)
     assert m["reward_margin"].item() == pytest.approx(0.0, abs=1e-6)
     assert m["preference_accuracy"].item() == 0.5 and m["policy_prefers_chosen"].item() == 0.5
+    # pair 1 alone pins the direction (the mirrored pair 2 averages every sign away): chosen wins
+    _, one = orpo.odds_ratio_loss(CHOSEN[:1], REJECTED[:1], N_CHOSEN[:1], N_REJECTED[:1], 0.1)
+    assert one["log_odds"].item() == pytest.approx(math.log(4), rel=1e-6)
+    assert one["reward_margin"].item() == pytest.approx(0.1 * math.log(2.5), rel=1e-6)  # 0.1 (log 0.5 - log 0.2)
+    assert one["preference_accuracy"].item() == 1.0 and one["policy_prefers_chosen"].item() == 1.0
 
 
 def test_orpo_gradients_by_hand():
@@ -72,6 +77,10 @@ def test_simpo_loss_by_hand():
     assert loss.item() == pytest.approx((0.361113 + 2.889775) / 2, abs=1e-6)
     assert m["rewards_chosen"].item() == pytest.approx((2 * math.log(0.5) + 2 * math.log(0.2)) / 2, rel=1e-6)
     assert m["preference_accuracy"].item() == 0.5
+    _, one = simpo.simpo_loss(CHOSEN[:1], REJECTED[:1], N_CHOSEN[:1], N_REJECTED[:1], beta=2.0, gamma=1.0)
+    assert one["reward_margin"].item() == pytest.approx(math.log(6.25), rel=1e-6)  # pair 1 alone: chosen wins
+    assert one["rewards_chosen"].item() == pytest.approx(2 * math.log(0.5), rel=1e-6)
+    assert one["preference_accuracy"].item() == 1.0
     # gamma 0 on pair 1: log(1 + 1 / 6.25) = log 1.16; sft_weight 1 adds chosen's NLL per token, log 2
     alone, _ = simpo.simpo_loss(CHOSEN[:1], REJECTED[:1], N_CHOSEN[:1], N_REJECTED[:1], 2.0, 0.0, sft_weight=1.0)
     assert alone.item() == pytest.approx(math.log(1.16) + math.log(2), rel=1e-6)
@@ -181,6 +190,7 @@ def test_rows_that_are_not_pairs_stop_before_any_weights_load_and_name_the_file_
     article = "an" if kind == "orpo" else "a"
     assert f"{name}:1: {article} {kind} stage needs" in result.output
     assert f"but this data has {what} rows" in result.output and "fix:" in result.output
+    assert ('set kind = "kto" for rows with a true/false "label"' in result.output) == (rows is not None)
     assert not (tmp_path / "runs").exists()  # nothing written, no weights loaded
 
 
@@ -188,6 +198,7 @@ def test_rows_that_are_not_pairs_stop_before_any_weights_load_and_name_the_file_
     ("simpo", {"beta": 0.0}, "beta = 0.0 must be greater than 0"),
     ("orpo", {"packing": True}, "packing is not available for orpo stages"),
     ("orpo", {"odds_ratio_weight": -1.0}, "odds_ratio_weight"),
+    ("orpo", {"odds_ratio_weight": 0.0}, "odds_ratio_weight = 0.0 must be greater than 0 (with 0 an orpo stage is SFT"),
 ])
 def test_bad_keys_are_refused_with_the_key(tmp_path, small_model_path, kind, keys, message):
     recipe = write_sft_dpo(tmp_path, small_model_path, **{"kind": kind, "beta": None, "reference": None, **keys})

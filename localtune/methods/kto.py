@@ -4,8 +4,8 @@ Theoretic Optimization"): learn from unpaired completions marked desirable (thum
 
 As in DPO (dpo.py) the reference is the model as the stage found it, this stage's adapters switched
 off, and its log-probabilities come with each batch from a no-gradient pass (dpo.WithReference).
-A batch of B rows runs 2B sequences: each row as written, then each completion after the next row's
-prompt (completion i with prompt i + 1), the mismatched pairs the KL reference point is estimated from.
+A batch of B rows runs 2B sequences: each row as written, then each completion after the prompt of the
+next row whose prompt differs (`partners`), the mismatched pairs the KL reference point is estimated from.
 """
 from __future__ import annotations
 
@@ -150,10 +150,20 @@ def encode_labelled(rows: list[dict], tokenizer, max_seq_len: int, source: str =
     return LabelledSet(out, truncated, dropped, source, desirable=sum(e.desirable for e in out))
 
 
-def collate_labelled(examples: list[Labelled]) -> data.Batch:
-    """2B rows: each completion after its own prompt, then completion i after prompt i + 1 (mod B)."""
+def partners(examples: list[Labelled]) -> list[int]:
+    """For each row, the next row (mod B) whose prompt differs: its prompt goes before this row's completion
+    in the KL estimate. Length-sorted batches put a prompt's two rows side by side, and "next row" alone
+    would then score a completion after its own prompt. A batch of one prompt has no other: itself."""
     B = len(examples)
-    mismatched = [e.row(examples[(i + 1) % B].prompt) for i, e in enumerate(examples)]
+    keys = [e.prompt.tobytes() for e in examples]
+    return [next(((i + k) % B for k in range(1, B) if keys[(i + k) % B] != keys[i]), i) for i in range(B)]
+
+
+def collate_labelled(examples: list[Labelled]) -> data.Batch:
+    """2B rows: each completion after its own prompt, then completion i after another row's prompt
+    (`partners`: the next one with a different prompt)."""
+    B = len(examples)
+    mismatched = [e.row(examples[j].prompt) for e, j in zip(examples, partners(examples))]
     batch = data.collate_examples([e.row(e.prompt) for e in examples] + mismatched)
     batch.extras["pair_ids"] = np.array([e.id for e in examples], np.int32)  # dpo.WithReference's protocol
     batch.extras["desirable"] = np.array([e.desirable for e in examples], np.float32)
@@ -231,7 +241,8 @@ class KTO(Method):
                Metric("rewards_desirable", "reward desirable", "{:+.3f}"),
                Metric("rewards_undesirable", "reward undesirable", "{:+.3f}"),
                Metric("logps_desirable", "logp desirable", "{:.2f}"),
-               Metric("logps_undesirable", "logp undesirable", "{:.2f}"))
+               Metric("logps_undesirable", "logp undesirable", "{:.2f}"),
+               Metric("desirable_share", "desirable share", "{:.1%}"))
 
     def data_hint(self, stage):
         return ('a kto stage reads unpaired rows {"prompt", "completion", "label": true|false}. To train on '

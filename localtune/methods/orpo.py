@@ -78,6 +78,13 @@ class ORPO(ReferenceFree):
     def describe(self, stage):
         return "an orpo stage"
 
+    def validate(self, stage, before, fail):
+        super().validate(stage, before, fail)
+        if stage.options.odds_ratio_weight <= 0:  # no preference term left, and its rewards (lambda log P) all 0
+            raise fail("odds_ratio_weight", f"odds_ratio_weight = {stage.options.odds_ratio_weight!r} must be greater "
+                       "than 0 (with 0 an orpo stage is SFT on the chosen answers)",
+                       'try odds_ratio_weight = 0.1 (the paper\'s), or kind = "sft" on the chosen answers')
+
     def loss(self, stage):
         return make_loss(stage)
 

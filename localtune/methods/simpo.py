@@ -49,8 +49,8 @@ def make_loss(stage):
 @dataclass(frozen=True)
 class Options:
     beta: float = option(2.0, min=0.0, doc="SimPO: scale of the length-normalised reward (the paper's 2.0 or 2.5)")
-    gamma: float = option(0.6, min=0.0, doc="SimPO: the target reward margin (the authors tune gamma/beta in "
-                                            "0.25-0.4; 0.6 is 0.3 x beta 2.0)")
+    gamma: float = option(0.6, min=0.0, doc="SimPO: the target reward margin (0.6 is 0.3 x beta 2.0; "
+                                            "published 7-8B setups at beta 2.0 use gamma/beta 0.5-0.8)")
     sft_weight: float = option(0.0, min=0.0, doc="SimPO: weight of an NLL term on the chosen answers (CPO-SimPO)")
 
 

@@ -52,6 +52,7 @@ def _read_stage(recipe: Recipe, s: Stage):
     rows, fmt, formats = table.rows, table.fmt, method.data_formats(s)
     if fmt not in formats:
         hint = {"preference": ', or set kind = "dpo" for preference pairs',
+                "labelled": ', or set kind = "kto" for rows with a true/false "label" (thumbs up or down)',
                 "prompt": ' (prompts alone are for kind = "distill" with mode = "sequence", or "ppo")'}.get(fmt, "")
         if fmt == "prompt" and (answers := sorted(set(rows[0]) - {"prompt"})):
             hint += (f"; or, if a column holds the answers, map it: columns = {{ completion = \"{answers[0]}\" }} "
