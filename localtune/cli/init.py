@@ -329,8 +329,8 @@ def _guard_lines(d: Draft) -> list[str]:
     """The forgetting guard: a tune that costs more than 10% of general ability keeps its last checkpoint
     within that budget ("best" would also weigh the task metric, at a golden-set pass per check)."""
     return ["# forgetting guard: general NLL may rise 10% over the base; past that the stage ends and keeps",
-            f"# its last checkpoint within budget (checked every {guard_every(d.steps)} steps: about 20 times on a long "
-            "run, so",
+            f"# its last checkpoint within budget (checked every {guard_every(d.steps)} steps: about 20 times on a "
+            "long run, so",
             "# a good one is near, and not more often than every 10 steps: each check is a general-NLL pass)",
             "max_general_nll_increase = 0.1", f"guard_every = {guard_every(d.steps)}",
             'on_forgetting = "stop"']
