@@ -157,7 +157,7 @@ def _turn(m, shape: str, where: str, i: int) -> dict:
 def _label(value, where: str) -> bool:
     if isinstance(value, bool):
         return value
-    text_cells = re.search(r"\.csv:\d+$", where) is not None  # every CSV cell is text; JSON has booleans
+    text_cells = re.search(r"\.csv:\d+$", where, re.IGNORECASE) is not None  # CSV cells are text; JSON has booleans
     if text_cells and isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
     raise DataError(f'{where}: "label" must be true or false (thumbs up or down), got {json.dumps(value)}\n'
