@@ -39,6 +39,14 @@ def reference_logps(model, batch) -> tuple[mx.array, mx.array]:
     return mx.stop_gradient(logps[:B]), mx.stop_gradient(logps[B:])
 
 
+def batch_references(model, batch) -> tuple[mx.array, mx.array]:
+    """The reference log-probs of a batch's two halves: attached by `WithReference`, else a reference
+    pass here, in the loss's own graph."""
+    if "reference_chosen" in batch:
+        return batch["reference_chosen"], batch["reference_rejected"]
+    return reference_logps(model, batch)
+
+
 # ---------------------------------------------------------------------------------------------
 # Losses: each takes h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)) per pair.
 
@@ -74,10 +82,7 @@ def make_loss(stage):
         the batch iterator; without them the reference pass runs here, in the same graph.
         Returns (L, B, metrics): rewards are beta * (log pi - log ref) per response.
         """
-        if "reference_chosen" in batch:
-            ref_chosen, ref_rejected = batch["reference_chosen"], batch["reference_rejected"]
-        else:
-            ref_chosen, ref_rejected = reference_logps(model, batch)
+        ref_chosen, ref_rejected = batch_references(model, batch)
         logps, ntoks = sequence_logps(model, batch)
         B = logps.shape[0] // 2
         chosen, rejected = logps[:B], logps[B:]

@@ -20,7 +20,7 @@ from ..train import data
 from ..train.adapters import adapters_disabled
 from ..train.metrics import Metric
 from .base import Method
-from .dpo import WithReference, reference_logps, refuse_full, refuse_packing, sequence_logps
+from .dpo import WithReference, batch_references, refuse_full, refuse_packing, sequence_logps
 from .pairs import response_example
 
 # ---------------------------------------------------------------------------------------------
@@ -73,10 +73,7 @@ def make_loss(stage):
         log-probs of those two halves (dpo.WithReference's names), else computed here in the same graph.
         Returns (L, B, metrics): rewards are beta * r per row.
         """
-        if "reference_chosen" in batch:
-            reference, mismatched_reference = batch["reference_chosen"], batch["reference_rejected"]
-        else:
-            reference, mismatched_reference = reference_logps(model, batch)
+        reference, mismatched_reference = batch_references(model, batch)
         logps, _ = sequence_logps(model, batch)
         B = logps.shape[0] // 2
         desirable = batch["desirable"]
