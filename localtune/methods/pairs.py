@@ -113,8 +113,6 @@ def _shared_layout(pairs: list[Pair], starts: list[int], multiple: int = 8) -> d
     return {"prompt": prompt, "prompt_real": real, "response": response, "response_mask": mask}
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # Metrics of a batch of pairs, and the methods that learn from pairs without a reference.
 
