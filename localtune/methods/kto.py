@@ -68,8 +68,8 @@ def make_loss(stage):
     def loss(model, batch):
         """Mean over the B rows of kto_losses.
 
-        batch: inputs (2B, T): rows 0..B-1 the completions after their own prompts, B..2B-1 after the
-        next row's prompt · desirable (B,) · reference_chosen / reference_rejected (B,): the reference's
+        batch: inputs (2B, T): rows 0..B-1 the completions after their own prompts, B..2B-1 after another
+        row's prompt (`partners`) · desirable (B,) · reference_chosen / reference_rejected (B,): the reference's
         log-probs of those two halves (dpo.WithReference's names), else computed here in the same graph.
         Returns (L, B, metrics): rewards are beta * r per row.
         """
