@@ -41,11 +41,20 @@ def blas_threads(request):
 
 
 @pytest.fixture(autouse=True)
-def offline_home(tmp_path, monkeypatch):
-    """Tests never download and never touch the user's cache."""
+def offline_home(request, tmp_path, tmp_path_factory, monkeypatch):
+    """Tests never download and never touch the user's cache. The slow and release tests share one folder of
+    imported models for the session (both workers; an import publishes by rename): each SmolLM2 or Gemma 3 import
+    costs 10-25 s."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("LOCALTUNE_HOME", str(tmp_path / "localtune-home"))
+    home = tmp_path / "localtune-home"
+    monkeypatch.setenv("LOCALTUNE_HOME", str(home))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    if request.node.get_closest_marker("slow") or request.node.get_closest_marker("release"):
+        session = tmp_path_factory.getbasetemp()
+        shared = (session.parent if os.environ.get("PYTEST_XDIST_WORKER") else session) / "imported-models"
+        shared.mkdir(exist_ok=True)
+        home.mkdir(exist_ok=True)
+        (home / "models").symlink_to(shared, target_is_directory=True)
 
 
 def make_tiny_model(seed=0, vocab=100, tie=False, hidden=64, layers=2):
@@ -83,9 +92,9 @@ def in_repo(monkeypatch):
 
 
 # Longest first, so that both workers finish together. The slow suite (`--dist loadgroup`: one test per unit,
-# dealt out in this order, each worker holding the next one) orders by each test's `slow(minutes=N)`, N being
-# its minutes in CI; a slow test without it counts as UNKNOWN_MINUTES (a SmolLM2 recipe), so it starts early
-# rather than running alone at the end. The default suite (`--dist loadfile --no-loadscope-reorder`: whole
+# dealt out in this order, each worker holding the next one) orders by each test's `slow(minutes=N)` (or
+# `release(minutes=N)`), N being its minutes on 2 cores; a test without N counts as UNKNOWN_MINUTES, so it starts
+# early rather than running alone at the end. The default suite (`--dist loadfile --no-loadscope-reorder`: whole
 # files) starts with its longest files, which xdist would otherwise order by their number of tests.
 UNKNOWN_MINUTES = 10
 LONGEST_FILES = ("test_distributed.py", "test_distill.py", "test_tui_e2e.py", "test_cli.py", "test_export.py",
@@ -93,7 +102,7 @@ LONGEST_FILES = ("test_distributed.py", "test_distill.py", "test_tui_e2e.py", "t
 
 
 def _minutes(item) -> float:
-    mark = item.get_closest_marker("slow")
+    mark = item.get_closest_marker("slow") or item.get_closest_marker("release")
     return mark.kwargs.get("minutes", UNKNOWN_MINUTES) if mark else 0
 
 

@@ -72,7 +72,8 @@ def training(runs) -> bool:
 
 @pytest.mark.parametrize("choice", ["stop", "detach"])
 def test_quit_stops_with_a_checkpoint_or_detaches(tmp_path, small_model_path, choice):
-    recipe = write_recipe(tmp_path, small_model_path, steps=150, save_every=1000, report_every=1)
+    # 80 steps: enough that training is still running when the quit dialog answers (steps 2 to 80 take 8 s or more)
+    recipe = write_recipe(tmp_path, small_model_path, steps=80, save_every=1000, report_every=1)
     runs = tmp_path / "runs"
     term = Terminal("run", recipe, "--runs-dir", runs, cwd=tmp_path)
     try:
@@ -91,7 +92,7 @@ def test_quit_stops_with_a_checkpoint_or_detaches(tmp_path, small_model_path, ch
     if choice == "stop":
         assert code == 130 and status["state"] == "interrupted" and trainer is None  # the run is free
         step = status["step"]
-        assert 2 <= step < 150 and (run / "sft/checkpoint/state.safetensors").exists()
+        assert 2 <= step < 80 and (run / "sft/checkpoint/state.safetensors").exists()
         assert b"continue with: localtune run --resume" in term.screen
         result = invoke("run", "--resume", run, "--no-tui")  # and it resumes from there
         assert result.exit_code == 0, result.output
