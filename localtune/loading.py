@@ -154,7 +154,6 @@ def load_for_inference(target: str, until_stage: str | None = None, in_progress:
     plain model reference. `in_progress` also takes the adapters an unfinished stage saved at its
     last checkpoint: the TUI's preview while a run trains."""
     from . import models
-    from .train import adapters
 
     path = Path(target)
     if not is_run_dir(path):
@@ -162,13 +161,30 @@ def load_for_inference(target: str, until_stage: str | None = None, in_progress:
         return model, tokenizer
     parsed, stages = chain(path, until_stage) if in_progress else finished_chain(path, until_stage)[:2]
     model, tokenizer, _ = chain_base(parsed, stages)
+    apply_stages(model, path, stages, in_progress)
+    return model, tokenizer
+
+
+def apply_stages(model, run: Path, stages: list, in_progress: bool = False) -> None:
+    """Each stage's saved weights on `model` (the chain's base), in order: LoRA / DoRA adapters, or a
+    full fine-tune's weights. `in_progress` stops at the first stage that has saved nothing yet."""
+    from .train import adapters
+
     for i, stage in enumerate(stages):
-        if in_progress and not (path / stage.name / "adapters.safetensors").exists():
+        if in_progress and not (run / stage.name / "adapters.safetensors").exists():
             break  # a stage that has not saved yet (a finished stage's missing file is an error, below)
         if i:
             adapters.next_stage(model)  # earlier stages become part of the model (fused or stacked)
         methods.of(stage).load_heads(model)
-        adapters.load(model, path / stage.name)
+        adapters.load(model, run / stage.name)
+
+
+def load_before_last(run: Path, stages: list):
+    """The model as the last of `stages` (a chain of `run`, see `chain`) found it: the chain's base
+    with the earlier stages applied. `chat --compare` loads it beside a full fine-tune, which has no
+    adapters to switch off. Returns (model, tokenizer)."""
+    model, tokenizer, _ = chain_base(Run.open(run).recipe(), stages)
+    apply_stages(model, run, stages[:-1])
     return model, tokenizer
 
 

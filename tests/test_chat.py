@@ -1,6 +1,7 @@
 """`localtune chat`: scripted stdin on a model and on a run (--compare), its commands and formats, bad input,
 the terminal view, and the TUI's chat screen (a `localtune chat` subprocess streamed into two columns)."""
 import asyncio
+import contextlib
 import copy
 import json
 import signal
@@ -82,9 +83,11 @@ class RecordingChatter:
     lines, in pieces that split a line break from its text, as a tokenizer does."""
 
     def __init__(self):
-        import mlx.nn as nn
+        self.calls = []
 
-        self.model, self.calls = nn.Module(), []
+    @contextlib.contextmanager
+    def inference(self):
+        yield self
 
     def stream(self, messages, adapters_enabled=True):
         side = "tuned" if adapters_enabled else "base"
@@ -168,7 +171,7 @@ def test_a_runs_own_chat_template_is_used(tmp_path, small_model_path):
     result = invoke("run", recipe, "--no-tui", "--runs-dir", tmp_path / "runs")
     assert result.exit_code == 0, result.output
     run = only_run(tmp_path / "runs")
-    model, tokenizer, _ = load_chat(str(run), True, False)
+    model, tokenizer, _, _ = load_chat(str(run), True, False)
     prompt = Chatter(model, tokenizer, 8, 0.0).encoder.prompt_tokens([{"role": "user", "content": "hi"}])
     assert tokenizer.decode(prompt) == "USER>> hi\nASSISTANT>> "
     answer = json.loads(chat(run, "--json", "--max-tokens", "8", stdin=f"{PROMPT}\n").output)["answer"]
@@ -206,18 +209,34 @@ def test_bad_targets_say_what_to_do(in_repo, args, words):
         assert word in result.output, result.output
 
 
-def test_compare_on_a_run_without_adapters_is_refused_before_loading(tmp_path):
-    run = make_run(tmp_path, "full")  # finished, but no adapters.safetensors
-    result = chat(run, "--compare", stdin="hi\n")
+def test_compare_on_a_full_fine_tune_loads_its_base_beside_it(tmp_path, small_model_path, monkeypatch):
+    """A full fine-tune has no adapters to switch off: its base side is the model it started from, loaded beside it,
+    and answers as that model alone does; the tuned side answers as the run does."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("LOCALTUNE_HOME", str(tmp_path / "home"))
+    recipe = write_recipe(tmp_path, small_model_path, steps=6, save_every=6, learning_rate=1e-4)
+    recipe.write_text(recipe.read_text().replace("rank = 4\nalpha = 8", 'type = "full"'))
+    assert invoke("run", recipe, "--no-tui", "--runs-dir", tmp_path / "runs").exit_code == 0
+    run = only_run(tmp_path / "runs")
+    turn = json.loads(chat(run, "--compare", "--json", "--max-tokens", "12", stdin=f"{PROMPT}\n").output)
+    alone = {side: json.loads(chat(target, "--json", "--max-tokens", "12", stdin=f"{PROMPT}\n").output)["answer"]
+             for side, target in (("base", small_model_path), ("tuned", run))}
+    assert turn["base"] == alone["base"] and turn["tuned"] == alone["tuned"], (turn, alone)
+    assert turn["base"] != turn["tuned"]
+
+
+def test_compare_on_a_run_with_no_saved_stage_is_refused(tmp_path):
+    run = make_run(tmp_path, "early", state="running", upto=20)  # nothing saved, and not finished
+    result = chat(run, "--compare", "--in-progress", stdin="hi\n")
     assert result.exit_code == 1
-    assert "has no adapters.safetensors" in result.output and "fix: chat with the run alone" in result.output
+    assert "no stage has saved weights yet" in result.output and "fix:" in result.output, result.output
 
 
 def test_the_terminal_view_streams_both_answers_into_two_columns(tuned_run):
     from localtune.cli.chat import Chatter, load_chat
     from localtune.cli.chat_view import interactive_session
 
-    model, tokenizer, labels = load_chat(str(tuned_run), True, False)
+    model, tokenizer, labels, _ = load_chat(str(tuned_run), True, False)
     console = Console(record=True, width=80, force_terminal=False)
     interactive_session(Chatter(model, tokenizer, 8, 0.0), str(tuned_run), True, labels, None, console,
                         lines=[PROMPT, "/reset", "/quit", PROMPT])
@@ -258,7 +277,7 @@ def test_the_tui_chat_screen_streams_a_chat_subprocess_side_by_side(tuned_run):
 
 
 def test_the_tui_chat_screen_shows_why_the_chat_process_failed(tmp_path):
-    run = make_run(tmp_path, "full")
+    run = make_run(tmp_path, "full")  # finished, but no stage saved any weights
 
     async def main():
         app = LocaltuneApp(run, runs_dir=tmp_path, poll_interval=60)
@@ -270,7 +289,7 @@ def test_the_tui_chat_screen_shows_why_the_chat_process_failed(tmp_path):
             return screen, str(screen.query_one("#chat-status").content)
 
     screen, status = asyncio.run(main())
-    assert screen.exit_code == 1 and "has no adapters.safetensors" in status and "exit code 1" in status
+    assert screen.exit_code == 1 and "no stage has saved weights yet" in status and "exit code 1" in status
     assert screen.turns == {"base": [], "tuned": []}
 
 

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from test_cli import invoke, only_run, write_recipe
 
-from localtune import models
+from localtune import loading, models
 from localtune.integrity import evaluate
 from localtune.integrity.forgetting import Guard
+from localtune.train.prepare import GENERAL
 
 
 @pytest.mark.parametrize("metric, answer, reference, hit", [
@@ -106,6 +107,7 @@ def test_stop_keeps_the_last_checkpoint_within_budget():
     assert guard.stop and guard.over_since == 15
     kept = guard.restore(model)
     assert kept["step"] == 10 and np.array(model.w).tolist() == [2.0, 2.0]
+    assert guard.final_nll() == 10.9  # what the check at step 10 measured: the pipeline need not measure again
 
 
 def test_best_keeps_the_best_task_metric_within_budget_and_warn_keeps_nothing():
@@ -116,9 +118,22 @@ def test_best_keeps_the_best_task_metric_within_budget_and_warn_keeps_nothing():
         guard.check(model, step)
     assert not guard.stop  # best finishes the stage
     assert guard.restore(model)["step"] == 5 and np.array(model.w).tolist() == [1.0, 1.0]
+    assert guard.final_nll() == 10.2
     warn = _guard("warn", [20.0])
     warn.start(model, 0)
     assert warn.check(model, 5)["within_budget"] is False and warn.restore(model) is None and not warn.stop
+    assert warn.final_nll() == 20.0  # nothing restored: the last check's weights
+
+
+def test_best_takes_a_known_starting_score_and_keeps_the_start_when_nothing_beats_it():
+    model, guard = _Tiny(), _guard("best", [10.4, 10.6], tasks=[0.3, 0.1])  # no task call at the start
+    guard.start_task = 0.5
+    guard.start(model, 0)
+    for step, w in ((5, 1.0), (10, 2.0)):
+        model.w = mx.full((2,), w)
+        guard.check(model, step)
+    assert guard.restore(model)["step"] == 0 and np.array(model.w).tolist() == [0.0, 0.0]
+    assert guard.final_nll() is None  # no check measured the starting weights here: the pipeline measures them
 
 
 def test_the_guard_stops_a_run_forced_to_forget(tmp_path, small_model_path):
@@ -138,7 +153,11 @@ def test_the_guard_stops_a_run_forced_to_forget(tmp_path, small_model_path):
     f = sft["forgetting"]
     assert f["last"]["within_budget"] is False and f["kept"]["step"] < sft["stopped_at"]
     base, after = manifest["general"]["before"]["nll"], manifest["general"]["stages"]["sft"]["nll"]
-    assert after <= base * 1.05 + 1e-6  # the saved adapters are the kept, within-budget ones
+    assert after <= base * 1.05 + 1e-6
+    assert f["final_nll"] in (None, after)  # the guard's measurement of the kept weights, when a check made one
+    model, tokenizer = loading.load_for_inference(str(run))  # the saved adapters are the kept ones
+    texts = [json.loads(line)["text"] for line in GENERAL.read_text().splitlines()][:16]
+    assert evaluate.general_nll(model, tokenizer, texts)["nll"] == pytest.approx(after, rel=1e-5)
     report = (run / "report.md").read_text()
     assert "## General ability (forgetting check)" in report and "Kept the weights of step" in report
     assert any(r.get("kind") == "guard" for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()))

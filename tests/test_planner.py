@@ -3,7 +3,7 @@ import json
 
 import pytest
 from mlx.utils import tree_flatten
-from test_cli import invoke, write_recipe
+from test_cli import ROOT, invoke, write_recipe
 
 from localtune import device, models
 from localtune import plan as planner
@@ -49,6 +49,20 @@ def test_calibrated_plan_runs_real_steps_and_writes_nothing(tmp_path, small_mode
     assert stage["how"] == f"calibrated: 4 and 8 rows of {stage['width']} tokens"  # half and all of the batch
     assert stage["step_sec"] > 0 and stage["stage_sec"] == pytest.approx(stage["step_sec"] * 6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.toml", "test.jsonl", "train.jsonl"]
+
+
+def test_plan_json_is_only_json_when_a_stage_has_notes(tmp_path, small_model_path, monkeypatch):
+    """DPO's calibration notes that pairs share their prompt; `plan --json` prints the plan alone (bench_plan
+    reads it)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prefs.jsonl").write_text("".join(
+        (ROOT / "data/date_prefs/train.jsonl").read_text().splitlines(True)[:16]))
+    recipe = write_recipe(tmp_path, small_model_path, batch_size=4)
+    dpo = '[[stages]]\nkind = "dpo"\ndata = "prefs.jsonl"\nbeta = 0.1\nsteps = 2\nbatch_size = 4\nmax_seq_len = 64\n'
+    recipe.write_text(recipe.read_text().replace("[eval]", dpo + "\n[eval]", 1))
+    result = invoke("plan", recipe, "--json")
+    assert result.exit_code == 0, result.output
+    assert [s["kind"] for s in json.loads(result.stdout)["stages"]] == ["sft", "dpo"]
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """`localtune chat`: talk to a run's model or a plain model; `--compare` answers every prompt twice, with the
-run's adapters off (base) and on (tuned), the same weights in memory, each side keeping its own history.
+run's adapters off (base) and on (tuned), the same weights in memory, each side keeping its own history. A full
+fine-tune has no adapters to switch off: its base is loaded beside it (two models in memory).
 
 In a terminal it streams into a two-column view (rich Live); with stdin not a terminal it reads prompts, one
 per line, and prints only the answers, so it can be scripted. The loop and the formats are in `chat_session`.
@@ -39,13 +40,26 @@ class Conversation:
 
 class Chatter:
     """A loaded model answering chats with its chat template; `adapters_enabled=False` answers as the model
-    before the run's last stage (train.adapters.adapters_disabled: no second copy of the weights)."""
+    before the run's last stage: `before`, when given (loaded beside a full fine-tune), or else the same
+    model with its last stage's adapters switched off (train.adapters.adapters_disabled: no second copy)."""
 
-    def __init__(self, model, tokenizer, max_tokens: int, temp: float):
+    def __init__(self, model, tokenizer, max_tokens: int, temp: float, before=None):
         from ..train.data import Encoder
 
         self.model, self.tokenizer, self.max_tokens, self.temp = model, tokenizer, max_tokens, temp
+        self.before = before
         self.encoder = Encoder(tokenizer)
+
+    @contextlib.contextmanager
+    def inference(self):
+        """Each model's frozen quantized layers dequantized once for generation (models.inference_weights)."""
+        from ..models import inference_weights
+
+        with contextlib.ExitStack() as stack:
+            for model in (self.model, self.before):
+                if model is not None:
+                    stack.enter_context(inference_weights(model))
+            yield self
 
     def stream(self, messages: list[dict], adapters_enabled: bool = True):
         """Yields the answer's text pieces as they are decoded."""
@@ -55,9 +69,11 @@ class Chatter:
         from ..train.adapters import adapters_disabled
 
         tokens = self.encoder.prompt_tokens(messages)
-        off = contextlib.nullcontext() if adapters_enabled else adapters_disabled(self.model)
+        model, off = self.model, contextlib.nullcontext()
+        if not adapters_enabled:
+            model, off = (self.before, off) if self.before is not None else (model, adapters_disabled(model))
         with off:
-            for response in stream_generate(self.model, self.tokenizer, tokens, max_tokens=self.max_tokens,
+            for response in stream_generate(model, self.tokenizer, tokens, max_tokens=self.max_tokens,
                                             sampler=make_sampler(self.temp)):
                 if response.text:
                     yield response.text
@@ -87,7 +103,9 @@ def read_prompts(lines, prompt=None):
 
 
 def load_chat(target: str, compare: bool, in_progress: bool):
-    """(Chatter's model, tokenizer, labels) for a target; `compare` checks first that it is a run with adapters."""
+    """(model, tokenizer, labels, before) for a target. Under `compare` it must be a run; `before` is the model
+    before its last stage, loaded beside it when that stage has no adapters to switch off (a full fine-tune),
+    else None."""
     from .. import loading
     from ..train.adapters import stage_layers
 
@@ -96,34 +114,33 @@ def load_chat(target: str, compare: bool, in_progress: bool):
         raise LocaltuneError(f"{target}: no such run directory\n  fix: give a run directory (runs/NAME), "
                              "as `localtune runs` lists them")
     if compare and t.run is None:
-        raise LocaltuneError(f"{target}: --compare needs a run directory (its adapters are switched off for the "
-                             "base answer), not a model\n  fix: `localtune chat RUN --compare`, or drop --compare")
+        raise LocaltuneError(f"{target}: --compare needs a run directory (the base answer is the model before "
+                             "its last stage), not a model\n  fix: `localtune chat RUN --compare`, or drop --compare")
     stages = []
     if t.run is not None:
         stages = loading.chain(t.run, t.stage)[1] if in_progress else loading.finished_chain(t.run, t.stage)[1]
         if in_progress:  # as load_for_inference: up to the first stage that has saved nothing yet
             saved = [(t.run / s.name / "adapters.safetensors").exists() for s in stages]
             stages = stages[: saved.index(False)] if False in saved else stages
-        last = t.run / stages[-1].name if stages else None
-        if compare and (last is None or not (last / "adapters.safetensors").exists()):
-            raise LocaltuneError(f"{t.run}: --compare needs adapters, and {last or t.run} has no "
-                                 "adapters.safetensors (full fine-tuning, or nothing saved yet)\n  fix: chat with "
-                                 "the run alone (`localtune chat RUN`), or compare a LoRA / QLoRA run")
+        if compare and not stages:
+            raise LocaltuneError(f"{t.run}: --compare needs a trained stage, and no stage has saved weights yet\n"
+                                 "  fix: wait for the first checkpoint, or chat with the base model alone")
     model, tokenizer = loading.load(t, in_progress)
-    if compare and not stage_layers(model):
-        raise LocaltuneError(f"{target}: the loaded model has no adapter layers to switch off\n"
-                             "  fix: chat with the run alone (`localtune chat RUN`)")
+    before = None
+    if compare and not stage_layers(model):  # a full fine-tune: nothing to switch off, so load what it started from
+        before, _ = loading.load_before_last(t.run, stages)
     if not getattr(tokenizer, "chat_template", None):
         raise LocaltuneError(f"{target}: the tokenizer has no chat template, so a conversation cannot be written\n"
                              '  fix: set [model] chat_template = "template.jinja" in the recipe, or chat with an '
                              "instruct model")
     base = "base" if len(stages) <= 1 else f"before {stages[-1].name}"  # earlier stages stay in (fused/stacked)
-    return model, tokenizer, (base, "tuned")
+    return model, tokenizer, (base, "tuned"), before
 
 
 @cli.command()
 @click.argument("target")
-@click.option("--compare", is_flag=True, help="Answer with the base (adapters off) and the tuned model, side by side.")
+@click.option("--compare", is_flag=True,
+              help="Answer as the base (the model before the run's last stage) and as the tuned model, side by side.")
 @click.option("--max-tokens", default=256, show_default=True)
 @click.option("--temp", default=0.0, show_default=True, help="Sampling temperature (0: greedy, deterministic).")
 @click.option("--system", default=None, help="A system prompt.")
@@ -145,8 +162,8 @@ def chat(target, compare, max_tokens, temp, system, as_json, json_tokens, in_pro
     interactive = sys.stdin.isatty()
     if interactive and not (as_json or json_tokens):
         click.echo(f"loading {target}…", err=True)
-    model, tokenizer, labels = load_chat(target, compare, in_progress)
-    chatter = Chatter(model, tokenizer, max_tokens, temp)
+    model, tokenizer, labels, before = load_chat(target, compare, in_progress)
+    chatter = Chatter(model, tokenizer, max_tokens, temp, before)
     if interactive and not (as_json or json_tokens):
         from .chat_view import interactive_session
 
@@ -162,12 +179,10 @@ def chat_session(chatter: Chatter, prompts, compare: bool, system: str | None, f
                  labels=("base", "tuned")) -> None:
     """Scripted chat: each prompt (or command) from `prompts`, answers written with `echo` in `fmt`
     ("text", "json" or "json-tokens"); `labels` name the base and tuned sides (load_chat's)."""
-    from ..models import inference_weights
-
     sides = ("base", "tuned") if compare else ("answer",)
     talks = {s: Conversation(system) for s in sides}
     prefixes = line_prefixes(labels) if compare else {"answer": ""}
-    with inference_weights(chatter.model):
+    with chatter.inference():
         for prompt in prompts:
             command = command_of(prompt, talks)
             if command == "quit":

@@ -1,6 +1,7 @@
 """`localtune chat` in a terminal: a banner, a prompt, and answers streamed live (rich). Under --compare the
 two answers stream into one two-column table, base on the left, tuned on the right: the base answer is
-written first, then the tuned one (one model in memory answers both, one after the other)."""
+written first, then the tuned one (one model in memory answers both, one after the other; two beside a full
+fine-tune)."""
 from __future__ import annotations
 
 import contextlib
@@ -13,10 +14,11 @@ from rich.text import Text
 from .chat import HELP, Chatter, Conversation, command_of, read_prompts
 
 
-def banner(target: str, compare: bool, labels, system: str | None) -> Text:
+def banner(target: str, compare: bool, labels, system: str | None, two_models: bool = False) -> Text:
     text = Text.assemble(("localtune chat ", "bold"), target)
     if compare:
-        text.append(f"  —  {labels[0]} (adapters off) | {labels[1]} (adapters on)", style="cyan")
+        how = ("loaded beside it", "full fine-tune") if two_models else ("adapters off", "adapters on")
+        text.append(f"  —  {labels[0]} ({how[0]}) | {labels[1]} ({how[1]})", style="cyan")
     text.append("\n" + HELP, style="dim")
     if system:
         text.append(f"\nsystem: {system}", style="dim")
@@ -35,17 +37,15 @@ def side_by_side(labels, answers: list[str], width: int | None = None) -> Table:
 def interactive_session(chatter: Chatter, target: str, compare: bool, labels, system: str | None,
                         console: Console | None = None, lines=None) -> None:
     """The terminal loop; `lines` (an iterable) replaces the keyboard in tests."""
-    from ..models import inference_weights
-
     console = console or Console()
     sides = ("base", "tuned") if compare else ("answer",)
     talks = {s: Conversation(system) for s in sides}
-    console.print(banner(target, compare, labels, system))
+    console.print(banner(target, compare, labels, system, chatter.before is not None))
 
     def ask(first: bool) -> str:
         return console.input("[bold]you>[/bold] " if first else "[dim]...>[/dim] ")
 
-    with inference_weights(chatter.model), contextlib.suppress(KeyboardInterrupt):  # Ctrl-C leaves quietly
+    with chatter.inference(), contextlib.suppress(KeyboardInterrupt):  # Ctrl-C leaves quietly
         for prompt in read_prompts(lines or [], None if lines is not None else ask):
             command = command_of(prompt, talks)
             if command == "quit":

@@ -25,6 +25,7 @@ class Guard:
     every: int
     action: str = "warn"  # warn | stop | best
     task: object = None  # model -> task metric (higher is better), for action "best"
+    start_task: float | None = None  # the task metric of the starting weights, when already measured
     history: list = field(default_factory=list)
     kept: dict | None = None  # {"step", "weights", "general_nll", "task"}
     over_since: int | None = None
@@ -32,7 +33,9 @@ class Guard:
     def start(self, model, step: int) -> None:
         """The stage's starting weights are within budget by definition: the fallback to keep."""
         if self.action in ("stop", "best") and self.kept is None:
-            score = self.task(model) if self.action == "best" and self.task else None
+            score = None
+            if self.action == "best" and self.task:
+                score = self.start_task if step == 0 and self.start_task is not None else self.task(model)
             self.kept = {"step": step, "weights": dict(tree_flatten(model.trainable_parameters())),
                          "general_nll": self.base_nll if step == 0 else self.measure(model), "task": score}
 
@@ -68,8 +71,19 @@ class Guard:
         model.load_weights(list(self.kept["weights"].items()), strict=False)
         return {k: v for k, v in self.kept.items() if k != "weights"}
 
+    def final_nll(self) -> float | None:
+        """The general NLL a check measured on the weights the stage ends with (after `restore`); None when no
+        check did (the pipeline then measures them itself)."""
+        if not self.history:
+            return None
+        restored = self.action != "warn" and self.kept is not None and not (
+            self.action == "stop" and self.over_since is None)
+        step = self.kept["step"] if restored else self.history[-1]["step"]
+        return next((h["general_nll"] for h in self.history if h["step"] == step), None)
+
     def summary(self) -> dict:
         last = self.history[-1] if self.history else {}
         kept = {k: v for k, v in (self.kept or {}).items() if k != "weights"}
         return {"base_nll": self.base_nll, "budget": self.budget, "action": self.action, "checks": self.history,
-                "over_budget_from_step": self.over_since, "last": last, "kept": kept or None}
+                "over_budget_from_step": self.over_since, "last": last, "kept": kept or None,
+                "final_nll": self.final_nll()}

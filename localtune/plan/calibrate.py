@@ -50,7 +50,7 @@ def _measure(model, tokenizer, stage: Stage, dataset, rows: int, steps: int, fol
         sub = _subset(dataset, stage, units)
     run = Run.create(folder, "calibration", "")
     ctx = StageContext(recipe, dataclasses.replace(small, seed=0), model, tokenizer, sub, None, folder / stage.name,
-                       run=run, steps=steps, planning=True)
+                       run=run, steps=steps, planning=True, report=lambda record: None)  # the stage's notes: not here
     own = set(model.keys())
     config = attach(ctx, method, "adapter")  # as training builds the stage
     records = []

@@ -114,16 +114,23 @@ class Chain:
         log_task(self.run, f"with {plan['k']} examples in the prompt", result, self.report)
         return result
 
-    def general_metric(self, when: str) -> dict:
+    def general_metric(self, when: str, nll: float | None = None) -> dict:
+        """General NLL of the model now; `nll`: the forgetting guard already measured these weights."""
+        import math
+
         from ..integrity import evaluate
 
-        result = evaluate.general_nll(self.model, self.tokenizer, self.prepared.general)
+        if nll is None:
+            result = evaluate.general_nll(self.model, self.tokenizer, self.prepared.general)
+        else:  # the same texts and tokenizer as the guard's base measurement
+            base = self.general.get("student_before", self.general["before"])
+            result = {"nll": nll, "perplexity": math.exp(nll), "tokens": base["tokens"], "texts": base["texts"]}
         self.report(self.run.log("eval", 0, "event", event="general_metric", when=when, value=result["nll"],
                                  message=f"general NLL {when}: {result['nll']:.4f} nats/token (perplexity "
                                          f"{result['perplexity']:.1f}) on {result['texts']} texts"))
         return result
 
-    def guard(self):
+    def guard(self, stage: Stage):
         """The forgetting guard, when the recipe sets a budget: general NLL against the starting point."""
         from ..integrity import evaluate
         from ..integrity.forgetting import Guard
@@ -140,8 +147,10 @@ class Chain:
 
         base = self.general.get("student_before", self.general["before"])
         best = task_value if spec.on_forgetting == "best" and prepared.eval_rows else None
+        first = stage is self.recipe.stages[0] and not methods.of(stage).starts_from(stage)
+        start_task = self.task.get("before", {}).get("value") if first else None  # the same weights, measured
         return Guard(general_nll, base["nll"], spec.max_general_nll_increase, spec.guard_every,
-                     spec.on_forgetting, best)
+                     spec.on_forgetting, best, start_task)
 
     # the run ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -250,7 +259,7 @@ class Chain:
             self.save()
         summary = trainer.train(model, loss_fn, train_batches, train_args(stage, steps), run=run, stage=stage.name,
                                 stage_dir=ctx.stage_dir, adapter_config=adapter_config, eval_fn=ctx.evaluate,
-                                guard=self.guard(), fingerprint=fingerprint(recipe, stage), report=self.report)
+                                guard=self.guard(stage), fingerprint=fingerprint(recipe, stage), report=self.report)
         if heldout is not None:
             summary["heldout_before"], summary["heldout_after"] = heldout, method.heldout(ctx, model)
             if line := method.heldout_line("after", summary["heldout_after"]):
@@ -276,7 +285,8 @@ class Chain:
             if methods.of(stage).branch:
                 continue  # the policy is as it was: nothing to measure, nothing to fuse
             if self.prepared.general and stage.name not in self.general.get("stages", {}):
-                self.general.setdefault("stages", {})[stage.name] = self.general_metric(f"after {stage.name}")
+                known = self.results.get(stage.name, {}).get("forgetting", {}).get("final_nll")
+                self.general.setdefault("stages", {})[stage.name] = self.general_metric(f"after {stage.name}", known)
             if i + 1 < len(stages):
                 if self.prepared.eval_rows and stage.name not in self.task.get("stages", {}):
                     self.task.setdefault("stages", {})[stage.name] = self.task_metric(f"after {stage.name}")
