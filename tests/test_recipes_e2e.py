@@ -142,13 +142,15 @@ def test_orpo_recipe_teaches_the_format_and_the_preference_in_one_stage(in_repo,
     assert "| ORPO preference accuracy" in (run / "report.md").read_text().split("## Preferences (orpo")[1]
 
 
-@pytest.mark.slow(minutes=2.5)
-def test_sft_simpo_recipe_flips_the_held_out_preferences(in_repo, tmp_path):
+@pytest.mark.slow(minutes=3)
+def test_sft_simpo_recipe_turns_the_answers_to_iso(in_repo, tmp_path):
     run, manifest = run_recipe(ROOT / "recipes/simpo.toml", tmp_path)
+    # the README quotes ISO answers 56% after SFT -> 89% after SimPO, held-out pairs 90.6% -> 100%
     simpo = manifest["stage_results"]["simpo"]
     before, after = simpo["heldout_before"], simpo["heldout_after"]
-    assert before["preference_accuracy"] <= 0.2 and after["preference_accuracy"] >= 0.8, (before, after)
-    assert after["reward_margin"] > 0 > before["reward_margin"]
+    assert after["preference_accuracy"] >= 0.8 and after["reward_margin"] > before["reward_margin"], (before, after)
+    after_sft, after_simpo = manifest["task"]["stages"]["sft"]["well_formed"], manifest["task"]["after"]["well_formed"]
+    assert after_simpo >= after_sft + 0.2, (after_sft, after_simpo)
     report = (run / "report.md").read_text()
     assert "## Preferences (simpo" in report and "| SimPO preference accuracy" in report
 

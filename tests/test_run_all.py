@@ -19,7 +19,7 @@ def test_extractors_read_the_current_results(name):
         assert isinstance(r.value, float) and r.value > 0, r
         assert r.what and r.vs and r.target
         assert r.source.meta["date"][:2] == "20"
-        assert r.source.meta["command"].startswith(f"`python tests/benchmarks/{name}.py")
+        assert r.source.meta["command"].startswith(f"`python tests/benchmarks/{BENCHES[name].script.name}")
 
 
 def test_every_result_row_keeps_its_own_date_and_command():

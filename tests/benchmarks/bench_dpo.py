@@ -1,6 +1,6 @@
 """localtune DPO and ORPO vs mlx-lm-lora's (`mlx_lm_lora.train --train-mode dpo|orpo`), side by side.
 
-    python tests/benchmarks/bench_dpo.py [--models small,smollm2] [--repeats R] [--skip-dpo] [--smoke]
+    python tests/benchmarks/bench_dpo.py [--models small,smollm2] [--repeats R] [--skip-dpo | --skip-orpo] [--smoke]
 
 Needs `pip install mlx-lm-lora` (not a localtune dependency). Identical on both sides: the
 model, the pairs (data/date_prefs/train.jsonl), LoRA rank 8 / scale 2 on every linear layer of
@@ -12,7 +12,8 @@ reference inside every step ("live"). Pairs/s steady is the median over report w
 first; pairs/s over the stage counts everything from the stage's start to its last step; peak
 is mx.get_peak_memory(). ORPO has no reference on either side: the same settings, lambda = beta
 (mlx-lm-lora's --beta), kind = "orpo" against --train-mode orpo.
-Writes tests/benchmarks/results/bench_dpo.md (--skip-dpo: the ORPO rows alone, to bench_orpo.md).
+Writes tests/benchmarks/results/bench_dpo.md (--skip-dpo: the ORPO rows alone, to bench_orpo.md; --skip-orpo:
+the DPO rows alone, as run_all.py runs it beside bench_orpo).
 mlx-lm-lora 5.10 stops on the CPU backend (it reads a Metal-only device key); the wrapper supplies
 that key, and changes nothing else.
 --smoke: models/smaller, 2 steps of 2 pairs, no fp32 copy, nothing written; mlx-lm-lora runs only if installed.
@@ -147,7 +148,9 @@ def run_mlx_lm_lora(folder: str, data: Path, batch: int, steps: int, report: int
 
 
 def main() -> None:
-    args = standard_args(__doc__, 1, RESULTS, skip_dpo=False)
+    args = standard_args(__doc__, 1, RESULTS, skip_dpo=False, skip_orpo=False)
+    if args.skip_dpo and args.skip_orpo:
+        raise SystemExit("--skip-dpo and --skip-orpo leave nothing to run: give one of them at most")
     if args.skip_dpo and args.output == str(RESULTS):
         args.output = str(RESULTS_ORPO)
     if args.smoke:
@@ -176,7 +179,7 @@ def main() -> None:
             fp32 = str(fp32_copy(Path(folder), work / name / "fp32"))
             dpo["mlx-lm-lora, fp32 copy"] = lambda w: run_mlx_lm_lora(fp32, data, batch, steps, report, w)
             orpo["mlx-lm-lora ORPO, fp32 copy"] = lambda w: run_mlx_lm_lora(fp32, data, batch, steps, report, w, "orpo")
-        groups = ([dpo] if not args.skip_dpo else []) + [orpo]
+        groups = ([dpo] if not args.skip_dpo else []) + ([orpo] if not args.skip_orpo else [])
         if reference_missing:  # --smoke without the reference tool: localtune's rows alone
             for group in groups:
                 for label in [k for k in group if k.startswith("mlx-lm-lora")]:
@@ -224,8 +227,11 @@ def main() -> None:
 
     header = machine_header(A, time.perf_counter() - t0, {"MKL"}).replace(
         "# localtune SFT vs mlx_lm.lora", "# localtune ORPO vs mlx-lm-lora (--train-mode orpo)" if args.skip_dpo
+        else "# localtune DPO vs mlx-lm-lora (--train-mode dpo)" if args.skip_orpo
         else "# localtune DPO and ORPO vs mlx-lm-lora (--train-mode dpo, orpo)").replace(
         "bench_sft.py", "bench_dpo.py").replace("mlx_lm.lora through LD_PRELOAD", "mlx-lm-lora through LD_PRELOAD")
+    skip = " --skip-dpo" if args.skip_dpo else " --skip-orpo" if args.skip_orpo else ""
+    header = header.replace(f"--repeats {args.repeats}`", f"--repeats {args.repeats}{skip}`")  # the command, whole
     text = (header.split("- LoRA rank")[0]
             + f"- LoRA rank {RANK}, alpha {ALPHA:g} on every linear layer; Adam, constant lr {LEARNING_RATE:g}, "
               f"beta {BETA}, sigmoid loss (DPO); ORPO lambda {BETA}; pairs from data/date_prefs/train.jsonl\n\n"

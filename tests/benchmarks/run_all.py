@@ -153,6 +153,13 @@ def dpo(sections: list[Section]) -> list[Row]:
                         Row(f"{r['model']}: peak memory", r["vs"], r["memory ratio"], "—", s))]
 
 
+def orpo(sections: list[Section]) -> list[Row]:
+    """Steady pairs/s and peak memory of localtune's ORPO against each mlx-lm-lora ORPO setup (as saved, fp32 copy)."""
+    return [row for s, r in table_rows(sections, "steady ratio") if r["localtune"] == "localtune ORPO"
+            for row in (Row(f"{r['model']}: ORPO steady pairs/s", r["vs"], r["steady ratio"], "≥ 1.3x", s),
+                        Row(f"{r['model']}: ORPO peak memory", r["vs"], r["memory ratio"], "≤ 1x", s))]
+
+
 def ppo(sections: list[Section]) -> list[Row]:
     """Rollout tok/s against mlx_lm.batch_generate (as saved, fp32 copy); the ppo stage's peak over plain SFT's."""
     rows = []
@@ -231,16 +238,17 @@ def distributed(sections: list[Section]) -> list[Row]:
 
 @dataclass(frozen=True)
 class Bench:
-    name: str  # tests/benchmarks/<name>.py, which writes tests/benchmarks/results/<name>.md
+    name: str  # tests/benchmarks/<name>.py (or <script>.py), which writes tests/benchmarks/results/<name>.md
     args: tuple = ()  # a full run: the flags behind the README's numbers
     quick: tuple = ()  # --quick: the small model, the fewest repeats
     extract: Callable[[list[Section]], list[Row]] | None = None  # None: first_ratio_table with vs and target
     vs: str = "—"  # first_ratio_table only: what localtune is compared with, if its table has no "vs" column
     target: str = "—"  # first_ratio_table only
+    script_name: str | None = None  # another benchmark's script, run with flags that write <name>.md
 
     @property
     def script(self) -> Path:
-        return HERE / f"{self.name}.py"
+        return HERE / f"{self.script_name or self.name}.py"
 
     @property
     def results(self) -> Path:
@@ -267,7 +275,10 @@ class Bench:
 BENCHES = {b.name: b for b in [
     Bench("bench_sft", ("--models", "small,smollm2", "--repeats", "2", "--blas-check"),
           ("--models", "small", "--repeats", "1"), sft),
-    Bench("bench_dpo", ("--models", "small,smollm2", "--repeats", "2"), ("--models", "small", "--repeats", "1"), dpo),
+    Bench("bench_dpo", ("--models", "small,smollm2", "--repeats", "2", "--skip-orpo"),
+          ("--models", "small", "--repeats", "1", "--skip-orpo"), dpo),
+    Bench("bench_orpo", ("--models", "small", "--repeats", "2", "--skip-dpo"),
+          ("--models", "small", "--repeats", "1", "--skip-dpo"), orpo, script_name="bench_dpo"),
     Bench("bench_ppo", ("--models", "small,smollm2", "--repeats", "5", "--also-4bit-rollouts"),
           ("--models", "small", "--repeats", "1"), ppo),
     Bench("bench_grpo", ("--models", "small,smollm2"), ("--models", "small"), grpo),
