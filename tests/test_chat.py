@@ -218,6 +218,9 @@ def test_compare_on_a_full_fine_tune_loads_its_base_beside_it(tmp_path, small_mo
     recipe.write_text(recipe.read_text().replace("rank = 4\nalpha = 8", 'type = "full"'))
     assert invoke("run", recipe, "--no-tui", "--runs-dir", tmp_path / "runs").exit_code == 0
     run = only_run(tmp_path / "runs")
+    assert json.loads((run / "sft" / "adapter_config.json").read_text())["fine_tune_type"] == "full"
+    ready = json.loads(chat(run, "--compare", "--json-tokens", "--max-tokens", "2", stdin="").output.splitlines()[0])
+    assert ready["base_is"] == "loaded beside it"  # the TUI's chat title says so
     turn = json.loads(chat(run, "--compare", "--json", "--max-tokens", "12", stdin=f"{PROMPT}\n").output)
     alone = {side: json.loads(chat(target, "--json", "--max-tokens", "12", stdin=f"{PROMPT}\n").output)["answer"]
              for side, target in (("base", small_model_path), ("tuned", run))}
@@ -356,6 +359,24 @@ def test_closing_the_chat_screen_while_it_answers_ends_the_subprocess_at_once(tm
     assert screen.proc.returncode == -signal.SIGTERM and closing < 1.0, (screen.proc.returncode, closing)
     assert "before dpo (adapters off) | tuned" in title and borders == ["before dpo", "tuned"]
     assert screen.exit_code is None  # `ended` did nothing on the closed screen
+
+
+def test_the_chat_screen_says_when_the_base_is_a_second_model(tmp_path):
+    make_run(tmp_path, "demo")
+    fake = ('import json, sys\nprint(json.dumps({"ready": "demo", "labels": ["base", "tuned"], '
+            '"base_is": "loaded beside it"}), flush=True)\nsys.stdin.read()\n')
+
+    async def main():
+        app = LocaltuneApp(tmp_path / "demo", runs_dir=tmp_path, poll_interval=60)
+        async with app.run_test(size=(100, 30)) as pilot:
+            screen = ChatScreen("runs/demo", command=[sys.executable, "-c", fake])
+            await app.push_screen(screen)
+            await wait_for(pilot, lambda: not screen.busy, "the fake chat to start", seconds=20)
+            title = str(screen.query_one("#chat-title").content)
+            await pilot.press("escape")
+            return title
+
+    assert "base (loaded beside it) | tuned" in asyncio.run(main())
 
 
 def test_chat_screen_snapshot(tmp_path, monkeypatch, snap_compare):

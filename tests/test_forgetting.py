@@ -163,6 +163,21 @@ def test_the_guard_stops_a_run_forced_to_forget(tmp_path, small_model_path):
     assert any(r.get("kind") == "guard" for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()))
 
 
+def test_the_general_nll_after_a_stage_is_the_guards_measurement_of_the_kept_weights(tmp_path, small_model_path,
+                                                                                     monkeypatch):
+    calls, measure = [], evaluate.general_nll
+    monkeypatch.setattr(evaluate, "general_nll", lambda *a, **k: calls.append(1) or measure(*a, **k))
+    recipe = write_recipe(tmp_path, small_model_path, steps=4, save_every=4, report_every=2)
+    recipe.write_text(recipe.read_text().replace(
+        "[eval]\n", '[eval]\nmax_general_nll_increase = 10.0\nguard_every = 2\non_forgetting = "best"\n'))
+    result = invoke("run", recipe, "--no-tui", "--runs-dir", tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((only_run(tmp_path / "runs") / "manifest.json").read_text())
+    f = manifest["stage_results"]["sft"]["forgetting"]
+    assert f["kept"]["step"] > 0 and manifest["general"]["stages"]["sft"]["nll"] == f["final_nll"]
+    assert len(calls) == 3  # before training, then the checks at steps 2 and 4; none after the stage
+
+
 def test_eval_command_on_a_model_and_on_a_run(tmp_path, small_model_path):
     golden = tmp_path / "golden.jsonl"
     golden.write_text(json.dumps({"prompt": "What is 2 plus 2?", "completion": "4"}) + "\n")

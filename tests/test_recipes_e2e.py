@@ -99,12 +99,13 @@ def test_quickstart_recipe_learns_the_task(in_repo, tmp_path):
     increase = general["stages"]["sft"]["nll"] / general["before"]["nll"] - 1
     assert increase <= 0.10, increase
     assert "exact_match" in (run / "report.md").read_text()
+    assert manifest["stage_results"]["sft"]["forgetting"]["final_nll"] == general["stages"]["sft"]["nll"]
     rows = [json.loads(line) for line in (ROOT / "data/months/test.jsonl").read_text().splitlines()[:4]]
     result = CliRunner().invoke(cli, ["chat", str(run), "--compare", "--json", "--max-tokens", "4"],
                                 input="".join(r["prompt"] + "\n/reset\n" for r in rows), catch_exceptions=False)
     assert result.exit_code == 0, result.output
     turns = [json.loads(line) for line in result.output.splitlines()]
-    assert [t["tuned"] for t in turns] == [r["completion"] for r in rows], turns  # one turn each, greedy, as the eval
+    assert [t["tuned"].strip() for t in turns] == [r["completion"] for r in rows], turns  # one turn each, greedy
     assert not any(t["base"] == r["completion"] for t, r in zip(turns, rows)), turns
 
 

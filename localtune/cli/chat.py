@@ -18,6 +18,7 @@ import click
 from ..errors import LocaltuneError
 from . import cli
 
+BASE_SIDE = {False: ("adapters off", "adapters on"), True: ("loaded beside it", "full fine-tune")}  # by two models
 HELP = """commands: /reset (forget the conversation)  /system TEXT (new system prompt, and reset)  /quit  /help
 multi-line: end a line with \\ to continue on the next one"""
 ANSWER_INDENT = "  "  # continuation lines of a scripted answer without --compare: one answer, not several
@@ -126,13 +127,13 @@ def load_chat(target: str, compare: bool, in_progress: bool):
             raise LocaltuneError(f"{t.run}: --compare needs a trained stage, and no stage has saved weights yet\n"
                                  "  fix: wait for the first checkpoint, or chat with the base model alone")
     model, tokenizer = loading.load(t, in_progress)
-    before = None
-    if compare and not stage_layers(model):  # a full fine-tune: nothing to switch off, so load what it started from
-        before, _ = loading.load_before_last(t.run, stages)
     if not getattr(tokenizer, "chat_template", None):
         raise LocaltuneError(f"{target}: the tokenizer has no chat template, so a conversation cannot be written\n"
                              '  fix: set [model] chat_template = "template.jinja" in the recipe, or chat with an '
                              "instruct model")
+    before = None
+    if compare and not stage_layers(model):  # a full fine-tune: nothing to switch off, so load what it started from
+        before, _ = loading.load_before_last(t.run, stages)
     base = "base" if len(stages) <= 1 else f"before {stages[-1].name}"  # earlier stages stay in (fused/stacked)
     return model, tokenizer, (base, "tuned"), before
 
@@ -170,7 +171,8 @@ def chat(target, compare, max_tokens, temp, system, as_json, json_tokens, in_pro
         interactive_session(chatter, target, compare, labels, system)
         return
     if json_tokens:
-        click.echo(json.dumps({"ready": target, "labels": labels}))  # loaded: the TUI takes prompts from now
+        click.echo(json.dumps({"ready": target, "labels": labels,  # loaded: the TUI takes prompts from now
+                               "base_is": BASE_SIDE[chatter.before is not None][0]}))
     chat_session(chatter, read_prompts(sys.stdin), compare, system, "json-tokens" if json_tokens else
                  "json" if as_json else "text", click.echo, labels)
 

@@ -11,13 +11,13 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from .chat import HELP, Chatter, Conversation, command_of, read_prompts
+from .chat import BASE_SIDE, HELP, Chatter, Conversation, command_of, read_prompts
 
 
 def banner(target: str, compare: bool, labels, system: str | None, two_models: bool = False) -> Text:
     text = Text.assemble(("localtune chat ", "bold"), target)
     if compare:
-        how = ("loaded beside it", "full fine-tune") if two_models else ("adapters off", "adapters on")
+        how = BASE_SIDE[two_models]
         text.append(f"  —  {labels[0]} ({how[0]}) | {labels[1]} ({how[1]})", style="cyan")
     text.append("\n" + HELP, style="dim")
     if system:

@@ -148,7 +148,8 @@ class Chain:
         base = self.general.get("student_before", self.general["before"])
         best = task_value if spec.on_forgetting == "best" and prepared.eval_rows else None
         first = stage is self.recipe.stages[0] and not methods.of(stage).starts_from(stage)
-        start_task = self.task.get("before", {}).get("value") if first else None  # the same weights, measured
+        # the same weights, measured (LoRA's B and a full stage start exactly there; DoRA's rescaled W to rounding)
+        start_task = self.task.get("before", {}).get("value") if first else None
         return Guard(general_nll, base["nll"], spec.max_general_nll_increase, spec.guard_every,
                      spec.on_forgetting, best, start_task)
 

@@ -50,6 +50,7 @@ class ChatScreen(Screen):
         self.busy = True  # until the model has loaded (the subprocess answers nothing before)
         self.exit_code: int | None = None
         self.labels = dict(zip(SIDES, SIDES))  # the `ready` event's labels replace these ("before dpo", ...)
+        self.base_is = "adapters off"  # or "loaded beside it" (a full fine-tune), from the `ready` event
         self.closed = False  # closing or closed: the worker's late callbacks do nothing (is_mounted stays True)
         self.lock = threading.Lock()  # the subprocess starts, or the screen closes, not both at once
 
@@ -65,7 +66,7 @@ class ChatScreen(Screen):
 
     def title_text(self) -> Text:
         base, tuned = self.labels.values()
-        return Text.assemble(("chat ", "bold"), self.target, (f"  {base} (adapters off) | {tuned}", "dim"))
+        return Text.assemble(("chat ", "bold"), self.target, (f"  {base} ({self.base_is}) | {tuned}", "dim"))
 
     def on_mount(self) -> None:
         self.show_labels()
@@ -120,6 +121,7 @@ class ChatScreen(Screen):
             self.busy = False
             if len(event.get("labels") or ()) == 2:
                 self.labels = dict(zip(SIDES, event["labels"]))
+                self.base_is = event.get("base_is") or self.base_is
                 self.show_labels()
             self.status("ready", "green")
         elif "token" in event and self.turns[event["side"]]:

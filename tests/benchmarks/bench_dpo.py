@@ -234,7 +234,8 @@ def main() -> None:
     header = header.replace(f"--repeats {args.repeats}`", f"--repeats {args.repeats}{skip}`")  # the command, whole
     text = (header.split("- LoRA rank")[0]
             + f"- LoRA rank {RANK}, alpha {ALPHA:g} on every linear layer; Adam, constant lr {LEARNING_RATE:g}, "
-              f"beta {BETA}, sigmoid loss (DPO); ORPO lambda {BETA}; pairs from data/date_prefs/train.jsonl\n\n"
+            + ("" if args.skip_dpo else f"beta {BETA}, sigmoid loss (DPO); ")
+            + ("" if args.skip_orpo else f"ORPO lambda {BETA}; ") + "pairs from data/date_prefs/train.jsonl\n\n"
             + "\n".join(table) + "\n\nRatios are localtune / mlx-lm-lora. Steady: the median report window after "
               "the first. Stage: every pair over the whole stage, first step's compile and every reference pass "
               "included (localtune: stage start to last step; mlx-lm-lora: the sum of its report windows, "
