@@ -163,6 +163,16 @@ def test_regenerating_writes_only_between_the_markers(tmp_path):
     assert ref.write_generated(tmp_path) == []
 
 
+METHOD_PAGE = ["What it does", "Data", "Keys", "Metrics", "Recipes and measured numbers"]
+
+
+def test_every_method_has_a_page_with_the_same_sections_in_order():
+    for kind in methods.REGISTRY:
+        lines = (ref.ROOT / "docs/methods" / f"{kind}.md").read_text().splitlines()
+        headings = [line[3:] for line in lines if line.startswith("## ")]
+        assert [h for h in headings if h in METHOD_PAGE] == METHOD_PAGE, (kind, headings)
+
+
 def test_the_readme_is_a_front_page():
     lines = (ref.ROOT / "README.md").read_text().splitlines()
     assert len(lines) <= 175
