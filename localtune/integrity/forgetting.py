@@ -64,9 +64,15 @@ class Guard:
     def stop(self) -> bool:
         return self.action == "stop" and self.over_since is not None
 
+    @property
+    def restores(self) -> bool:
+        """Whether `restore` puts kept weights back: best always, stop once over budget, warn never."""
+        return self.action != "warn" and self.kept is not None and not (
+            self.action == "stop" and self.over_since is None)
+
     def restore(self, model) -> dict | None:
         """Put the kept checkpoint's weights back (stop / best); returns what was kept."""
-        if self.action == "warn" or self.kept is None or (self.action == "stop" and self.over_since is None):
+        if not self.restores:
             return None
         model.load_weights(list(self.kept["weights"].items()), strict=False)
         return {k: v for k, v in self.kept.items() if k != "weights"}
@@ -76,9 +82,7 @@ class Guard:
         check did (the pipeline then measures them itself)."""
         if not self.history:
             return None
-        restored = self.action != "warn" and self.kept is not None and not (
-            self.action == "stop" and self.over_since is None)
-        step = self.kept["step"] if restored else self.history[-1]["step"]
+        step = self.kept["step"] if self.restores else self.history[-1]["step"]
         return next((h["general_nll"] for h in self.history if h["step"] == step), None)
 
     def summary(self) -> dict:
