@@ -280,3 +280,19 @@ def test_the_examples_run_once_and_answers_do_not_change(tools_model, monkeypatc
     assert len(prefilled) == 1 and prefilled[0] > 3 * 10  # one prefill of the three examples, for 3 batches
     monkeypatch.setattr(evaluate, "SHARED_PREFIX", 10**9)
     assert evaluate.generate(model, tok, prompts, 4, batch_size=5) == shared and len(prefilled) == 1
+
+
+def test_short_prompts_prefill_together_and_answers_do_not_change(tools_model, monkeypatch):
+    """A batch of short golden prompts is prefilled in one call (mlx-lm's default is 8 at a time); long prompts
+    still go 8 at a time at least, and the greedy answers are those of mlx-lm's default."""
+    from localtune.integrity import evaluate
+
+    assert evaluate.prefill_batch([[1] * 30] * 32) == 32
+    assert evaluate.prefill_batch([[1] * 30] * 5) == 5
+    assert evaluate.prefill_batch([[1] * 2000] * 32) == 8  # 8192 tokens a call, but never fewer than 8 prompts
+    assert evaluate.prefill_batch([[1] * 500] * 32) == 16
+    model, tok = tools_model
+    prompts = [evaluate.prompt_and_answer(r)[0] for r in rows_of("data/months/test.jsonl", 24)]
+    together = evaluate.generate(model, tok, prompts, 4)
+    monkeypatch.setattr(evaluate, "prefill_batch", lambda chunk: 8)
+    assert evaluate.generate(model, tok, prompts, 4) == together
