@@ -9,6 +9,7 @@ import pytest
 from test_cli import invoke, only_run, write_recipe
 
 from localtune import loading, models
+from localtune import recipe as recipe_module
 from localtune.integrity import evaluate
 from localtune.integrity.forgetting import Guard
 from localtune.train.prepare import GENERAL
@@ -95,7 +96,7 @@ class _Tiny(nn.Module):
 
 def _guard(action, nlls, tasks=None):
     it, tk = iter(nlls), iter(tasks or [])
-    return Guard(lambda m: next(it), 10.0, 0.1, 5, action, (lambda m: next(tk)) if tasks else None)
+    return Guard(lambda m: next(it), 10.0, 0.1, 5, action, (lambda m: {"value": next(tk)}) if tasks else None)
 
 
 def test_stop_keeps_the_last_checkpoint_within_budget():
@@ -108,6 +109,7 @@ def test_stop_keeps_the_last_checkpoint_within_budget():
     kept = guard.restore(model)
     assert kept["step"] == 10 and np.array(model.w).tolist() == [2.0, 2.0]
     assert guard.final_nll() == 10.9  # what the check at step 10 measured: the pipeline need not measure again
+    assert guard.final_task() is None  # stop measures no task metric
 
 
 def test_best_keeps_the_best_task_metric_within_budget_and_warn_keeps_nothing():
@@ -119,21 +121,25 @@ def test_best_keeps_the_best_task_metric_within_budget_and_warn_keeps_nothing():
     assert not guard.stop  # best finishes the stage
     assert guard.restore(model)["step"] == 5 and np.array(model.w).tolist() == [1.0, 1.0]
     assert guard.final_nll() == 10.2
+    assert guard.final_task() == {"value": 0.6}  # step 5's whole result: the pipeline need not measure it again
+    assert "task_result" not in guard.summary()["kept"]
     warn = _guard("warn", [20.0])
     warn.start(model, 0)
     assert warn.check(model, 5)["within_budget"] is False and warn.restore(model) is None and not warn.stop
     assert warn.final_nll() == 20.0  # nothing restored: the last check's weights
+    assert warn.final_task() is None
 
 
 def test_best_takes_a_known_starting_score_and_keeps_the_start_when_nothing_beats_it():
     model, guard = _Tiny(), _guard("best", [10.4, 10.6], tasks=[0.3, 0.1])  # no task call at the start
-    guard.start_task = 0.5
+    guard.start_task = {"value": 0.5}
     guard.start(model, 0)
     for step, w in ((5, 1.0), (10, 2.0)):
         model.w = mx.full((2,), w)
         guard.check(model, step)
     assert guard.restore(model)["step"] == 0 and np.array(model.w).tolist() == [0.0, 0.0]
     assert guard.final_nll() is None  # no check measured the starting weights here: the pipeline measures them
+    assert guard.final_task() == {"value": 0.5}  # the measurement before training, as it was handed in
 
 
 def test_the_guard_stops_a_run_forced_to_forget(tmp_path, small_model_path):
@@ -163,19 +169,32 @@ def test_the_guard_stops_a_run_forced_to_forget(tmp_path, small_model_path):
     assert any(r.get("kind") == "guard" for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()))
 
 
-def test_the_general_nll_after_a_stage_is_the_guards_measurement_of_the_kept_weights(tmp_path, small_model_path,
-                                                                                     monkeypatch):
-    calls, measure = [], evaluate.general_nll
-    monkeypatch.setattr(evaluate, "general_nll", lambda *a, **k: calls.append(1) or measure(*a, **k))
+def test_the_measurements_after_a_stage_are_the_guards_measurements_of_the_kept_weights(tmp_path, small_model_path,
+                                                                                       monkeypatch):
+    nll_calls, measure = [], evaluate.general_nll
+    monkeypatch.setattr(evaluate, "general_nll", lambda *a, **k: nll_calls.append(1) or measure(*a, **k))
+    task_calls, task = [], evaluate.task
+    monkeypatch.setattr(evaluate, "task", lambda *a, **k: task_calls.append(1) or task(*a, **k))
     recipe = write_recipe(tmp_path, small_model_path, steps=4, save_every=4, report_every=2)
     recipe.write_text(recipe.read_text().replace(
         "[eval]\n", '[eval]\nmax_general_nll_increase = 10.0\nguard_every = 2\non_forgetting = "best"\n'))
     result = invoke("run", recipe, "--no-tui", "--runs-dir", tmp_path / "runs")
     assert result.exit_code == 0, result.output
-    manifest = json.loads((only_run(tmp_path / "runs") / "manifest.json").read_text())
+    run = only_run(tmp_path / "runs")
+    manifest = json.loads((run / "manifest.json").read_text())
     f = manifest["stage_results"]["sft"]["forgetting"]
     assert f["kept"]["step"] > 0 and manifest["general"]["stages"]["sft"]["nll"] == f["final_nll"]
-    assert len(calls) == 3  # before training, then the checks at steps 2 and 4; none after the stage
+    assert len(nll_calls) == 3  # before training, then the checks at steps 2 and 4; none after the stage
+    assert len(task_calls) == 4  # before, prompted with examples, the checks at 2 and 4 (the guard starts from
+    # the "before" result); none after the stage
+    after = manifest["task"]["after"]
+    assert after["value"] == f["kept"]["task"] and "task metric after training: exact_match" in result.output
+    samples = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+               if r["kind"] == "sample" and r["when"] == "after training"]
+    assert [s["got"] for s in samples] == [s["got"] for s in after["samples"]]  # the TUI and report still get them
+    model, tokenizer = loading.load_for_inference(str(run))  # the saved weights, measured afresh: the same answers
+    rows = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+    assert task(model, tokenizer, rows, recipe_module.load(recipe).eval) == after
 
 
 def test_eval_command_on_a_model_and_on_a_run(tmp_path, small_model_path):

@@ -91,7 +91,7 @@ def test_quickstart_recipe_learns_the_task(in_repo, tmp_path):
     bundled model loaded beside it."""
     run, manifest = run_recipe(ROOT / "recipes/quickstart.toml", tmp_path)
     # month number of a written date: the README quotes 0% -> 99.0% at general NLL +8.1% (budget +10%), and 0%
-    # with 3 examples in the prompt
+    # with 3 examples in the prompt; the numbers after training are the guard's check at the last step
     before, after = manifest["task"]["before"]["value"], manifest["task"]["after"]["value"]
     assert before < 0.05 and after >= 0.9, (before, after)
     assert manifest["task"]["few_shot"]["against_tune"]["verdict"] == "tune wins"
@@ -99,7 +99,8 @@ def test_quickstart_recipe_learns_the_task(in_repo, tmp_path):
     increase = general["stages"]["sft"]["nll"] / general["before"]["nll"] - 1
     assert increase <= 0.10, increase
     assert "exact_match" in (run / "report.md").read_text()
-    assert manifest["stage_results"]["sft"]["forgetting"]["final_nll"] == general["stages"]["sft"]["nll"]
+    forgetting = manifest["stage_results"]["sft"]["forgetting"]
+    assert forgetting["final_nll"] == general["stages"]["sft"]["nll"] and forgetting["kept"]["task"] == after
     rows = [json.loads(line) for line in (ROOT / "data/months/test.jsonl").read_text().splitlines()[:4]]
     result = CliRunner().invoke(cli, ["chat", str(run), "--compare", "--json", "--max-tokens", "4"],
                                 input="".join(r["prompt"] + "\n/reset\n" for r in rows), catch_exceptions=False)

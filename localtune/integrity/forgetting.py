@@ -24,20 +24,23 @@ class Guard:
     budget: float | None  # relative increase allowed; None: measure only
     every: int
     action: str = "warn"  # warn | stop | best
-    task: object = None  # model -> task metric (higher is better), for action "best"
-    start_task: float | None = None  # the task metric of the starting weights, when already measured
+    task: object = None  # model -> task result (evaluate.task's; "value" higher is better), for action "best"
+    start_task: dict | None = None  # the task result of the starting weights, when already measured
     history: list = field(default_factory=list)
-    kept: dict | None = None  # {"step", "weights", "general_nll", "task"}
+    kept: dict | None = None  # {"step", "weights", "general_nll", "task", "task_result"}
     over_since: int | None = None
 
     def start(self, model, step: int) -> None:
         """The stage's starting weights are within budget by definition: the fallback to keep."""
         if self.action in ("stop", "best") and self.kept is None:
-            score = None
+            result = None
             if self.action == "best" and self.task:
-                score = self.start_task if step == 0 and self.start_task is not None else self.task(model)
-            self.kept = {"step": step, "weights": dict(tree_flatten(model.trainable_parameters())),
-                         "general_nll": self.base_nll if step == 0 else self.measure(model), "task": score}
+                result = self.start_task if step == 0 and self.start_task is not None else self.task(model)
+            self._keep(model, step, self.base_nll if step == 0 else self.measure(model), result)
+
+    def _keep(self, model, step: int, nll: float, result: dict | None) -> None:
+        self.kept = {"step": step, "weights": dict(tree_flatten(model.trainable_parameters())),
+                     "general_nll": nll, "task": result["value"] if result else None, "task_result": result}
 
     def check(self, model, step: int) -> dict:
         """Measure at this step; returns the record to log (general_nll, increase, within)."""
@@ -48,13 +51,13 @@ class Guard:
         if self.budget is not None:
             record["budget"] = self.budget
         if within and self.action in ("stop", "best"):
-            score = self.task(model) if self.action == "best" and self.task else None
+            result = self.task(model) if self.action == "best" and self.task else None
+            score = result["value"] if result else None
             if score is not None:
                 record["task"] = score
             better = self.kept is None or self.action == "stop" or (score or 0) >= (self.kept["task"] or 0)
             if better:
-                self.kept = {"step": step, "weights": dict(tree_flatten(model.trainable_parameters())),
-                             "general_nll": nll, "task": score}
+                self._keep(model, step, nll, result)
         if not within and self.over_since is None:
             self.over_since = step
         self.history.append({"step": step, **record})
@@ -75,7 +78,7 @@ class Guard:
         if not self.restores:
             return None
         model.load_weights(list(self.kept["weights"].items()), strict=False)
-        return {k: v for k, v in self.kept.items() if k != "weights"}
+        return {k: v for k, v in self.kept.items() if k not in ("weights", "task_result")}
 
     def final_nll(self) -> float | None:
         """The general NLL a check measured on the weights the stage ends with (after `restore`); None when no
@@ -85,9 +88,14 @@ class Guard:
         step = self.kept["step"] if self.restores else self.history[-1]["step"]
         return next((h["general_nll"] for h in self.history if h["step"] == step), None)
 
+    def final_task(self) -> dict | None:
+        """The task result measured on the weights the stage ends with (action best: the kept checkpoint's);
+        None when no one measured them here (the pipeline then measures them itself)."""
+        return self.kept.get("task_result") if self.restores else None
+
     def summary(self) -> dict:
         last = self.history[-1] if self.history else {}
-        kept = {k: v for k, v in (self.kept or {}).items() if k != "weights"}
+        kept = {k: v for k, v in (self.kept or {}).items() if k not in ("weights", "task_result")}
         return {"base_nll": self.base_nll, "budget": self.budget, "action": self.action, "checks": self.history,
                 "over_budget_from_step": self.over_since, "last": last, "kept": kept or None,
                 "final_nll": self.final_nll()}

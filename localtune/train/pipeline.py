@@ -81,6 +81,7 @@ class Chain:
         self.task, self.general = manifest.get("task", {}), manifest.get("general", {})
         self.results = manifest.get("stage_results", {})
         self.model, self.tokenizer = None, prepared.tokenizer
+        self.measured = {}  # stage -> the task result its guard measured on the weights it kept
 
     def save(self) -> None:
         self.run.update_manifest(task=self.task, general=self.general, stage_results=self.results,
@@ -90,11 +91,15 @@ class Chain:
         self.report(self.run.log(stage, step, "event", event=event, message=message))
 
     # measurements -----------------------------------------------------------------------------
-    def task_metric(self, when: str) -> dict:
+    def task_metric(self, when: str, stage: str | None = None) -> dict:
+        """The task metric of the model now; after `stage`, the forgetting guard's measurement of the weights
+        it kept, when it made one in this process."""
         from ..integrity import evaluate
 
-        self.log("eval", f"task metric {when}...", "task_eval")
-        result = evaluate.task(self.model, self.tokenizer, self.prepared.eval_rows, self.recipe.eval)
+        result = self.measured.pop(stage, None)
+        if result is None:
+            self.log("eval", f"task metric {when}...", "task_eval")
+            result = evaluate.task(self.model, self.tokenizer, self.prepared.eval_rows, self.recipe.eval)
         log_task(self.run, when, result, self.report)
         return result
 
@@ -142,14 +147,14 @@ class Chain:
         def general_nll(model) -> float:
             return evaluate.general_nll(model, tokenizer, prepared.general)["nll"]
 
-        def task_value(model) -> float:
-            return evaluate.task(model, tokenizer, prepared.eval_rows, spec)["value"]
+        def task_result(model) -> dict:
+            return evaluate.task(model, tokenizer, prepared.eval_rows, spec)
 
         base = self.general.get("student_before", self.general["before"])
-        best = task_value if spec.on_forgetting == "best" and prepared.eval_rows else None
+        best = task_result if spec.on_forgetting == "best" and prepared.eval_rows else None
         first = stage is self.recipe.stages[0] and not methods.of(stage).starts_from(stage)
         # the same weights, measured (LoRA's B and a full stage start exactly there; DoRA's rescaled W to rounding)
-        start_task = self.task.get("before", {}).get("value") if first else None
+        start_task = self.task.get("before") if first else None
         return Guard(general_nll, base["nll"], spec.max_general_nll_increase, spec.guard_every,
                      spec.on_forgetting, best, start_task)
 
@@ -258,9 +263,12 @@ class Chain:
             self.general["student_before"] = self.general_metric("of the student before training")
             self.general["student_stage"] = stage.name  # from here on, deltas are against the student
             self.save()
+        guard = self.guard(stage)
         summary = trainer.train(model, loss_fn, train_batches, train_args(stage, steps), run=run, stage=stage.name,
                                 stage_dir=ctx.stage_dir, adapter_config=adapter_config, eval_fn=ctx.evaluate,
-                                guard=self.guard(stage), fingerprint=fingerprint(recipe, stage), report=self.report)
+                                guard=guard, fingerprint=fingerprint(recipe, stage), report=self.report)
+        if guard is not None and not method.branch and (measured := guard.final_task()) is not None:
+            self.measured[stage.name] = measured  # the weights the chain goes on with
         if heldout is not None:
             summary["heldout_before"], summary["heldout_after"] = heldout, method.heldout(ctx, model)
             if line := method.heldout_line("after", summary["heldout_after"]):
@@ -290,7 +298,7 @@ class Chain:
                 self.general.setdefault("stages", {})[stage.name] = self.general_metric(f"after {stage.name}", known)
             if i + 1 < len(stages):
                 if self.prepared.eval_rows and stage.name not in self.task.get("stages", {}):
-                    self.task.setdefault("stages", {})[stage.name] = self.task_metric(f"after {stage.name}")
+                    self.task.setdefault("stages", {})[stage.name] = self.task_metric(f"after {stage.name}", stage.name)
                 how = adapters.next_stage(self.model)  # fused into a float base; kept, frozen, on a quantized one
                 self.log(stage.name, f"{stage.name}'s adapters {how} under {stages[i + 1].name}'s")
             self.save()
@@ -302,7 +310,7 @@ class Chain:
 
         eval_rows, task = self.prepared.eval_rows, self.task
         if eval_rows:
-            task["after"] = self.task_metric("after training")
+            task["after"] = self.task_metric("after training", self.recipe.stages[-1].name)
             if task.get("few_shot", {}).get("k"):
                 from ..integrity import few_shot
 
