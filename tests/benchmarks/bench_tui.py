@@ -1,6 +1,7 @@
 """Training throughput with the TUI attached vs --no-tui, on the same recipe, in one run.
 
     python tests/benchmarks/bench_tui.py [--steps N] [--repeats R] [--screenshot docs/tui.svg]
+    python tests/benchmarks/bench_tui.py --screenshot docs/tui.svg --of runs/quickstart-<stamp>   # no timing
 
 The TUI run is real: `localtune run` under a pseudo-terminal (120x36, xterm-256color), its
 output read and thrown away as a terminal would draw it. It quits with `q` once the run is done.
@@ -139,6 +140,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--screenshot", default=None, help="save an SVG of the TUI on the last TUI run")
+    parser.add_argument("--of", default=None, help="with --screenshot: the SVG of this finished run, and nothing "
+                        "else (the README's picture is a whole quickstart run)")
     parser.add_argument("--output", default=str(RESULTS))
     parser.add_argument("--smoke", action="store_true", help="models/smaller, 2 steps, one repeat, a 1,000-line "
                         "metrics file, nothing written: checks it runs")
@@ -148,6 +151,11 @@ def main() -> None:
 
     import localtune  # noqa: F401  (MKL before mlx)
 
+    if args.of:
+        if not args.screenshot:
+            parser.error("--of needs --screenshot FILE")
+        screenshot(Path(args.of).resolve(), Path(args.screenshot).resolve())
+        return
     t_start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="bench_tui-"))
     try:
