@@ -97,8 +97,9 @@ def in_repo(monkeypatch):
 # early rather than running alone at the end. The default suite (`--dist loadfile --no-loadscope-reorder`: whole
 # files) starts with its longest files, which xdist would otherwise order by their number of tests.
 UNKNOWN_MINUTES = 10
-LONGEST_FILES = ("test_distributed.py", "test_distill.py", "test_tui_e2e.py", "test_cli.py", "test_export.py",
-                 "test_dpo.py", "test_grpo.py", "test_forgetting.py", "test_recipes_e2e.py", "test_device_policy.py")
+LONGEST_FILES = ("test_export.py", "test_cli.py", "test_tui_e2e.py", "test_distill.py", "test_chat.py",
+                 "test_distributed.py", "test_families.py", "test_forgetting.py", "test_grpo.py", "test_damage.py",
+                 "test_dpo.py", "test_recipes_e2e.py", "test_device_policy.py")
 
 
 def _minutes(item) -> float:

@@ -192,6 +192,7 @@ def test_bad_distill_inputs_are_clear_errors(tmp_path, small_model_path, stage, 
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("*/distill"))
 
 
+@pytest.mark.slow(minutes=0.5)  # 22 s: a teacher pass, a kill and a resume; the default suite keeps test_cli's kill
 def test_a_killed_distill_run_resumes_from_its_checkpoint_and_reuses_the_cache(tmp_path, small_model_path):
     import os
     import subprocess

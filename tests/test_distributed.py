@@ -75,6 +75,7 @@ def test_two_processes_equal_one_with_twice_the_batch(tmp_path, one_process_run,
     assert json.loads((run_b / "manifest.json").read_text())["processes"] == 2
 
 
+@pytest.mark.slow(minutes=0.5)  # 27 s of processes; the default suite keeps test_cli's one-process kill and resume
 def test_two_processes_killed_resume_to_the_same_adapter(tmp_path, one_process_run, two):
     cmd = [*MLX_LAUNCH, "-n", "2", "--backend", "ring", "--",
            sys.executable, "-m", "localtune.cli", "run", str(two), "--no-tui", "--runs-dir", str(tmp_path / "b")]
