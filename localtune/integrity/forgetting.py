@@ -78,7 +78,7 @@ class Guard:
         if not self.restores:
             return None
         model.load_weights(list(self.kept["weights"].items()), strict=False)
-        return {k: v for k, v in self.kept.items() if k not in ("weights", "task_result")}
+        return self._kept_record()
 
     def final_nll(self) -> float | None:
         """The general NLL a check measured on the weights the stage ends with (after `restore`); None when no
@@ -93,9 +93,12 @@ class Guard:
         None when no one measured them here (the pipeline then measures them itself)."""
         return self.kept.get("task_result") if self.restores else None
 
+    def _kept_record(self) -> dict:
+        """What was kept, for logs and the manifest: not the arrays, nor the whole task result."""
+        return {k: v for k, v in self.kept.items() if k not in ("weights", "task_result")}
+
     def summary(self) -> dict:
         last = self.history[-1] if self.history else {}
-        kept = {k: v for k, v in (self.kept or {}).items() if k not in ("weights", "task_result")}
+        kept = self._kept_record() if self.kept else None
         return {"base_nll": self.base_nll, "budget": self.budget, "action": self.action, "checks": self.history,
-                "over_budget_from_step": self.over_since, "last": last, "kept": kept or None,
-                "final_nll": self.final_nll()}
+                "over_budget_from_step": self.over_since, "last": last, "kept": kept, "final_nll": self.final_nll()}
